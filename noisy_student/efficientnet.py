@@ -1,0 +1,301 @@
+"""EfficientNet B0-B8 and L2 as one Keras 3 functional builder.
+
+The architecture is the table `BLOCKS` (the B0 baseline of Tan & Le, 2019)
+scaled by a width and a depth coefficient with `round_filters` and
+`round_repeats`, as the official TF code and keras.applications do. Layer names
+are stable: `stem_conv`, `block{stage}{letter}_{op}` (e.g. `block2b_project_bn`),
+`top_conv`, `predictions`, so checkpoints and frozen-layer lists can refer to
+them.
+
+The model takes pixels in [0, 255] (any float dtype) and normalises inside, and
+returns float32 logits (also under mixed precision).
+
+Feature-map sides per stage (the output of stages 1..7) for a 32 px input:
+  standard strides:    16, 8, 4, 2, 2, 1, 1
+  small_images=True:   16, 16, 16, 8, 8, 4, 4
+The small-image variant uses stride 1 in stages 2 and 3 (for inputs of 64 px
+or less), so a 32 px image still ends on a 4x4 map.
+"""
+
+import dataclasses
+import math
+import string
+
+import keras
+
+from noisy_student import layers as ns_layers
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockArgs:
+    """One stage of MBConv blocks in the B0 baseline (before scaling)."""
+    kernel_size: int
+    repeats: int
+    filters_in: int
+    filters_out: int
+    expand_ratio: int
+    strides: int
+    se_ratio: float = 0.25
+
+
+BLOCKS = (
+    BlockArgs(3, 1, 32, 16, 1, 1),
+    BlockArgs(3, 2, 16, 24, 6, 2),
+    BlockArgs(5, 2, 24, 40, 6, 2),
+    BlockArgs(3, 3, 40, 80, 6, 2),
+    BlockArgs(5, 3, 80, 112, 6, 1),
+    BlockArgs(5, 4, 112, 192, 6, 2),
+    BlockArgs(3, 1, 192, 320, 6, 1),
+)
+STEM_FILTERS = 32
+TOP_FILTERS = 1280
+# Stages (0-based) whose stride becomes 1 in the small-image variant.
+SMALL_IMAGE_STRIDE1_STAGES = (1, 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """Compound-scaling coefficients of one EfficientNet."""
+    width: float
+    depth: float
+    resolution: int
+    dropout: float
+
+
+VARIANTS = {
+    "b0": Variant(1.0, 1.0, 224, 0.2),
+    "b1": Variant(1.0, 1.1, 240, 0.2),
+    "b2": Variant(1.1, 1.2, 260, 0.3),
+    "b3": Variant(1.2, 1.4, 300, 0.3),
+    "b4": Variant(1.4, 1.8, 380, 0.4),
+    "b5": Variant(1.6, 2.2, 456, 0.4),
+    "b6": Variant(1.8, 2.6, 528, 0.5),
+    "b7": Variant(2.0, 3.1, 600, 0.5),
+    "b8": Variant(2.2, 3.6, 672, 0.5),
+    "l2": Variant(4.3, 5.3, 800, 0.5),
+}
+
+# He-normal fan-out initialisers, as the official code uses.
+CONV_INITIALIZER = keras.initializers.VarianceScaling(
+    scale=2.0, mode="fan_out", distribution="truncated_normal")
+DENSE_INITIALIZER = keras.initializers.VarianceScaling(
+    scale=1.0 / 3.0, mode="fan_out", distribution="uniform")
+
+
+def get_variant(name):
+    """Returns the `Variant` called `name` (b0..b8, l2; case-insensitive).
+
+    Raises:
+      ValueError: if the name is unknown.
+    """
+    key = str(name).lower()
+    if key not in VARIANTS:
+        raise ValueError(
+            f"Expected an EfficientNet variant in {sorted(VARIANTS)}. "
+            f"Received: variant={name!r}")
+    return VARIANTS[key]
+
+
+def round_filters(filters, width, divisor=8):
+    """Scales a channel count by `width`, rounded to a multiple of `divisor`.
+
+    Never rounds down by more than 10%.
+    """
+    scaled = filters * width
+    rounded = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+    if rounded < 0.9 * scaled:
+        rounded += divisor
+    return int(rounded)
+
+
+def round_repeats(repeats, depth):
+    """Scales a stage's block count by `depth`, rounded up."""
+    return int(math.ceil(depth * repeats))
+
+
+def block_name(stage, index):
+    """Stable name prefix of block `index` (0-based) in `stage` (1-based)."""
+    letters = string.ascii_lowercase
+    suffix = letters[index] if index < len(letters) else f"_{index}"
+    return f"block{stage}{suffix}_"
+
+
+def drop_rates(depth, base_rate=0.2):
+    """Stochastic-depth rate of every block, in network order.
+
+    Block i (0-based) of n scaled blocks gets `base_rate * i / n`: the rate
+    rises linearly from 0, and the last block's is `base_rate * (n - 1) / n`,
+    as in the official EfficientNet code. Blocks without an identity skip
+    (the first of each stage) ignore their rate.
+    """
+    total = sum(round_repeats(b.repeats, depth) for b in BLOCKS)
+    return [base_rate * i / total for i in range(total)]
+
+
+def _check_args(width, depth, num_classes, image_size, dropout_rate,
+                stochastic_depth_rate):
+    def positive(name, value):
+        if not value > 0:
+            raise ValueError(
+                f"Expected {name} > 0. Received: {name}={value!r}")
+    positive("width", width)
+    positive("depth", depth)
+    positive("num_classes", num_classes)
+    positive("image_size", image_size)
+    for name, value in (("dropout_rate", dropout_rate),
+                        ("stochastic_depth_rate", stochastic_depth_rate)):
+        if not 0.0 <= value < 1.0:
+            raise ValueError(
+                f"Expected {name} in [0, 1). Received: {name}={value!r}")
+
+
+def build_efficientnet(variant=None, *, width=None, depth=None,
+                       num_classes=1000, image_size=None, small_images=False,
+                       dropout_rate=None, stochastic_depth_rate=0.2,
+                       bn_momentum=0.99, bn_epsilon=1e-3,
+                       sync_batch_norm=False, channels=3, name=None):
+    """Builds an EfficientNet classifier that outputs float32 logits.
+
+    Args:
+      variant: One of b0..b8, l2, or None to give `width` and `depth`.
+      width: Width coefficient; overrides the variant's.
+      depth: Depth coefficient; overrides the variant's.
+      num_classes: Number of output classes.
+      image_size: Input side in pixels; defaults to the variant's resolution.
+      small_images: Use stride 1 in stages 2 and 3 (inputs of 64 px or less).
+      dropout_rate: Dropout before the classifier; defaults to the variant's
+        (0.2 when no variant is given).
+      stochastic_depth_rate: Base stochastic-depth rate (the paper's 0.2).
+      bn_momentum: Batch-norm moving-average momentum.
+      bn_epsilon: Batch-norm epsilon.
+      sync_batch_norm: Use batch statistics synchronised across replicas.
+      channels: Input channels.
+      name: Model name; defaults to `efficientnet-<variant>`.
+
+    Returns:
+      An uncompiled `keras.Model` mapping [0, 255] images of shape
+      (image_size, image_size, channels) to logits of shape (num_classes,).
+
+    Raises:
+      ValueError: for an unknown variant or an argument out of range.
+    """
+    if variant is None:
+        if width is None or depth is None:
+            raise ValueError(
+                "Expected a variant name or both width and depth. Received: "
+                f"variant=None, width={width!r}, depth={depth!r}")
+        spec = Variant(width, depth, 224, 0.2)
+        name = name or f"efficientnet-w{width}-d{depth}"
+    else:
+        spec = get_variant(variant)
+        name = name or f"efficientnet-{str(variant).lower()}"
+    width = spec.width if width is None else width
+    depth = spec.depth if depth is None else depth
+    image_size = spec.resolution if image_size is None else image_size
+    dropout_rate = spec.dropout if dropout_rate is None else dropout_rate
+    _check_args(width, depth, num_classes, image_size, dropout_rate,
+                stochastic_depth_rate)
+
+    def batch_norm(layer_name):
+        return keras.layers.BatchNormalization(
+            momentum=bn_momentum, epsilon=bn_epsilon,
+            synchronized=sync_batch_norm, name=layer_name)
+
+    inputs = keras.Input((image_size, image_size, channels), name="image")
+    mean, stddev = ns_layers.IMAGENET_MEAN_RGB, ns_layers.IMAGENET_STDDEV_RGB
+    if channels != 3:
+        mean = (sum(mean) / 3,) * channels
+        stddev = (sum(stddev) / 3,) * channels
+    x = ns_layers.PixelNormalization(mean, stddev, name="normalize")(inputs)
+    x = keras.layers.Conv2D(
+        round_filters(STEM_FILTERS, width), 3, strides=2, padding="same",
+        use_bias=False, kernel_initializer=CONV_INITIALIZER,
+        name="stem_conv")(x)
+    x = batch_norm("stem_bn")(x)
+    x = keras.layers.Activation("swish", name="stem_activation")(x)
+
+    rates = iter(drop_rates(depth, stochastic_depth_rate))
+    for stage, args in enumerate(BLOCKS):
+        strides = args.strides
+        if small_images and stage in SMALL_IMAGE_STRIDE1_STAGES:
+            strides = 1
+        filters_in = round_filters(args.filters_in, width)
+        filters_out = round_filters(args.filters_out, width)
+        for index in range(round_repeats(args.repeats, depth)):
+            x = _mbconv_block(
+                x, filters_in=filters_in if index == 0 else filters_out,
+                filters_out=filters_out, kernel_size=args.kernel_size,
+                strides=strides if index == 0 else 1,
+                expand_ratio=args.expand_ratio, se_ratio=args.se_ratio,
+                drop_rate=next(rates), batch_norm=batch_norm,
+                prefix=block_name(stage + 1, index))
+
+    x = keras.layers.Conv2D(
+        round_filters(TOP_FILTERS, width), 1, use_bias=False,
+        kernel_initializer=CONV_INITIALIZER, name="top_conv")(x)
+    x = batch_norm("top_bn")(x)
+    x = keras.layers.Activation("swish", name="top_activation")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    if dropout_rate > 0:
+        x = keras.layers.Dropout(dropout_rate, name="top_dropout")(x)
+    # float32 logits keep the softmax and the loss stable under mixed
+    # precision.
+    outputs = keras.layers.Dense(
+        num_classes, kernel_initializer=DENSE_INITIALIZER, dtype="float32",
+        name="predictions")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def _mbconv_block(x, *, filters_in, filters_out, kernel_size, strides,
+                  expand_ratio, se_ratio, drop_rate, batch_norm, prefix):
+    """Mobile inverted bottleneck with squeeze-and-excitation."""
+    shortcut = x
+    filters = filters_in * expand_ratio
+    if expand_ratio != 1:
+        x = keras.layers.Conv2D(
+            filters, 1, use_bias=False, kernel_initializer=CONV_INITIALIZER,
+            name=prefix + "expand_conv")(x)
+        x = batch_norm(prefix + "expand_bn")(x)
+        x = keras.layers.Activation("swish", name=prefix + "expand_activation")(x)
+    x = keras.layers.DepthwiseConv2D(
+        kernel_size, strides=strides, padding="same", use_bias=False,
+        depthwise_initializer=CONV_INITIALIZER, name=prefix + "dwconv")(x)
+    x = batch_norm(prefix + "bn")(x)
+    x = keras.layers.Activation("swish", name=prefix + "activation")(x)
+
+    if 0 < se_ratio <= 1:
+        squeezed = max(1, int(filters_in * se_ratio))
+        se = keras.layers.GlobalAveragePooling2D(
+            keepdims=True, name=prefix + "se_squeeze")(x)
+        se = keras.layers.Conv2D(
+            squeezed, 1, activation="swish",
+            kernel_initializer=CONV_INITIALIZER, name=prefix + "se_reduce")(se)
+        se = keras.layers.Conv2D(
+            filters, 1, activation="sigmoid",
+            kernel_initializer=CONV_INITIALIZER, name=prefix + "se_expand")(se)
+        x = keras.layers.Multiply(name=prefix + "se_excite")([x, se])
+
+    x = keras.layers.Conv2D(
+        filters_out, 1, use_bias=False, kernel_initializer=CONV_INITIALIZER,
+        name=prefix + "project_conv")(x)
+    x = batch_norm(prefix + "project_bn")(x)
+    if strides == 1 and filters_in == filters_out:
+        if drop_rate > 0:
+            x = ns_layers.StochasticDepth(drop_rate, name=prefix + "drop")(x)
+        x = keras.layers.Add(name=prefix + "add")([x, shortcut])
+    return x
+
+
+def stage_outputs(model):
+    """Returns {stage: last layer of that stage} for stages 1..7 of `model`."""
+    last = {}
+    for layer in model.layers:
+        if layer.name.startswith("block"):
+            last[int(layer.name[len("block")])] = layer
+    return dict(sorted(last.items()))
+
+
+def stochastic_depth_layers(model):
+    """Returns the model's StochasticDepth layers in network order."""
+    return [layer for layer in model.layers
+            if isinstance(layer, ns_layers.StochasticDepth)]

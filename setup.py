@@ -1,0 +1,40 @@
+"""Package metadata for noisy-student."""
+
+import setuptools
+
+setuptools.setup(
+    name="noisy-student",
+    version="0.1.0",
+    description=("Noisy Student self-training (Xie et al., CVPR 2020) in "
+                 "Keras 3 / TensorFlow 2, from absl-flag commands."),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=setuptools.find_packages(include=["noisy_student",
+                                               "noisy_student.*"]),
+    install_requires=[
+        "tensorflow>=2.16,<3",
+        "keras>=3.3,<4",
+        "keras-cv>=0.9",
+        "tensorflow-datasets>=4.9",
+        # tensorflow-datasets imports it at run time without declaring it.
+        "importlib_resources",
+        "absl-py>=1.0",
+        "numpy>=1.26",
+        # Ships the built-in `digits` data set inside its wheel.
+        "scikit-learn>=1.3",
+        # Report plots (PNG) of the selection and pipeline stages.
+        "matplotlib>=3.7",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            # Reference implementations the augmentation ops are checked
+            # against, and real sample images.
+            "pillow>=10",
+            "scikit-image>=0.22",
+        ],
+    },
+    entry_points={"console_scripts": []},
+)

@@ -1,0 +1,58 @@
+"""File helpers that work on local and gs:// paths alike (tf.io.gfile).
+
+Every write is atomic: the data goes to a temporary name beside the target,
+which is then renamed, so a killed run never leaves a half-written file that a
+later stage would read.
+"""
+
+import json
+import uuid
+
+import tensorflow as tf
+
+TEMP_MARKER = ".tmp-"
+
+
+def temp_path(path):
+    """A unique temporary name in the same folder as `path`."""
+    folder, name = path.rsplit("/", 1) if "/" in path else ("", path)
+    temp_name = f"{TEMP_MARKER}{uuid.uuid4().hex[:8]}-{name}"
+    return f"{folder}/{temp_name}" if folder else temp_name
+
+
+def is_temp(path):
+    """True for names made by `temp_path` (leftovers of a killed run)."""
+    return path.rsplit("/", 1)[-1].startswith(TEMP_MARKER)
+
+
+def atomic_write(path, data):
+    """Writes `data` (str or bytes) to `path` atomically.
+
+    Args:
+      path: Destination file, local or gs://. Its folder is created.
+      data: The whole content, str (written as UTF-8) or bytes.
+    """
+    folder = path.rsplit("/", 1)[0] if "/" in path else ""
+    if folder:
+        tf.io.gfile.makedirs(folder)
+    tmp = temp_path(path)
+    with tf.io.gfile.GFile(tmp, "wb") as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+    tf.io.gfile.rename(tmp, path, overwrite=True)
+
+
+def write_json(path, obj):
+    """Writes `obj` as indented JSON to `path` atomically."""
+    atomic_write(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path):
+    """Reads a JSON file written by `write_json`.
+
+    Raises:
+      FileNotFoundError: naming the path, if it does not exist.
+    """
+    if not tf.io.gfile.exists(path):
+        raise FileNotFoundError(f"Expected a JSON file. Received: path={path}")
+    with tf.io.gfile.GFile(path, "r") as f:
+        return json.load(f)

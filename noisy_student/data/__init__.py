@@ -1,0 +1,1 @@
+"""Data sources, preprocessing and the training input streams."""

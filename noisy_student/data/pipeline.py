@@ -1,0 +1,158 @@
+"""tf.data input streams for training and evaluation.
+
+A training element (one per replica and step) is
+    {"labeled":   {"image": float32 [B, S, S, C], "label": int32 [B]},
+     "unlabeled": {"image": float32 [B*r, S, S, C],
+                   "target": float32 [B*r, num_classes]}}
+with r = `unlabel_ratio`; a teacher's elements have no "unlabeled" key. The
+two streams are batched separately and zipped, so every batch holds exactly r
+unlabeled images per labeled one. Each stream runs shuffle -> repeat ->
+parallel map (crop, flip) -> batch (drop_remainder, static shapes) ->
+RandAugment on the whole batch -> prefetch.
+"""
+
+import dataclasses
+
+import tensorflow as tf
+
+from noisy_student.data import preprocess
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+@dataclasses.dataclass(frozen=True)
+class InputConfig:
+    """How training batches are made.
+
+    Attributes:
+      image_size: Side of the model's input, in pixels.
+      batch_size: Labeled images per global batch.
+      unlabel_ratio: Unlabeled images per labeled image in a batch (the
+        paper's unlabel_ratio; 0 for a teacher).
+      augment: "randaugment" (ours), "keras_cv" or "none".
+      num_layers: RandAugment's N.
+      magnitude: RandAugment's M on the paper's 0..10+ scale.
+      flip: Random left-right flips (only for data sets that allow them).
+      small_images: Pad-and-crop path of small images (see preprocess).
+      shuffle_buffer: Elements in each shuffle buffer.
+      seed: Seed of shuffling and augmentation; None for a random one.
+    """
+    image_size: int
+    batch_size: int
+    unlabel_ratio: int = 0
+    augment: str = "randaugment"
+    num_layers: int = 2
+    magnitude: float = 10.0
+    flip: bool = False
+    small_images: bool = True
+    shuffle_buffer: int = 10_000
+    seed: int | None = None
+
+    def __post_init__(self):
+        for name in ("image_size", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"Expected {name} > 0. Received: "
+                                 f"{name}={getattr(self, name)}")
+        if self.unlabel_ratio < 0:
+            raise ValueError("Expected unlabel_ratio >= 0. Received: "
+                             f"unlabel_ratio={self.unlabel_ratio}")
+
+
+def _stream(dataset, config, per_replica_batch, input_context, augmenter,
+            salt):
+    """One shuffled, repeated, preprocessed, batched and augmented stream."""
+    if input_context and input_context.num_input_pipelines > 1:
+        dataset = dataset.shard(input_context.num_input_pipelines,
+                                input_context.input_pipeline_id)
+    seed = None
+    if config.seed is not None:
+        pipeline_id = input_context.input_pipeline_id if input_context else 0
+        seed = config.seed * 1000 + pipeline_id * 10 + salt
+    dataset = dataset.shuffle(config.shuffle_buffer, seed=seed,
+                              reshuffle_each_iteration=True).repeat()
+
+    def crop(element):
+        image = preprocess.train_image(element["image"], config.image_size,
+                                       flip=config.flip,
+                                       small=config.small_images)
+        return {**element, "image": image}
+
+    dataset = dataset.map(crop, num_parallel_calls=AUTOTUNE)
+    dataset = dataset.batch(per_replica_batch, drop_remainder=True)
+
+    def finish(batch):
+        return {**batch, "image": tf.cast(augmenter(batch["image"]),
+                                          tf.float32)}
+
+    return dataset.map(finish, num_parallel_calls=AUTOTUNE)
+
+
+def train_dataset_fn(labeled, config, unlabeled=None, num_classes=None):
+    """Returns `dataset_fn(input_context)` for distribute_datasets_from_function.
+
+    Args:
+      labeled: Unbatched {"image": uint8, "label": int32} dataset.
+      config: An `InputConfig`.
+      unlabeled: Unbatched {"image": uint8, "target": float32 [num_classes]}
+        dataset (the selected pseudo-labels), required when
+        config.unlabel_ratio > 0.
+      num_classes: Length of the targets, checked against `unlabeled`.
+
+    Returns:
+      A function of an optional tf.distribute.InputContext giving the
+      per-replica training stream.
+
+    Raises:
+      ValueError: if the pseudo-labels are missing or of the wrong length.
+    """
+    if config.unlabel_ratio > 0:
+        if unlabeled is None:
+            raise ValueError("Expected pseudo-labeled data when "
+                             f"unlabel_ratio={config.unlabel_ratio} > 0. "
+                             "Received: unlabeled=None")
+        target_len = unlabeled.element_spec["target"].shape[-1]
+        if num_classes is not None and target_len not in (None, num_classes):
+            raise ValueError(
+                f"Expected pseudo-label targets of length {num_classes}. "
+                f"Received: length {target_len}")
+
+    def dataset_fn(input_context=None):
+        # Imported here so data sources load without the augmentation code.
+        from noisy_student import augment  # pylint: disable=g-import-not-at-top
+        batch = config.batch_size
+        if input_context is not None:
+            batch = input_context.get_per_replica_batch_size(batch)
+        seed = None if config.seed is None else config.seed + 7
+        augmenter = augment.make_augmenter(
+            config.augment, num_layers=config.num_layers,
+            magnitude=config.magnitude, seed=seed)
+        streams = {"labeled": _stream(labeled, config, batch, input_context,
+                                      augmenter, salt=1)}
+        if config.unlabel_ratio > 0:
+            streams["unlabeled"] = _stream(
+                unlabeled, config, batch * config.unlabel_ratio,
+                input_context, augmenter, salt=2)
+        return tf.data.Dataset.zip(streams).prefetch(AUTOTUNE)
+
+    return dataset_fn
+
+
+def eval_dataset(dataset, image_size, batch_size, *, small_images):
+    """Batched, clean evaluation images (the last batch may be smaller).
+
+    Args:
+      dataset: Unbatched {"image": uint8, ...} dataset.
+      image_size: The model's input side.
+      batch_size: Images per batch.
+      small_images: Resize instead of centre-cropping.
+
+    Returns:
+      A dataset of {"image": float32 [b, S, S, C], ...} batches.
+    """
+    def clean(element):
+        image = preprocess.eval_image(element["image"], image_size,
+                                      small=small_images)
+        return {**element, "image": tf.cast(image, tf.float32)}
+
+    return dataset.map(clean, num_parallel_calls=AUTOTUNE).batch(
+        batch_size).prefetch(AUTOTUNE)

@@ -1,0 +1,430 @@
+"""Image sources, each named by one spec string that every stage accepts.
+
+    tfds:NAME[:SPLIT]   a TensorFlow Datasets builder, e.g. tfds:svhn_cropped:train
+                        or tfds:cifar10:train[:4000]; `data_dir` may be gs://.
+    folder:PATH         one sub-folder per class holding JPEG/PNG/GIF/BMP files
+                        (sorted folder names give the label ids); an unlabeled
+                        folder may hold its images at any depth.
+    npz:PATH            arrays `x` (uint8, NHWC or NHW) and `y` (integers).
+    idx:DIR[:SPLIT]     MNIST-format files (train-images-idx3-ubyte.gz, ...),
+                        as Debian's dataset-fashion-mnist installs under
+                        /usr/share/datasets/fashion-mnist. SPLIT: train | test.
+    digits[:SPLIT]      scikit-learn's handwritten digits (shipped in its
+                        wheel): 1,797 8x8 grey images, 10 classes, split with
+                        seed 0 into train (1,437) and test (360).
+
+A labeled source yields {"image": uint8 [H, W, C], "label": int32 []}; an
+unlabeled one yields {"image": uint8 [H, W, C]} and never opens labels. A
+`Subset` carves a seeded, class-balanced labeled part out of a source, and
+the rest into validation and unlabeled parts (the standard SSL protocol).
+"""
+
+import dataclasses
+import gzip
+import os
+
+from absl import logging
+import numpy as np
+import tensorflow as tf
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
+DIGITS_TEST_SIZE = 360
+DIGITS_SEED = 0
+# Data sets whose labels change under a horizontal flip (digits, house
+# numbers, letters): training must not flip them.
+NO_FLIP_NAMES = ("digits", "mnist", "svhn", "emnist", "kmnist", "idx")
+PARTS = ("labeled", "unlabeled", "validation")
+
+
+@dataclasses.dataclass(frozen=True)
+class Subset:
+    """A seeded split of one labeled source into SSL parts.
+
+    Attributes:
+      part: "labeled" (`per_class` images of every class), "validation"
+        (`validation_size` images of the rest) or "unlabeled" (all others).
+      per_class: Labeled images per class.
+      validation_size: Images held out of the unlabeled part for choosing
+        hyper-parameters.
+      seed: Seed of the split; the three parts of one seed are disjoint.
+    """
+    part: str
+    per_class: int
+    validation_size: int = 0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.part not in PARTS:
+            raise ValueError(
+                f"Expected a subset part in {PARTS}. Received: part={self.part!r}")
+        if self.per_class <= 0:
+            raise ValueError(
+                f"Expected per_class > 0. Received: per_class={self.per_class}")
+        if self.validation_size < 0:
+            raise ValueError("Expected validation_size >= 0. Received: "
+                             f"validation_size={self.validation_size}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageSource:
+    """A loaded source.
+
+    Attributes:
+      dataset: Unbatched dicts, in a deterministic order.
+      num_examples: Number of elements, when known.
+      num_classes: Number of classes, when known (labeled sources).
+      image_shape: (H, W, C) when every image has that shape, else None.
+      allows_flip: Whether a horizontal flip keeps the labels valid.
+      spec: The spec string it was loaded from.
+    """
+    dataset: tf.data.Dataset
+    num_examples: int | None
+    num_classes: int | None
+    image_shape: tuple | None
+    allows_flip: bool
+    spec: str
+
+
+def parse_spec(spec):
+    """Splits "kind:rest" into (kind, path or name, split or None).
+
+    Raises:
+      ValueError: for an empty spec or an unknown kind.
+    """
+    if not spec:
+        raise ValueError(f"Expected a data source spec. Received: spec={spec!r}")
+    kind, _, rest = spec.partition(":")
+    if kind == "digits":
+        return kind, "", rest or None
+    if kind not in ("tfds", "folder", "npz", "idx") or not rest:
+        raise ValueError(
+            "Expected a data source spec tfds:NAME[:SPLIT], folder:PATH, "
+            f"npz:PATH, idx:DIR[:SPLIT] or digits[:SPLIT]. Received: spec={spec!r}")
+    if kind == "tfds":
+        name, _, split = rest.partition(":")
+        return kind, name, split or None
+    if kind == "idx":
+        # A gs:// path keeps its own colon: split on the last one only when
+        # what follows looks like a split name.
+        head, sep, tail = rest.rpartition(":")
+        if sep and head and "/" not in tail:
+            return kind, head, tail
+    return kind, rest, None
+
+
+def load_source(spec, *, labeled=True, subset=None, channels=None,
+                num_classes=None, data_dir=None, skip_corrupt=True):
+    """Loads the source named by `spec`.
+
+    Args:
+      spec: A spec string (see the module docstring).
+      labeled: Whether to yield labels.
+      subset: An optional `Subset` of a labeled source.
+      channels: Output channels (1 or 3); grey images are repeated to 3,
+        colour ones converted to 1. None keeps the source's.
+      num_classes: If given, labels must lie in [0, num_classes).
+      data_dir: TFDS data folder (local or gs://).
+      skip_corrupt: Skip undecodable image files with a logged warning for
+        each (True), or stop with an error (False).
+
+    Returns:
+      An `ImageSource`.
+
+    Raises:
+      ValueError, FileNotFoundError: for bad specs, paths or contents.
+    """
+    kind, path, split = parse_spec(spec)
+    if channels not in (None, 1, 3):
+        raise ValueError(f"Expected channels 1 or 3. Received: channels={channels}")
+    need_labels = labeled or subset is not None
+    if kind == "tfds":
+        return _load_tfds(spec, path, split, need_labels, labeled, subset,
+                          channels, data_dir)
+    if kind == "folder":
+        files, labels, class_names = _list_folder(path, need_labels)
+        if subset is not None:
+            keep = subset_mask(labels, subset)
+            files = [f for f, k in zip(files, keep) if k]
+            labels = labels[keep]
+        n_classes = len(class_names) if need_labels else None
+        _check_num_classes(spec, n_classes, num_classes)
+        ds = _folder_dataset(files, labels if labeled else None, channels,
+                             skip_corrupt)
+        return ImageSource(ds, len(files), n_classes if labeled else None,
+                           None, _allows_flip(path), spec)
+    if kind == "npz":
+        x, y = _read_npz(path, need_labels)
+    elif kind == "idx":
+        x, y = _read_idx(path, split or "train", need_labels)
+    else:
+        x, y = _digits(split or "train")
+    return _array_source(spec, x, y, labeled, subset, channels, num_classes,
+                         _allows_flip(kind + path))
+
+
+def subset_mask(labels, subset):
+    """Boolean mask of the examples in `subset.part` for these labels.
+
+    Every class contributes `subset.per_class` labeled examples, drawn with
+    `subset.seed`; `subset.validation_size` of the others form the
+    validation part; the unlabeled part is everything else.
+
+    Raises:
+      ValueError: if a class has fewer than `per_class` examples.
+    """
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(subset.seed)
+    order = rng.permutation(len(labels))
+    labeled = np.zeros(len(labels), bool)
+    for c in np.unique(labels):
+        members = order[labels[order] == c]
+        if len(members) < subset.per_class:
+            raise ValueError(
+                f"Expected at least per_class={subset.per_class} examples of "
+                f"every class. Received: class {c} has {len(members)}")
+        labeled[members[:subset.per_class]] = True
+    rest = order[~labeled[order]]
+    validation = np.zeros(len(labels), bool)
+    validation[rest[:subset.validation_size]] = True
+    if subset.part == "labeled":
+        return labeled
+    if subset.part == "validation":
+        return validation
+    return ~labeled & ~validation
+
+
+def _allows_flip(name):
+    return not any(n in name.lower() for n in NO_FLIP_NAMES)
+
+
+def _check_num_classes(spec, found, expected):
+    if expected is not None and found is not None and found != expected:
+        raise ValueError(
+            f"Expected {expected} classes in {spec}. Received: {found} classes")
+
+
+def _check_labels(spec, y, num_classes):
+    if y.size and (y.min() < 0 or (num_classes is not None
+                                   and y.max() >= num_classes)):
+        raise ValueError(
+            f"Expected labels in [0, {num_classes}) in {spec}. Received: "
+            f"labels from {y.min()} to {y.max()}")
+
+
+def _convert_channels(image, channels):
+    """Repeats grey to 3 channels or converts colour to grey."""
+    have = image.shape[-1]
+    if channels is None or have == channels:
+        return image
+    if have == 1:
+        return tf.repeat(image, channels, axis=-1)
+    return tf.image.rgb_to_grayscale(image[..., :3])
+
+
+def _array_source(spec, x, y, labeled, subset, channels, num_classes,
+                  allows_flip):
+    if x.dtype != np.uint8:
+        raise ValueError(f"Expected uint8 images in {spec}. Received: "
+                         f"dtype={x.dtype}")
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4:
+        raise ValueError(f"Expected images of shape NHWC or NHW in {spec}. "
+                         f"Received: shape={x.shape}")
+    if y is not None:
+        y = np.asarray(y)
+        if not np.issubdtype(y.dtype, np.integer):
+            raise ValueError(f"Expected integer labels in {spec}. Received: "
+                             f"dtype={y.dtype}")
+        if len(y) != len(x):
+            raise ValueError(f"Expected as many labels as images in {spec}. "
+                             f"Received: {len(x)} images, {len(y)} labels")
+        _check_labels(spec, y, num_classes)
+    if len(x) == 0:
+        raise ValueError(f"Expected at least one image in {spec}. Received: 0")
+    n_classes = None if y is None else int(y.max()) + 1
+    if num_classes is not None and y is not None:
+        n_classes = num_classes
+    if subset is not None:
+        keep = subset_mask(y, subset)
+        x, y = x[keep], y[keep]
+    out_channels = channels or x.shape[-1]
+    if labeled:
+        ds = tf.data.Dataset.from_tensor_slices(
+            {"image": x, "label": y.astype(np.int32)})
+    else:
+        ds = tf.data.Dataset.from_tensor_slices({"image": x})
+    if out_channels != x.shape[-1]:
+        ds = ds.map(lambda d: {**d, "image": _convert_channels(d["image"],
+                                                               out_channels)})
+    return ImageSource(ds, len(x), n_classes if labeled else None,
+                       x.shape[1:3] + (out_channels,), allows_flip, spec)
+
+
+def _digits(split):
+    from sklearn import datasets  # pylint: disable=g-import-not-at-top
+    if split not in ("train", "test", "all"):
+        raise ValueError("Expected a digits split train, test or all. "
+                         f"Received: split={split!r}")
+    digits = datasets.load_digits()
+    # Pixel values are 0..16; stretch them to the 0..255 range of images.
+    x = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    y = digits.target.astype(np.int32)
+    if split == "all":
+        return x, y
+    order = np.random.default_rng(DIGITS_SEED).permutation(len(x))
+    rows = order[:DIGITS_TEST_SIZE] if split == "test" else order[
+        DIGITS_TEST_SIZE:]
+    rows = np.sort(rows)
+    return x[rows], y[rows]
+
+
+def _read_npz(path, need_labels):
+    if not tf.io.gfile.exists(path):
+        raise FileNotFoundError(f"Expected an .npz file. Received: path={path}")
+    with tf.io.gfile.GFile(path, "rb") as f:
+        arrays = np.load(f)
+        if "x" not in arrays or (need_labels and "y" not in arrays):
+            wanted = "x and y" if need_labels else "x"
+            raise ValueError(f"Expected arrays {wanted} in {path}. Received: "
+                             f"{sorted(arrays.files)}")
+        return arrays["x"], arrays["y"] if need_labels else None
+
+
+def _read_idx_file(path):
+    """Reads one MNIST-format (IDX) file, gzipped or not."""
+    with tf.io.gfile.GFile(path, "rb") as f:
+        data = f.read()
+    if path.endswith(".gz"):
+        data = gzip.decompress(data)
+    if len(data) < 4 or data[:2] != b"\x00\x00" or data[2] != 0x08:
+        raise ValueError(f"Expected an IDX file of unsigned bytes. "
+                         f"Received: path={path}")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big")
+                  for i in range(ndim))
+    body = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(shape)):
+        raise ValueError(f"Expected {np.prod(shape)} values in {path}. "
+                         f"Received: {body.size} (truncated file?)")
+    return body.reshape(shape)
+
+
+def _read_idx(folder, split, need_labels):
+    prefix = {"train": "train", "test": "t10k"}.get(split)
+    if prefix is None:
+        raise ValueError(f"Expected an idx split train or test. Received: "
+                         f"split={split!r}")
+
+    def find(kind):
+        for name in (f"{prefix}-{kind}-ubyte.gz", f"{prefix}-{kind}-ubyte"):
+            path = os.path.join(folder, name)
+            if tf.io.gfile.exists(path):
+                return path
+        raise FileNotFoundError(
+            f"Expected {prefix}-{kind}-ubyte[.gz] in the idx folder. "
+            f"Received: path={folder}")
+
+    x = _read_idx_file(find("images-idx3"))
+    y = _read_idx_file(find("labels-idx1")).astype(np.int32) if need_labels else None
+    return x, y
+
+
+def _list_folder(path, need_labels):
+    if not tf.io.gfile.isdir(path):
+        raise FileNotFoundError(f"Expected a folder of images. Received: "
+                                f"path={path}")
+    files, labels, class_names = [], [], []
+    if need_labels:
+        class_names = sorted(d.rstrip("/") for d in tf.io.gfile.listdir(path)
+                             if tf.io.gfile.isdir(os.path.join(path, d)))
+        for label, name in enumerate(class_names):
+            found = _image_files(os.path.join(path, name))
+            files += found
+            labels += [label] * len(found)
+    else:
+        files = _image_files(path)
+    if not files:
+        raise ValueError(
+            "Expected image files (" + ", ".join(IMAGE_EXTENSIONS) + ") "
+            + ("in one sub-folder per class " if need_labels else "")
+            + f"of the folder. Received: path={path} with none")
+    return files, np.asarray(labels, np.int32), class_names
+
+
+def _image_files(folder):
+    found = []
+    for root, _, names in tf.io.gfile.walk(folder):
+        found += [os.path.join(root, n) for n in names
+                  if n.lower().endswith(IMAGE_EXTENSIONS)]
+    return sorted(found)
+
+
+def _folder_dataset(files, labels, channels, skip_corrupt):
+    def decode(element):
+        data = tf.io.read_file(element["path"])
+        image = tf.io.decode_image(data, channels=channels or 3,
+                                   expand_animations=False)
+        out = {"image": image}
+        if "label" in element:
+            out["label"] = element["label"]
+        return out
+
+    columns = {"path": tf.constant(files)}
+    if labels is not None:
+        columns["label"] = tf.constant(labels, tf.int32)
+    ds = tf.data.Dataset.from_tensor_slices(columns).map(
+        decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if skip_corrupt:
+        # Each skipped file is logged with its decoding error.
+        ds = ds.ignore_errors(log_warning=True)
+    return ds
+
+
+def _load_tfds(spec, name, split, need_labels, labeled, subset, channels,
+               data_dir):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    split = split or "train"
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+        ds = builder.as_dataset(split=split, shuffle_files=False)
+    except Exception as e:  # TFDS raises many types; name the source.
+        raise FileNotFoundError(
+            f"Expected a prepared TFDS data set (run tfds build or give "
+            f"data_dir). Received: spec={spec}, data_dir={data_dir}: {e}") from e
+    info = builder.info
+    label_feature = info.features["label"] if "label" in info.features else None
+    if need_labels and label_feature is None:
+        raise ValueError(f"Expected a 'label' feature in {spec}. Received: "
+                         f"{list(info.features)}")
+    num_classes = label_feature.num_classes if label_feature else None
+    if subset is not None:
+        labels = np.fromiter(
+            (int(l) for l in ds.map(lambda d: d["label"]).as_numpy_iterator()),
+            np.int64)
+        keep = subset_mask(labels, subset)
+        mask = tf.constant(keep)
+        ds = ds.enumerate().filter(lambda i, d: tf.gather(mask, i)).map(
+            lambda i, d: d)
+    out_channels = channels
+
+    def select(d):
+        out = {"image": _convert_channels(d["image"], out_channels)}
+        if labeled:
+            out["label"] = tf.cast(d["label"], tf.int32)
+        return out
+
+    ds = ds.map(select, num_parallel_calls=tf.data.AUTOTUNE)
+    shape = info.features["image"].shape
+    fixed = shape if None not in shape else None
+    if fixed is not None and channels:
+        fixed = fixed[:2] + (channels,)
+    try:
+        count = info.splits[split].num_examples
+    except Exception:  # Sliced or unknown splits.
+        count = None
+    if subset is not None:
+        count = int(keep.sum())
+    logging.info("Loaded %s (%s examples)", spec, count)
+    return ImageSource(ds, count, num_classes if labeled else None, fixed,
+                       _allows_flip(name), spec)

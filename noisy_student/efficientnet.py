@@ -96,6 +96,43 @@ def get_variant(name):
     return VARIANTS[key]
 
 
+def parse_model_name(name):
+    """Reads a model name: a variant (b0..b8, l2) or "wW-dD" coefficients.
+
+    "w0.5-d0.5" names an EfficientNet with width 0.5 and depth 0.5 (the tiny
+    models of the CPU demo and the tests).
+
+    Returns:
+      (variant or None, width, depth).
+
+    Raises:
+      ValueError: for a name of neither form.
+    """
+    key = str(name).strip().lower()
+    if key in VARIANTS:
+        return key, VARIANTS[key].width, VARIANTS[key].depth
+    width, sep, depth = key.partition("-")
+    try:
+        if not (sep and width[0] == "w" and depth[0] == "d"):
+            raise ValueError
+        width, depth = float(width[1:]), float(depth[1:])
+    except (ValueError, IndexError):
+        raise ValueError(
+            f"Expected a model name in {sorted(VARIANTS)} or 'wW-dD' (e.g. "
+            f"w0.5-d0.5). Received: model={name!r}") from None
+    if width <= 0 or depth <= 0:
+        raise ValueError(f"Expected width and depth > 0. Received: "
+                         f"model={name!r}")
+    return None, width, depth
+
+
+def is_smaller(name, than):
+    """Whether model `name` is narrower or shallower than model `than`."""
+    _, width, depth = parse_model_name(name)
+    _, other_width, other_depth = parse_model_name(than)
+    return width < other_width or depth < other_depth
+
+
 def round_filters(filters, width, divisor=8):
     """Scales a channel count by `width`, rounded to a multiple of `divisor`.
 

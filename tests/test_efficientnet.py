@@ -133,3 +133,15 @@ def test_sync_batch_norm_option():
 def test_bad_arguments_raise_value_error_naming_them(kwargs, message):
     with pytest.raises(ValueError, match="Received: .*" + message):
         efficientnet.build_efficientnet(**kwargs)
+
+
+def test_model_names():
+    assert efficientnet.parse_model_name("B3") == ("b3", 1.2, 1.4)
+    assert efficientnet.parse_model_name("w0.5-d0.25") == (None, 0.5, 0.25)
+    for bad in ("b9", "w0.5", "wx-d1", "w0-d1", ""):
+        with pytest.raises(ValueError, match="Received: model="):
+            efficientnet.parse_model_name(bad)
+    assert efficientnet.is_smaller("b0", "b1")
+    assert efficientnet.is_smaller("w1.2-d0.5", "b0")
+    assert not efficientnet.is_smaller("b1", "b0")
+    assert not efficientnet.is_smaller("b0", "w1.0-d1.0")

@@ -1,0 +1,106 @@
+"""The work directory's record of stages: started, finished, with what inputs.
+
+Each stage has a fingerprint: a hash of the arguments it runs with and the
+fingerprints of the stages it reads. Rerunning a pipeline skips a stage whose
+recorded fingerprint matches and which finished; it resumes one that started
+with the same fingerprint (the stage itself picks up its checkpoints or
+shards); and refuses, unless told to overwrite, a stage that was started or
+finished with a different fingerprint, since its files would mix two
+configurations.
+"""
+
+import dataclasses
+import hashlib
+import json
+import time
+
+from absl import logging
+import tensorflow as tf
+
+from noisy_student import io_utils
+
+MANIFEST = "manifest.json"
+
+
+def fingerprint(args, *upstream):
+    """A short stable hash of JSON-able `args` and upstream fingerprints."""
+    if dataclasses.is_dataclass(args):
+        args = dataclasses.asdict(args)
+    text = json.dumps([args, list(upstream)], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+class Manifest:
+    """Reads and atomically rewrites `workdir/manifest.json`.
+
+    Args:
+      workdir: The pipeline's work directory (local or gs://).
+      overwrite: Redo stages whose fingerprint changed instead of failing.
+    """
+
+    def __init__(self, workdir, overwrite=False):
+        self.workdir = workdir
+        self.overwrite = overwrite
+        self.path = f"{workdir}/{MANIFEST}"
+        self.stages = {}
+        if tf.io.gfile.exists(self.path):
+            self.stages = io_utils.read_json(self.path)["stages"]
+
+    def _save(self):
+        io_utils.write_json(self.path, {"stages": self.stages})
+
+    def check(self, name, stage_fingerprint):
+        """Raises if stage `name` was made with another fingerprint.
+
+        Raises:
+          ValueError: naming the stage, unless `overwrite` is set.
+        """
+        entry = self.stages.get(name)
+        if entry and entry["fingerprint"] != stage_fingerprint and (
+                not self.overwrite):
+            raise ValueError(
+                f"Expected the configuration that made {self.workdir}. "
+                f"Received: different settings for its stage {name!r} "
+                f"(fingerprint {stage_fingerprint}, recorded "
+                f"{entry['fingerprint']}). Use a new --workdir, restore the "
+                "flags, or pass --overwrite to redo it and what follows.")
+
+    def finished(self, name, stage_fingerprint):
+        entry = self.stages.get(name)
+        return bool(entry and entry["fingerprint"] == stage_fingerprint
+                    and "finished_at" in entry)
+
+    def run(self, name, stage_fingerprint, folder, fn):
+        """Runs `fn()` as stage `name` unless it already finished.
+
+        Args:
+          name: Stage name, e.g. "round1/train".
+          stage_fingerprint: From `fingerprint`.
+          folder: The stage's output folder; deleted first when a stage made
+            with other settings is overwritten.
+          fn: Does the work; returns a JSON-able summary.
+
+        Returns:
+          The stage's summary (recorded, when the stage was skipped).
+        """
+        self.check(name, stage_fingerprint)
+        entry = self.stages.get(name)
+        if self.finished(name, stage_fingerprint):
+            logging.info("Stage %s finished earlier: skipped.", name)
+            return entry["summary"]
+        if entry and entry["fingerprint"] != stage_fingerprint:
+            logging.warning("Overwriting stage %s (settings changed).", name)
+            if tf.io.gfile.exists(folder):
+                tf.io.gfile.rmtree(folder)
+        started = time.time()
+        self.stages[name] = {"fingerprint": stage_fingerprint,
+                             "started_at": started,
+                             "runs": entry.get("runs", 0) + 1 if entry and (
+                                 entry["fingerprint"] == stage_fingerprint)
+                             else 1}
+        self._save()
+        summary = fn()
+        self.stages[name].update(finished_at=time.time(), summary=summary,
+                                 seconds=round(time.time() - started, 1))
+        self._save()
+        return summary

@@ -1,0 +1,50 @@
+"""The stage manifest: skip finished stages, refuse changed settings."""
+
+import pytest
+
+from noisy_student import manifest
+
+
+def test_finished_stage_is_skipped_and_changed_settings_refused(tmp_path):
+    calls = []
+    work = str(tmp_path)
+    fp = manifest.fingerprint({"steps": 10})
+    m = manifest.Manifest(work)
+    assert m.run("round0/train", fp, f"{work}/round0",
+                 lambda: calls.append(1) or {"top1": 0.5}) == {"top1": 0.5}
+    # A new process (new Manifest) reads the record and skips the stage.
+    again = manifest.Manifest(work)
+    assert again.run("round0/train", fp, f"{work}/round0",
+                     lambda: calls.append(2)) == {"top1": 0.5}
+    assert calls == [1]
+    changed = manifest.fingerprint({"steps": 20})
+    with pytest.raises(ValueError, match="round0/train.*--overwrite"):
+        again.run("round0/train", changed, f"{work}/round0", dict)
+    (tmp_path / "round0").mkdir()
+    (tmp_path / "round0" / "old").write_text("x")
+    forced = manifest.Manifest(work, overwrite=True)
+    forced.run("round0/train", changed, f"{work}/round0", lambda: {"x": 1})
+    assert not (tmp_path / "round0" / "old").exists()
+    assert manifest.Manifest(work).finished("round0/train", changed)
+
+
+def test_started_but_unfinished_stage_reruns(tmp_path):
+    work = str(tmp_path)
+    fp = manifest.fingerprint({"a": 1})
+
+    def killed():
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        manifest.Manifest(work).run("s", fp, f"{work}/s", killed)
+    m = manifest.Manifest(work)
+    assert not m.finished("s", fp)
+    assert m.run("s", fp, f"{work}/s", lambda: {"ok": True}) == {"ok": True}
+    assert manifest.Manifest(work).stages["s"]["runs"] == 2
+
+
+def test_fingerprint_depends_on_args_and_upstream():
+    a = manifest.fingerprint({"x": 1}, "up1")
+    assert a == manifest.fingerprint({"x": 1}, "up1")
+    assert a != manifest.fingerprint({"x": 2}, "up1")
+    assert a != manifest.fingerprint({"x": 1}, "up2")

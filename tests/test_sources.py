@@ -217,7 +217,8 @@ def test_preprocessing_keeps_uint8_and_size():
     image = tf.constant(np.random.default_rng(0).integers(
         0, 256, (50, 70, 3)), tf.uint8)
     for small in (True, False):
-        out = preprocess.train_image(image, 32, flip=True, small=small)
+        out = preprocess.train_image(image, 32, flip=True, small=small,
+                                     seed=(1, 2))
         assert out.dtype == tf.uint8 and out.shape == (32, 32, 3)
         out = preprocess.eval_image(image, 32, small=small)
         assert out.dtype == tf.uint8 and out.shape == (32, 32, 3)
@@ -225,7 +226,12 @@ def test_preprocessing_keeps_uint8_and_size():
     a = preprocess.eval_image(image, 24, small=False)
     b = preprocess.eval_image(image, 24, small=False)
     np.testing.assert_array_equal(a, b)
-    crops = {preprocess.train_image(image, 24, flip=False,
-                                    small=False).numpy().tobytes()
-             for _ in range(5)}
+    crops = {preprocess.train_image(image, 24, flip=False, small=False,
+                                    seed=(0, i)).numpy().tobytes()
+             for i in range(5)}
     assert len(crops) > 1
+    again = preprocess.train_image(image, 24, flip=True, small=False,
+                                   seed=(0, 3))
+    np.testing.assert_array_equal(
+        again, preprocess.train_image(image, 24, flip=True, small=False,
+                                      seed=(0, 3)))

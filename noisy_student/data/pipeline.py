@@ -15,6 +15,7 @@ import dataclasses
 
 import tensorflow as tf
 
+from noisy_student import augment
 from noisy_student.data import preprocess
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -70,21 +71,27 @@ def _stream(dataset, config, per_replica_batch, input_context, augmenter,
         seed = config.seed * 1000 + pipeline_id * 10 + salt
     dataset = dataset.shuffle(config.shuffle_buffer, seed=seed,
                               reshuffle_each_iteration=True).repeat()
+    # Element i is cropped with the stateless seed [seed, i]: reproducible
+    # under parallel map. Without a seed, each run draws its own base seed.
+    base_seed = seed if seed is not None else int(
+        tf.random.uniform((), maxval=2**31 - 1, dtype=tf.int64))
 
-    def crop(element):
-        image = preprocess.train_image(element["image"], config.image_size,
-                                       flip=config.flip,
-                                       small=config.small_images)
+    def crop(index, element):
+        image = preprocess.train_image(
+            element["image"], config.image_size, flip=config.flip,
+            small=config.small_images,
+            seed=tf.stack([tf.constant(base_seed, tf.int64), index]))
         return {**element, "image": image}
 
-    dataset = dataset.map(crop, num_parallel_calls=AUTOTUNE)
+    dataset = dataset.enumerate().map(crop, num_parallel_calls=AUTOTUNE)
     dataset = dataset.batch(per_replica_batch, drop_remainder=True)
-
-    def finish(batch):
-        return {**batch, "image": tf.cast(augmenter(batch["image"]),
-                                          tf.float32)}
-
-    return dataset.map(finish, num_parallel_calls=AUTOTUNE)
+    # Whole batches are augmented at once (the ops are vectorised); with a
+    # seed, batch i gets the stateless seed [seed, i], so the stream does not
+    # depend on thread timing.
+    dataset = augment.augment_dataset(dataset, augmenter, seed=seed)
+    return dataset.map(
+        lambda batch: {**batch, "image": tf.cast(batch["image"], tf.float32)},
+        num_parallel_calls=AUTOTUNE)
 
 
 def train_dataset_fn(labeled, config, unlabeled=None, num_classes=None):
@@ -117,8 +124,6 @@ def train_dataset_fn(labeled, config, unlabeled=None, num_classes=None):
                 f"Received: length {target_len}")
 
     def dataset_fn(input_context=None):
-        # Imported here so data sources load without the augmentation code.
-        from noisy_student import augment  # pylint: disable=g-import-not-at-top
         batch = config.batch_size
         if input_context is not None:
             batch = input_context.get_per_replica_batch_size(batch)

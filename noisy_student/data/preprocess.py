@@ -24,7 +24,7 @@ def _resize(image, size):
     return to_uint8(tf.image.resize(image, (size, size), antialias=True))
 
 
-def train_image(image, size, *, flip, small):
+def train_image(image, size, *, flip, small, seed):
     """Random crop (and flip, when `flip`) of one image, uint8 [size, size, C].
 
     Args:
@@ -33,6 +33,8 @@ def train_image(image, size, *, flip, small):
       flip: Whether to flip left-right with probability 1/2.
       small: Use the pad-and-crop of small images instead of a random
         resized crop.
+      seed: int [2] seed of the stateless random ops: the same seed gives
+        the same crop, whatever thread runs it.
 
     Returns:
       uint8 [size, size, C].
@@ -43,15 +45,17 @@ def train_image(image, size, *, flip, small):
         pad = max(1, size // 8)
         padded = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]],
                         mode="REFLECT")
-        image = tf.image.random_crop(padded, (size, size, channels))
+        image = tf.image.stateless_random_crop(padded, (size, size, channels),
+                                               seed=seed)
     else:
-        begin, crop_size, _ = tf.image.sample_distorted_bounding_box(
-            tf.shape(image), tf.zeros((1, 0, 4)), min_object_covered=0.1,
+        begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+            tf.shape(image), tf.zeros((1, 0, 4)), seed, min_object_covered=0.1,
             aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.08, 1.0),
             max_attempts=10, use_image_if_no_bounding_boxes=True)
         image = _resize(tf.slice(image, begin, crop_size), size)
     if flip:
-        image = tf.image.random_flip_left_right(image)
+        flip_seed = tf.random.experimental.stateless_fold_in(seed, 1)
+        image = tf.image.stateless_random_flip_left_right(image, flip_seed)
     return tf.ensure_shape(image, (size, size, channels))
 
 

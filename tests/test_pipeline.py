@@ -1,0 +1,92 @@
+"""Training and evaluation streams: shapes, ratios, replicas, determinism."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from noisy_student.data import pipeline
+from noisy_student.data import sources
+
+NUM_CLASSES = 10
+
+
+def labeled_and_pseudo():
+    labeled = sources.load_source("digits:train", channels=3).dataset
+    unlabeled = sources.load_source("digits:test", labeled=False,
+                                    channels=3).dataset
+    rng = np.random.default_rng(0)
+    targets = rng.dirichlet(np.ones(NUM_CLASSES), 360).astype(np.float32)
+    pseudo = tf.data.Dataset.zip(
+        (unlabeled, tf.data.Dataset.from_tensor_slices(targets))).map(
+            lambda d, t: {"image": d["image"], "target": t})
+    return labeled, pseudo
+
+
+def config(**kwargs):
+    args = dict(image_size=16, batch_size=8, unlabel_ratio=3, seed=1,
+                shuffle_buffer=100, magnitude=5)
+    args.update(kwargs)
+    return pipeline.InputConfig(**args)
+
+
+def test_zipped_stream_has_static_shapes_and_the_ratio():
+    labeled, pseudo = labeled_and_pseudo()
+    ds = pipeline.train_dataset_fn(labeled, config(), pseudo, NUM_CLASSES)()
+    spec = ds.element_spec
+    assert spec["labeled"]["image"].shape == (8, 16, 16, 3)
+    assert spec["labeled"]["label"].shape == (8,)
+    assert spec["unlabeled"]["image"].shape == (24, 16, 16, 3)
+    assert spec["unlabeled"]["target"].shape == (24, NUM_CLASSES)
+    batch = next(iter(ds))
+    images = batch["unlabeled"]["image"].numpy()
+    assert images.dtype == np.float32
+    assert 0 <= images.min() and images.max() <= 255
+    np.testing.assert_allclose(batch["unlabeled"]["target"].numpy().sum(1), 1,
+                               rtol=1e-5)
+
+
+def test_teacher_stream_has_only_labeled_images():
+    labeled, _ = labeled_and_pseudo()
+    ds = pipeline.train_dataset_fn(labeled, config(unlabel_ratio=0))()
+    assert set(ds.element_spec) == {"labeled"}
+
+
+def test_same_seed_same_batches():
+    labeled, pseudo = labeled_and_pseudo()
+    first = [next(iter(pipeline.train_dataset_fn(
+        labeled, config(), pseudo, NUM_CLASSES)())) for _ in range(2)]
+    for key in ("labeled", "unlabeled"):
+        np.testing.assert_array_equal(first[0][key]["image"],
+                                      first[1][key]["image"])
+
+
+def test_two_replica_mirrored_batches_have_configured_sizes():
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    labeled, pseudo = labeled_and_pseudo()
+    dataset_fn = pipeline.train_dataset_fn(labeled, config(), pseudo,
+                                           NUM_CLASSES)
+    ds = strategy.distribute_datasets_from_function(dataset_fn)
+    batch = next(iter(ds))
+    for replica in range(2):
+        local = tf.nest.map_structure(
+            lambda t, r=replica: t.values[r], batch)
+        assert local["labeled"]["image"].shape[0] == 4
+        assert local["unlabeled"]["image"].shape[0] == 12
+        assert local["unlabeled"]["target"].shape == (12, NUM_CLASSES)
+
+
+def test_missing_or_mismatched_pseudo_labels_are_errors():
+    labeled, pseudo = labeled_and_pseudo()
+    with pytest.raises(ValueError, match="Received: unlabeled=None"):
+        pipeline.train_dataset_fn(labeled, config())
+    with pytest.raises(ValueError, match="Received: length 10"):
+        pipeline.train_dataset_fn(labeled, config(), pseudo, num_classes=5)
+    with pytest.raises(ValueError, match="unlabel_ratio=-1"):
+        config(unlabel_ratio=-1)
+
+
+def test_eval_dataset_keeps_every_image():
+    source = sources.load_source("digits:test", channels=3)
+    ds = pipeline.eval_dataset(source.dataset, 16, 64, small_images=True)
+    sizes = [b["image"].shape[0] for b in ds]
+    assert sum(sizes) == 360 and sizes[-1] == 360 % 64

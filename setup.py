@@ -36,5 +36,12 @@ setuptools.setup(
             "scikit-image>=0.22",
         ],
     },
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": [
+        "noisy-student=noisy_student.cli.pipeline:run",
+        "ns-train=noisy_student.cli.train:run",
+        "ns-predict=noisy_student.cli.predict:run",
+        "ns-select=noisy_student.cli.select:run",
+        "ns-eval=noisy_student.cli.evaluate:run",
+        "ns-export=noisy_student.cli.export:run",
+    ]},
 )

@@ -1,0 +1,154 @@
+"""Benchmark of the predict stage.
+
+1. Speed: our prediction stage (tf.data source -> eval preprocessing -> teacher
+   in a tf.function -> PNG + float16 records + histograms written to disk)
+   against `model.predict` on the same model and the same tf.data source and
+   preprocessing (which only returns the logits in memory). Model:
+   EfficientNet-B0 (width 1.0, depth 1.0) at 32x32 with the small-image strides
+   (the SVHN recipe's teacher), 10 classes, random weights. Both are timed
+   after a warm-up run, in alternating pairs; the ratio is the median of the
+   per-pair ratios (robust to the load of a shared machine).
+2. Memory: the peak RSS (getrusage ru_maxrss) of a fresh subprocess that
+   labels N and then 10 N images (tiny EfficientNet, width = depth = 0.25,
+   16x16, images generated on the fly from their index so that the source
+   itself holds no memory); rss_growth_10x = peak(10 N) / peak(N).
+
+Run: python bench/predict.py   (about 2-3 minutes on 2 CPU cores)
+Last line: RESULT predict ratio_vs_model_predict=<x> rss_growth_10x=<y>
+"""
+
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # pylint: disable=g-import-not-at-top
+import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+from noisy_student import efficientnet  # pylint: disable=g-import-not-at-top
+from noisy_student import predict as pr  # pylint: disable=g-import-not-at-top
+
+SPEED_IMAGES = 1024
+BATCH_SIZE = 128
+PAIRS = 5
+RSS_IMAGES = 2000
+
+
+def _peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def speed():
+    """images/s of our stage and of model.predict on B0 at 32 px."""
+    model = efficientnet.build_efficientnet(
+        "b0", image_size=32, small_images=True, num_classes=10)
+    images = np.random.default_rng(0).integers(
+        0, 256, (SPEED_IMAGES, 32, 32, 3), dtype=np.uint8)
+    source = tf.data.Dataset.from_tensor_slices({"image": images})
+    preprocess = pr.default_preprocess(32)
+
+    def keras_predict():
+        batches = source.map(lambda x: preprocess(x["image"]),
+                             num_parallel_calls=tf.data.AUTOTUNE).batch(
+                                 BATCH_SIZE).prefetch(tf.data.AUTOTUNE)
+        start = time.perf_counter()
+        logits = model.predict(batches, verbose=0)
+        assert logits.shape == (SPEED_IMAGES, 10)
+        return SPEED_IMAGES / (time.perf_counter() - start)
+
+    def ours():
+        with tempfile.TemporaryDirectory() as out_dir:
+            start = time.perf_counter()
+            summary = pr.predict(model, source, out_dir, 10,
+                                 batch_size=BATCH_SIZE,
+                                 records_per_file=256)
+            rate = SPEED_IMAGES / (time.perf_counter() - start)
+            assert summary.images_written == SPEED_IMAGES
+        return rate
+
+    keras_predict()  # Warm-up: traces and builds the predict function.
+    ours()  # Warm-up: traces the teacher (cached per model).
+    keras_rates, our_rates = [], []
+    for pair in range(PAIRS):
+        # Alternate who goes first, so that load drift on a shared machine
+        # does not favour one side.
+        if pair % 2:
+            our_rates.append(ours())
+            keras_rates.append(keras_predict())
+        else:
+            keras_rates.append(keras_predict())
+            our_rates.append(ours())
+    ratios = np.array(our_rates) / np.array(keras_rates)
+    print(f"speed (B0 32px small-image, batch {BATCH_SIZE}, {SPEED_IMAGES} "
+          f"images, load average {os.getloadavg()[0]:.1f}):\n"
+          f"  model.predict img/s:           "
+          f"{' '.join(f'{r:.0f}' for r in keras_rates)}\n"
+          f"  ours (incl. writing) img/s:    "
+          f"{' '.join(f'{r:.0f}' for r in our_rates)}\n"
+          f"  ratio per pair: {' '.join(f'{r:.2f}' for r in ratios)}; median "
+          f"{np.median(ratios):.2f}, ratio of medians "
+          f"{np.median(our_rates) / np.median(keras_rates):.2f}", flush=True)
+    return float(np.median(ratios))
+
+
+def rss_child(num_images):
+    """Labels `num_images` generated images; prints the peak RSS in MB."""
+    model = efficientnet.build_efficientnet(
+        width=0.25, depth=0.25, image_size=16, small_images=True,
+        num_classes=10)
+
+    def generate(index):
+        pixels = tf.random.stateless_uniform(
+            [16, 16, 3], seed=tf.stack([index, tf.constant(0, tf.int64)]),
+            maxval=256, dtype=tf.int32)
+        return {"image": tf.cast(pixels, tf.uint8)}
+
+    source = tf.data.Dataset.range(num_images).map(generate)
+    before = _peak_rss_mb()
+    with tempfile.TemporaryDirectory() as out_dir:
+        start = time.perf_counter()
+        summary = pr.predict(model, source, out_dir, 10, batch_size=256,
+                             records_per_file=1024)
+        seconds = time.perf_counter() - start
+    assert summary.images_written == num_images
+    print(f"CHILD images={num_images} peak_rss_mb={_peak_rss_mb():.1f} "
+          f"before_mb={before:.1f} seconds={seconds:.1f}", flush=True)
+
+
+def rss_growth():
+    peaks = {}
+    for num_images in (RSS_IMAGES, 10 * RSS_IMAGES):
+        out = subprocess.run(
+            [sys.executable, __file__, "--rss-child", str(num_images)],
+            check=True, capture_output=True, text=True).stdout
+        line = [l for l in out.splitlines() if l.startswith("CHILD")][-1]
+        print(line, flush=True)
+        fields = dict(f.split("=") for f in line.split()[1:])
+        peaks[num_images] = (float(fields["peak_rss_mb"]),
+                             float(fields["before_mb"]))
+    small, large = peaks[RSS_IMAGES], peaks[10 * RSS_IMAGES]
+    print(f"peak RSS: {small[0]:.1f} MB at {RSS_IMAGES} images, "
+          f"{large[0]:.1f} MB at {10 * RSS_IMAGES}; growth during predict "
+          f"{small[0] - small[1]:.1f} MB vs {large[0] - large[1]:.1f} MB",
+          flush=True)
+    return large[0] / small[0]
+
+
+def main():
+    if len(sys.argv) == 3 and sys.argv[1] == "--rss-child":
+        rss_child(int(sys.argv[2]))
+        return
+    start = time.time()
+    growth = rss_growth()
+    ratio = speed()
+    print(f"total {time.time() - start:.0f} s", flush=True)
+    print(f"RESULT predict ratio_vs_model_predict={ratio:.2f} "
+          f"rss_growth_10x={growth:.3f}")
+
+
+if __name__ == "__main__":
+    main()

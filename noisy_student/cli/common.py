@@ -1,0 +1,233 @@
+"""absl flags shared by the commands, and their conversion to configs.
+
+Each command calls the `define_*` functions it needs at import time, then in
+`main` turns FLAGS into frozen config dataclasses once with the `*_config`
+functions. Nothing below noisy_student/cli/ reads FLAGS.
+"""
+
+import os
+
+from absl import flags
+from absl import logging
+
+from noisy_student import efficientnet
+from noisy_student import train_lib
+from noisy_student.data import pipeline
+from noisy_student.data import preprocess
+from noisy_student import stages
+
+FLAGS = flags.FLAGS
+
+
+def define_data_flags():
+    flags.DEFINE_string(
+        "labeled", "digits:train",
+        "Labeled training source: tfds:NAME[:SPLIT], folder:PATH, npz:PATH, "
+        "idx:DIR[:SPLIT] or digits[:SPLIT].")
+    flags.DEFINE_string(
+        "unlabeled", "",
+        "Unlabeled source (any spec; labels never read). Empty: the rest of "
+        "--labeled after --labels_per_class.")
+    flags.DEFINE_string("test", "digits:test",
+                        "Labeled source of the final evaluation.")
+    flags.DEFINE_integer(
+        "labels_per_class", 0,
+        "Labels kept per class of --labeled (seeded by --split_seed); 0 keeps "
+        "all. E.g. 100 on Fashion-MNIST = 1,000 labels.")
+    flags.DEFINE_integer(
+        "validation_size", 0,
+        "Images of the unlabeled rest held out as validation (evaluated "
+        "during training instead of --test).")
+    flags.DEFINE_integer("split_seed", 0, "Seed of the labeled split.")
+    flags.DEFINE_string("data_dir", None,
+                        "TFDS data folder (local or gs://).")
+    flags.DEFINE_integer("channels", 3,
+                         "Image channels given to the model (1 or 3).")
+    flags.DEFINE_bool("skip_corrupt", True,
+                      "Skip undecodable image files with a warning; "
+                      "--noskip_corrupt stops at the first.")
+
+
+def data_config():
+    return stages.DataConfig(
+        labeled=FLAGS.labeled, unlabeled=FLAGS.unlabeled, test=FLAGS.test,
+        labels_per_class=FLAGS.labels_per_class,
+        validation_size=FLAGS.validation_size, split_seed=FLAGS.split_seed,
+        data_dir=FLAGS.data_dir, channels=FLAGS.channels,
+        skip_corrupt=FLAGS.skip_corrupt)
+
+
+def define_role_flags(prefix, role, default_model="b0", steps=1000,
+                      augment="randaugment", magnitude=10.0, model=True):
+    """Flags that differ between a teacher and a student (`prefix`)."""
+    if model:
+        flags.DEFINE_string(
+            prefix + "model", default_model,
+            f"The {role}'s EfficientNet: b0..b8, l2, or wW-dD (width W, depth "
+            "D coefficients, e.g. w0.5-d0.5).")
+    flags.DEFINE_integer(prefix + "train_steps", steps,
+                         f"Training steps of the {role} (global batches).")
+    flags.DEFINE_enum(prefix + "augment", augment,
+                      ["randaugment", "keras_cv", "none"],
+                      f"Input noise of the {role}: the paper's RandAugment "
+                      "(ours), keras_cv's, or none.")
+    flags.DEFINE_float(prefix + "magnitude", magnitude,
+                       f"RandAugment magnitude M of the {role} on the paper's "
+                       "0..10 scale, > 10 allowed (paper: 27 for B7, 5 SVHN).")
+    flags.DEFINE_integer(prefix + "num_layers", 2,
+                         f"RandAugment ops per image N of the {role} (2).")
+    flags.DEFINE_float(prefix + "dropout", None,
+                       f"Head dropout of the {role}; default: the variant's "
+                       "(B0 0.2 ... B7 0.5).")
+    flags.DEFINE_float(prefix + "stochastic_depth_rate", 0.2,
+                       f"Base stochastic-depth drop rate of the {role} "
+                       "(paper: 0.2; rate of block i is 0.2*i/n).")
+
+
+def define_train_flags():
+    """Training recipe flags shared by teachers and students."""
+    flags.DEFINE_integer("image_size", None,
+                         "Model input side in pixels; default: the teacher "
+                         "variant's (B0 224).")
+    flags.DEFINE_bool("small_images", None,
+                      "Stride 1 in stages 2-3 (inputs <= 64 px); default: on "
+                      "when image_size <= 64.")
+    flags.DEFINE_bool("flip", None, "Random left-right flips; default: on "
+                      "unless the source is digits/MNIST/SVHN-like.")
+    flags.DEFINE_integer("batch_size", 128,
+                         "Labeled images per global batch (SVHN recipe: 128).")
+    flags.DEFINE_integer("unlabel_ratio", 3,
+                         "Unlabeled images per labeled image in a student's "
+                         "batch (paper: 1 for B0, 3 for B1-B7, 14/28 L2).")
+    flags.DEFINE_enum("optimizer", "rmsprop", ["rmsprop", "sgd", "adam",
+                                               "adamw"],
+                      "Optimizer (paper: RMSProp rho 0.9, momentum 0.9, "
+                      "eps 1e-3).")
+    flags.DEFINE_float("learning_rate", 0.016,
+                       "Learning rate per 256 labeled images (paper: 0.016).")
+    flags.DEFINE_float("warmup_epochs", 5.0, "Linear warm-up epochs (5).")
+    flags.DEFINE_integer("warmup_steps", None,
+                         "Warm-up in steps; overrides --warmup_epochs.")
+    flags.DEFINE_enum("lr_schedule", "exponential",
+                      ["exponential", "cosine", "constant"],
+                      "exponential: x0.97 every 2.4 epochs (paper); cosine "
+                      "over the run.")
+    flags.DEFINE_float("lr_decay_epochs", 2.4,
+                       "Epochs between x0.97 decays (paper: 2.4).")
+    flags.DEFINE_float("weight_decay", 1e-5,
+                       "L2 weight decay on non-batch-norm weights (1e-5).")
+    flags.DEFINE_float("label_smoothing", 0.1,
+                       "Label smoothing of the labeled loss (0.1).")
+    flags.DEFINE_float("ema_decay", 0.9999,
+                       "Decay of the weights' moving average used to "
+                       "evaluate, teach and export (0.9999; 0 = off).")
+    flags.DEFINE_enum("precision", "float32",
+                      ["float32", "bfloat16", "mixed_float16"],
+                      "Compute precision (bfloat16 on TPU).")
+    flags.DEFINE_enum("strategy", "default",
+                      ["default", "one_device", "mirrored",
+                       "multi_worker_mirrored", "tpu"],
+                      "tf.distribute strategy.")
+    flags.DEFINE_string("tpu", None,
+                        "TPU address for --strategy=tpu ('local' on a VM).")
+    flags.DEFINE_integer("steps_per_loop", 50,
+                         "Steps per tf.function call (TPU host loop).")
+    flags.DEFINE_integer("checkpoint_every", 500,
+                         "Steps between checkpoints (0: only at the end).")
+    flags.DEFINE_integer("eval_every", 0,
+                         "Steps between validations (0: only at the end).")
+    flags.DEFINE_integer("log_every", 50,
+                         "Steps between progress lines.")
+    flags.DEFINE_bool("jit_compile", False,
+                      "XLA-compile the step (slower on CPU; TPU compiles).")
+    flags.DEFINE_integer("seed", 0, "Seed of weights, noise and shuffling.")
+
+
+def resolve_image_size(model_name):
+    if FLAGS.image_size:
+        return FLAGS.image_size
+    variant, _, _ = efficientnet.parse_model_name(model_name)
+    return efficientnet.get_variant(variant or "b0").resolution
+
+
+def role_configs(prefix, model_name, num_classes, unlabel_ratio, source):
+    """(TrainConfig, InputConfig) of one role from the flags."""
+    image_size = resolve_image_size(model_name)
+    small = FLAGS.small_images
+    if small is None:
+        small = image_size <= preprocess.SMALL_IMAGE_MAX
+    batch_size = FLAGS.batch_size
+    variant, width, depth = efficientnet.parse_model_name(model_name)
+    if variant:
+        width = depth = None
+    train_config = train_lib.TrainConfig(
+        variant=variant, width=width, depth=depth, num_classes=num_classes, image_size=image_size, small_images=small,
+        dropout=FLAGS[prefix + "dropout"].value,
+        stochastic_depth_rate=FLAGS[prefix + "stochastic_depth_rate"].value,
+        batch_size=batch_size, unlabel_ratio=unlabel_ratio,
+        images_per_epoch=source.num_examples,
+        train_steps=FLAGS[prefix + "train_steps"].value,
+        optimizer=FLAGS.optimizer, base_lr=FLAGS.learning_rate,
+        warmup_epochs=FLAGS.warmup_epochs, warmup_steps=FLAGS.warmup_steps,
+        lr_schedule=FLAGS.lr_schedule, lr_decay_epochs=FLAGS.lr_decay_epochs,
+        weight_decay=FLAGS.weight_decay,
+        label_smoothing=FLAGS.label_smoothing, ema_decay=FLAGS.ema_decay,
+        precision=FLAGS.precision, strategy=FLAGS.strategy, tpu=FLAGS.tpu,
+        steps_per_loop=FLAGS.steps_per_loop,
+        checkpoint_every=FLAGS.checkpoint_every, eval_every=FLAGS.eval_every,
+        log_every=FLAGS.log_every, jit_compile=FLAGS.jit_compile,
+        seed=FLAGS.seed)
+    flip = FLAGS.flip if FLAGS.flip is not None else source.allows_flip
+    input_config = pipeline.InputConfig(
+        image_size=image_size, batch_size=batch_size,
+        unlabel_ratio=unlabel_ratio, augment=FLAGS[prefix + "augment"].value,
+        num_layers=FLAGS[prefix + "num_layers"].value,
+        magnitude=FLAGS[prefix + "magnitude"].value, flip=flip,
+        small_images=preprocess.is_small(source.image_shape),
+        seed=FLAGS.seed)
+    return train_config, input_config
+
+
+def define_predict_flags():
+    flags.DEFINE_integer("predict_batch_size", 256,
+                         "Images per teacher call when pseudo-labeling.")
+    flags.DEFINE_integer("records_per_file", 4096,
+                         "Unlabeled images per prediction file (the unit of "
+                         "resume and of --shard_index/--num_shards work).")
+
+
+def define_select_flags():
+    flags.DEFINE_integer(
+        "per_class", None,
+        "K: pseudo-labeled images kept per class, most confident first; "
+        "classes with fewer are duplicated up to K (paper: 130,000 on "
+        "ImageNet). Unset: keep every confident image once.")
+    flags.DEFINE_float("min_confidence", 0.3,
+                       "Drop images whose top probability is below this "
+                       "(paper: 0.3).")
+    flags.DEFINE_enum("label_type", "soft", ["soft", "hard"],
+                      "Soft (probabilities, paper's best) or hard (one-hot) "
+                      "pseudo-labels.")
+    flags.DEFINE_float("temperature", 1.0,
+                       "T of soft targets p^(1/T), renormalised (1 keeps the "
+                       "teacher's; -> 0 approaches one-hot).")
+    flags.DEFINE_bool("balance", True,
+                      "Duplicate classes with fewer than K images up to K.")
+    flags.DEFINE_integer("select_seed", 0,
+                         "Seed of the duplicates' stochastic rounding.")
+
+
+def select_kwargs():
+    return dict(per_class=FLAGS.per_class,
+                min_confidence=FLAGS.min_confidence,
+                label_type=FLAGS.label_type, temperature=FLAGS.temperature,
+                duplicate=FLAGS.balance, seed=FLAGS.select_seed)
+
+
+def write_flags(folder):
+    """Writes the resolved flags (a flagfile) into `folder`."""
+    from noisy_student import io_utils  # pylint: disable=g-import-not-at-top
+    io_utils.atomic_write(os.path.join(folder, "flags.txt"),
+                          FLAGS.flags_into_string())
+    logging.info("Flags written to %s/flags.txt", folder)
+

@@ -1,0 +1,55 @@
+"""ns-eval: accuracy, calibration and robustness of a trained model.
+
+  ns-eval --model_path=/tmp/student --test=digits:test --output_dir=/tmp/eval
+  ns-eval --model_path=... --corruptions=gaussian_noise,jpeg --epsilons=0,2,8
+"""
+
+from absl import app
+from absl import flags
+
+from noisy_student import corruptions
+from noisy_student import evaluate
+from noisy_student import stages
+from noisy_student.cli import common
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string("model_path", None, "A training model_dir (EMA weights), "
+                    "a .keras file or a SavedModel.", required=True)
+flags.DEFINE_string("output_dir", "", "Where results.json and "
+                    "confusion_matrix.png go.")
+flags.DEFINE_enum("part", "test", ["test", "validation"],
+                  "Evaluate --test, or the validation part of --labeled.")
+flags.DEFINE_integer("eval_batch_size", 64, "Images per batch.")
+flags.DEFINE_list("corruptions", [], "On-the-fly corruptions to score "
+                  f"(any of {', '.join(corruptions.CORRUPTION_NAMES)}).")
+flags.DEFINE_list("epsilons", [], "FGSM/PGD epsilons in pixels of [0, 255].")
+flags.DEFINE_enum("attack", "fgsm", ["fgsm", "pgd"], "Adversarial attack.")
+flags.DEFINE_integer("pgd_steps", 10, "PGD iterations.")
+flags.DEFINE_string("imagenet_c_dir", "", "TFDS data_dir holding "
+                    "imagenet2012_corrupted (mCE vs AlexNet).")
+flags.DEFINE_string("imagenet_a_dir", "", "TFDS data_dir holding imagenet_a.")
+common.define_data_flags()
+
+
+def main(argv):
+    del argv
+    config = evaluate.EvalConfig(
+        model_path=FLAGS.model_path, output_dir=FLAGS.output_dir,
+        batch_size=FLAGS.eval_batch_size,
+        corruptions=tuple(FLAGS.corruptions),
+        epsilons=tuple(float(e) for e in FLAGS.epsilons),
+        attack=FLAGS.attack, pgd_steps=FLAGS.pgd_steps,
+        imagenet_c_dir=FLAGS.imagenet_c_dir,
+        imagenet_a_dir=FLAGS.imagenet_a_dir)
+    results = stages.run_eval(config, common.data_config(), FLAGS.part)
+    print({k: v for k, v in results.get("clean", {}).items()
+           if k in ("top1", "top5", "ece", "num_examples")})
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,90 @@
+"""noisy-student: the whole paper in one command.
+
+Trains the teacher, then --iterations rounds of predict -> select -> train a
+noised, equal-or-larger student -> evaluate, and exports the final student.
+All state lives in --workdir; rerunning the same command after a kill
+continues where it stopped.
+
+  noisy-student --flagfile=flags/digits.cfg --workdir=/tmp/ns-digits
+"""
+
+from absl import app
+from absl import flags
+
+from noisy_student import experiment
+from noisy_student import predict as predict_lib
+from noisy_student import select as select_lib
+from noisy_student.cli import common
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string("workdir", None, "Folder of every stage's output (local "
+                    "or gs://).", required=True)
+flags.DEFINE_integer("iterations", 2, "Noisy Student rounds after the "
+                     "teacher (paper: 3 for L2).")
+flags.DEFINE_list("student_models", [],
+                  "Each round's student, e.g. b0,b1 (the last repeats); "
+                  "empty: the teacher's model.")
+flags.DEFINE_bool("allow_smaller_student", False,
+                  "Allow a student smaller than its teacher (the paper "
+                  "requires equal-or-larger).")
+flags.DEFINE_bool("init_student_from_teacher", False,
+                  "Initialise students from their teacher's weights (paper "
+                  "default: from scratch).")
+flags.DEFINE_bool("export", True, "Export the final model as a SavedModel "
+                  "to WORKDIR/export.")
+flags.DEFINE_bool("overwrite", False, "Redo stages whose settings changed "
+                  "instead of failing.")
+common.define_data_flags()
+common.define_train_flags()
+common.define_role_flags("teacher_", "teacher", augment="randaugment")
+common.define_role_flags("student_", "student", model=False)
+common.define_predict_flags()
+common.define_select_flags()
+
+
+def experiment_config():
+    """Turns FLAGS into an ExperimentConfig (checks before any work)."""
+    data = common.data_config()
+    labeled = data.labeled_source()
+    teacher, teacher_input = common.role_configs(
+        "teacher_", FLAGS.teacher_model, labeled.num_classes, 0, labeled)
+    if FLAGS.unlabel_ratio <= 0:
+        raise ValueError("Expected --unlabel_ratio > 0. Received: "
+                         f"unlabel_ratio={FLAGS.unlabel_ratio}")
+    student, student_input = common.role_configs(
+        "student_", FLAGS.teacher_model, labeled.num_classes,
+        FLAGS.unlabel_ratio, labeled)
+    if FLAGS.iterations:
+        data.unlabeled_source()  # Fails now, not after the teacher.
+    return experiment.ExperimentConfig(
+        workdir=FLAGS.workdir, data=data, teacher=teacher,
+        teacher_input=teacher_input, student=student,
+        student_input=student_input,
+        student_models=tuple(FLAGS.student_models),
+        iterations=FLAGS.iterations,
+        init_student_from_teacher=FLAGS.init_student_from_teacher,
+        allow_smaller_student=FLAGS.allow_smaller_student,
+        predict=predict_lib.PredictConfig(
+            teacher="", out_dir="", num_classes=labeled.num_classes,
+            batch_size=FLAGS.predict_batch_size,
+            records_per_file=FLAGS.records_per_file),
+        select=select_lib.SelectConfig(pred_dir="", out_dir="",
+                                       **common.select_kwargs()),
+        export=FLAGS.export, overwrite=FLAGS.overwrite)
+
+
+def main(argv):
+    del argv
+    config = experiment_config()
+    experiment.check(config)  # A workdir of other settings fails here.
+    common.write_flags(FLAGS.workdir)
+    experiment.run(config)
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,49 @@
+"""ns-predict: label the unlabeled images with a teacher (no noise).
+
+Several machines share the work with --shard_index/--num_shards and the same
+--out_dir; a rerun skips finished files (resume after a kill).
+
+  ns-predict --teacher=/tmp/teacher --labeled=digits:train \
+      --labels_per_class=10 --out_dir=/tmp/predict
+"""
+
+from absl import app
+from absl import flags
+
+from noisy_student import predict as predict_lib
+from noisy_student import stages
+from noisy_student.cli import common
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string("teacher", None, "The teacher: a training model_dir "
+                    "(EMA weights), a .keras file or a SavedModel.",
+                    required=True)
+flags.DEFINE_string("out_dir", None, "The prediction folder, shared by all "
+                    "workers.", required=True)
+flags.DEFINE_integer("num_classes", None, "Classes of the labeled set; "
+                     "default: read from --labeled.")
+flags.DEFINE_integer("shard_index", 0, "This worker's index in "
+                     "[0, --num_shards).")
+flags.DEFINE_integer("num_shards", 1, "Workers sharing the prediction.")
+common.define_data_flags()
+common.define_predict_flags()
+
+
+def main(argv):
+    del argv
+    data = common.data_config()
+    num_classes = FLAGS.num_classes or data.labeled_source().num_classes
+    config = predict_lib.PredictConfig(
+        teacher=FLAGS.teacher, out_dir=FLAGS.out_dir, num_classes=num_classes,
+        batch_size=FLAGS.predict_batch_size, shard_index=FLAGS.shard_index,
+        num_shards=FLAGS.num_shards, records_per_file=FLAGS.records_per_file)
+    print(stages.run_predict(config, data))
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

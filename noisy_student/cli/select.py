@@ -1,0 +1,36 @@
+"""ns-select: filter and balance the teacher's pseudo-labels.
+
+  ns-select --pred_dir=/tmp/predict --out_dir=/tmp/select --per_class=130000
+"""
+
+from absl import app
+from absl import flags
+
+from noisy_student import select as select_lib
+from noisy_student import stages
+from noisy_student.cli import common
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string("pred_dir", None, "A finished prediction folder "
+                    "(ns-predict).", required=True)
+flags.DEFINE_string("out_dir", None, "The selection folder to write.",
+                    required=True)
+common.define_select_flags()
+
+
+def main(argv):
+    del argv
+    config = select_lib.SelectConfig(pred_dir=FLAGS.pred_dir,
+                                     out_dir=FLAGS.out_dir,
+                                     **common.select_kwargs())
+    report = stages.run_select(config)
+    print(report["totals"])
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,60 @@
+"""ns-train: train a teacher, or a student when --pseudo_labels is given.
+
+  ns-train --labeled=digits:train --labels_per_class=10 --model=w0.5-d0.5 \
+      --image_size=32 --train_steps=300 --model_dir=/tmp/teacher
+  ns-train ... --pseudo_labels=/tmp/select --unlabel_ratio=3 \
+      --model_dir=/tmp/student
+"""
+
+import dataclasses
+
+from absl import app
+from absl import flags
+
+from noisy_student import stages
+from noisy_student import strategy as strategy_lib
+from noisy_student.cli import common
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string("model_dir", None, "Output folder (local or gs://); a "
+                    "rerun resumes from its checkpoints.", required=True)
+flags.DEFINE_string("pseudo_labels", None,
+                    "A selection folder from ns-select: train a student on "
+                    "labeled + these pseudo-labeled images.")
+flags.DEFINE_string("init_from", None,
+                    "A model_dir whose weights initialise the model (e.g. "
+                    "the teacher's; paper default: from scratch).")
+flags.DEFINE_integer("freeze_blocks", 0,
+                     "Freeze the stem and the first N blocks (FixRes-style "
+                     "fine-tune at a larger --image_size).")
+common.define_data_flags()
+common.define_train_flags()
+common.define_role_flags("", "model")
+
+
+def main(argv):
+    del argv
+    # A multi-worker strategy must exist before any other TF op.
+    strategy = strategy_lib.make_strategy(FLAGS.strategy, FLAGS.tpu)
+    data = common.data_config()
+    labeled = data.labeled_source()
+    ratio = FLAGS.unlabel_ratio if FLAGS.pseudo_labels else 0
+    train_config, input_config = common.role_configs(
+        "", FLAGS.model, labeled.num_classes, ratio, labeled)
+    train_config = dataclasses.replace(train_config,
+                                       init_from=FLAGS.init_from,
+                                       freeze_blocks=FLAGS.freeze_blocks)
+    common.write_flags(FLAGS.model_dir)
+    metrics = stages.run_train(train_config, input_config, data,
+                               FLAGS.model_dir, FLAGS.pseudo_labels,
+                               strategy=strategy)
+    print(metrics)
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

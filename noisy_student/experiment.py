@@ -1,0 +1,331 @@
+"""The whole paper in one call: teacher, then rounds of noisy students.
+
+Round 0 trains the teacher on the labeled images and evaluates it. Each round
+r >= 1 then runs, in `workdir/round{r}/`:
+  predict  the previous round's model (EMA weights, no noise) labels the
+           unlabeled images;
+  select   filter (min confidence) and balance (K per class) the labels;
+  train    a noised, equal-or-larger student on labeled + pseudo-labeled
+           images (from scratch, or initialised from the teacher);
+  eval     test top-1 of the student, which becomes the next teacher.
+The final student is exported to `workdir/export/`. `workdir/manifest.json`
+records every stage with a fingerprint of its settings, so rerunning the same
+call after a kill continues where it stopped, and a call with changed
+settings fails (or, with overwrite, redoes the stages they change).
+"""
+
+import dataclasses
+import time
+
+from absl import logging
+import tensorflow as tf
+
+from noisy_student import efficientnet
+from noisy_student import evaluate
+from noisy_student import export as export_lib
+from noisy_student import io_utils
+from noisy_student import manifest as manifest_lib
+from noisy_student import predict as predict_lib
+from noisy_student import select as select_lib
+from noisy_student import stages
+from noisy_student import train_lib
+from noisy_student.data import pipeline
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """Every setting of a Noisy Student run.
+
+    Attributes:
+      workdir: Folder of every stage's output (local or gs://).
+      data: Sources and the labeled split.
+      teacher: Training recipe and model of round 0.
+      teacher_input: Input (augmentation) of the teacher.
+      student: Training recipe of the students; its variant/width/depth are
+        replaced by `student_models`.
+      student_input: Input (noise) of the students.
+      student_models: Model name of each round's student (the last one
+        repeats); empty: the teacher's model.
+      iterations: Rounds of student training.
+      init_student_from_teacher: Start each student from its teacher's
+        weights instead of from scratch.
+      allow_smaller_student: Allow a student narrower or shallower than its
+        teacher (the paper uses equal-or-larger students).
+      predict: Prediction settings (teacher, out_dir are set per round).
+      select: Selection settings (pred_dir, out_dir are set per round).
+      export: Export the final model as a SavedModel.
+      overwrite: Redo stages whose settings changed instead of failing.
+    """
+    workdir: str
+    data: stages.DataConfig
+    teacher: train_lib.TrainConfig
+    teacher_input: pipeline.InputConfig
+    student: train_lib.TrainConfig
+    student_input: pipeline.InputConfig
+    student_models: tuple = ()
+    iterations: int = 2
+    init_student_from_teacher: bool = False
+    allow_smaller_student: bool = False
+    predict: predict_lib.PredictConfig = None
+    select: select_lib.SelectConfig = None
+    export: bool = True
+    overwrite: bool = False
+
+    def __post_init__(self):
+        if self.iterations < 0:
+            raise ValueError("Expected iterations >= 0. Received: "
+                             f"iterations={self.iterations}")
+        if self.student.unlabel_ratio <= 0 and self.iterations:
+            raise ValueError(
+                "Expected unlabel_ratio > 0 for the students. Received: "
+                f"unlabel_ratio={self.student.unlabel_ratio}")
+        teacher = model_name(self.teacher)
+        for name in self.student_models:
+            efficientnet.parse_model_name(name)
+        previous = teacher
+        for r in range(1, self.iterations + 1):
+            name = self.student_model(r)
+            if efficientnet.is_smaller(name, previous) and (
+                    not self.allow_smaller_student):
+                raise ValueError(
+                    f"Expected an equal-or-larger student than its teacher "
+                    f"{previous} (or --allow_smaller_student). Received: "
+                    f"student_models={','.join(self.student_models)} "
+                    f"(round {r}: {name})")
+            previous = name
+
+    def student_model(self, round_index):
+        """Model name of the student of round `round_index` (1-based)."""
+        if not self.student_models:
+            return model_name(self.teacher)
+        return self.student_models[min(round_index, len(
+            self.student_models)) - 1]
+
+
+def model_name(train_config):
+    """The model name (b0.., or wW-dD) of a TrainConfig."""
+    if train_config.variant and train_config.width is None and (
+            train_config.depth is None):
+        return train_config.variant
+    return f"w{train_config.width}-d{train_config.depth}"
+
+
+def with_model(train_config, name):
+    """`train_config` with the model called `name`."""
+    variant, width, depth = efficientnet.parse_model_name(name)
+    if variant:
+        return dataclasses.replace(train_config, variant=variant, width=None,
+                                   depth=None)
+    return dataclasses.replace(train_config, variant=None, width=width,
+                               depth=depth)
+
+
+def _without_paths(config, *fields):
+    return {k: v for k, v in dataclasses.asdict(config).items()
+            if k not in fields}
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One step of the plan: its manifest name, fingerprint, folder, work."""
+    name: str
+    fingerprint: str
+    folder: str
+    work: object  # () -> JSON-able summary
+
+
+def plan(config):
+    """Every stage of the run, in order, with fingerprints known up front.
+
+    A fingerprint depends only on settings (never on results), so a whole
+    work directory is checked against the configuration before any work.
+    """
+    workdir = config.workdir.rstrip("/")
+    data_fp = manifest_lib.fingerprint(config.data)
+    steps = []
+
+    def train_and_eval(r, train_config, input_config, pseudo_dir, upstream):
+        folder = f"{workdir}/round{r}"
+        model_dir = f"{folder}/train"
+        train_fp = manifest_lib.fingerprint(
+            {"train": _without_paths(train_config, "init_from"),
+             "input": input_config}, data_fp, *upstream)
+        steps.append(Stage(
+            f"round{r}/train", train_fp, model_dir,
+            lambda: _jsonable(stages.run_train(
+                train_config, input_config, config.data, model_dir,
+                pseudo_dir))))
+        eval_config = evaluate.EvalConfig(
+            model_path=model_dir, output_dir=f"{folder}/eval",
+            num_classes=train_config.num_classes)
+        steps.append(Stage(
+            f"round{r}/eval", manifest_lib.fingerprint({}, train_fp),
+            eval_config.output_dir,
+            lambda: _jsonable(stages.run_eval(eval_config, config.data))))
+        return model_dir, train_fp
+
+    teacher_dir, fp = train_and_eval(0, config.teacher, config.teacher_input,
+                                     None, ())
+    for r in range(1, config.iterations + 1):
+        folder = f"{workdir}/round{r}"
+        predict_config = dataclasses.replace(
+            config.predict, teacher=teacher_dir, out_dir=f"{folder}/predict",
+            num_classes=config.teacher.num_classes)
+        predict_fp = manifest_lib.fingerprint(
+            _without_paths(predict_config, "teacher", "out_dir",
+                           "log_every_s"), fp)
+        steps.append(Stage(
+            f"round{r}/predict", predict_fp, predict_config.out_dir,
+            lambda c=predict_config: stages.run_predict(c, config.data)))
+        select_config = dataclasses.replace(
+            config.select, pred_dir=predict_config.out_dir,
+            out_dir=f"{folder}/select")
+        select_fp = manifest_lib.fingerprint(
+            _without_paths(select_config, "pred_dir", "out_dir"), predict_fp)
+        steps.append(Stage(
+            f"round{r}/select", select_fp, select_config.out_dir,
+            lambda c=select_config: _jsonable(
+                stages.run_select(c)["totals"])))
+        student = with_model(config.student, config.student_model(r))
+        if config.init_student_from_teacher:
+            student = dataclasses.replace(student, init_from=teacher_dir)
+        teacher_dir, fp = train_and_eval(
+            r, student, config.student_input, select_config.out_dir,
+            (select_fp, config.init_student_from_teacher))
+    if config.export:
+        export_dir = f"{workdir}/export"
+        steps.append(Stage(
+            "export", manifest_lib.fingerprint({}, fp), export_dir,
+            lambda d=teacher_dir: export_lib.export(
+                train_lib.load_trained_model(d), export_dir, overwrite=True)))
+    return steps
+
+
+def check(config):
+    """Raises ValueError if the workdir was made by other settings."""
+    manifest = manifest_lib.Manifest(config.workdir.rstrip("/"),
+                                     config.overwrite)
+    for stage in plan(config):
+        manifest.check(stage.name, stage.fingerprint)
+
+
+def run(config):
+    """Runs (or continues) the pipeline; returns the report dict."""
+    workdir = config.workdir.rstrip("/")
+    tf.io.gfile.makedirs(workdir)
+    manifest = manifest_lib.Manifest(workdir, config.overwrite)
+    steps = plan(config)
+    for stage in steps:
+        manifest.check(stage.name, stage.fingerprint)
+    results, rounds = {}, []
+    for stage in steps:
+        results[stage.name] = manifest.run(stage.name, stage.fingerprint,
+                                           stage.folder, stage.work)
+        r, _, kind = stage.name.partition("/")
+        if kind == "eval":
+            index = int(r[len("round"):])
+            rounds.append(_round_entry(
+                index, "teacher" if index == 0 else "student",
+                model_name(config.teacher) if index == 0
+                else config.student_model(index),
+                results[f"{r}/train"], results[stage.name], manifest,
+                results.get(f"{r}/select")))
+            write_report(workdir, rounds)
+    report = write_report(workdir, rounds)
+    print_table(report)
+    return report
+
+
+def _round_entry(r, role, name, metrics, results, manifest, selection):
+    clean = results.get("clean", {})
+    entry = {
+        "round": r, "role": role, "model": name,
+        "test_top1": clean.get("top1"), "test_top5": clean.get("top5"),
+        "test_ece": clean.get("ece"),
+        "train_steps": metrics.get("step"),
+        "train_seconds": manifest.stages[f"round{r}/train"].get("seconds"),
+        "best_eval_top1": metrics.get("best_eval_top1"),
+    }
+    if selection is not None:
+        entry["pseudo_labels"] = selection
+    return entry
+
+
+def _jsonable(value):
+    """Plain JSON types: numpy scalars become floats, dataclasses dicts."""
+    if dataclasses.is_dataclass(value):
+        value = dataclasses.asdict(value)
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "item"):
+        return value.item()
+    return value
+
+
+def write_report(workdir, rounds):
+    """Writes report.json, report.md and report.png; returns the report."""
+    report = {"rounds": rounds, "updated_at": time.strftime(
+        "%Y-%m-%d %H:%M:%S")}
+    io_utils.write_json(f"{workdir}/report.json", report)
+    io_utils.atomic_write(f"{workdir}/report.md", markdown_table(report))
+    try:
+        io_utils.atomic_write(f"{workdir}/report.png", _plot(rounds))
+    except Exception as e:  # A plot is not worth failing a run for.
+        logging.warning("report.png not written: %s", e)
+    return report
+
+
+def _fmt(value, digits=4):
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def markdown_table(report):
+    """The report as a Markdown table."""
+    lines = ["# Noisy Student report", "",
+             "| round | role | model | test top-1 | test top-5 | pseudo-labels "
+             "(unique / total) | train s |",
+             "|---|---|---|---|---|---|---|"]
+    for r in report["rounds"]:
+        pl = r.get("pseudo_labels") or {}
+        pseudo = f"{pl.get('unique', '-')} / {pl.get('total', '-')}" if pl \
+            else "-"
+        lines.append(
+            f"| {r['round']} | {r['role']} | {r['model']} | "
+            f"{_fmt(r['test_top1'])} | {_fmt(r['test_top5'])} | {pseudo} | "
+            f"{_fmt(r['train_seconds'], 0)} |")
+    return "\n".join(lines) + "\n"
+
+
+def print_table(report):
+    """Prints the report's table to the terminal."""
+    print(markdown_table(report), flush=True)
+
+
+def _plot(rounds):
+    import io  # pylint: disable=g-import-not-at-top
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    xs = [r["round"] for r in rounds]
+    ax1.plot(xs, [r["test_top1"] or 0 for r in rounds], "o-")
+    ax1.set_xlabel("round (0 = teacher)")
+    ax1.set_ylabel("test top-1")
+    ax1.set_xticks(xs)
+    counts = [(r["round"], r["pseudo_labels"]) for r in rounds
+              if r.get("pseudo_labels")]
+    if counts:
+        ax2.bar([c[0] - 0.2 for c in counts],
+                [c[1].get("unique", 0) for c in counts], 0.4, label="unique")
+        ax2.bar([c[0] + 0.2 for c in counts],
+                [c[1].get("total", 0) for c in counts], 0.4, label="total")
+        ax2.legend()
+    ax2.set_xlabel("round")
+    ax2.set_ylabel("pseudo-labeled images")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    plt.close(fig)
+    return buffer.getvalue()

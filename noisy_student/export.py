@@ -1,0 +1,300 @@
+"""SavedModel export for serving (the library behind `ns-export`).
+
+The SavedModel holds the model's weights as loaded (for a training run's
+`model.keras`, the EMA weights) and these signatures:
+
+- `serving_default` and `serve_images`: `images`, uint8 [None, None, None, 3]
+  of any height and width (all images of one request share a size), resized
+  inside (bilinear, with anti-aliasing when shrinking) to the model's
+  resolution;
+- `serve_bytes`: `image_bytes`, string [None], each an encoded JPEG or PNG
+  (or GIF/BMP) of any size, decoded to RGB and resized the same way;
+
+each returning {"probabilities": float32 [None, K], "top_k_classes": int32
+[None, k], "top_k_scores": float32 [None, k]}. Images already at the model's
+resolution are not resampled, so the probabilities equal the Keras model's.
+
+Also saved (not serving signatures): `serve_logits(images float32 [None, S,
+S, C] in [0, 255]) -> logits` and the scalars `image_size`, `num_classes`,
+`channels`, which `noisy_student.evaluate.load_model` uses to evaluate a
+SavedModel like a Keras model.
+
+Atomicity: the SavedModel (and the optional `model.tflite`) is written to a
+temporary folder beside `out_dir`, which is then renamed. On file systems
+without directory rename (gs://), the files are copied into `out_dir` with
+`saved_model.pb` last, so a reader that waits for `saved_model.pb` never sees
+a partial model.
+"""
+
+import dataclasses
+import shutil
+import tempfile
+
+import tensorflow as tf
+
+from noisy_student import evaluate as ns_evaluate
+from noisy_student import io_utils
+
+SAVED_MODEL_FILE = "saved_model.pb"
+TFLITE_FILE = "model.tflite"
+SIGNATURES = ("serving_default", "serve_images", "serve_bytes")
+
+
+class ExportDirExistsError(FileExistsError, ValueError):
+    """The export folder exists and overwrite was not asked for."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    """Arguments of `export_from_config` (the ns-export command).
+
+    Attributes:
+      model_path: model.keras, a model_dir holding it, or a SavedModel.
+      out_dir: SavedModel folder to create (local or gs://).
+      overwrite: Replace an existing out_dir.
+      image_size: Serving resolution; default: the model's input side.
+      top_k: How many classes `top_k_classes` returns.
+      tflite: Also write out_dir/model.tflite (uint8 [1, S, S, 3] ->
+        probabilities).
+    """
+    model_path: str
+    out_dir: str
+    overwrite: bool = False
+    image_size: int | None = None
+    top_k: int = 5
+    tflite: bool = False
+
+
+class _ServingModule(tf.Module):
+    """Serving functions around a Keras classifier that returns logits."""
+
+    def __init__(self, model, image_size, num_classes, channels, top_k):
+        super().__init__(name="serving")
+        self.model = model
+        self._size = image_size
+        self._channels = channels
+        self._top_k = top_k
+        # Saved as variables so a loader can read them without the project.
+        self.image_size = tf.Variable(image_size, trainable=False,
+                                      name="image_size")
+        self.num_classes = tf.Variable(num_classes, trainable=False,
+                                       name="num_classes")
+        self.channels = tf.Variable(channels, trainable=False,
+                                    name="channels")
+        spec = tf.TensorSpec([None, image_size, image_size, channels],
+                             tf.float32, name="images")
+        self.serve_logits = tf.function(self._logits, input_signature=[spec])
+        self.serve_images = tf.function(
+            self._serve_images,
+            input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8,
+                                           name="images")])
+        self.serve_bytes = tf.function(
+            self._serve_bytes,
+            input_signature=[tf.TensorSpec([None], tf.string,
+                                           name="image_bytes")])
+
+    def _logits(self, images):
+        return tf.cast(self.model(images, training=False), tf.float32)
+
+    def _resize(self, images):
+        """float32 [B, S, S, C] from [B, H, W, 3] of any H, W."""
+        images = tf.cast(images, tf.float32)
+        size = self._size
+        shape = tf.shape(images)
+        same = tf.logical_and(tf.equal(shape[1], size),
+                              tf.equal(shape[2], size))
+        images = tf.cond(
+            same,
+            lambda: tf.ensure_shape(images, [None, size, size, 3]),
+            # Anti-aliasing only matters when shrinking; it keeps a large
+            # photo from aliasing into the model's resolution.
+            lambda: tf.image.resize(images, (size, size), method="bilinear",
+                                    antialias=True))
+        images = tf.clip_by_value(images, 0.0, 255.0)
+        if self._channels == 1:
+            images = tf.image.rgb_to_grayscale(images)
+        return tf.ensure_shape(images, [None, size, size, self._channels])
+
+    def _outputs(self, images):
+        probabilities = tf.nn.softmax(self._logits(images), axis=-1)
+        scores, classes = tf.math.top_k(probabilities, k=self._top_k)
+        return {"probabilities": probabilities,
+                "top_k_classes": tf.cast(classes, tf.int32),
+                "top_k_scores": scores}
+
+    def _serve_images(self, images):
+        return self._outputs(self._resize(images))
+
+    def _serve_bytes(self, image_bytes):
+        def decode(data):
+            image = tf.io.decode_image(data, channels=3,
+                                       expand_animations=False)
+            image.set_shape([None, None, 3])
+            return self._resize(image[None])[0]
+
+        images = tf.map_fn(
+            decode, image_bytes,
+            fn_output_signature=tf.TensorSpec(
+                [self._size, self._size, self._channels], tf.float32))
+        return self._outputs(images)
+
+
+def _exists(path):
+    return tf.io.gfile.exists(path)
+
+
+def _check_out_dir(out_dir, overwrite):
+    if _exists(out_dir) and not overwrite:
+        raise ExportDirExistsError(
+            "Expected a new export folder, or overwrite=True to replace it. "
+            f"Received: out_dir={out_dir} (exists)")
+
+
+def _copy_tree(src, dst):
+    """Copies a folder file by file, saved_model.pb last."""
+    last = []
+    for folder, _, files in tf.io.gfile.walk(src):
+        rel = folder[len(src):].lstrip("/")
+        target = f"{dst}/{rel}" if rel else dst
+        tf.io.gfile.makedirs(target)
+        for name in files:
+            pair = (f"{folder}/{name}", f"{target}/{name}")
+            if name == SAVED_MODEL_FILE and not rel:
+                last.append(pair)
+            else:
+                tf.io.gfile.copy(*pair, overwrite=True)
+    for pair in last:
+        tf.io.gfile.copy(*pair, overwrite=True)
+
+
+def _move_into_place(tmp, out_dir):
+    """Renames tmp to out_dir, replacing an existing out_dir."""
+    trash = None
+    if _exists(out_dir):
+        trash = io_utils.temp_path(out_dir)
+        tf.io.gfile.rename(out_dir, trash)
+    try:
+        tf.io.gfile.rename(tmp, out_dir)
+    except (tf.errors.UnimplementedError, tf.errors.FailedPreconditionError,
+            tf.errors.PermissionDeniedError, NotImplementedError):
+        # Object stores cannot rename folders: copy, saved_model.pb last.
+        _copy_tree(tmp, out_dir)
+        tf.io.gfile.rmtree(tmp)
+    if trash is not None:
+        tf.io.gfile.rmtree(trash)
+
+
+def _tflite_bytes(module):
+    """A TFLite flatbuffer: uint8 [1, S, S, 3] -> the serving outputs.
+
+    The weights are frozen into constants first: converted as resource
+    variables (Keras 3 variables), they come out uninitialised in TFLite.
+    """
+    from tensorflow.python.framework import convert_to_constants  # pylint: disable=g-import-not-at-top,g-direct-tensorflow-import
+    size = module._size  # pylint: disable=protected-access
+    spec = tf.TensorSpec([1, size, size, 3], tf.uint8, name="images")
+    outputs = tf.function(
+        lambda images: module._outputs(module._resize(images)),  # pylint: disable=protected-access
+        input_signature=[spec])
+    frozen = convert_to_constants.convert_variables_to_constants_v2(
+        outputs.get_concrete_function())
+    keys = sorted(("probabilities", "top_k_classes", "top_k_scores"))
+
+    @tf.function(input_signature=[spec])
+    def serve(images):
+        # A dict output gives the TFLite model a signature with named
+        # outputs (get_signature_runner()).
+        return dict(zip(keys, frozen(images)))
+
+    holder = tf.Module()
+    holder.serve = serve
+    # Converting from a SavedModel keeps the signature and its names.
+    folder = tempfile.mkdtemp(prefix="ns-tflite-")
+    try:
+        # No gradients are needed, and the frozen swish's custom gradient
+        # cannot be saved.
+        tf.saved_model.save(
+            holder, folder, signatures={"serving_default": serve},
+            options=tf.saved_model.SaveOptions(
+                experimental_custom_gradients=False))
+        converter = tf.lite.TFLiteConverter.from_saved_model(folder)
+        return converter.convert()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def export(model, out_dir, *, overwrite=False, image_size=None, top_k=5,
+           tflite=False):
+    """Writes a serving SavedModel of a classifier (atomically).
+
+    Args:
+      model: A `keras.Model` taking float pixels in [0, 255] and returning
+        logits (its current weights are exported: load the EMA ones).
+      out_dir: SavedModel folder to create (local or gs://).
+      overwrite: Replace an existing out_dir.
+      image_size: Serving resolution; default: the model's input side.
+      top_k: Classes returned by `top_k_classes` (capped at the class count).
+      tflite: Also write `out_dir/model.tflite`.
+
+    Returns:
+      out_dir.
+
+    Raises:
+      ExportDirExistsError (a FileExistsError and a ValueError): out_dir
+        exists and overwrite is False.
+      ValueError: no image size is known, or top_k < 1.
+    """
+    out_dir = str(out_dir).rstrip("/")
+    _check_out_dir(out_dir, overwrite)
+    if top_k < 1:
+        raise ValueError(f"Expected top_k >= 1. Received: top_k={top_k}")
+    size = image_size or ns_evaluate.model_image_size(model)
+    if not size:
+        raise ValueError(
+            "Expected image_size for a model without a fixed input side. "
+            f"Received: image_size={image_size}")
+    num_classes = ns_evaluate.model_num_classes(model)
+    channels = int(model.input_shape[-1])
+    if channels not in (1, 3):
+        raise ValueError(
+            f"Expected a model with 1 or 3 input channels. Received: "
+            f"channels={channels}")
+    module = _ServingModule(model, int(size), num_classes, channels,
+                            min(int(top_k), num_classes))
+    tmp = io_utils.temp_path(out_dir)
+    try:
+        tf.saved_model.save(
+            module, tmp,
+            signatures={"serving_default": module.serve_images,
+                        "serve_images": module.serve_images,
+                        "serve_bytes": module.serve_bytes})
+        if tflite:
+            io_utils.atomic_write(f"{tmp}/{TFLITE_FILE}",
+                                  _tflite_bytes(module))
+        # Checked again: another process may have created it meanwhile.
+        _check_out_dir(out_dir, overwrite)
+        _move_into_place(tmp, out_dir)
+    finally:
+        if _exists(tmp):
+            tf.io.gfile.rmtree(tmp)
+    return out_dir
+
+
+def export_from_config(config):
+    """Loads config.model_path (EMA weights) and exports it.
+
+    Args:
+      config: An `ExportConfig`.
+
+    Returns:
+      The SavedModel folder.
+    """
+    _check_out_dir(str(config.out_dir).rstrip("/"), config.overwrite)
+    model = ns_evaluate.load_model(config.model_path)
+    if isinstance(model, ns_evaluate.SavedModelClassifier):
+        raise ValueError(
+            "Expected a Keras model (model.keras or a model_dir) to export. "
+            f"Received: model_path={config.model_path} (a SavedModel)")
+    return export(model, config.out_dir, overwrite=config.overwrite,
+                  image_size=config.image_size, top_k=config.top_k,
+                  tflite=config.tflite)

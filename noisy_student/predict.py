@@ -1,0 +1,600 @@
+"""The predict stage: the un-noised teacher labels the unlabeled images.
+
+Step 2 of Noisy Student: the teacher (its EMA weights, `training=False`, no
+dropout, no stochastic depth, no augmentation) sees clean eval-preprocessed
+images at its own resolution, and its full probability vector is written for
+every image, with the ORIGINAL image (PNG) so the student can crop and augment
+it at the student's resolution. The record and file formats are documented in
+`noisy_student.pseudo_labels`.
+
+Work splits over machines: the source is cut into blocks of `records_per_file`
+consecutive images and worker `shard_index` of `num_shards` labels the blocks
+b with b % num_shards == shard_index. The blocks partition the source exactly,
+and the output files are the same whatever the number of workers.
+
+Resume: each block is written to a temporary name and renamed when complete,
+then its histogram is written; a block with a histogram is complete and a
+rerun skips it. Temporary leftovers of this worker's blocks are deleted.
+Each worker still reads the whole source (to count it and find its blocks),
+but it only preprocesses and predicts its own, unfinished blocks.
+
+Memory does not grow with the unlabeled set: images stream through tf.data in
+batches and each batch is written out before the next one is kept.
+"""
+
+import dataclasses
+import queue
+import threading
+import time
+import weakref
+
+from absl import logging
+import keras
+import numpy as np
+import tensorflow as tf
+
+from noisy_student import efficientnet  # noqa: F401  (registers layers)
+from noisy_student import io_utils
+from noisy_student import layers  # noqa: F401  (registers layers)
+from noisy_student import pseudo_labels as pl
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictConfig:
+    """Settings of one prediction worker.
+
+    Attributes:
+      teacher: A training run's model_dir (holding model.keras), a .keras
+        file, or a SavedModel folder.
+      out_dir: The prediction folder (shared by all workers).
+      num_classes: Number of classes of the labeled set; the teacher must
+        output as many.
+      batch_size: Images per teacher call.
+      shard_index: This worker's index, in [0, num_shards).
+      num_shards: Number of workers sharing the work.
+      records_per_file: Images per output file (a block).
+      num_bins: Bins over [0, 1] of the per-class confidence histograms.
+      image_size: The teacher's input side; None reads it from the teacher.
+      log_every_s: Seconds between progress lines.
+    """
+    teacher: str
+    out_dir: str
+    num_classes: int
+    batch_size: int = 128
+    shard_index: int = 0
+    num_shards: int = 1
+    records_per_file: int = 1024
+    num_bins: int = pl.DEFAULT_NUM_BINS
+    image_size: int | None = None
+    log_every_s: float = 30.0
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictSummary:
+    """What one prediction worker did."""
+    num_images: int          # size of the whole unlabeled source
+    images_written: int      # images this call predicted and wrote
+    blocks_written: int
+    blocks_skipped: int      # this worker's blocks already complete
+    seconds: float
+    images_per_second: float
+
+
+class SavedModelTeacher:
+    """A SavedModel's serving signature, called like a Keras model.
+
+    Attributes:
+      input_shape: (None, H, W, C) of the signature's single input.
+      output_shape: (None, num_classes) of its single output (logits).
+    """
+
+    def __init__(self, path):
+        loaded = tf.saved_model.load(path)
+        signatures = getattr(loaded, "signatures", {})
+        if "serving_default" not in signatures:
+            raise ValueError(
+                "Expected a SavedModel with a serving_default signature. "
+                f"Received: teacher={path} (signatures: {list(signatures)})")
+        self._loaded = loaded  # Keeps the variables alive.
+        self._fn = signatures["serving_default"]
+        _, kwargs = self._fn.structured_input_signature
+        outputs = self._fn.structured_outputs
+        if len(kwargs) != 1 or len(outputs) != 1:
+            raise ValueError(
+                "Expected a serving signature with one input and one output "
+                f"(logits). Received: teacher={path} inputs={list(kwargs)} "
+                f"outputs={list(outputs)}")
+        (self._input_name, spec), = kwargs.items()
+        (self._output_name, out_spec), = outputs.items()
+        self._dtype = spec.dtype
+        self.input_shape = tuple(spec.shape.as_list())
+        self.output_shape = tuple(out_spec.shape.as_list())
+
+    def __call__(self, images, training=False):
+        del training  # A serving signature is always in inference mode.
+        outputs = self._fn(**{self._input_name: tf.cast(images, self._dtype)})
+        return outputs[self._output_name]
+
+
+def load_teacher(path):
+    """Loads a teacher for prediction.
+
+    Args:
+      path: A training run's model_dir (its `model.keras` is loaded), a
+        `.keras` file, or a SavedModel folder with a serving signature.
+
+    Returns:
+      A keras.Model, or a `SavedModelTeacher`, returning logits.
+
+    Raises:
+      FileNotFoundError: if `path` holds none of these.
+      ValueError: if the model file cannot be read.
+    """
+    expected = ("Expected a teacher: a model_dir with model.keras, a .keras "
+                "file or a SavedModel folder. Received: teacher=")
+    if not tf.io.gfile.exists(path):
+        raise FileNotFoundError(expected + str(path))
+    if tf.io.gfile.isdir(path):
+        if tf.io.gfile.exists(pl.join(path, "model.keras")):
+            path = pl.join(path, "model.keras")
+        elif tf.io.gfile.exists(pl.join(path, "saved_model.pb")):
+            try:
+                return SavedModelTeacher(path)
+            except ValueError:
+                raise
+            except Exception as e:  # pylint: disable=broad-except
+                raise ValueError(
+                    f"Expected a readable SavedModel. Received: teacher={path} "
+                    f"({type(e).__name__}: {e})") from e
+        else:
+            raise FileNotFoundError(expected + str(path))
+    try:
+        return keras.saving.load_model(path, compile=False)
+    except Exception as e:  # pylint: disable=broad-except
+        raise ValueError(
+            f"Expected a readable Keras model file. Received: teacher={path} "
+            f"({type(e).__name__}: {e})") from e
+
+
+def default_preprocess(image_size, channels=3):
+    """The default eval preprocessing: resize to the teacher's side.
+
+    Args:
+      image_size: The teacher's input side.
+      channels: The teacher's input channels; a 1-channel image is repeated
+        to 3 channels when the teacher wants 3.
+
+    Returns:
+      A function uint8 [H, W, C] -> float32 [image_size, image_size, channels]
+      in [0, 255] (the model normalises inside).
+    """
+
+    def preprocess(image):
+        if image.shape[-1] == 1 and channels == 3:
+            image = tf.image.grayscale_to_rgb(image)
+        image = tf.image.resize(image, [image_size, image_size])
+        return tf.clip_by_value(image, 0.0, 255.0)
+
+    return preprocess
+
+
+def _teacher_shapes(teacher):
+    """(image_size, channels, num_classes) of a teacher, None where unknown."""
+    input_shape = getattr(teacher, "input_shape", None)
+    output_shape = getattr(teacher, "output_shape", None)
+    size = channels = classes = None
+    if input_shape is not None and len(input_shape) == 4:
+        if input_shape[1] is not None and input_shape[1] == input_shape[2]:
+            size = int(input_shape[1])
+        channels = input_shape[3]
+    if output_shape is not None and len(output_shape) >= 2:
+        classes = output_shape[-1]
+    return size, channels, classes
+
+
+def _check_args(num_classes, batch_size, shard_index, num_shards,
+                records_per_file, num_bins):
+    for name, value in (("num_classes", num_classes),
+                        ("batch_size", batch_size),
+                        ("num_shards", num_shards),
+                        ("records_per_file", records_per_file),
+                        ("num_bins", num_bins)):
+        if not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(
+                f"Expected a positive integer. Received: {name}={value!r}")
+    if not 0 <= shard_index < num_shards:
+        raise ValueError(
+            "Expected 0 <= shard_index < num_shards. Received: "
+            f"shard_index={shard_index}, num_shards={num_shards}")
+
+
+def _check_dataset(dataset):
+    spec = dataset.element_spec
+    if not isinstance(spec, dict) or "image" not in spec:
+        raise ValueError(
+            "Expected an unlabeled dataset of {'image': uint8 [H, W, C]} "
+            f"dicts. Received: element_spec={spec}")
+    image = spec["image"]
+    if image.dtype != tf.uint8 or image.shape.rank != 3:
+        raise ValueError(
+            "Expected unlabeled images of dtype uint8 and shape [H, W, C]. "
+            f"Received: image spec={image}")
+    if int(dataset.cardinality()) == 0:
+        raise ValueError(
+            "Expected a non-empty unlabeled dataset. Received: an empty "
+            "dataset (cardinality 0)")
+
+
+def _write_predict_config(out_dir, num_classes, records_per_file, num_bins,
+                          channels):
+    """Writes predict_config.json, or checks it against an existing one."""
+    path = pl.join(out_dir, pl.PREDICT_CONFIG)
+    config = {"num_classes": int(num_classes),
+              "records_per_file": int(records_per_file),
+              "num_bins": int(num_bins),
+              # Channels of the stored (original) images; None if unknown.
+              "channels": channels}
+    if tf.io.gfile.exists(path):
+        existing = io_utils.read_json(path)
+        for key, value in config.items():
+            if existing.get(key) != value:
+                raise ValueError(
+                    f"Expected {key}={existing.get(key)} as in the existing "
+                    f"predictions of {out_dir} (use another out_dir to start "
+                    f"afresh). Received: {key}={value}")
+        return
+    io_utils.write_json(path, config)
+
+
+def _clean_temp_files(out_dir, shard_index, num_shards):
+    """Deletes temporary leftovers of this worker's blocks only.
+
+    Other workers may be writing their own temporary files in the same
+    folder right now, so only names of this worker's blocks are touched.
+    """
+    removed = 0
+    for name in tf.io.gfile.listdir(out_dir):
+        if not io_utils.is_temp(name):
+            continue
+        block = pl.block_of_name(name)
+        if block is not None and block % num_shards == shard_index:
+            tf.io.gfile.remove(pl.join(out_dir, name))
+            removed += 1
+    return removed
+
+
+def _input_pipeline(dataset, *, records_per_file, shard_index, num_shards,
+                    skip_blocks, preprocess, image_size, channels,
+                    batch_size, seen):
+    """Enumerates the source, keeps this worker's unfinished blocks, batches.
+
+    `seen` (a tf.Variable) counts the source's elements as they pass, so the
+    worker learns the source's size without a second pass.
+    """
+    dataset = dataset.enumerate()
+
+    def count(index, element):
+        with tf.control_dependencies([seen.assign(index + 1)]):
+            return tf.identity(index), element
+
+    # Sequential on purpose: `seen` must grow in order.
+    dataset = dataset.map(count)
+    per_file = tf.constant(records_per_file, tf.int64)
+    table = None
+    if skip_blocks:
+        keys = tf.constant(sorted(skip_blocks), tf.int64)
+        table = tf.lookup.StaticHashTable(
+            tf.lookup.KeyValueTensorInitializer(
+                keys, tf.ones_like(keys)), default_value=0)
+
+    def keep(index, element):
+        del element
+        block = index // per_file
+        mine = tf.equal(block % num_shards, shard_index)
+        if table is not None:
+            mine = tf.logical_and(mine, tf.equal(table.lookup(block), 0))
+        return mine
+
+    dataset = dataset.filter(keep)
+
+    def prepare(index, element):
+        image = element["image"]
+        pixels = tf.cast(preprocess(image), tf.float32)
+        pixels = tf.ensure_shape(pixels, [image_size, image_size, channels])
+        return {"index": index, "png": tf.io.encode_png(image),
+                "pixels": pixels}
+
+    dataset = dataset.map(prepare, num_parallel_calls=tf.data.AUTOTUNE,
+                          deterministic=True)
+    dataset = dataset.batch(batch_size)
+
+    def pad(batch):
+        # A fixed batch shape: one trace of the teacher, and every image is
+        # computed in the same kernel configuration whatever its position.
+        missing = batch_size - tf.shape(batch["index"])[0]
+        batch["pixels"] = tf.pad(batch["pixels"],
+                                 [[0, missing], [0, 0], [0, 0], [0, 0]])
+        batch["pixels"] = tf.ensure_shape(
+            batch["pixels"], [batch_size, image_size, image_size, channels])
+        return batch
+
+    return dataset.map(pad).prefetch(tf.data.AUTOTUNE)
+
+
+# One traced function per teacher, so that repeated calls in one process
+# (several shards, a rerun) do not trace the model again (seconds for B0).
+_PROBABILITY_FNS = weakref.WeakKeyDictionary()
+
+
+def _probabilities_fn(teacher):
+    """A tf.function (no XLA) mapping pixels to the teacher's probabilities."""
+    fn = _PROBABILITY_FNS.get(teacher)
+    if fn is None:
+        @tf.function(jit_compile=False)
+        def fn(pixels):
+            logits = teacher(pixels, training=False)
+            return tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1)
+        _PROBABILITY_FNS[teacher] = fn
+    return fn
+
+
+def predict(teacher, dataset, out_dir, num_classes, batch_size=128,
+            shard_index=0, num_shards=1, records_per_file=1024,
+            preprocess=None, image_size=None, num_bins=pl.DEFAULT_NUM_BINS,
+            log_every_s=30.0):
+    """Labels this worker's part of the unlabeled set with the teacher.
+
+    Args:
+      teacher: A keras.Model returning logits, a `SavedModelTeacher`, or a
+        path for `load_teacher`.
+      dataset: Unbatched tf.data.Dataset of {"image": uint8 [H, W, C]} in a
+        deterministic order (the global index of an image is its position).
+      out_dir: The prediction folder, shared by all workers.
+      num_classes: Number of classes; the teacher must output as many.
+      batch_size: Images per teacher call.
+      shard_index: This worker's index in [0, num_shards).
+      num_shards: Number of workers.
+      records_per_file: Images per output file (block).
+      preprocess: Eval preprocessing, uint8 [H, W, C] image -> [S, S, C]
+        pixels in [0, 255] at the teacher's side S; default
+        `default_preprocess`.
+      image_size: The teacher's input side S; None reads it from the teacher.
+      num_bins: Bins over [0, 1] of the confidence histograms.
+      log_every_s: Seconds between progress lines.
+
+    Returns:
+      A `PredictSummary`.
+
+    Raises:
+      ValueError: for a teacher whose class count differs from
+        `num_classes`, an empty dataset, or a bad argument.
+      FileNotFoundError: for a teacher path that holds no model.
+    """
+    _check_args(num_classes, batch_size, shard_index, num_shards,
+                records_per_file, num_bins)
+    if isinstance(teacher, str):
+        teacher = load_teacher(teacher)
+    size, channels, teacher_classes = _teacher_shapes(teacher)
+    if teacher_classes is not None and teacher_classes != num_classes:
+        raise ValueError(
+            f"Expected a teacher with num_classes={num_classes} outputs (the "
+            f"dataset's class count). Received: teacher outputs "
+            f"{teacher_classes} classes")
+    image_size = image_size or size
+    if image_size is None:
+        raise ValueError(
+            "Expected image_size for a teacher without a static square "
+            f"input shape. Received: image_size=None, teacher input shape="
+            f"{getattr(teacher, 'input_shape', None)}")
+    channels = channels or 3
+    _check_dataset(dataset)
+    preprocess = preprocess or default_preprocess(image_size, channels)
+
+    tf.io.gfile.makedirs(out_dir)
+    source_channels = dataset.element_spec["image"].shape[-1]
+    _write_predict_config(out_dir, num_classes, records_per_file, num_bins,
+                          source_channels)
+    removed = _clean_temp_files(out_dir, shard_index, num_shards)
+    if removed:
+        logging.info("predict: removed %d temporary leftovers", removed)
+    complete = {b for b in pl.complete_blocks(out_dir)
+                if b % num_shards == shard_index}
+
+    total = int(dataset.cardinality())
+    total = total if total >= 0 else None
+    todo = None
+    if total is not None:
+        num_blocks = -(-total // records_per_file)
+        mine = [b for b in range(num_blocks) if b % num_shards == shard_index]
+        todo = sum(min(records_per_file, total - b * records_per_file)
+                   for b in mine if b not in complete)
+    start = time.time()
+    if todo == 0:
+        # Everything of this worker is already there; no need to read.
+        _write_done(out_dir, shard_index, num_shards, total, 0)
+        return PredictSummary(total, 0, 0, len(complete), 0.0, 0.0)
+
+    seen = tf.Variable(0, dtype=tf.int64, trainable=False)
+    batches = _input_pipeline(
+        dataset, records_per_file=records_per_file, shard_index=shard_index,
+        num_shards=num_shards, skip_blocks=complete, preprocess=preprocess,
+        image_size=image_size, channels=channels, batch_size=batch_size,
+        seen=seen)
+
+    logging.info("predict shard %d/%d: %d of its blocks already complete, "
+                 "%s images to label", shard_index, num_shards, len(complete),
+                 todo if todo is not None else "an unknown number of")
+    probabilities = _probabilities_fn(teacher)
+    written = 0
+    last_log = start
+    sink = _ThreadedSink(_BlockSink(out_dir, records_per_file, num_classes,
+                                    num_bins))
+    try:
+        for batch in batches:
+            indices = batch["index"].numpy()
+            probs = probabilities(batch["pixels"]).numpy()[:len(indices)]
+            if probs.shape[-1] != num_classes:
+                raise ValueError(
+                    f"Expected a teacher with num_classes={num_classes} "
+                    f"outputs. Received: teacher outputs {probs.shape[-1]}")
+            labels = probs.argmax(axis=-1)
+            confidences = probs[np.arange(len(labels)), labels]
+            # Serialising and writing happen in the sink's thread while this
+            # one runs the teacher on the next batch.
+            sink.add(indices, batch["png"].numpy(), probs, labels,
+                     confidences)
+            written += len(indices)
+            now = time.time()
+            if now - last_log >= log_every_s:
+                last_log = now
+                logging.info(
+                    "predict shard %d/%d: %d%s images, %.1f images/s",
+                    shard_index, num_shards, written,
+                    f"/{todo}" if todo is not None else "",
+                    written / (now - start))
+    except BaseException:
+        sink.abort()
+        raise
+    blocks_written = sink.finish()
+    num_images = int(seen.numpy())
+    if num_images == 0:
+        raise ValueError(
+            "Expected a non-empty unlabeled dataset. Received: a dataset "
+            "that yielded no images")
+    seconds = time.time() - start
+    _write_done(out_dir, shard_index, num_shards, num_images, written)
+    rate = written / seconds if seconds > 0 else 0.0
+    logging.info("predict shard %d/%d done: %d images in %d files, %.1f "
+                 "images/s", shard_index, num_shards, written, blocks_written,
+                 rate)
+    return PredictSummary(num_images, written, blocks_written, len(complete),
+                          seconds, rate)
+
+
+class _BlockSink:
+    """Writes batches of predictions into their blocks' files.
+
+    The filtered stream holds whole blocks in index order, so a batch is a
+    few runs of equal block numbers, and the arrival of a new block means
+    the previous one is complete.
+    """
+
+    def __init__(self, out_dir, records_per_file, num_classes, num_bins):
+        self._out_dir = out_dir
+        self._per_file = records_per_file
+        self._num_classes = num_classes
+        self._num_bins = num_bins
+        self._writer = None
+        self._block = None
+        self.blocks_written = 0
+
+    def add(self, indices, pngs, probs, labels, confidences):
+        """Writes one batch (numpy arrays, one row per image)."""
+        blocks = indices // self._per_file
+        for block in np.unique(blocks):
+            rows = blocks == block
+            if self._writer is not None and self._block != block:
+                self._writer.close()
+                self.blocks_written += 1
+                self._writer = None
+            if self._writer is None:
+                self._writer = pl.BlockWriter(self._out_dir, int(block),
+                                              self._num_classes,
+                                              self._num_bins)
+                self._block = block
+            self._writer.write_batch(pngs[rows], probs[rows], labels[rows],
+                                     confidences[rows], indices[rows])
+
+    def finish(self):
+        """Completes the last block (the stream has ended)."""
+        if self._writer is not None:
+            self._writer.close()
+            self.blocks_written += 1
+            self._writer = None
+
+    def abort(self):
+        """Drops the block in progress (it stays to do)."""
+        if self._writer is not None:
+            self._writer.abort()
+            self._writer = None
+
+
+class _ThreadedSink:
+    """Runs a `_BlockSink` in a background thread, a few batches behind.
+
+    The Python work of serialising records overlaps with the teacher's
+    computation (which releases the GIL). Errors of the thread surface in
+    the next `add` or in `finish`.
+    """
+
+    def __init__(self, sink, max_pending=4):
+        self._sink = sink
+        self._queue = queue.Queue(maxsize=max_pending)
+        self._error = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while True:
+            command, args = self._queue.get()
+            if command == "add":
+                if self._error is None:
+                    try:
+                        self._sink.add(*args)
+                    except BaseException as e:  # pylint: disable=broad-except
+                        self._error = e
+                continue
+            try:
+                if command == "finish" and self._error is None:
+                    self._sink.finish()
+                else:
+                    self._sink.abort()
+            except BaseException as e:  # pylint: disable=broad-except
+                self._error = self._error or e
+            return
+
+    def add(self, *args):
+        if self._error is not None:
+            raise self._error
+        self._queue.put(("add", args))
+
+    def finish(self):
+        """Waits for the writes, completes the last block; blocks written."""
+        self._queue.put(("finish", None))
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._sink.blocks_written
+
+    def abort(self):
+        """Waits for the thread and drops the block in progress."""
+        if self._thread.is_alive():
+            self._queue.put(("abort", None))
+            self._thread.join()
+
+
+def _write_done(out_dir, shard_index, num_shards, num_images, written):
+    io_utils.write_json(
+        pl.join(out_dir, pl.done_name(shard_index, num_shards)),
+        {"num_images": int(num_images), "images_written": int(written),
+         "shard_index": shard_index, "num_shards": num_shards})
+
+
+def run_predict(config, dataset, preprocess=None):
+    """Runs one prediction worker from a `PredictConfig`.
+
+    Args:
+      config: A `PredictConfig`.
+      dataset: The unlabeled source (see `predict`).
+      preprocess: Eval preprocessing (see `predict`).
+
+    Returns:
+      A `PredictSummary`.
+    """
+    return predict(
+        load_teacher(config.teacher), dataset, config.out_dir,
+        config.num_classes, batch_size=config.batch_size,
+        shard_index=config.shard_index, num_shards=config.num_shards,
+        records_per_file=config.records_per_file, preprocess=preprocess,
+        image_size=config.image_size, num_bins=config.num_bins,
+        log_every_s=config.log_every_s)

@@ -1,0 +1,590 @@
+"""The select stage: filter and balance the teacher's pseudo-labels.
+
+Step 3 of Noisy Student: drop images whose top confidence is below
+`min_confidence` (0.3 in the paper: mostly out-of-domain images), keep per
+class the `per_class` (K) most confident (130,000 on ImageNet), and duplicate
+the images of classes with fewer than K up to K: each kept image of a class
+with n < K images gets K/n copies, stochastically rounded (floor(K/n) copies,
+plus one more with probability frac(K/n), drawn from a hash of (seed, index)
+so the result does not depend on file order or on the machine).
+
+The thresholds come from the prediction histograms alone (no pass over the
+records): per class c, the bins are scanned from the most confident down, and
+the boundary bin b*_c is the one where the running count first reaches K.
+Every image of c in a higher bin is kept, plus exactly m_c = K - (count
+above b*_c) images of bin b*_c: the FIRST m_c of them in global index order
+(bins are 1/num_bins wide, 0.001 by default, so these tie-broken images differ
+from the strictly most confident ones by less than one bin). This makes the
+kept counts exact, and the records are read once, streaming, in index order.
+
+`min_confidence` is applied at bin resolution: an image passes if its bin is
+at least ceil(min_confidence * num_bins), i.e. min_confidence is rounded up
+to the next bin edge (0.3 is an edge of the default 1000 bins, so it is
+exact there); the report gives the effective value.
+
+Targets (stored as float16, see `noisy_student.pseudo_labels`):
+  soft: p^(1/T) renormalised (computed in log space). T = 1 keeps the
+        teacher's probabilities, T < 1 sharpens them and T -> 0 approaches
+        the one-hot argmax; T > 1 flattens them.
+  hard: the one-hot argmax.
+
+The selected records are written to `num_files` files, each to a temporary
+name renamed at the end; copy j of an image goes to file (h + j) mod
+num_files for a per-image hash h, so duplicates land in different files and
+an interleaved reader does not see them back to back. selection.json, written
+last, marks a finished selection; report.json / report.md / report.png give
+every count.
+"""
+
+import dataclasses
+import io
+import math
+import time
+
+from absl import logging
+import numpy as np
+import tensorflow as tf
+
+from noisy_student import io_utils
+from noisy_student import pseudo_labels as pl
+
+LABEL_TYPES = ("soft", "hard")
+MAX_OPEN_FILES = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectConfig:
+    """Settings of the select stage.
+
+    Attributes:
+      pred_dir: A complete prediction folder (from the predict stage).
+      out_dir: The selection folder to write.
+      per_class: K, images kept per class (the paper's 130,000 on
+        ImageNet); None keeps every confident image once (no balancing).
+      min_confidence: Images whose top probability is below this are
+        dropped (the paper's 0.3).
+      label_type: "soft" (probabilities) or "hard" (one-hot) targets.
+      temperature: T of the soft targets p^(1/T) (1 keeps the teacher's).
+      seed: Seed of the stochastic rounding of the duplication.
+      duplicate: Duplicate classes with fewer than K images up to K.
+      num_files: Number of output files; None sizes them to about
+        `records_per_file` records each.
+      records_per_file: Target records per output file when num_files is
+        None.
+    """
+    pred_dir: str
+    out_dir: str
+    per_class: int | None = None
+    min_confidence: float = 0.3
+    label_type: str = "soft"
+    temperature: float = 1.0
+    seed: int = 0
+    duplicate: bool = True
+    num_files: int | None = None
+    records_per_file: int = 4096
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectionPlan:
+    """Per-class decisions computed from the histograms alone.
+
+    Attributes (arrays have one entry per class):
+      min_bin: First bin that passes min_confidence.
+      predicted: Images whose argmax is the class (any confidence).
+      confident: Those with confidence >= min_confidence.
+      full_bin: Every image in a bin >= full_bin is kept.
+      boundary_bin: Bin from which only `boundary_take` images are kept
+        (-1 for none).
+      boundary_take: Images kept from `boundary_bin` (first in index order).
+      kept_unique: Images kept (exact).
+      duplication: Expected copies per kept image (K/n, or 1).
+      threshold: Lower confidence edge of the lowest kept bin (NaN when
+        nothing is kept).
+    """
+    num_bins: int
+    min_bin: int
+    predicted: np.ndarray
+    confident: np.ndarray
+    full_bin: np.ndarray
+    boundary_bin: np.ndarray
+    boundary_take: np.ndarray
+    kept_unique: np.ndarray
+    duplication: np.ndarray
+    threshold: np.ndarray
+
+    @property
+    def expected_total(self):
+        """Expected kept images per class, copies included."""
+        return self.kept_unique * self.duplication
+
+
+def min_bin_of(min_confidence, num_bins):
+    """The first histogram bin that passes `min_confidence` (rounded up)."""
+    # The epsilon keeps an exact edge like 0.3 * 1000 = 300.00000000000006
+    # on bin 300 instead of 301.
+    return int(min(num_bins, max(0, math.ceil(min_confidence * num_bins
+                                              - 1e-6))))
+
+
+def plan_selection(histogram, per_class, min_confidence, duplicate=True):
+    """Computes per-class thresholds, counts and duplication factors.
+
+    Args:
+      histogram: int [num_classes, num_bins] counts of images per argmax
+        class and confidence bin (summed over the prediction blocks).
+      per_class: K, or None for no cap and no duplication.
+      min_confidence: Minimum top probability.
+      duplicate: Duplicate classes with fewer than K images up to K.
+
+    Returns:
+      A `SelectionPlan`.
+    """
+    histogram = np.asarray(histogram, np.int64)
+    num_classes, num_bins = histogram.shape
+    min_bin = min_bin_of(min_confidence, num_bins)
+    predicted = histogram.sum(axis=1)
+    confident = histogram[:, min_bin:].sum(axis=1)
+    full_bin = np.full(num_classes, min_bin, np.int64)
+    boundary_bin = np.full(num_classes, -1, np.int64)
+    boundary_take = np.zeros(num_classes, np.int64)
+    kept = confident.copy()
+    duplication = np.where(confident > 0, 1.0, 0.0)
+    threshold = np.where(confident > 0, min_bin / num_bins, np.nan)
+    if per_class is not None:
+        # Running counts from the most confident bin down.
+        from_top = np.cumsum(histogram[:, ::-1], axis=1)[:, ::-1]
+        for c in range(num_classes):
+            if confident[c] > per_class:
+                # Highest bin b whose count of images in bins >= b reaches K.
+                b = int(np.nonzero(from_top[c] >= per_class)[0][-1])
+                above = int(from_top[c, b + 1]) if b + 1 < num_bins else 0
+                full_bin[c] = b + 1
+                boundary_bin[c] = b
+                boundary_take[c] = per_class - above
+                kept[c] = per_class
+                threshold[c] = b / num_bins
+            elif confident[c] > 0 and duplicate:
+                duplication[c] = per_class / confident[c]
+    return SelectionPlan(num_bins, min_bin, predicted, confident, full_bin,
+                         boundary_bin, boundary_take, kept, duplication,
+                         threshold)
+
+
+def hash_uniform(seed, indices, stream=0):
+    """Uniform [0, 1) numbers from a hash of (seed, index, stream).
+
+    A counter-based generator (splitmix64's finaliser): the draw of an image
+    depends only on its index and the seed, not on the order of reading.
+
+    Args:
+      seed: Integer seed.
+      indices: int array of global image indices.
+      stream: Distinguishes independent uses of the same (seed, index).
+
+    Returns:
+      float64 array shaped like `indices`.
+    """
+    mask = (1 << 64) - 1
+    x = np.asarray(indices, np.int64).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        x = (x * np.uint64(0x9E3779B97F4A7C15)
+             + np.uint64((seed * 0xD1B54A32D192ED03 + stream * 0x8CB92BA72F3D8DD7
+                          + 0x632BE59BD9B4E019) & mask))
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def stochastic_copies(duplication, indices, seed):
+    """Copies per image: floor(d) plus one with probability frac(d).
+
+    Args:
+      duplication: float array, each image's expected copies d.
+      indices: Global indices of the images (the randomness comes from them).
+      seed: Integer seed.
+
+    Returns:
+      int64 array of copies (mean d over seeds).
+    """
+    duplication = np.asarray(duplication, np.float64)
+    whole = np.floor(duplication)
+    extra = hash_uniform(seed, indices) < duplication - whole
+    return (whole + extra).astype(np.int64)
+
+
+def make_targets(probs, labels, label_type, temperature):
+    """Training targets from the teacher's probabilities.
+
+    Args:
+      probs: float [N, num_classes] probabilities.
+      labels: int [N] argmax classes.
+      label_type: "soft" or "hard".
+      temperature: T > 0; soft targets are p^(1/T) renormalised.
+
+    Returns:
+      float32 [N, num_classes] targets, each summing to 1.
+    """
+    probs = np.asarray(probs, np.float64)
+    if label_type == "hard":
+        targets = np.zeros(probs.shape, np.float32)
+        targets[np.arange(len(labels)), labels] = 1.0
+        return targets
+    if temperature == 1.0:
+        return (probs / probs.sum(axis=1, keepdims=True)).astype(np.float32)
+    # Log space: p^(1/T) under- or overflows for small T in linear space.
+    with np.errstate(divide="ignore"):
+        logits = np.log(probs) / temperature
+    logits -= logits.max(axis=1, keepdims=True)
+    weights = np.exp(logits)
+    return (weights / weights.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def _check_args(per_class, min_confidence, label_type, temperature,
+                num_files, records_per_file):
+    if per_class is not None and (not isinstance(per_class, (int, np.integer))
+                                  or per_class < 1):
+        raise ValueError(
+            "Expected per_class to be a positive integer or None. Received: "
+            f"per_class={per_class!r}")
+    if not 0.0 <= min_confidence < 1.0:
+        raise ValueError(
+            "Expected 0 <= min_confidence < 1. Received: "
+            f"min_confidence={min_confidence!r}")
+    if label_type not in LABEL_TYPES:
+        raise ValueError(
+            f"Expected label_type in {LABEL_TYPES}. Received: "
+            f"label_type={label_type!r}")
+    if not temperature > 0:
+        raise ValueError(
+            f"Expected temperature > 0. Received: temperature={temperature!r}")
+    if num_files is not None and num_files < 1:
+        raise ValueError(
+            f"Expected num_files >= 1 or None. Received: num_files={num_files}")
+    if records_per_file < 1:
+        raise ValueError(
+            "Expected records_per_file >= 1. Received: "
+            f"records_per_file={records_per_file}")
+
+
+def total_histogram(pred_dir, info):
+    """Sums the histograms of all blocks of a complete prediction folder."""
+    total = np.zeros((info["num_classes"], info["num_bins"]), np.int64)
+    num_records = 0
+    for block in info["blocks"]:
+        counts, records = pl.read_histogram(
+            pl.join(pred_dir, pl.histogram_name(block)))
+        total += counts
+        num_records += records
+    if num_records != info["num_images"]:
+        raise ValueError(
+            f"Expected the histograms of {pred_dir} to count "
+            f"{info['num_images']} images (the source's size). Received: "
+            f"{num_records}")
+    return total
+
+
+def _record_batches(pred_dir, info, batch_size=512):
+    """Streams the prediction records in index order, in numpy batches."""
+    files = [pl.join(pred_dir, pl.records_name(b)) for b in info["blocks"]]
+    num_classes = info["num_classes"]
+
+    def parse(serialized):
+        features = tf.io.parse_example(serialized, pl.PREDICTION_FEATURES)
+        features["probs"] = pl.decode_float16(features["probs"], num_classes)
+        return features
+
+    dataset = tf.data.TFRecordDataset(files, buffer_size=1 << 20)
+    dataset = dataset.batch(batch_size).map(parse).prefetch(2)
+    for batch in dataset:
+        yield {key: value.numpy() for key, value in batch.items()}
+
+
+def select(pred_dir, out_dir, per_class=None, min_confidence=0.3,
+           label_type="soft", temperature=1.0, seed=0, num_classes=None,
+           duplicate=True, num_files=None, records_per_file=4096):
+    """Filters and balances the predictions, writes the selected set.
+
+    Args:
+      pred_dir: A complete prediction folder (from `predict`).
+      out_dir: The selection folder to write (a previous selection there is
+        replaced).
+      per_class: K, images kept per class; None keeps every confident image
+        once.
+      min_confidence: Images below this top probability are dropped.
+      label_type: "soft" or "hard" targets.
+      temperature: T of the soft targets (see the module docstring).
+      seed: Seed of the stochastic rounding of the copies.
+      num_classes: Expected class count (checked against the predictions);
+        None takes the predictions'.
+      duplicate: Duplicate classes with fewer than K images up to K.
+      num_files: Output files; None: about `records_per_file` records each.
+      records_per_file: Target records per output file.
+
+    Returns:
+      The report as a dict (also written to out_dir/report.json).
+
+    Raises:
+      ValueError: if every image is filtered out, for incomplete predictions
+        or a bad argument.
+      FileNotFoundError: if pred_dir is not a prediction folder.
+    """
+    start = time.time()
+    _check_args(per_class, min_confidence, label_type, temperature,
+                num_files, records_per_file)
+    info = pl.check_predictions(pred_dir)
+    if num_classes is not None and num_classes != info["num_classes"]:
+        raise ValueError(
+            f"Expected num_classes={info['num_classes']} as in the "
+            f"predictions of {pred_dir}. Received: num_classes={num_classes}")
+    num_classes = info["num_classes"]
+    histogram = total_histogram(pred_dir, info)
+    plan = plan_selection(histogram, per_class, min_confidence, duplicate)
+    if plan.kept_unique.sum() == 0:
+        top = np.nonzero(histogram.sum(axis=0))[0]
+        best = (top.max() + 1) / plan.num_bins if top.size else 0.0
+        raise ValueError(
+            "Expected at least one image with confidence >= min_confidence. "
+            f"Received: min_confidence={min_confidence} (effective "
+            f"{plan.min_bin / plan.num_bins}); all {info['num_images']} "
+            f"images are below it (highest confidence < {best:.3f})")
+    expected_total = float(plan.expected_total.sum())
+    if num_files is None:
+        num_files = int(min(MAX_OPEN_FILES, max(
+            1, math.ceil(expected_total / records_per_file))))
+
+    tf.io.gfile.makedirs(out_dir)
+    # A half-replaced selection must not look finished.
+    marker = pl.join(out_dir, pl.SELECTION_FILE)
+    if tf.io.gfile.exists(marker):
+        tf.io.gfile.remove(marker)
+    for name in tf.io.gfile.listdir(out_dir):
+        if io_utils.is_temp(name):
+            tf.io.gfile.remove(pl.join(out_dir, name))
+
+    names = [pl.selected_name(i, num_files) for i in range(num_files)]
+    finals = [pl.join(out_dir, name) for name in names]
+    temps = [io_utils.temp_path(path) for path in finals]
+    writers = [tf.io.TFRecordWriter(path) for path in temps]
+    taken_boundary = np.zeros(num_classes, np.int64)
+    kept_unique = np.zeros(num_classes, np.int64)
+    kept_total = np.zeros(num_classes, np.int64)
+    min_kept = np.full(num_classes, np.inf)
+    file_counts = np.zeros(num_files, np.int64)
+    try:
+        for batch in _record_batches(pred_dir, info):
+            labels = batch["label"].astype(np.int64)
+            confidences = batch["confidence"]
+            indices = batch["index"]
+            bins = pl.confidence_bins(confidences, plan.num_bins)
+            keep = (bins >= plan.min_bin) & (bins >= plan.full_bin[labels])
+            # The boundary bin: the first `boundary_take` in index order.
+            for row in np.nonzero(bins == plan.boundary_bin[labels])[0]:
+                c = labels[row]
+                if taken_boundary[c] < plan.boundary_take[c]:
+                    taken_boundary[c] += 1
+                    keep[row] = True
+            rows = np.nonzero(keep)[0]
+            if not rows.size:
+                continue
+            labels, indices = labels[rows], indices[rows]
+            confidences = confidences[rows]
+            copies = stochastic_copies(plan.duplication[labels], indices,
+                                       seed)
+            targets = make_targets(batch["probs"][rows], labels, label_type,
+                                   temperature)
+            first_file = np.floor(hash_uniform(seed, indices, stream=1)
+                                  * num_files).astype(np.int64)
+            images = batch["image"]
+            for k, row in enumerate(rows):
+                for copy in range(copies[k]):
+                    record = pl.encode_selected(
+                        images[row], targets[k], labels[k], confidences[k],
+                        indices[k], copy)
+                    file_index = (first_file[k] + copy) % num_files
+                    writers[file_index].write(record)
+                    file_counts[file_index] += 1
+            np.add.at(kept_unique, labels, 1)
+            np.add.at(kept_total, labels, copies)
+            np.minimum.at(min_kept, labels, confidences)
+        for writer in writers:
+            writer.close()
+        for temp, final in zip(temps, finals):
+            tf.io.gfile.rename(temp, final, overwrite=True)
+    except BaseException:
+        for writer, temp in zip(writers, temps):
+            writer.close()
+            if tf.io.gfile.exists(temp):
+                tf.io.gfile.remove(temp)
+        raise
+    if not np.array_equal(kept_unique, plan.kept_unique):
+        # The histograms and the records disagree: a corrupt folder.
+        raise ValueError(
+            f"Expected the records of {pred_dir} to match its histograms. "
+            f"Received: kept {kept_unique.tolist()} images per class, planned "
+            f"{plan.kept_unique.tolist()}")
+    # Files of an earlier selection with another file count are stale.
+    for name in tf.io.gfile.listdir(out_dir):
+        if pl.is_selected_file(name) and name not in names:
+            tf.io.gfile.remove(pl.join(out_dir, name))
+
+    config = {"pred_dir": pred_dir, "per_class": per_class,
+              "min_confidence": min_confidence,
+              "effective_min_confidence": plan.min_bin / plan.num_bins,
+              "label_type": label_type, "temperature": temperature,
+              "seed": seed, "duplicate": duplicate, "num_files": num_files,
+              "num_bins": plan.num_bins}
+    report = _make_report(config, plan, kept_unique, kept_total, min_kept,
+                          info, file_counts)
+    report["seconds"] = time.time() - start
+    io_utils.write_json(pl.join(out_dir, "report.json"), report)
+    io_utils.atomic_write(pl.join(out_dir, "report.md"),
+                          _report_markdown(report))
+    io_utils.atomic_write(pl.join(out_dir, "report.png"),
+                          _report_png(report, histogram, plan))
+    io_utils.write_json(marker, {
+        "num_classes": num_classes, "channels": info.get("channels"),
+        "files": names,
+        "file_records": file_counts.tolist(),
+        "num_records": int(kept_total.sum()),
+        "unique_images": int(kept_unique.sum()),
+        "label_type": label_type, "temperature": temperature})
+    logging.info("select: kept %d unique images, %d with copies, in %d files",
+                 kept_unique.sum(), kept_total.sum(), num_files)
+    return report
+
+
+def run_select(config):
+    """Runs the select stage from a `SelectConfig`; returns the report."""
+    return select(config.pred_dir, config.out_dir, per_class=config.per_class,
+                  min_confidence=config.min_confidence,
+                  label_type=config.label_type,
+                  temperature=config.temperature, seed=config.seed,
+                  duplicate=config.duplicate, num_files=config.num_files,
+                  records_per_file=config.records_per_file)
+
+
+def _make_report(config, plan, kept_unique, kept_total, min_kept, info,
+                 file_counts):
+    """Every count of a selection, as a JSON-able dict."""
+    classes = []
+    for c in range(len(plan.predicted)):
+        kept = int(kept_unique[c])
+        classes.append({
+            "class": c,
+            "predicted": int(plan.predicted[c]),
+            "confident": int(plan.confident[c]),
+            "kept_unique": kept,
+            "kept_total": int(kept_total[c]),
+            "expected_total": float(plan.expected_total[c]),
+            "duplication_factor": float(plan.duplication[c]) if kept else None,
+            "threshold": float(plan.threshold[c]) if kept else None,
+            "min_kept_confidence": float(min_kept[c]) if kept else None,
+            "boundary_bin": int(plan.boundary_bin[c]),
+            "boundary_take": int(plan.boundary_take[c]),
+        })
+    without = [c for c in range(len(plan.predicted)) if plan.confident[c] == 0]
+    if without:
+        logging.warning("select: %d classes have no image with confidence >= "
+                        "%s: %s", len(without), config["min_confidence"],
+                        without[:20])
+    return {
+        "config": config,
+        "totals": {
+            "images_predicted": int(info["num_images"]),
+            "confident": int(plan.confident.sum()),
+            "dropped_below_min_confidence": int(
+                info["num_images"] - plan.confident.sum()),
+            "unique": int(kept_unique.sum()),
+            "total": int(kept_total.sum()),
+            "expected_total": float(plan.expected_total.sum()),
+            "files": int(len(file_counts)),
+            "records_per_file_min": int(file_counts.min()),
+            "records_per_file_max": int(file_counts.max()),
+        },
+        "classes_without_confident_images": without,
+        "per_class": classes,
+    }
+
+
+def _report_markdown(report):
+    totals, config = report["totals"], report["config"]
+    lines = [
+        "# Pseudo-label selection",
+        "",
+        f"- predictions: `{config['pred_dir']}`",
+        f"- per_class K = {config['per_class']}, min_confidence = "
+        f"{config['min_confidence']} (effective "
+        f"{config['effective_min_confidence']}), label_type = "
+        f"{config['label_type']}, temperature = {config['temperature']}, "
+        f"seed = {config['seed']}, duplicate = {config['duplicate']}",
+        f"- images predicted: {totals['images_predicted']}; confident: "
+        f"{totals['confident']}; dropped below min_confidence: "
+        f"{totals['dropped_below_min_confidence']}",
+        f"- kept: **{totals['unique']} unique, {totals['total']} total** "
+        f"(with copies; expected {totals['expected_total']:.1f}) in "
+        f"{totals['files']} files",
+    ]
+    without = report["classes_without_confident_images"]
+    if without:
+        lines.append(f"- **{len(without)} classes have no confident image**: "
+                     f"{without[:50]}{' ...' if len(without) > 50 else ''}")
+    lines += ["", "| class | predicted | confident | threshold | kept unique "
+              "| kept total | duplication |", "|---:|---:|---:|---:|---:|---:|"
+              "---:|"]
+    rows = report["per_class"]
+    if len(rows) > 60:
+        # Keep the table readable: the 30 smallest and largest classes.
+        rows = sorted(rows, key=lambda r: r["confident"])
+        rows = rows[:30] + rows[-30:]
+    for row in rows:
+        threshold = ("-" if row["threshold"] is None
+                     else f"{row['threshold']:.3f}")
+        duplication = ("-" if row["duplication_factor"] is None
+                       else f"{row['duplication_factor']:.2f}")
+        lines.append(
+            f"| {row['class']} | {row['predicted']} | {row['confident']} | "
+            f"{threshold} | {row['kept_unique']} | {row['kept_total']} | "
+            f"{duplication} |")
+    return "\n".join(lines) + "\n"
+
+
+def _report_png(report, histogram, plan):
+    """Per-class counts before/after and the confidence histogram (PNG)."""
+    # The object API needs no global backend switch (no pyplot state).
+    from matplotlib.backends import backend_agg  # pylint: disable=g-import-not-at-top
+    from matplotlib import figure  # pylint: disable=g-import-not-at-top
+
+    fig = figure.Figure(figsize=(10, 7))
+    backend_agg.FigureCanvasAgg(fig)
+    top, bottom = fig.subplots(2, 1)
+    rows = report["per_class"]
+    classes = np.arange(len(rows))
+    top.bar(classes - 0.2, [r["confident"] for r in rows], width=0.4,
+            label="before (confident)")
+    top.bar(classes + 0.2, [r["kept_total"] for r in rows], width=0.4,
+            label="after (with copies)")
+    top.plot(classes, [r["kept_unique"] for r in rows], "k.",
+             label="after (unique)")
+    top.set_xlabel("class")
+    top.set_ylabel("images")
+    top.set_title(f"per-class counts (K={report['config']['per_class']})")
+    top.legend(fontsize=8)
+    coarse = 100 if plan.num_bins % 100 == 0 else plan.num_bins
+    counts = histogram.sum(axis=0).reshape(coarse, -1).sum(axis=1)
+    edges = np.linspace(0.0, 1.0, coarse + 1)
+    bottom.stairs(counts, edges, fill=True, alpha=0.6, label="all images")
+    bottom.axvline(report["config"]["effective_min_confidence"], color="r",
+                   linestyle="--", label="min_confidence")
+    bottom.set_xlabel("teacher confidence (top probability)")
+    bottom.set_ylabel("images")
+    if counts.max() > 0:
+        bottom.set_yscale("log")
+        bottom.set_ylim(bottom=0.5)
+    bottom.legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=80)
+    return buffer.getvalue()

@@ -1,0 +1,200 @@
+"""The pipeline's stages as functions of config dataclasses.
+
+Both the single-stage commands (ns-train, ns-predict, ns-select, ns-eval,
+ns-export) and the one-command pipeline (noisy-student) call these, so a stage
+run by hand and a stage run by the pipeline do the same thing. Each stage
+writes its resolved configuration into its output folder before it starts.
+"""
+
+import dataclasses
+
+import tensorflow as tf
+
+from noisy_student import evaluate
+from noisy_student import export as export_lib
+from noisy_student import io_utils
+from noisy_student import predict as predict_lib
+from noisy_student import pseudo_labels
+from noisy_student import select as select_lib
+from noisy_student import train_lib
+from noisy_student.data import pipeline
+from noisy_student.data import preprocess
+from noisy_student.data import sources
+
+STAGE_CONFIG = "stage_config.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where the images come from (source specs: see data/sources.py).
+
+    Attributes:
+      labeled: Labeled training source.
+      unlabeled: Unlabeled source; "" takes the rest of `labeled` after its
+        labeled (and validation) part when labels_per_class > 0.
+      test: Labeled source of the final evaluation.
+      labels_per_class: > 0 keeps only this many labels per class of
+        `labeled` (seeded by split_seed); 0 uses every label.
+      validation_size: Images of the unlabeled rest held out for validation
+        (evaluated during training instead of the test set).
+      split_seed: Seed of the labeled / validation / unlabeled split.
+      data_dir: TFDS data folder (local or gs://).
+      channels: Channels given to the model (grey sources are repeated).
+      skip_corrupt: Skip undecodable image files (warning) or fail.
+    """
+    labeled: str = "digits:train"
+    unlabeled: str = ""
+    test: str = "digits:test"
+    labels_per_class: int = 0
+    validation_size: int = 0
+    split_seed: int = 0
+    data_dir: str | None = None
+    channels: int = 3
+    skip_corrupt: bool = True
+
+    def __post_init__(self):
+        if self.labels_per_class < 0:
+            raise ValueError("Expected labels_per_class >= 0. Received: "
+                             f"labels_per_class={self.labels_per_class}")
+
+    def _subset(self, part):
+        if not self.labels_per_class:
+            return None
+        return sources.Subset(part, self.labels_per_class,
+                              self.validation_size, self.split_seed)
+
+    def _load(self, spec, **kwargs):
+        return sources.load_source(spec, channels=self.channels,
+                                   data_dir=self.data_dir,
+                                   skip_corrupt=self.skip_corrupt, **kwargs)
+
+    def labeled_source(self):
+        return self._load(self.labeled, subset=self._subset("labeled"))
+
+    def unlabeled_source(self):
+        """The unlabeled images; never reads labels of a separate source."""
+        if not self.unlabeled or (self.unlabeled == self.labeled
+                                  and self.labels_per_class):
+            if not self.labels_per_class:
+                raise ValueError(
+                    "Expected an unlabeled source or labels_per_class > 0. "
+                    "Received: unlabeled='' and labels_per_class=0")
+            return self._load(self.labeled, labeled=False,
+                              subset=self._subset("unlabeled"))
+        return self._load(self.unlabeled, labeled=False)
+
+    def eval_source(self, part="test"):
+        """The test source, or the held-out validation part."""
+        if part == "validation":
+            return self._load(self.labeled, subset=self._subset("validation"))
+        return self._load(self.test)
+
+
+def write_stage_config(folder, **configs):
+    """Writes the stage's resolved configuration before it starts."""
+    io_utils.write_json(f"{folder}/{STAGE_CONFIG}", {
+        name: dataclasses.asdict(c) if dataclasses.is_dataclass(c) else c
+        for name, c in configs.items()})
+
+
+def eval_batches(source, image_size, batch_size=256):
+    """Clean, batched evaluation images of a labeled `ImageSource`."""
+    return pipeline.eval_dataset(
+        source.dataset, image_size, batch_size,
+        small_images=preprocess.is_small(source.image_shape))
+
+
+def run_train(train_config, input_config, data, model_dir, pseudo_dir=None,
+              strategy=None):
+    """Trains a teacher, or a student when `pseudo_dir` holds a selection.
+
+    Args:
+      train_config: A train_lib.TrainConfig.
+      input_config: A pipeline.InputConfig (its image_size and batch_size
+        must match train_config's).
+      data: A `DataConfig`.
+      model_dir: The run's folder (resumed when it holds checkpoints).
+      pseudo_dir: A selection folder from `run_select`, for a student.
+      strategy: An existing tf.distribute strategy (default: the config's).
+
+    Returns:
+      The final metrics of train_lib.train.
+    """
+    if (input_config.image_size != train_config.image_size
+            or input_config.batch_size != train_config.batch_size
+            or input_config.unlabel_ratio != train_config.unlabel_ratio):
+        raise ValueError(
+            "Expected the same image_size, batch_size and unlabel_ratio for "
+            f"the model and its input. Received: {train_config} and "
+            f"{input_config}")
+    labeled = data.labeled_source()
+    if labeled.num_classes != train_config.num_classes:
+        raise ValueError(
+            f"Expected {train_config.num_classes} classes in {data.labeled}. "
+            f"Received: {labeled.num_classes}")
+    unlabeled = None
+    if pseudo_dir:
+        unlabeled = pseudo_labels.selected_dataset(
+            pseudo_dir, num_classes=train_config.num_classes,
+            channels=data.channels)
+    dataset_fn = pipeline.train_dataset_fn(
+        labeled.dataset, input_config, unlabeled, train_config.num_classes)
+    part = "validation" if data.validation_size else "test"
+    eval_ds = eval_batches(data.eval_source(part), train_config.image_size)
+    tf.io.gfile.makedirs(model_dir)
+    write_stage_config(model_dir, train=train_config, input=input_config,
+                       data=data, pseudo_dir=pseudo_dir)
+    return train_lib.train(train_config, model_dir, dataset_fn, eval_ds,
+                           strategy=strategy)
+
+
+def run_predict(predict_config, data):
+    """Labels (this worker's part of) the unlabeled images with a teacher."""
+    source = data.unlabeled_source()
+    teacher = predict_lib.load_teacher(predict_config.teacher)
+    size = predict_config.image_size or evaluate.model_image_size(teacher)
+    small = preprocess.is_small(source.image_shape)
+
+    def clean(image):
+        return tf.cast(preprocess.eval_image(image, size, small=small),
+                       tf.float32)
+
+    tf.io.gfile.makedirs(predict_config.out_dir)
+    write_stage_config(predict_config.out_dir,
+                       **{f"predict_{predict_config.shard_index}":
+                          predict_config}, data=data)
+    summary = predict_lib.predict(
+        teacher, source.dataset, predict_config.out_dir,
+        predict_config.num_classes, batch_size=predict_config.batch_size,
+        shard_index=predict_config.shard_index,
+        num_shards=predict_config.num_shards,
+        records_per_file=predict_config.records_per_file, preprocess=clean,
+        image_size=size, num_bins=predict_config.num_bins)
+    return dataclasses.asdict(summary)
+
+
+def run_select(select_config):
+    """Filters and balances a finished prediction folder."""
+    tf.io.gfile.makedirs(select_config.out_dir)
+    write_stage_config(select_config.out_dir, select=select_config)
+    return select_lib.run_select(select_config)
+
+
+def run_eval(eval_config, data, part="test"):
+    """Evaluates a trained model on the test (or validation) images."""
+    model = evaluate.load_model(eval_config.model_path)
+    source = data.eval_source(part)
+    size = evaluate.model_image_size(model)
+    small = preprocess.is_small(source.image_shape)
+    dataset = source.dataset.map(lambda d: {
+        **d, "image": preprocess.eval_image(d["image"], size, small=small)})
+    if eval_config.output_dir:
+        tf.io.gfile.makedirs(eval_config.output_dir)
+        write_stage_config(eval_config.output_dir, eval=eval_config,
+                           data=data, part=part)
+    return evaluate.run_evaluation(eval_config, dataset=dataset, model=model)
+
+
+def run_export(export_config):
+    """Writes the serving SavedModel of a trained model (EMA weights)."""
+    return export_lib.export_from_config(export_config)

@@ -1,0 +1,112 @@
+"""Tests for noisy_student.losses: smoothing, soft targets, weighting, decay."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from noisy_student import efficientnet
+from noisy_student import losses
+
+
+def _log_softmax(logits):
+    shifted = logits - logits.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+def test_label_smoothing_matches_formula():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(6, 5)).astype("float32")
+    labels = np.array([0, 1, 2, 3, 4, 0])
+    s = 0.1
+    targets = np.eye(5)[labels] * (1 - s) + s / 5
+    expected = -(targets * _log_softmax(logits)).sum(-1)
+    got = losses.smoothed_cross_entropy(labels, logits, s).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    # No smoothing is plain sparse cross-entropy, and smoothing changes it.
+    plain = losses.smoothed_cross_entropy(labels, logits, 0.0).numpy()
+    np.testing.assert_allclose(
+        plain, -_log_softmax(logits)[np.arange(6), labels], rtol=1e-5)
+    assert not np.allclose(plain, got)
+
+
+def test_soft_target_cross_entropy():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(4, 3)).astype("float32")
+    targets = rng.dirichlet(np.ones(3), size=4).astype("float32")
+    expected = -(targets * _log_softmax(logits)).sum(-1)
+    np.testing.assert_allclose(
+        losses.soft_cross_entropy(targets, logits).numpy(), expected,
+        rtol=1e-5)
+    # Hard (one-hot) targets give the sparse cross-entropy.
+    labels = np.array([2, 0, 1, 1])
+    np.testing.assert_allclose(
+        losses.soft_cross_entropy(np.eye(3)[labels], logits).numpy(),
+        losses.smoothed_cross_entropy(labels, logits).numpy(), rtol=1e-6)
+    # Targets are constants: no gradient flows into the teacher's labels.
+    targets_var = tf.Variable(targets)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(losses.soft_cross_entropy(targets_var, logits))
+    assert tape.gradient(loss, targets_var) is None
+
+
+def test_loss_weighting_is_sum_over_labeled_count():
+    rng = np.random.default_rng(2)
+    n_lab, ratio, classes = 4, 3, 5
+    lab_logits = rng.normal(size=(n_lab, classes)).astype("float32")
+    unl_logits = rng.normal(size=(n_lab * ratio, classes)).astype("float32")
+    labels = rng.integers(0, classes, n_lab)
+    targets = rng.dirichlet(np.ones(classes), n_lab * ratio).astype("float32")
+    loss, lab_ce, unl_ce = losses.noisy_student_loss(
+        labels, lab_logits, n_lab, targets=targets,
+        unlabeled_logits=unl_logits, label_smoothing=0.1)
+    lab_mean = float(np.mean(lab_ce))
+    unl_mean = float(np.mean(unl_ce))
+    n_unl = n_lab * ratio
+    # DESIGN.md: (labeled_CE * n_lab + unlabeled_CE * n_unl) / n_lab.
+    assert float(loss) == pytest.approx(
+        (lab_mean * n_lab + unl_mean * n_unl) / n_lab, rel=1e-5)
+    assert float(loss) == pytest.approx(lab_mean + ratio * unl_mean, rel=1e-5)
+    # Split over two "replicas", each dividing by the global labeled batch,
+    # the shares add up to the global loss.
+    shares = [
+        losses.noisy_student_loss(
+            labels[i * 2:(i + 1) * 2], lab_logits[i * 2:(i + 1) * 2], n_lab,
+            targets=targets[i * 6:(i + 1) * 6],
+            unlabeled_logits=unl_logits[i * 6:(i + 1) * 6],
+            label_smoothing=0.1)[0] for i in range(2)]
+    assert float(shares[0] + shares[1]) == pytest.approx(float(loss), rel=1e-5)
+    # A teacher's loss is the labeled mean alone.
+    teacher_loss, _, unl = losses.noisy_student_loss(labels, lab_logits, n_lab,
+                                                     label_smoothing=0.1)
+    assert float(teacher_loss) == pytest.approx(lab_mean, rel=1e-5)
+    assert unl.shape == (0,)
+
+
+def test_weight_decay_skips_batch_norm():
+    model = efficientnet.build_efficientnet(
+        width=0.25, depth=0.25, image_size=16, small_images=True,
+        num_classes=10)
+    decayed = losses.weight_decay_variables(model)
+    paths = [v.path for v in decayed]
+    bn = losses.batch_norm_variables(model)
+    assert bn and not any(v is b for v in decayed for b in bn)
+    assert not any(p.endswith(("gamma", "beta")) for p in paths)
+    assert "stem_conv/kernel" in paths and "predictions/bias" in paths
+    # Everything trainable outside BN is decayed.
+    assert len(decayed) + len([v for v in bn if v.trainable]) == len(
+        model.trainable_variables)
+    wd = 1e-5
+    expected = wd * sum(float(np.sum(v.numpy() ** 2)) / 2 for v in decayed)
+    assert float(losses.l2_weight_decay(decayed, wd)) == pytest.approx(
+        expected, rel=1e-5)
+    # The decay's gradient is wd * w on a kernel and absent on BN's gamma.
+    gamma = model.get_layer("stem_bn").gamma
+    kernel = model.get_layer("stem_conv").kernel
+    with tf.GradientTape(persistent=True) as tape:
+        term = losses.l2_weight_decay(decayed, wd)
+    np.testing.assert_allclose(tape.gradient(term, kernel.value),
+                               wd * kernel.numpy(), rtol=1e-5)
+    assert tape.gradient(term, gamma.value) is None
+    assert float(losses.l2_weight_decay(decayed, 0.0)) == 0.0
+    assert isinstance(model, keras.Model)

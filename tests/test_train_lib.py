@@ -1,0 +1,405 @@
+"""Tests for the training loop (noisy_student.train_lib) on tiny models.
+
+The subprocess tests (multi-worker, kill -9) run tests/train_worker.py.
+"""
+
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from noisy_student import strategy as strategy_lib
+from noisy_student import train_lib
+
+import train_worker  # pylint: disable=g-bad-import-order
+
+WORKER = os.path.join(os.path.dirname(__file__), "train_worker.py")
+TINY = dict(width=0.25, depth=0.25, image_size=16, small_images=True,
+            num_classes=10, batch_size=8, warmup_steps=0,
+            lr_schedule="constant", verbose=False)
+
+
+def _config(**overrides):
+    return train_lib.TrainConfig(**{**TINY, **overrides})
+
+
+def _dataset_fn(config, delay_ms=0, num_images=64):
+    images, labels = train_worker.synthetic_data(
+        num_images=num_images, image_size=config.resolved_image_size,
+        num_classes=config.num_classes)
+    return train_worker.make_dataset_fn(
+        images, labels, config.batch_size, config.num_classes,
+        config.unlabel_ratio, delay_ms)
+
+
+def _eval_dataset(config, num_images=64):
+    images, labels = train_worker.synthetic_data(
+        num_images=num_images, image_size=config.resolved_image_size,
+        num_classes=config.num_classes)
+    return tf.data.Dataset.from_tensor_slices(
+        {"image": images, "label": labels}).batch(16)
+
+
+def _save_initial_model(config, path):
+    """Saves freshly initialised weights, so runs in different processes can
+    start from the same point (init_from)."""
+    model = train_lib.build_model(config)
+    os.makedirs(path, exist_ok=True)
+    keras.saving.save_model(model, os.path.join(path, "model.keras"))
+    return [w.numpy() for w in model.weights]
+
+
+def _checkpoint_weights(model_dir):
+    """{name: value} of the model's variables in the latest checkpoint."""
+    reader = tf.train.load_checkpoint(
+        tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints")))
+    return {name: reader.get_tensor(name)
+            for name in reader.get_variable_to_shape_map()
+            if name.startswith("model/")
+            and "seed_generator" not in name}
+
+
+def _restored_model(config, model_dir):
+    """The raw (not averaged) weights of the latest checkpoint, as a model."""
+    model = train_lib.build_model(config)
+    tf.train.Checkpoint(model=model).restore(tf.train.latest_checkpoint(
+        os.path.join(model_dir, "checkpoints"))).expect_partial()
+    return model
+
+
+def _summaries(logdir, tag):
+    """{step: value} of a scalar in a TensorBoard log folder."""
+    values = {}
+    for name in os.listdir(logdir):
+        for event in tf.compat.v1.train.summary_iterator(
+                os.path.join(logdir, name)):
+            for value in event.summary.value:
+                if value.tag == tag:
+                    values[event.step] = float(tf.make_ndarray(value.tensor))
+    return values
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------- distributed --
+
+# A student, 2 steps, no random noise and synchronised batch norm: the same
+# global batch must give the same loss and weights on any strategy.
+DISTRIBUTED = dict(train_steps=2, unlabel_ratio=1, dropout=0.0,
+                   stochastic_depth_rate=0.0, sync_batch_norm=True,
+                   log_every=2, steps_per_loop=2, checkpoint_every=0,
+                   base_lr=0.5)
+
+
+@pytest.fixture(scope="module")
+def distributed_setup(tmp_path_factory):
+    """The shared initial weights and a lazily computed single-process run."""
+    root = tmp_path_factory.mktemp("distributed")
+    init_dir = str(root / "init")
+    _save_initial_model(_config(**DISTRIBUTED), init_dir)
+    cache = {}
+
+    def reference():
+        if not cache:
+            config = _config(**DISTRIBUTED, init_from=init_dir)
+            model_dir = str(root / "single")
+            cache["result"] = train_lib.train(config, model_dir,
+                                              _dataset_fn(config))
+            cache["weights"] = _checkpoint_weights(model_dir)
+            cache["model_dir"] = model_dir
+        return cache
+    return root, init_dir, reference
+
+
+def _assert_same_run(result, weights, reference):
+    assert result["step"] == 2
+    assert result["loss"] == pytest.approx(reference["result"]["loss"],
+                                           rel=1e-4)
+    assert result["unlabeled_loss"] == pytest.approx(
+        reference["result"]["unlabeled_loss"], rel=1e-4)
+    assert weights.keys() == reference["weights"].keys()
+    changed = 0
+    for name, value in reference["weights"].items():
+        np.testing.assert_allclose(weights[name], value, rtol=1e-3,
+                                   atol=2e-5, err_msg=name)
+        changed += not np.allclose(value, 0) and "kernel" in name
+    assert changed > 10
+
+
+def test_multi_worker_matches_single_process(distributed_setup):
+    root, init_dir, reference = distributed_setup
+    config = _config(**DISTRIBUTED, init_from=init_dir,
+                     strategy="multi_worker_mirrored")
+    config_path = str(root / "mw_config.json")
+    with open(config_path, "w", encoding="utf-8") as f:
+        json.dump(dataclasses.asdict(config), f)
+    model_dir = str(root / "multi_worker")
+    cluster = {"worker": [f"127.0.0.1:{_free_port()}" for _ in range(2)]}
+    workers = []
+    for index in range(2):
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TF_CONFIG=json.dumps(
+            {"cluster": cluster, "task": {"type": "worker", "index": index}}))
+        log = open(root / f"worker{index}.log", "w", encoding="utf-8")
+        workers.append(subprocess.Popen(
+            [sys.executable, WORKER, model_dir, config_path,
+             str(root / f"worker{index}.json")],
+            env=env, stdout=log, stderr=subprocess.STDOUT))
+    try:
+        expected = reference()  # runs here while the workers start
+        for index, worker in enumerate(workers):
+            code = worker.wait(timeout=240)
+            assert code == 0, (root / f"worker{index}.log").read_text()
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+    results = [json.loads((root / f"worker{i}.json").read_text())
+               for i in range(2)]
+    _assert_same_run(results[0], _checkpoint_weights(model_dir), expected)
+    # Every worker reports the same global metrics; only the chief exports.
+    assert results[1]["loss"] == pytest.approx(results[0]["loss"], rel=1e-6)
+    saved = json.loads((root / "multi_worker" / "config.json").read_text())
+    assert saved["num_replicas"] == 2
+    assert os.path.exists(os.path.join(model_dir, "model.keras"))
+
+
+def test_mirrored_two_replicas_match_single_process(distributed_setup,
+                                                    tmp_path):
+    _, init_dir, reference = distributed_setup
+    config = _config(**DISTRIBUTED, init_from=init_dir, strategy="mirrored")
+    model_dir = str(tmp_path / "mirrored")
+    result = train_lib.train(config, model_dir, _dataset_fn(config))
+    saved = json.loads((tmp_path / "mirrored" / "config.json").read_text())
+    assert saved["num_replicas"] == 2
+    _assert_same_run(result, _checkpoint_weights(model_dir), reference())
+
+
+# ------------------------------------------------------------- single device --
+
+def test_one_step_default_strategy_outputs(tmp_path):
+    config = _config(unlabel_ratio=2, train_steps=1, log_every=1,
+                     eval_every=1)
+    init_dir = str(tmp_path / "init")
+    initial = _save_initial_model(config, init_dir)
+    config = dataclasses.replace(config, init_from=init_dir)
+    model_dir = tmp_path / "run"
+    dataset_fn = _dataset_fn(config)
+    seen_config = []
+
+    def checking_dataset_fn(input_context):
+        # The resolved config is on disk before the first step.
+        seen_config.append((model_dir / "config.json").exists())
+        return dataset_fn(input_context)
+
+    previous_policy = keras.mixed_precision.global_policy().name
+    result = train_lib.train(config, str(model_dir), checking_dataset_fn,
+                             eval_dataset=_eval_dataset(config))
+    assert seen_config == [True]
+    assert result["step"] == 1 and result["start_step"] == 0
+    assert np.isfinite(result["loss"]) and result["unlabeled_loss"] > 0
+    assert 0 <= result["eval_top1"] <= result["eval_top5"] <= 1
+    assert result["learning_rate"] == pytest.approx(config.peak_lr)
+    saved = json.loads((model_dir / "config.json").read_text())
+    assert saved["unlabel_ratio"] == 2 and saved["num_replicas"] == 1
+    metrics = json.loads((model_dir / "metrics.json").read_text())
+    assert metrics["best"]["top1"] == result["best_eval_top1"]
+    assert metrics["last"]["top5"] == result["eval_top5"]
+    assert metrics["last"]["count"] == 64
+    assert os.listdir(model_dir / "logs" / "train")
+    assert os.listdir(model_dir / "logs" / "eval")
+    assert keras.mixed_precision.global_policy().name == previous_policy
+    assert not [n for n in os.listdir(model_dir) if n.startswith(".tmp-")]
+    # model.keras holds the EMA: after one update (decay 2/11 with the
+    # warm-up) it is 2/11 * initial + 9/11 * trained weights.
+    trained = _restored_model(config, str(model_dir)).get_layer("stem_conv")
+    trained = trained.kernel.numpy()
+    model = train_lib.load_trained_model(str(model_dir))
+    index = [w.path for w in model.weights].index("stem_conv/kernel")
+    np.testing.assert_allclose(
+        model.get_layer("stem_conv").kernel.numpy(),
+        2 / 11 * initial[index] + 9 / 11 * trained, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(trained, initial[index], atol=1e-4)
+
+
+def test_tiny_model_overfits_small_labeled_set(tmp_path):
+    config = _config(train_steps=100, log_every=20, steps_per_loop=20,
+                     base_lr=0.25, label_smoothing=0.0, dropout=0.0,
+                     stochastic_depth_rate=0.0, bn_momentum=0.9,
+                     checkpoint_every=0, verbose=True)
+    result = train_lib.train(config, str(tmp_path), _dataset_fn(
+        config, num_images=16), eval_dataset=_eval_dataset(config, 16))
+    losses = _summaries(tmp_path / "logs" / "train", "loss")
+    assert sorted(losses) == [20, 40, 60, 80, 100]
+    assert losses[100] < 0.2 * losses[20]
+    assert losses[100] == pytest.approx(result["loss"], rel=1e-5)
+    assert result["accuracy"] >= 0.95
+    # The EMA weights, in inference mode, classify the training set too.
+    assert result["eval_top1"] >= 0.9
+
+
+def test_jit_compile_one_step(tmp_path):
+    config = _config(train_steps=1, log_every=1, jit_compile=True)
+    result = train_lib.train(config, str(tmp_path), _dataset_fn(config))
+    assert result["step"] == 1 and np.isfinite(result["loss"])
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    config = _config(train_steps=10, checkpoint_every=2, steps_per_loop=2,
+                     log_every=2)
+    dataset_fn = _dataset_fn(config)
+
+    def poisoned_fn(input_context):
+        # Batches 5.. (the 6th step on) carry NaN pixels.
+        def poison(index, element):
+            image = element["labeled"]["image"]
+            bad = tf.cast(index >= 5, tf.float32)
+            element["labeled"]["image"] = image + bad * np.nan
+            return element
+        return dataset_fn(input_context).enumerate().map(poison)
+
+    with pytest.raises(FloatingPointError, match=r"at step 6 .*ckpt-4"):
+        train_lib.train(config, str(tmp_path), poisoned_fn)
+    checkpoints = tf.train.get_checkpoint_state(
+        str(tmp_path / "checkpoints")).all_model_checkpoint_paths
+    assert [int(p.rsplit("-", 1)[1]) for p in checkpoints] == [2, 4]
+    weights = _checkpoint_weights(str(tmp_path))
+    assert all(np.isfinite(v).all() for v in weights.values())
+    assert not (tmp_path / "model.keras").exists()
+
+
+def test_kill_9_then_resume_finishes_at_configured_step(tmp_path):
+    config = _config(train_steps=40, checkpoint_every=5, steps_per_loop=5,
+                     log_every=5, keep_checkpoints=20)
+    config_path = tmp_path / "config.json.in"
+    config_path.write_text(json.dumps(dataclasses.asdict(config)))
+    model_dir = tmp_path / "run"
+    ckpt_dir = model_dir / "checkpoints"
+    log = open(tmp_path / "worker.log", "w", encoding="utf-8")
+    # 100 ms per batch: the run takes >= 4 s, time to kill it mid-way.
+    worker = subprocess.Popen(
+        [sys.executable, WORKER, str(model_dir), str(config_path),
+         str(tmp_path / "result.json"), "100"],
+        stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 120
+        while tf.train.latest_checkpoint(str(ckpt_dir)) is None:
+            assert worker.poll() is None, (tmp_path / "worker.log").read_text()
+            assert time.time() < deadline
+            time.sleep(0.05)
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.wait(timeout=30)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    assert worker.returncode == -signal.SIGKILL
+    killed_at = int(tf.train.latest_checkpoint(str(ckpt_dir)).rsplit("-")[-1])
+    assert 5 <= killed_at < 40
+    assert not (model_dir / "model.keras").exists()
+
+    result = train_lib.train(config, str(model_dir), _dataset_fn(config))
+    assert result["start_step"] == killed_at
+    assert result["step"] == 40
+    state = tf.train.get_checkpoint_state(str(ckpt_dir))
+    steps = [int(p.rsplit("-", 1)[1])
+             for p in state.all_model_checkpoint_paths]
+    assert steps == list(range(5, 45, 5))
+    for path in state.all_model_checkpoint_paths:
+        reader = tf.train.load_checkpoint(path)
+        assert int(reader.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE")) == \
+            int(path.rsplit("-", 1)[1])
+    assert train_lib.load_trained_model(str(model_dir)).count_params() > 0
+    # A rerun of a finished run trains no further.
+    again = train_lib.train(config, str(model_dir), _dataset_fn(config))
+    assert again["start_step"] == again["step"] == 40
+
+
+def test_student_init_from_teacher_and_freeze_blocks(tmp_path):
+    teacher = _config(train_steps=2, log_every=2)
+    train_lib.train(teacher, str(tmp_path / "teacher"), _dataset_fn(teacher))
+    teacher_model = train_lib.load_trained_model(str(tmp_path / "teacher"))
+    # FixRes-style: a larger resolution, early blocks frozen.
+    student = _config(train_steps=2, log_every=2, image_size=24,
+                      init_from=str(tmp_path / "teacher"), freeze_blocks=2,
+                      base_lr=0.5)
+    train_lib.train(student, str(tmp_path / "student"), _dataset_fn(student))
+    model = train_lib.load_trained_model(str(tmp_path / "student"))
+    assert model.input_shape[1:3] == (24, 24)
+    for name in ("stem_conv", "stem_bn", "block1a_dwconv", "block2a_bn"):
+        for got, want in zip(model.get_layer(name).weights,
+                             teacher_model.get_layer(name).weights):
+            np.testing.assert_array_equal(got.numpy(), want.numpy())
+    for name in ("block3a_expand_conv", "predictions"):
+        assert not np.allclose(model.get_layer(name).weights[0].numpy(),
+                               teacher_model.get_layer(name).weights[0].numpy())
+    with pytest.raises(ValueError, match="freeze_blocks"):
+        train_lib.train(dataclasses.replace(student, freeze_blocks=99),
+                        str(tmp_path / "bad"), _dataset_fn(student))
+    with pytest.raises(FileNotFoundError, match="init_from"):
+        train_lib.train(dataclasses.replace(student, init_from=str(tmp_path)),
+                        str(tmp_path / "bad2"), _dataset_fn(student))
+
+
+# ------------------------------------------------------------ fail fast ------
+
+def test_tpu_strategy_without_tpu_fails_fast(tmp_path):
+    start = time.time()
+    with pytest.raises(RuntimeError, match="Expected a reachable TPU"):
+        train_lib.train(_config(strategy="tpu", tpu="local"), str(tmp_path),
+                        lambda ctx: None)
+    assert time.time() - start < 10
+    with pytest.raises(ValueError, match="tpu"):
+        strategy_lib.make_strategy("tpu")
+    with pytest.raises(ValueError, match="tpu=None"):
+        _config(strategy="tpu")
+
+
+@pytest.mark.parametrize("field, value", [
+    ("batch_size", 0), ("unlabel_ratio", -1), ("optimizer", "lamb"),
+    ("precision", "float8"), ("strategy", "parameter_server"),
+    ("label_smoothing", 1.0), ("ema_decay", 1.0), ("lr_schedule", "step"),
+    ("steps_per_loop", 0), ("num_classes", 1), ("variant", "b9"),
+])
+def test_config_rejects_bad_values(field, value):
+    with pytest.raises(ValueError, match=field):
+        _config(**{field: value})
+
+
+def test_config_needs_images_per_epoch_for_epoch_schedules():
+    with pytest.raises(ValueError, match="images_per_epoch"):
+        _config(warmup_steps=None, warmup_epochs=5.0)
+    with pytest.raises(ValueError, match="images_per_epoch"):
+        _config(lr_schedule="exponential")
+    config = _config(lr_schedule="exponential", images_per_epoch=800,
+                     warmup_steps=None)
+    assert config.resolved_warmup_steps == 500
+    assert train_lib.TrainConfig.from_dict(config.to_dict()) == config
+
+
+def test_dataset_that_breaks_the_contract_is_rejected(tmp_path):
+    teacher = _config(train_steps=1)
+    with pytest.raises(ValueError, match="per-replica labeled batches of 8"):
+        train_lib.train(dataclasses.replace(teacher, batch_size=16),
+                        str(tmp_path / "a"), _dataset_fn(teacher))
+    student = _config(train_steps=1, unlabel_ratio=1)
+    with pytest.raises(ValueError, match="no \"unlabeled\" part"):
+        train_lib.train(teacher, str(tmp_path / "b"), _dataset_fn(student))
+    with pytest.raises(ValueError, match="an \"unlabeled\" part"):
+        train_lib.train(student, str(tmp_path / "c"), _dataset_fn(teacher))
+    with pytest.raises(ValueError, match="unlabel_ratio"):
+        train_lib.train(dataclasses.replace(student, unlabel_ratio=3),
+                        str(tmp_path / "d"), _dataset_fn(student))
+    with pytest.raises(FileNotFoundError, match="model_dir"):
+        train_lib.load_trained_model(str(tmp_path / "nothing"))

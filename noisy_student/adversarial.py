@@ -51,9 +51,10 @@ def _gradient_function(model):
         return _GRADIENTS[model]
     except (KeyError, TypeError):
         pass
+    ref = weakref.ref(model)  # The cache must not keep the model alive.
     fn = tf.function(
-        lambda x, y: _loss_gradient(model, x, y),
-        input_signature=[ns_evaluate._input_spec(model),  # pylint: disable=protected-access
+        lambda x, y: _loss_gradient(ref(), x, y),
+        input_signature=[ns_evaluate.input_spec(model),
                          tf.TensorSpec([None], tf.int32)])
     try:
         _GRADIENTS[model] = fn
@@ -169,13 +170,13 @@ def adversarial_accuracy(model, dataset, epsilons, *, attack="fgsm",
     size = ns_evaluate.model_image_size(model)
     preprocess = lambda image: ns_evaluate.resize_image(image, size)  # noqa
     grad_fn = _gradient_function(model)
-    logits_fn = ns_evaluate._logits_function(model)  # pylint: disable=protected-access
+    logits_fn = ns_evaluate.logits_function(model)
     correct = np.zeros(len(epsilons))
     total = 0
     for index, batch in enumerate(
-            ns_evaluate._batches(dataset, batch_size, preprocess)):  # pylint: disable=protected-access
+            ns_evaluate.eval_batches(dataset, batch_size, preprocess)):
         images, labels = batch["image"], batch["label"]
-        ns_evaluate._check_labels(labels.numpy(), model_classes)  # pylint: disable=protected-access
+        ns_evaluate.check_labels(labels.numpy(), model_classes)
         if attack == "fgsm":
             # One gradient serves every epsilon.
             grad_sign = tf.sign(grad_fn(images, labels))

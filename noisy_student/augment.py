@@ -83,11 +83,14 @@ partitions the batch by group (`tf.dynamic_partition`), runs each group once
 on its images and stitches the batch back (`tf.dynamic_stitch`):
   * point ops (AutoContrast, Equalize, Invert, Posterize, Solarize,
     SolarizeAdd, Brightness, Contrast) become one 256-entry lookup table per
-    image and channel, applied with one gather; the histogram that Equalize,
-    AutoContrast and Contrast need is one `bincount` over the group;
+    image and channel, applied with one `gather_nd`; the histogram that
+    Equalize, AutoContrast and Contrast need is one `bincount` over the group;
   * geometric ops (Rotate, ShearX/Y, TranslateX/Y) become one projective
     matrix per image, applied with one `ImageProjectiveTransformV3`;
   * Color, Sharpness and Cutout each run once on their images.
+A single image (a per-image `dataset.map`) skips the partition and runs only
+its op's group, through `tf.switch_case`. Mapping over batches is faster:
+augment after `batch()` where the pipeline allows it.
 """
 
 import dataclasses
@@ -128,8 +131,10 @@ _GROUPS = (("lut", _LUT_OPS), ("geo", _GEO_OPS),
 _OP_GROUP = {op: g for g, (_, ops) in enumerate(_GROUPS) for op in ops}
 # Position of each op inside its group (LUT / geometric candidate stacks).
 _OP_LOCAL = {op: i for _, ops in _GROUPS for i, op in enumerate(ops)}
-_GROUP_OF_ID = tf.constant([_OP_GROUP[n] for n in OP_NAMES], tf.int32)
-_LOCAL_OF_ID = tf.constant([_OP_LOCAL[n] for n in OP_NAMES], tf.int32)
+# Python tuples, made tensors where used: no TF work at import time (it would
+# initialise TF's devices before callers could configure them).
+_GROUP_OF_ID = tuple(_OP_GROUP[n] for n in OP_NAMES)
+_LOCAL_OF_ID = tuple(_OP_LOCAL[n] for n in OP_NAMES)
 
 # Pillow's RGB -> L weights (16-bit fixed point), used by Color and Contrast.
 _L_WEIGHTS = (19595, 38470, 7471)
@@ -336,7 +341,7 @@ def _apply_lut_group(x, op_id, level):
     """Applies each image's point op with one table lookup."""
     channels = x.shape[-1]
     b = tf.shape(x)[0]
-    local = tf.gather(_LOCAL_OF_ID, op_id)
+    local = tf.gather(tf.constant(_LOCAL_OF_ID, tf.int32), op_id)
     height, width = _spatial(x)
     offsets = tf.reshape(tf.range(b * channels, dtype=tf.int32) * 256,
                          [b, 1, 1, channels])
@@ -364,7 +369,7 @@ def _apply_lut_group(x, op_id, level):
 
 def _geo_matrices(op_id, level, sign, height, width, translate_frac):
     """Projective matrices [b, 8] (output -> input coordinates) per image."""
-    local = tf.gather(_LOCAL_OF_ID, op_id)
+    local = tf.gather(tf.constant(_LOCAL_OF_ID, tf.int32), op_id)
     r = tf.cast(_ratio(level), tf.float32) * sign
     h = tf.cast(height, tf.float32)
     w = tf.cast(width, tf.float32)
@@ -525,7 +530,7 @@ def _apply_ops(x, op_id, level, sign, center_y, center_x, translate_frac,
                            *consts)
         return tf.ensure_shape(out, x.shape)
     num_groups = len(_GROUPS)
-    group = tf.gather(_GROUP_OF_ID, op_id)
+    group = tf.gather(tf.constant(_GROUP_OF_ID, tf.int32), op_id)
     if x.shape[0] == 1:
         # One image (per-image tf.data maps): run only its group's branch,
         # which is cheaper than partitioning a batch of one.
@@ -728,6 +733,7 @@ class Augmenter:
     of calls is reproducible when they run in order (eagerly, or in a
     `dataset.map` without parallel calls). For parallel pipelines use
     `augment_dataset`, which derives each element's seed from its index.
+    Kind "keras_cv" draws from its own layer's seed and ignores `seed`.
     """
 
     def __init__(self, config: AugmentConfig, seed: Optional[int] = None):

@@ -75,11 +75,21 @@ VARIANTS = {
     "l2": Variant(4.3, 5.3, 800, 0.5),
 }
 
-# He-normal fan-out initialisers, as the official code uses.
-CONV_INITIALIZER = keras.initializers.VarianceScaling(
-    scale=2.0, mode="fan_out", distribution="truncated_normal")
-DENSE_INITIALIZER = keras.initializers.VarianceScaling(
-    scale=1.0 / 3.0, mode="fan_out", distribution="uniform")
+def conv_initializer():
+    """He-normal fan-out initialiser, as the official code uses.
+
+    A new instance per layer: a Keras initialiser fixes its seed when it is
+    made, so one shared instance would give equal-shaped layers equal
+    weights.
+    """
+    return keras.initializers.VarianceScaling(
+        scale=2.0, mode="fan_out", distribution="truncated_normal")
+
+
+def dense_initializer():
+    """Uniform fan-out initialiser of the classifier (official code)."""
+    return keras.initializers.VarianceScaling(
+        scale=1.0 / 3.0, mode="fan_out", distribution="uniform")
 
 
 def get_variant(name):
@@ -246,7 +256,7 @@ def build_efficientnet(variant=None, *, width=None, depth=None,
     x = ns_layers.PixelNormalization(mean, stddev, name="normalize")(inputs)
     x = keras.layers.Conv2D(
         round_filters(STEM_FILTERS, width), 3, strides=2, padding="same",
-        use_bias=False, kernel_initializer=CONV_INITIALIZER,
+        use_bias=False, kernel_initializer=conv_initializer(),
         name="stem_conv")(x)
     x = batch_norm("stem_bn")(x)
     x = keras.layers.Activation("swish", name="stem_activation")(x)
@@ -269,7 +279,7 @@ def build_efficientnet(variant=None, *, width=None, depth=None,
 
     x = keras.layers.Conv2D(
         round_filters(TOP_FILTERS, width), 1, use_bias=False,
-        kernel_initializer=CONV_INITIALIZER, name="top_conv")(x)
+        kernel_initializer=conv_initializer(), name="top_conv")(x)
     x = batch_norm("top_bn")(x)
     x = keras.layers.Activation("swish", name="top_activation")(x)
     x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
@@ -278,7 +288,7 @@ def build_efficientnet(variant=None, *, width=None, depth=None,
     # float32 logits keep the softmax and the loss stable under mixed
     # precision.
     outputs = keras.layers.Dense(
-        num_classes, kernel_initializer=DENSE_INITIALIZER, dtype="float32",
+        num_classes, kernel_initializer=dense_initializer(), dtype="float32",
         name="predictions")(x)
     return keras.Model(inputs, outputs, name=name)
 
@@ -290,13 +300,13 @@ def _mbconv_block(x, *, filters_in, filters_out, kernel_size, strides,
     filters = filters_in * expand_ratio
     if expand_ratio != 1:
         x = keras.layers.Conv2D(
-            filters, 1, use_bias=False, kernel_initializer=CONV_INITIALIZER,
+            filters, 1, use_bias=False, kernel_initializer=conv_initializer(),
             name=prefix + "expand_conv")(x)
         x = batch_norm(prefix + "expand_bn")(x)
         x = keras.layers.Activation("swish", name=prefix + "expand_activation")(x)
     x = keras.layers.DepthwiseConv2D(
         kernel_size, strides=strides, padding="same", use_bias=False,
-        depthwise_initializer=CONV_INITIALIZER, name=prefix + "dwconv")(x)
+        depthwise_initializer=conv_initializer(), name=prefix + "dwconv")(x)
     x = batch_norm(prefix + "bn")(x)
     x = keras.layers.Activation("swish", name=prefix + "activation")(x)
 
@@ -306,14 +316,14 @@ def _mbconv_block(x, *, filters_in, filters_out, kernel_size, strides,
             keepdims=True, name=prefix + "se_squeeze")(x)
         se = keras.layers.Conv2D(
             squeezed, 1, activation="swish",
-            kernel_initializer=CONV_INITIALIZER, name=prefix + "se_reduce")(se)
+            kernel_initializer=conv_initializer(), name=prefix + "se_reduce")(se)
         se = keras.layers.Conv2D(
             filters, 1, activation="sigmoid",
-            kernel_initializer=CONV_INITIALIZER, name=prefix + "se_expand")(se)
+            kernel_initializer=conv_initializer(), name=prefix + "se_expand")(se)
         x = keras.layers.Multiply(name=prefix + "se_excite")([x, se])
 
     x = keras.layers.Conv2D(
-        filters_out, 1, use_bias=False, kernel_initializer=CONV_INITIALIZER,
+        filters_out, 1, use_bias=False, kernel_initializer=conv_initializer(),
         name=prefix + "project_conv")(x)
     x = batch_norm(prefix + "project_bn")(x)
     if strides == 1 and filters_in == filters_out:

@@ -44,6 +44,9 @@ from noisy_student import layers as _ns_layers  # noqa: F401  (registers layers)
 
 SEVERITIES = (1, 2, 3, 4, 5)
 ECE_BINS = 15
+# run_evaluation keeps the confusion matrix in results.json up to this many
+# classes.
+MAX_JSON_CONFUSION_CLASSES = 100
 
 # The 15 ImageNet-C benchmark corruptions, in the paper's order.
 IMAGENET_C_CORRUPTIONS = (
@@ -83,7 +86,8 @@ ALEXNET_CLEAN_ERROR = 0.43478
 
 # ImageNet-A's 200 classes as indices into ImageNet's 1000 (sorted wnids, the
 # order of TFDS `imagenet2012` / `imagenet_a` labels). Source: the
-# `thousand_k_to_200` map of eval.py in github.com/hendrycks/natural-adv-examples.
+# `thousand_k_to_200` map of eval.py in
+# github.com/hendrycks/natural-adv-examples.
 IMAGENET_A_CLASS_INDICES = (
     6, 11, 13, 15, 17, 22, 23, 27, 30, 37, 39, 42, 47, 50, 57, 70, 71, 76, 79,
     89, 90, 94, 96, 97, 99, 105, 107, 108, 110, 113, 124, 125, 130, 132, 143,
@@ -133,9 +137,9 @@ class SavedModelClassifier:
             self.num_classes = int(loaded.num_classes.numpy())
             self.channels = int(loaded.channels.numpy())
             return
-        if hasattr(loaded, "serve"):
+        concrete = loaded.signatures.get("serve")
+        if hasattr(loaded, "serve") and concrete is not None:
             self._fn = loaded.serve
-            concrete = loaded.signatures.get("serve")
         else:
             concrete = loaded.signatures.get("serving_default")
             if concrete is None:
@@ -239,9 +243,26 @@ def center_crop_and_resize(image, size, crop_fraction=0.875):
                            method="bicubic")
 
 
-def _batches(dataset, batch_size, preprocess):
-    """Batches of {"image": float32, "label": int32}, all examples kept."""
-    batched = dataset.element_spec["image"].shape.rank == 4
+def eval_batches(dataset, batch_size, preprocess):
+    """Batches of {"image": float32, "label": int32}, all examples kept.
+
+    Args:
+      dataset: Labeled data set, unbatched or batched (image rank 4).
+      batch_size: Batch size for an unbatched data set.
+      preprocess: Function image -> float32 [S, S, C].
+
+    Returns:
+      A batched `tf.data.Dataset`.
+
+    Raises:
+      ValueError: if the elements are not {"image", "label"} dicts.
+    """
+    spec = dataset.element_spec
+    if not isinstance(spec, Mapping) or not {"image", "label"} <= set(spec):
+        raise ValueError(
+            'Expected a labeled data set of {"image", "label"} dicts. '
+            f"Received: element_spec={spec}")
+    batched = spec["image"].shape.rank == 4
     if batched:
         def fix(element):
             images = tf.map_fn(preprocess, element["image"],
@@ -261,7 +282,7 @@ def _batches(dataset, batch_size, preprocess):
 _FUNCTIONS = weakref.WeakKeyDictionary()
 
 
-def _input_spec(model):
+def input_spec(model):
     """float32 [None, S, S, C] (None sides when the model takes any)."""
     if isinstance(model, SavedModelClassifier):
         return tf.TensorSpec([None, model.image_size, model.image_size,
@@ -269,7 +290,7 @@ def _input_spec(model):
     return tf.TensorSpec((None,) + tuple(model.input_shape[1:]), tf.float32)
 
 
-def _logits_function(model):
+def logits_function(model):
     """model(x, training=False) compiled once per model (never with XLA)."""
     if isinstance(model, SavedModelClassifier):
         return model
@@ -277,8 +298,10 @@ def _logits_function(model):
     if fn is None:
         # A fixed signature with a free batch size: the last, smaller batch
         # reuses the trace. No jit_compile: XLA is slower on CPU.
-        fn = tf.function(lambda x: model(x, training=False),
-                         input_signature=[_input_spec(model)])
+        # A weak reference, so the cache does not keep the model alive.
+        ref = weakref.ref(model)
+        fn = tf.function(lambda x: ref()(x, training=False),
+                         input_signature=[input_spec(model)])
         _FUNCTIONS[model] = fn
     return fn
 
@@ -299,9 +322,9 @@ def predict_logits(model, dataset, batch_size=64, preprocess=None):
     if preprocess is None:
         size = model_image_size(model)
         preprocess = lambda image: resize_image(image, size)  # noqa: E731
-    fn = _logits_function(model)
+    fn = logits_function(model)
     logits, labels = [], []
-    for batch in _batches(dataset, batch_size, preprocess):
+    for batch in eval_batches(dataset, batch_size, preprocess):
         logits.append(np.asarray(fn(batch["image"]), np.float32))
         labels.append(batch["label"].numpy())
     if not logits:
@@ -309,7 +332,8 @@ def predict_logits(model, dataset, batch_size=64, preprocess=None):
     return np.concatenate(logits), np.concatenate(labels).astype(np.int64)
 
 
-def _check_labels(labels, num_classes, what="model"):
+def check_labels(labels, num_classes, what="model"):
+    """Raises ValueError if a label is outside [0, num_classes)."""
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(
             f"Expected labels in [0, {num_classes}) for a {what} with "
@@ -463,7 +487,7 @@ def classification_metrics(logits, labels, num_classes=None, top_k=5,
         raise ValueError(
             f"Expected logits with {num_classes} classes. Received: "
             f"logits.shape={logits.shape}")
-    _check_labels(labels, num_classes)
+    check_labels(labels, num_classes)
     predictions = logits.argmax(axis=1)
     top1 = top_k_accuracy(logits, labels, 1)
     matrix = confusion_matrix(labels, predictions, num_classes)
@@ -722,7 +746,7 @@ def evaluate_imagenet_c(model, source, *, corruptions=IMAGENET_C_CORRUPTIONS,
         for severity in severities:
             logits, labels = predict_logits(
                 model, datasets[(name, severity)], batch_size, preprocess)
-            _check_labels(labels, num_classes)
+            check_labels(labels, num_classes)
             errors[name].append(1.0 - top_k_accuracy(logits, labels, 1))
     results = {"errors": errors}
     full = tuple(severities) == SEVERITIES
@@ -805,7 +829,7 @@ def evaluate_imagenet_a(model, source, *, batch_size=64, preprocess=None):
         preprocess = lambda image: center_crop_and_resize(  # noqa: E731
             image, size)
     logits, labels = predict_logits(model, dataset, batch_size, preprocess)
-    _check_labels(labels, 1000)
+    check_labels(labels, 1000)
     top1 = imagenet_a_accuracy(logits, labels)
     return {"top1": top1, "error": 1.0 - top1,
             "num_examples": int(len(labels))}
@@ -871,7 +895,7 @@ def evaluate_imagenet_p(model, sequences, *, batch_size=64, step=1,
       {"flip_probability": {name: FP}, "mean_flip_probability"}, plus
       "flip_rate" and "mfr" (percent) when a baseline is given.
     """
-    fn = _logits_function(model)
+    fn = logits_function(model)
     size = model_image_size(model)
     fps = {}
     for name, array in sequences.items():
@@ -946,7 +970,7 @@ def evaluate_corruptions(model, dataset, *,
             corrupted = ns_corruptions.corrupt_dataset(dataset, name,
                                                        severity, seed)
             logits, labels = predict_logits(model, corrupted, batch_size)
-            _check_labels(labels, model_classes)
+            check_labels(labels, model_classes)
             errors[name].append(1.0 - top_k_accuracy(logits, labels, 1))
     mean_error = {name: float(np.mean(e)) for name, e in errors.items()}
     results = {
@@ -1037,6 +1061,10 @@ def run_evaluation(config, dataset=None, model=None):
             confusion_png=f"{out}/confusion_matrix.png" if out else None,
             class_names=list(config.class_names) or None)
         clean_error = results["clean"]["error"]
+        if results["clean"]["num_classes"] > MAX_JSON_CONFUSION_CLASSES:
+            # 1000 x 1000 counts would make a multi-megabyte JSON; the PNG
+            # still shows the matrix.
+            del results["clean"]["confusion_matrix"]
         if config.corruptions:
             results["corruptions"] = evaluate_corruptions(
                 model, dataset, corruptions=config.corruptions,

@@ -31,6 +31,8 @@ import shutil
 import tempfile
 
 import tensorflow as tf
+# Freezes variables for TFLite; there is no public API for it.
+from tensorflow.python.framework import convert_to_constants  # pylint: disable=g-direct-tensorflow-import
 
 from noisy_student import evaluate as ns_evaluate
 from noisy_student import io_utils
@@ -138,6 +140,43 @@ class _ServingModule(tf.Module):
                 [self._size, self._size, self._channels], tf.float32))
         return self._outputs(images)
 
+    def tflite_bytes(self):
+        """A TFLite flatbuffer: uint8 [1, S, S, 3] -> the serving outputs.
+
+        The weights are frozen into constants first: converted as resource
+        variables (Keras 3 variables), they come out uninitialised in TFLite.
+        """
+        spec = tf.TensorSpec([1, self._size, self._size, 3], tf.uint8,
+                             name="images")
+        outputs = tf.function(
+            lambda images: self._outputs(self._resize(images)),
+            input_signature=[spec])
+        frozen = convert_to_constants.convert_variables_to_constants_v2(
+            outputs.get_concrete_function())
+        keys = sorted(("probabilities", "top_k_classes", "top_k_scores"))
+
+        @tf.function(input_signature=[spec])
+        def serve(images):
+            # A dict output gives the TFLite model a signature with named
+            # outputs (get_signature_runner()).
+            return dict(zip(keys, frozen(images)))
+
+        holder = tf.Module()
+        holder.serve = serve
+        # Converting from a SavedModel keeps the signature and its names.
+        folder = tempfile.mkdtemp(prefix="ns-tflite-")
+        try:
+            # No gradients are needed, and the frozen swish's custom gradient
+            # cannot be saved.
+            tf.saved_model.save(
+                holder, folder, signatures={"serving_default": serve},
+                options=tf.saved_model.SaveOptions(
+                    experimental_custom_gradients=False))
+            converter = tf.lite.TFLiteConverter.from_saved_model(folder)
+            return converter.convert()
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
 
 def _exists(path):
     return tf.io.gfile.exists(path)
@@ -182,45 +221,6 @@ def _move_into_place(tmp, out_dir):
         tf.io.gfile.rmtree(tmp)
     if trash is not None:
         tf.io.gfile.rmtree(trash)
-
-
-def _tflite_bytes(module):
-    """A TFLite flatbuffer: uint8 [1, S, S, 3] -> the serving outputs.
-
-    The weights are frozen into constants first: converted as resource
-    variables (Keras 3 variables), they come out uninitialised in TFLite.
-    """
-    from tensorflow.python.framework import convert_to_constants  # pylint: disable=g-import-not-at-top,g-direct-tensorflow-import
-    size = module._size  # pylint: disable=protected-access
-    spec = tf.TensorSpec([1, size, size, 3], tf.uint8, name="images")
-    outputs = tf.function(
-        lambda images: module._outputs(module._resize(images)),  # pylint: disable=protected-access
-        input_signature=[spec])
-    frozen = convert_to_constants.convert_variables_to_constants_v2(
-        outputs.get_concrete_function())
-    keys = sorted(("probabilities", "top_k_classes", "top_k_scores"))
-
-    @tf.function(input_signature=[spec])
-    def serve(images):
-        # A dict output gives the TFLite model a signature with named
-        # outputs (get_signature_runner()).
-        return dict(zip(keys, frozen(images)))
-
-    holder = tf.Module()
-    holder.serve = serve
-    # Converting from a SavedModel keeps the signature and its names.
-    folder = tempfile.mkdtemp(prefix="ns-tflite-")
-    try:
-        # No gradients are needed, and the frozen swish's custom gradient
-        # cannot be saved.
-        tf.saved_model.save(
-            holder, folder, signatures={"serving_default": serve},
-            options=tf.saved_model.SaveOptions(
-                experimental_custom_gradients=False))
-        converter = tf.lite.TFLiteConverter.from_saved_model(folder)
-        return converter.convert()
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def export(model, out_dir, *, overwrite=False, image_size=None, top_k=5,
@@ -270,7 +270,7 @@ def export(model, out_dir, *, overwrite=False, image_size=None, top_k=5,
                         "serve_bytes": module.serve_bytes})
         if tflite:
             io_utils.atomic_write(f"{tmp}/{TFLITE_FILE}",
-                                  _tflite_bytes(module))
+                                  module.tflite_bytes())
         # Checked again: another process may have created it meanwhile.
         _check_out_dir(out_dir, overwrite)
         _move_into_place(tmp, out_dir)

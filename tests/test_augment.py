@@ -315,9 +315,14 @@ def test_extra_cutout_and_other_kinds(photos):
     np.testing.assert_array_equal(none(image), image)
 
     kcv = augment.make_augmenter("keras_cv", 2, 10, seed=1)
-    out = kcv(np.stack([image] * 4))
-    assert out.dtype == tf.uint8 and out.shape == (4,) + image.shape
-    assert not np.array_equal(out.numpy(), np.stack([image] * 4))
+    batch = np.stack([image] * 4)
+    out = kcv(batch)
+    assert out.dtype == tf.uint8 and out.shape == batch.shape
+    assert not np.array_equal(out.numpy(), batch)
+    # keras_cv's layers need AutoGraph inside tf.data: check that path too.
+    ds = tf.data.Dataset.from_tensors(batch).map(kcv)
+    assert ds.element_spec.shape == batch.shape
+    assert next(iter(ds)).dtype == tf.uint8
 
 
 def test_bad_input_errors(photos):

@@ -24,9 +24,9 @@ def _photos(size):
     return np.clip(np.round(np.stack(crops)), 0, 255).astype(np.uint8)
 
 
-def _digits(size, n=16):
-    from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
-    images = load_digits().images[:n].astype(np.float32) / 16.0 * 255.0
+def _digits(size, n=8):
+    from sklearn import datasets  # pylint: disable=g-import-not-at-top
+    images = datasets.load_digits().images[:n].astype(np.float32) / 16.0 * 255.0
     images = tf.image.resize(images[..., None], (size, size)).numpy()
     images = np.clip(np.round(images), 0, 255).astype(np.uint8)
     return np.repeat(images, 3, axis=-1)

@@ -145,3 +145,14 @@ def test_model_names():
     assert efficientnet.is_smaller("w1.2-d0.5", "b0")
     assert not efficientnet.is_smaller("b1", "b0")
     assert not efficientnet.is_smaller("b0", "w1.0-d1.0")
+
+
+def test_equal_shaped_layers_start_with_different_weights_and_seeds_repeat():
+    keras.utils.set_random_seed(3)
+    model = tiny(depth=1.0)
+    a = model.get_layer("block6b_expand_conv").kernel.numpy()
+    b = model.get_layer("block6c_expand_conv").kernel.numpy()
+    assert a.shape == b.shape and not np.allclose(a, b)
+    keras.utils.set_random_seed(3)
+    again = tiny(depth=1.0).get_layer("block6b_expand_conv").kernel.numpy()
+    np.testing.assert_array_equal(a, again)

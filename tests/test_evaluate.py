@@ -16,8 +16,8 @@ SIZE = 16
 
 def _digits(size=SIZE):
     """sklearn digits as uint8 RGB images at `size` px and int32 labels."""
-    from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
-    digits = load_digits()
+    from sklearn import datasets  # pylint: disable=g-import-not-at-top
+    digits = datasets.load_digits()
     images = digits.images.astype(np.float32) / 16.0 * 255.0
     images = tf.image.resize(images[..., None], (size, size)).numpy()
     images = np.clip(np.round(images), 0, 255).astype(np.uint8)
@@ -298,6 +298,9 @@ def test_class_count_mismatch_is_a_clear_error(digits, untrained):
     model = untrained
     with pytest.raises(ValueError, match=r"10 classes.*num_classes=5"):
         E.evaluate_clean(model, data, num_classes=5)
+    unlabeled = tf.data.Dataset.from_tensor_slices({"image": images[:4]})
+    with pytest.raises(ValueError, match="labeled"):
+        E.evaluate_clean(model, unlabeled)
     small = _tiny_model(num_classes=5)
     with pytest.raises(ValueError, match=r"labels in \[0, 5\)"):
         E.evaluate_clean(small, _dataset(images[:32], labels[:32]))

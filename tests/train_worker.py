@@ -76,6 +76,10 @@ def main(argv):
     with open(config_json, encoding="utf-8") as f:
         config = train_lib.TrainConfig.from_dict(json.load(f))
     strategy = strategy_lib.make_strategy(config.strategy, config.tpu)
+    if os.environ.get("NS_TEST_DISABLE_GRAPPLER"):
+        # As the in-process tests do: tracing is the slow part of tiny runs.
+        tf.config.optimizer.set_experimental_options(
+            {"disable_meta_optimizer": True})
     images, labels = synthetic_data(
         image_size=config.resolved_image_size, num_classes=config.num_classes)
     dataset_fn = make_dataset_fn(images, labels, config.batch_size,

@@ -1,0 +1,192 @@
+"""The one-command pipeline: outputs, report, resume after SIGKILL, bad flags."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from absl import flags
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A tiny configuration of the digits demo: seconds per stage.
+TINY = [
+    f"--flagfile={ROOT}/flags/digits.cfg", "--teacher_model=w0.25-d0.25",
+    "--image_size=16", "--batch_size=16", "--unlabel_ratio=2",
+    "--teacher_train_steps=20", "--student_train_steps=20",
+    "--warmup_steps=5", "--steps_per_loop=5", "--log_every=10",
+    "--checkpoint_every=5", "--predict_batch_size=16",
+    "--records_per_file=100", "--min_confidence=0.0",
+]
+STAGES_PER_ROUND = ("predict", "select", "train", "eval")
+
+
+def pipeline_command(workdir, *extra):
+    return [sys.executable, "-m", "noisy_student.cli.pipeline",
+            f"--workdir={workdir}", *TINY, *extra]
+
+
+def run_pipeline(workdir, *extra):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    return subprocess.run(pipeline_command(workdir, *extra), cwd=ROOT,
+                          env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def stage_times(workdir):
+    stages = read_json(f"{workdir}/manifest.json")["stages"]
+    return {name: (s.get("finished_at"), s["runs"])
+            for name, s in stages.items()}
+
+
+def check_outputs(workdir, iterations):
+    """Every stage's outputs exist and the report agrees with them."""
+    for r in range(iterations + 1):
+        assert os.path.exists(f"{workdir}/round{r}/train/model.keras")
+        assert os.path.exists(f"{workdir}/round{r}/train/stage_config.json")
+        assert os.path.exists(f"{workdir}/round{r}/eval/confusion_matrix.png")
+        if r:
+            assert os.path.exists(f"{workdir}/round{r}/select/selection.json")
+            assert os.path.exists(f"{workdir}/round{r}/select/report.png")
+    assert os.path.exists(f"{workdir}/export/saved_model.pb")
+    for name in ("report.md", "report.png", "flags.txt"):
+        assert os.path.getsize(f"{workdir}/{name}") > 0
+    report = read_json(f"{workdir}/report.json")
+    assert [r["round"] for r in report["rounds"]] == list(
+        range(iterations + 1))
+    assert [r["role"] for r in report["rounds"]] == (
+        ["teacher"] + ["student"] * iterations)
+    for entry in report["rounds"]:
+        results = read_json(f"{workdir}/round{entry['round']}/eval/"
+                            "results.json")
+        assert entry["test_top1"] == pytest.approx(results["clean"]["top1"])
+        assert 0.0 <= entry["test_top1"] <= 1.0
+        assert entry["train_steps"] == 20
+    for entry in report["rounds"][1:]:
+        selection = read_json(f"{workdir}/round{entry['round']}/select/"
+                              "report.json")
+        assert entry["pseudo_labels"]["unique"] == (
+            selection["totals"]["unique"])
+        assert 0 < entry["pseudo_labels"]["unique"] <= 1337
+    stages = read_json(f"{workdir}/manifest.json")["stages"]
+    assert all("finished_at" in s for s in stages.values())
+    return report
+
+
+def test_pipeline_end_to_end_then_rerun_is_a_no_op(tmp_path):
+    workdir = str(tmp_path / "work")
+    done = run_pipeline(workdir, "--iterations=2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = check_outputs(workdir, 2)
+    assert "| 2 | student | w0.25-d0.25 |" in done.stdout
+    before = stage_times(workdir)
+    assert len(before) == 2 + 2 * len(STAGES_PER_ROUND) + 1
+    again = run_pipeline(workdir, "--iterations=2")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert stage_times(workdir) == before  # nothing redone
+    assert read_json(f"{workdir}/report.json")["rounds"] == report["rounds"]
+    # Changed settings are refused before any work starts.
+    changed = run_pipeline(workdir, "--iterations=2",
+                           "--student_train_steps=30")
+    assert changed.returncode != 0
+    assert "round1/train" in changed.stderr and "--overwrite" in (
+        changed.stderr)
+    assert stage_times(workdir) == before
+
+
+def _kill_when(process, condition, timeout=300):
+    start = time.time()
+    while not condition():
+        if process.poll() is not None:
+            raise AssertionError("the pipeline ended before the kill point:\n"
+                                 + process.stdout.read()[-3000:])
+        if time.time() - start > timeout:
+            process.kill()
+            raise AssertionError("kill point not reached in time")
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
+def _started(workdir, name):
+    try:
+        stage = read_json(f"{workdir}/manifest.json")["stages"].get(name, {})
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+    return "started_at" in stage and "finished_at" not in stage
+
+
+def test_pipeline_resumes_after_sigkill_in_prediction_and_training(tmp_path):
+    workdir = str(tmp_path / "work")
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+    def start():
+        return subprocess.Popen(
+            pipeline_command(workdir, "--iterations=1"), cwd=ROOT, env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    predict_dir = f"{workdir}/round1/predict"
+    # 1. Killed while predicting: some blocks written, the stage unfinished.
+    _kill_when(start(), lambda: _started(workdir, "round1/predict") and any(
+        n.endswith(".hist.npz") for n in os.listdir(predict_dir)))
+    teacher = stage_times(workdir)["round0/train"]
+    blocks = {n: os.path.getmtime(f"{predict_dir}/{n}")
+              for n in os.listdir(predict_dir) if n.endswith(".hist.npz")}
+    # 2. Killed while the student trains, after its first checkpoint.
+    checkpoints = f"{workdir}/round1/train/checkpoints"
+    _kill_when(start(), lambda: _started(workdir, "round1/train") and (
+        os.path.isdir(checkpoints) and any(
+            n.startswith("ckpt") and n.endswith(".index")
+            for n in os.listdir(checkpoints))))
+    # 3. The same command completes.
+    process = start()
+    out, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, out[-3000:]
+    check_outputs(workdir, 1)
+    times = stage_times(workdir)
+    assert times["round0/train"] == teacher  # the teacher was not redone
+    assert times["round1/predict"][1] == 2  # resumed once after the kill
+    for name, mtime in blocks.items():  # finished blocks were kept
+        assert os.path.getmtime(f"{predict_dir}/{name}") == mtime
+    metrics = read_json(f"{workdir}/round1/train/metrics.json")
+    assert metrics["step"] == 20
+
+
+@pytest.fixture
+def pipeline_flags():
+    from noisy_student.cli import pipeline  # pylint: disable=g-import-not-at-top
+    yield pipeline
+    flags.FLAGS.unparse_flags()
+
+
+def parse(pipeline, tmp_path, *extra):
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["noisy-student", f"--workdir={tmp_path}", *TINY, *extra])
+    return pipeline.experiment_config()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--teacher_model=b9"], "model='b9'"),
+    (["--student_models=w0.25-d0.125"], "equal-or-larger"),
+    (["--unlabel_ratio=0"], "unlabel_ratio=0"),
+    (["--labeled=npz:/no/such/file.npz"], "/no/such/file.npz"),
+    (["--unlabeled=folder:/no/such/folder"], "/no/such/folder"),
+])
+def test_bad_flags_fail_before_any_work(pipeline_flags, tmp_path, extra,
+                                        message):
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        parse(pipeline_flags, tmp_path, *extra)
+    assert not os.listdir(tmp_path)
+
+
+def test_smaller_student_allowed_when_asked(pipeline_flags, tmp_path):
+    config = parse(pipeline_flags, tmp_path, "--student_models=w0.25-d0.125",
+                   "--allow_smaller_student")
+    assert config.student_model(1) == "w0.25-d0.125"

@@ -101,12 +101,12 @@ def test_pipeline_end_to_end_then_rerun_is_a_no_op(tmp_path):
     assert stage_times(workdir) == before
 
 
-def _kill_when(process, condition, timeout=300):
+def _kill_when(process, condition, log_path, timeout=300):
     start = time.time()
     while not condition():
         if process.poll() is not None:
             raise AssertionError("the pipeline ended before the kill point:\n"
-                                 + process.stdout.read()[-3000:])
+                                 + log_path.read_text()[-3000:])
         if time.time() - start > timeout:
             process.kill()
             raise AssertionError("kill point not reached in time")
@@ -127,28 +127,33 @@ def test_pipeline_resumes_after_sigkill_in_prediction_and_training(tmp_path):
     workdir = str(tmp_path / "work")
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
 
+    log_path = tmp_path / "log.txt"
+
     def start():
-        return subprocess.Popen(
-            pipeline_command(workdir, "--iterations=1"), cwd=ROOT, env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # Output goes to a file: an unread pipe could fill up and block.
+        with open(log_path, "a") as log:
+            return subprocess.Popen(
+                pipeline_command(workdir, "--iterations=1"), cwd=ROOT,
+                env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def files(folder):
+        return os.listdir(folder) if os.path.isdir(folder) else []
 
     predict_dir = f"{workdir}/round1/predict"
     # 1. Killed while predicting: some blocks written, the stage unfinished.
     _kill_when(start(), lambda: _started(workdir, "round1/predict") and any(
-        n.endswith(".hist.npz") for n in os.listdir(predict_dir)))
+        n.endswith(".hist.npz") for n in files(predict_dir)), log_path)
     teacher = stage_times(workdir)["round0/train"]
     blocks = {n: os.path.getmtime(f"{predict_dir}/{n}")
               for n in os.listdir(predict_dir) if n.endswith(".hist.npz")}
     # 2. Killed while the student trains, after its first checkpoint.
     checkpoints = f"{workdir}/round1/train/checkpoints"
-    _kill_when(start(), lambda: _started(workdir, "round1/train") and (
-        os.path.isdir(checkpoints) and any(
-            n.startswith("ckpt") and n.endswith(".index")
-            for n in os.listdir(checkpoints))))
+    _kill_when(start(), lambda: _started(workdir, "round1/train") and any(
+        n.startswith("ckpt") and n.endswith(".index")
+        for n in files(checkpoints)), log_path)
     # 3. The same command completes.
     process = start()
-    out, _ = process.communicate(timeout=600)
-    assert process.returncode == 0, out[-3000:]
+    assert process.wait(timeout=600) == 0, log_path.read_text()[-3000:]
     check_outputs(workdir, 1)
     times = stage_times(workdir)
     assert times["round0/train"] == teacher  # the teacher was not redone

@@ -19,6 +19,7 @@ from noisy_student import augment
 from noisy_student.data import preprocess
 
 AUTOTUNE = tf.data.AUTOTUNE
+SMALL_IMAGE_AUGMENT = {"translate_frac": 1 / 8, "cutout_frac": 1 / 8}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,9 +129,13 @@ def train_dataset_fn(labeled, config, unlabeled=None, num_classes=None):
         if input_context is not None:
             batch = input_context.get_per_replica_batch_size(batch)
         seed = None if config.seed is None else config.seed + 7
+        # Small images take the official CIFAR/SVHN translate and cutout
+        # sizes (an eighth of a side) instead of ImageNet's 100 and 40 of 224.
+        sizes = SMALL_IMAGE_AUGMENT if config.small_images and (
+            config.augment == "randaugment") else {}
         augmenter = augment.make_augmenter(
             config.augment, num_layers=config.num_layers,
-            magnitude=config.magnitude, seed=seed)
+            magnitude=config.magnitude, seed=seed, **sizes)
         streams = {"labeled": _stream(labeled, config, batch, input_context,
                                       augmenter, salt=1)}
         if config.unlabel_ratio > 0:

@@ -24,6 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from noisy_student import evaluate as ns_evaluate
+from noisy_student import model_io
 
 ATTACKS = ("fgsm", "pgd")
 
@@ -166,8 +167,8 @@ def adversarial_accuracy(model, dataset, epsilons, *, attack="fgsm",
     epsilons = [float(e) for e in epsilons]
     for epsilon in epsilons:
         _check_epsilon(epsilon)
-    model_classes = ns_evaluate.check_num_classes(model, num_classes)
-    size = ns_evaluate.model_image_size(model)
+    model_classes = model_io.check_num_classes(model, num_classes)
+    size = model_io.image_size(model)
     preprocess = lambda image: ns_evaluate.resize_image(image, size)  # noqa
     grad_fn = _gradient_function(model)
     logits_fn = ns_evaluate.logits_function(model)

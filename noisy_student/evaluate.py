@@ -4,8 +4,9 @@ A model here is anything called as `model(images, training=False)` on float32
 pixels in [0, 255] of shape [B, S, S, C] that returns logits [B, K]: the
 `keras.Model` from `noisy_student.efficientnet` (EMA weights, as training
 saves them in `model_dir/model.keras`) or a SavedModel loaded with
-`load_model`. A data set is a `tf.data.Dataset` of {"image": uint8 [H, W, C],
-"label": int32 []} (unbatched; a batched one, image rank 4, is accepted too).
+`noisy_student.model_io.load_model`. A data set is a `tf.data.Dataset` of
+{"image": uint8 [H, W, C], "label": int32 []} (unbatched; a batched one, image
+rank 4, is accepted too).
 
 What is computed, and how:
 - Clean: top-1, top-k, per-class accuracy, a confusion matrix (PNG), and the
@@ -34,13 +35,12 @@ import math
 import weakref
 from collections.abc import Mapping
 
-import keras
 import numpy as np
 import tensorflow as tf
 
 from noisy_student import corruptions as ns_corruptions
 from noisy_student import io_utils
-from noisy_student import layers as _ns_layers  # noqa: F401  (registers layers)
+from noisy_student import model_io
 
 SEVERITIES = (1, 2, 3, 4, 5)
 ECE_BINS = 15
@@ -109,109 +109,6 @@ IMAGENET_A_CLASS_INDICES = (
 IMAGENET_P_NOISE_PERTURBATIONS = ("gaussian_noise", "shot_noise",
                                   "speckle_noise")
 
-
-# --------------------------------------------------------------------------
-# Models.
-
-
-class SavedModelClassifier:
-    """A SavedModel used like the Keras model: `__call__` returns logits.
-
-    Works on SavedModels written by `noisy_student.export.export` (its
-    `serve_logits` function) and on `keras.Model.export` artifacts (their
-    `serve` endpoint, which returns what the model returns: logits for ours).
-
-    Attributes:
-      path: The SavedModel folder.
-      image_size: Input side in pixels (None if unknown).
-      num_classes: Number of logits.
-    """
-
-    def __init__(self, path):
-        self.path = path
-        self._loaded = tf.saved_model.load(path)
-        loaded = self._loaded
-        if hasattr(loaded, "serve_logits"):
-            self._fn = loaded.serve_logits
-            self.image_size = int(loaded.image_size.numpy())
-            self.num_classes = int(loaded.num_classes.numpy())
-            self.channels = int(loaded.channels.numpy())
-            return
-        concrete = loaded.signatures.get("serve")
-        if hasattr(loaded, "serve") and concrete is not None:
-            self._fn = loaded.serve
-        else:
-            concrete = loaded.signatures.get("serving_default")
-            if concrete is None:
-                raise ValueError(
-                    "Expected a SavedModel with a `serve_logits` or `serve` "
-                    f"function or a serving_default signature. Received: "
-                    f"path={path}")
-            self._fn = lambda x: next(iter(concrete(x).values()))
-        specs = concrete.structured_input_signature[1]
-        (spec,) = specs.values() if isinstance(specs, dict) else specs
-        self.image_size = spec.shape[1]
-        self.channels = spec.shape[-1]
-        out = concrete.structured_outputs
-        out = next(iter(out.values())) if isinstance(out, dict) else out
-        self.num_classes = int(out.shape[-1])
-
-    def __call__(self, images, training=False):
-        del training  # A SavedModel is always in inference mode.
-        return self._fn(tf.cast(images, tf.float32))
-
-
-def load_model(path):
-    """Loads a model for evaluation.
-
-    Args:
-      path: `model.keras` (keras.saving format), a folder holding
-        `model.keras` (a training run's model_dir: EMA weights), or a
-        SavedModel folder. Local or gs://.
-
-    Returns:
-      A `keras.Model` or a `SavedModelClassifier`; both are called as
-      `model(images, training=False)` and return logits.
-
-    Raises:
-      FileNotFoundError: if `path` is none of these.
-    """
-    path = str(path)
-    if path.endswith(".keras") and tf.io.gfile.exists(path):
-        return keras.saving.load_model(path, compile=False)
-    if tf.io.gfile.isdir(path):
-        keras_path = path.rstrip("/") + "/model.keras"
-        if tf.io.gfile.exists(keras_path):
-            return keras.saving.load_model(keras_path, compile=False)
-        if tf.io.gfile.exists(path.rstrip("/") + "/saved_model.pb"):
-            return SavedModelClassifier(path)
-    raise FileNotFoundError(
-        "Expected model.keras, a folder holding model.keras, or a SavedModel "
-        f"folder. Received: path={path}")
-
-
-def model_num_classes(model):
-    """Number of logits the model returns."""
-    if isinstance(model, SavedModelClassifier):
-        return model.num_classes
-    return int(model.output_shape[-1])
-
-
-def model_image_size(model):
-    """The model's input side in pixels, or None when it takes any size."""
-    if isinstance(model, SavedModelClassifier):
-        return model.image_size
-    return model.input_shape[1]
-
-
-def check_num_classes(model, num_classes, name="num_classes"):
-    """Raises ValueError if the model's class count is not `num_classes`."""
-    model_classes = model_num_classes(model)
-    if num_classes is not None and int(num_classes) != model_classes:
-        raise ValueError(
-            f"Expected the data set's class count to match the model's "
-            f"{model_classes} classes. Received: {name}={num_classes}")
-    return model_classes
 
 
 # --------------------------------------------------------------------------
@@ -284,7 +181,7 @@ _FUNCTIONS = weakref.WeakKeyDictionary()
 
 def input_spec(model):
     """float32 [None, S, S, C] (None sides when the model takes any)."""
-    if isinstance(model, SavedModelClassifier):
+    if isinstance(model, model_io.SavedModelClassifier):
         return tf.TensorSpec([None, model.image_size, model.image_size,
                               model.channels], tf.float32)
     return tf.TensorSpec((None,) + tuple(model.input_shape[1:]), tf.float32)
@@ -292,7 +189,7 @@ def input_spec(model):
 
 def logits_function(model):
     """model(x, training=False) compiled once per model (never with XLA)."""
-    if isinstance(model, SavedModelClassifier):
+    if isinstance(model, model_io.SavedModelClassifier):
         return model
     fn = _FUNCTIONS.get(model)
     if fn is None:
@@ -320,7 +217,7 @@ def predict_logits(model, dataset, batch_size=64, preprocess=None):
       (logits float32 [N, K], labels int64 [N]) as numpy arrays.
     """
     if preprocess is None:
-        size = model_image_size(model)
+        size = model_io.image_size(model)
         preprocess = lambda image: resize_image(image, size)  # noqa: E731
     fn = logits_function(model)
     logits, labels = [], []
@@ -528,7 +425,7 @@ def evaluate_clean(model, dataset, *, num_classes=None, batch_size=64,
       ValueError: if num_classes differs from the model's class count or a
         label is outside the model's classes.
     """
-    model_classes = check_num_classes(model, num_classes)
+    model_classes = model_io.check_num_classes(model, num_classes)
     logits, labels = predict_logits(model, dataset, batch_size, preprocess)
     results = classification_metrics(logits, labels, model_classes, top_k,
                                      ece_bins)
@@ -739,7 +636,7 @@ def evaluate_imagenet_c(model, source, *, corruptions=IMAGENET_C_CORRUPTIONS,
       15 benchmark ones); otherwise only "errors" is returned.
     """
     datasets = resolve_corruption_source(source, corruptions, severities)
-    num_classes = model_num_classes(model)
+    num_classes = model_io.num_classes(model)
     errors = {}
     for name in corruptions:
         errors[name] = []
@@ -819,13 +716,13 @@ def evaluate_imagenet_a(model, source, *, batch_size=64, preprocess=None):
     Returns:
       {"top1", "error", "num_examples"}.
     """
-    if model_num_classes(model) != 1000:
+    if model_io.num_classes(model) != 1000:
         raise ValueError(
             "Expected a model with ImageNet's 1000 classes for ImageNet-A. "
-            f"Received: num_classes={model_num_classes(model)}")
+            f"Received: num_classes={model_io.num_classes(model)}")
     dataset = load_imagenet_a(source) if isinstance(source, str) else source
     if preprocess is None:
-        size = model_image_size(model)
+        size = model_io.image_size(model)
         preprocess = lambda image: center_crop_and_resize(  # noqa: E731
             image, size)
     logits, labels = predict_logits(model, dataset, batch_size, preprocess)
@@ -896,7 +793,7 @@ def evaluate_imagenet_p(model, sequences, *, batch_size=64, step=1,
       "flip_rate" and "mfr" (percent) when a baseline is given.
     """
     fn = logits_function(model)
-    size = model_image_size(model)
+    size = model_io.image_size(model)
     fps = {}
     for name, array in sequences.items():
         array = np.asarray(array)
@@ -960,7 +857,7 @@ def evaluate_corruptions(model, dataset, *,
       "mean_corruption_error": mean over corruptions} and, with a baseline,
       "ce", "mce" (and "relative_ce", "relative_mce").
     """
-    model_classes = check_num_classes(model, num_classes)
+    model_classes = model_io.check_num_classes(model, num_classes)
     for name in corruptions:
         ns_corruptions.get_corruption(name)
     errors = {}
@@ -1040,15 +937,16 @@ def run_evaluation(config, dataset=None, model=None):
       config: An `EvalConfig`.
       dataset: Labeled clean data set (None: skip clean, corruption and
         adversarial evaluation).
-      model: An already loaded model; by default `load_model(model_path)`.
+      model: An already loaded model; by default
+        `model_io.load_model(model_path)`.
 
     Returns:
       The results dict (also written to output_dir/results.json).
     """
     from noisy_student import adversarial  # pylint: disable=g-import-not-at-top
     if model is None:
-        model = load_model(config.model_path)
-    check_num_classes(model, config.num_classes)
+        model = model_io.load_model(config.model_path)
+    model_io.check_num_classes(model, config.num_classes)
     out = config.output_dir.rstrip("/") if config.output_dir else ""
     results = {"model_path": config.model_path,
                "config": dataclasses.asdict(config)}

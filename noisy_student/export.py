@@ -16,8 +16,8 @@ resolution are not resampled, so the probabilities equal the Keras model's.
 
 Also saved (not serving signatures): `serve_logits(images float32 [None, S,
 S, C] in [0, 255]) -> logits` and the scalars `image_size`, `num_classes`,
-`channels`, which `noisy_student.evaluate.load_model` uses to evaluate a
-SavedModel like a Keras model.
+`channels`, which `noisy_student.model_io.load_model` uses to load a
+SavedModel like a Keras model (to evaluate it, or as a teacher).
 
 Atomicity: the SavedModel (and the optional `model.tflite`) is written to a
 temporary folder beside `out_dir`, which is then renamed. On file systems
@@ -34,8 +34,8 @@ import tensorflow as tf
 # Freezes variables for TFLite; there is no public API for it.
 from tensorflow.python.framework import convert_to_constants  # pylint: disable=g-direct-tensorflow-import
 
-from noisy_student import evaluate as ns_evaluate
 from noisy_student import io_utils
+from noisy_student import model_io
 
 SAVED_MODEL_FILE = "saved_model.pb"
 TFLITE_FILE = "model.tflite"
@@ -248,13 +248,13 @@ def export(model, out_dir, *, overwrite=False, image_size=None, top_k=5,
     _check_out_dir(out_dir, overwrite)
     if top_k < 1:
         raise ValueError(f"Expected top_k >= 1. Received: top_k={top_k}")
-    size = image_size or ns_evaluate.model_image_size(model)
+    size = image_size or model_io.image_size(model)
     if not size:
         raise ValueError(
             "Expected image_size for a model without a fixed input side. "
             f"Received: image_size={image_size}")
-    num_classes = ns_evaluate.model_num_classes(model)
-    channels = int(model.input_shape[-1])
+    num_classes = model_io.num_classes(model)
+    channels = model_io.channels(model)
     if channels not in (1, 3):
         raise ValueError(
             f"Expected a model with 1 or 3 input channels. Received: "
@@ -290,8 +290,8 @@ def export_from_config(config):
       The SavedModel folder.
     """
     _check_out_dir(str(config.out_dir).rstrip("/"), config.overwrite)
-    model = ns_evaluate.load_model(config.model_path)
-    if isinstance(model, ns_evaluate.SavedModelClassifier):
+    model = model_io.load_model(config.model_path)
+    if isinstance(model, model_io.SavedModelClassifier):
         raise ValueError(
             "Expected a Keras model (model.keras or a model_dir) to export. "
             f"Received: model_path={config.model_path} (a SavedModel)")

@@ -29,13 +29,11 @@ import time
 import weakref
 
 from absl import logging
-import keras
 import numpy as np
 import tensorflow as tf
 
-from noisy_student import efficientnet  # noqa: F401  (registers layers)
 from noisy_student import io_utils
-from noisy_student import layers  # noqa: F401  (registers layers)
+from noisy_student import model_io
 from noisy_student import pseudo_labels as pl
 
 
@@ -80,82 +78,6 @@ class PredictSummary:
     images_per_second: float
 
 
-class SavedModelTeacher:
-    """A SavedModel's serving signature, called like a Keras model.
-
-    Attributes:
-      input_shape: (None, H, W, C) of the signature's single input.
-      output_shape: (None, num_classes) of its single output (logits).
-    """
-
-    def __init__(self, path):
-        loaded = tf.saved_model.load(path)
-        signatures = getattr(loaded, "signatures", {})
-        if "serving_default" not in signatures:
-            raise ValueError(
-                "Expected a SavedModel with a serving_default signature. "
-                f"Received: teacher={path} (signatures: {list(signatures)})")
-        self._loaded = loaded  # Keeps the variables alive.
-        self._fn = signatures["serving_default"]
-        _, kwargs = self._fn.structured_input_signature
-        outputs = self._fn.structured_outputs
-        if len(kwargs) != 1 or len(outputs) != 1:
-            raise ValueError(
-                "Expected a serving signature with one input and one output "
-                f"(logits). Received: teacher={path} inputs={list(kwargs)} "
-                f"outputs={list(outputs)}")
-        (self._input_name, spec), = kwargs.items()
-        (self._output_name, out_spec), = outputs.items()
-        self._dtype = spec.dtype
-        self.input_shape = tuple(spec.shape.as_list())
-        self.output_shape = tuple(out_spec.shape.as_list())
-
-    def __call__(self, images, training=False):
-        del training  # A serving signature is always in inference mode.
-        outputs = self._fn(**{self._input_name: tf.cast(images, self._dtype)})
-        return outputs[self._output_name]
-
-
-def load_teacher(path):
-    """Loads a teacher for prediction.
-
-    Args:
-      path: A training run's model_dir (its `model.keras` is loaded), a
-        `.keras` file, or a SavedModel folder with a serving signature.
-
-    Returns:
-      A keras.Model, or a `SavedModelTeacher`, returning logits.
-
-    Raises:
-      FileNotFoundError: if `path` holds none of these.
-      ValueError: if the model file cannot be read.
-    """
-    expected = ("Expected a teacher: a model_dir with model.keras, a .keras "
-                "file or a SavedModel folder. Received: teacher=")
-    if not tf.io.gfile.exists(path):
-        raise FileNotFoundError(expected + str(path))
-    if tf.io.gfile.isdir(path):
-        if tf.io.gfile.exists(pl.join(path, "model.keras")):
-            path = pl.join(path, "model.keras")
-        elif tf.io.gfile.exists(pl.join(path, "saved_model.pb")):
-            try:
-                return SavedModelTeacher(path)
-            except ValueError:
-                raise
-            except Exception as e:  # pylint: disable=broad-except
-                raise ValueError(
-                    f"Expected a readable SavedModel. Received: teacher={path} "
-                    f"({type(e).__name__}: {e})") from e
-        else:
-            raise FileNotFoundError(expected + str(path))
-    try:
-        return keras.saving.load_model(path, compile=False)
-    except Exception as e:  # pylint: disable=broad-except
-        raise ValueError(
-            f"Expected a readable Keras model file. Received: teacher={path} "
-            f"({type(e).__name__}: {e})") from e
-
-
 def default_preprocess(image_size, channels=3):
     """The default eval preprocessing: resize to the teacher's side.
 
@@ -176,20 +98,6 @@ def default_preprocess(image_size, channels=3):
         return tf.clip_by_value(image, 0.0, 255.0)
 
     return preprocess
-
-
-def _teacher_shapes(teacher):
-    """(image_size, channels, num_classes) of a teacher, None where unknown."""
-    input_shape = getattr(teacher, "input_shape", None)
-    output_shape = getattr(teacher, "output_shape", None)
-    size = channels = classes = None
-    if input_shape is not None and len(input_shape) == 4:
-        if input_shape[1] is not None and input_shape[1] == input_shape[2]:
-            size = int(input_shape[1])
-        channels = input_shape[3]
-    if output_shape is not None and len(output_shape) >= 2:
-        classes = output_shape[-1]
-    return size, channels, classes
 
 
 def _check_args(num_classes, batch_size, shard_index, num_shards,
@@ -345,8 +253,8 @@ def predict(teacher, dataset, out_dir, num_classes, batch_size=128,
     """Labels this worker's part of the unlabeled set with the teacher.
 
     Args:
-      teacher: A keras.Model returning logits, a `SavedModelTeacher`, or a
-        path for `load_teacher`.
+      teacher: A keras.Model returning logits, a
+        `model_io.SavedModelClassifier`, or a path for `model_io.load_model`.
       dataset: Unbatched tf.data.Dataset of {"image": uint8 [H, W, C]} in a
         deterministic order (the global index of an image is its position).
       out_dir: The prediction folder, shared by all workers.
@@ -367,26 +275,27 @@ def predict(teacher, dataset, out_dir, num_classes, batch_size=128,
 
     Raises:
       ValueError: for a teacher whose class count differs from
-        `num_classes`, an empty dataset, or a bad argument.
+        `num_classes`, an empty dataset, a bad argument, or a teacher
+        path whose model cannot be read.
       FileNotFoundError: for a teacher path that holds no model.
     """
     _check_args(num_classes, batch_size, shard_index, num_shards,
                 records_per_file, num_bins)
     if isinstance(teacher, str):
-        teacher = load_teacher(teacher)
-    size, channels, teacher_classes = _teacher_shapes(teacher)
-    if teacher_classes is not None and teacher_classes != num_classes:
+        teacher = model_io.load_model(teacher, what="teacher")
+    teacher_classes = model_io.num_classes(teacher)
+    if teacher_classes != num_classes:
         raise ValueError(
             f"Expected a teacher with num_classes={num_classes} outputs (the "
             f"dataset's class count). Received: teacher outputs "
             f"{teacher_classes} classes")
-    image_size = image_size or size
+    image_size = image_size or model_io.image_size(teacher)
     if image_size is None:
         raise ValueError(
             "Expected image_size for a teacher without a static square "
             f"input shape. Received: image_size=None, teacher input shape="
             f"{getattr(teacher, 'input_shape', None)}")
-    channels = channels or 3
+    channels = model_io.channels(teacher) or 3
     _check_dataset(dataset)
     preprocess = preprocess or default_preprocess(image_size, channels)
 
@@ -592,8 +501,7 @@ def run_predict(config, dataset, preprocess=None):
       A `PredictSummary`.
     """
     return predict(
-        load_teacher(config.teacher), dataset, config.out_dir,
-        config.num_classes, batch_size=config.batch_size,
+        config.teacher, dataset, config.out_dir, config.num_classes, batch_size=config.batch_size,
         shard_index=config.shard_index, num_shards=config.num_shards,
         records_per_file=config.records_per_file, preprocess=preprocess,
         image_size=config.image_size, num_bins=config.num_bins,

@@ -13,6 +13,7 @@ import tensorflow as tf
 from noisy_student import evaluate
 from noisy_student import export as export_lib
 from noisy_student import io_utils
+from noisy_student import model_io
 from noisy_student import predict as predict_lib
 from noisy_student import pseudo_labels
 from noisy_student import select as select_lib
@@ -151,8 +152,8 @@ def run_train(train_config, input_config, data, model_dir, pseudo_dir=None,
 def run_predict(predict_config, data):
     """Labels (this worker's part of) the unlabeled images with a teacher."""
     source = data.unlabeled_source()
-    teacher = predict_lib.load_teacher(predict_config.teacher)
-    size = predict_config.image_size or evaluate.model_image_size(teacher)
+    teacher = model_io.load_model(predict_config.teacher, what="teacher")
+    size = predict_config.image_size or model_io.image_size(teacher)
     small = preprocess.is_small(source.image_shape)
 
     def clean(image):
@@ -182,9 +183,9 @@ def run_select(select_config):
 
 def run_eval(eval_config, data, part="test"):
     """Evaluates a trained model on the test (or validation) images."""
-    model = evaluate.load_model(eval_config.model_path)
+    model = model_io.load_model(eval_config.model_path)
     source = data.eval_source(part)
-    size = evaluate.model_image_size(model)
+    size = model_io.image_size(model)
     small = preprocess.is_small(source.image_shape)
     dataset = source.dataset.map(lambda d: {
         **d, "image": preprocess.eval_image(d["image"], size, small=small)})

@@ -10,6 +10,7 @@ from noisy_student import adversarial
 from noisy_student import efficientnet
 from noisy_student import evaluate as E
 from noisy_student import io_utils
+from noisy_student import model_io
 
 SIZE = 16
 
@@ -316,11 +317,11 @@ def test_load_model_from_file_dir_and_missing(tmp_path, untrained):
     x = x.astype(np.float32)
     expected = model(x, training=False).numpy()
     for path in (tmp_path / "model.keras", tmp_path):
-        loaded = E.load_model(str(path))
+        loaded = model_io.load_model(str(path))
         np.testing.assert_allclose(loaded(x, training=False).numpy(),
                                    expected, atol=1e-6)
     with pytest.raises(FileNotFoundError, match="model.keras"):
-        E.load_model(str(tmp_path / "nothing"))
+        model_io.load_model(str(tmp_path / "nothing"))
 
 
 def test_resizes_images_of_another_side(untrained):

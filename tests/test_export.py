@@ -13,6 +13,7 @@ import tensorflow as tf
 from noisy_student import efficientnet
 from noisy_student import evaluate
 from noisy_student import export
+from noisy_student import model_io
 
 SIZE = 16
 NUM_CLASSES = 10
@@ -190,8 +191,8 @@ def test_saved_model_cli_lists_both_signatures(fresh_outputs):
 
 
 def test_load_model_serves_a_saved_model_like_keras(model, exported):
-    loaded = evaluate.load_model(exported)
-    assert isinstance(loaded, evaluate.SavedModelClassifier)
+    loaded = model_io.load_model(exported)
+    assert isinstance(loaded, model_io.SavedModelClassifier)
     assert loaded.image_size == SIZE and loaded.num_classes == NUM_CLASSES
     images = _images(3)
     np.testing.assert_allclose(

@@ -13,7 +13,9 @@ import pytest
 import tensorflow as tf
 
 from noisy_student import efficientnet
+from noisy_student import export
 from noisy_student import io_utils
+from noisy_student import model_io
 from noisy_student import predict as pr
 from noisy_student import pseudo_labels as pl
 
@@ -181,8 +183,8 @@ def test_kill_9_and_resume(teacher, reference, tmp_path):
 def test_savedmodel_teacher(teacher, reference, tmp_path):
     export_dir = str(tmp_path / "export")
     teacher[1].export(export_dir, verbose=False)
-    loaded = pr.load_teacher(export_dir)
-    assert isinstance(loaded, pr.SavedModelTeacher)
+    loaded = model_io.load_model(export_dir, what="teacher")
+    assert isinstance(loaded, model_io.SavedModelClassifier)
     out_dir = str(tmp_path / "from_savedmodel")
     config = pr.PredictConfig(teacher=export_dir, out_dir=out_dir,
                               num_classes=worker.NUM_CLASSES, batch_size=16,
@@ -194,6 +196,24 @@ def test_savedmodel_teacher(teacher, reference, tmp_path):
     ref = np.stack([r["probs"].numpy()
                     for r in pl.prediction_dataset(reference[0]).take(64)])
     np.testing.assert_allclose(ours, ref, atol=1e-3)
+
+
+def test_teacher_exported_by_ns_export(teacher, reference, tmp_path):
+    # export.export's serving signatures return a dict of three outputs;
+    # the teacher must be read through its serve_logits function.
+    export_dir = export.export(teacher[1], str(tmp_path / "exported"))
+    loaded = model_io.load_model(export_dir, what="teacher")
+    assert isinstance(loaded, model_io.SavedModelClassifier)
+    assert model_io.image_size(loaded) == 16
+    assert model_io.num_classes(loaded) == worker.NUM_CLASSES
+    out_dir = str(tmp_path / "from_export")
+    summary = _predict(export_dir, out_dir, num_images=64)
+    assert summary.images_written == 64 and summary.blocks_written == 2
+    ours = np.stack([r["probs"].numpy()
+                     for r in pl.prediction_dataset(out_dir)])
+    ref = np.stack([r["probs"].numpy()
+                    for r in pl.prediction_dataset(reference[0]).take(64)])
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
 
 
 def test_clear_errors(teacher, tmp_path):
@@ -223,14 +243,15 @@ def test_clear_errors(teacher, tmp_path):
                    worker.NUM_CLASSES, records_per_file=32)
 
     with pytest.raises(FileNotFoundError, match="teacher="):
-        pr.load_teacher(str(tmp_path / "nowhere"))
+        model_io.load_model(str(tmp_path / "nowhere"), what="teacher")
     with pytest.raises(FileNotFoundError, match="teacher="):
-        pr.load_teacher(str(tmp_path))  # A folder without a model.
+        # A folder without a model.
+        model_io.load_model(str(tmp_path), what="teacher")
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "model.keras").write_bytes(b"not a zip file")
     with pytest.raises(ValueError, match="readable Keras model"):
-        pr.load_teacher(str(broken))
+        model_io.load_model(str(broken), what="teacher")
     with pytest.raises(ValueError, match="readable Keras model"):
         pr.predict(str(broken), worker.make_dataset(8), out_dir,
                    worker.NUM_CLASSES)

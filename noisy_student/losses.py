@@ -92,7 +92,7 @@ def noisy_student_loss(labels, labeled_logits, global_labeled_batch,
 def batch_norm_variables(model):
     """All variables (gamma, beta, moving statistics) of BN layers."""
     result = []
-    for layer in _all_layers(model):
+    for layer in all_layers(model):
         if isinstance(layer, keras.layers.BatchNormalization):
             result.extend(layer.weights)
     return result
@@ -117,7 +117,7 @@ def l2_weight_decay(variables, weight_decay):
         [tf.nn.l2_loss(tf.cast(v, tf.float32)) for v in variables])
 
 
-def _all_layers(model):
+def all_layers(model):
     """Every layer under `model`, nested models included (depth first)."""
     stack = list(getattr(model, "layers", []))
     while stack:

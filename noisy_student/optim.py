@@ -14,6 +14,8 @@ import math
 import keras
 import tensorflow as tf
 
+from noisy_student import losses
+
 OPTIMIZERS = ("rmsprop", "sgd", "adam", "adamw")
 LR_SCHEDULES = ("exponential", "cosine", "constant")
 
@@ -178,7 +180,7 @@ def ema_source_variables(model):
     random-number state of dropout / stochastic depth is not a weight.
     """
     sources = {id(v) for v in model.trainable_variables}
-    for layer in _all_layers(model):
+    for layer in losses.all_layers(model):
         if (isinstance(layer, keras.layers.BatchNormalization)
                 and layer.trainable):
             sources.update({id(layer.moving_mean), id(layer.moving_variance)})
@@ -273,10 +275,3 @@ def _tf_variable(variable):
     """The tf.Variable (possibly distributed) behind a Keras variable."""
     return variable.value if isinstance(variable, keras.Variable) else variable
 
-
-def _all_layers(model):
-    stack = list(getattr(model, "layers", []))
-    while stack:
-        layer = stack.pop(0)
-        yield layer
-        stack.extend(getattr(layer, "layers", []) or [])

@@ -24,9 +24,11 @@ The loop (per host):
     checkpoint and evaluation step, so those happen at exactly their steps.
   * One step, per replica: forward the labeled and unlabeled images as one
     batch (as the official code does, so batch norm sees both), loss
-    (see noisy_student.losses) divided by the *global* labeled batch, L2 weight
-    decay on non-BN weights, gradients, optimizer (gradients summed over
-    replicas by Keras), EMA update, metric sums in SyncOnRead variables.
+    (see noisy_student.losses) divided by the *global* labeled batch,
+    gradients plus the L2 weight decay's gradient on non-BN weights,
+    optimizer (gradients summed over replicas by Keras; RMSProp as one fused
+    kernel per weight), EMA update, metric sums in SyncOnRead variables.
+    Batch norm trains with TF's fused kernel (`FusedBatchNormalization`).
   * A non-finite loss stops training with FloatingPointError naming the
     step; the state is not saved, so the last checkpoint is the last good one.
 
@@ -107,11 +109,13 @@ class TrainConfig:
       lr_schedule: exponential (x lr_decay_rate every lr_decay_epochs,
         staircase) | cosine (over train_steps) | constant.
       lr_decay_rate, lr_decay_epochs: 0.97 every 2.4 epochs.
-      weight_decay: L2 on every non-batch-norm trainable weight, added to the
-        loss as weight_decay * sum(w^2) / 2 (1e-5). With adamw it is AdamW's
-        decoupled decay coefficient instead.
+      weight_decay: L2 on every non-batch-norm trainable weight: the loss
+        weight_decay * sum(w^2) / 2 (1e-5), applied as its gradient
+        weight_decay * w added to the weights' gradients. With adamw it is
+        AdamW's decoupled decay coefficient instead.
       label_smoothing: On the labeled cross-entropy (0.1).
-      ema_decay: Decay of the weights' moving average (0.9999); 0 = none.
+      ema_decay: Decay of the weights' moving average (0.9999); 0 = no
+        average (evaluation and export use the weights themselves).
       ema_warmup: Use min(ema_decay, (1 + t) / (10 + t)) at step t, as the
         official code (TF's num_updates) does; needed for short runs.
       precision: float32 | bfloat16 | mixed_float16 (logits stay float32;
@@ -126,6 +130,8 @@ class TrainConfig:
       eval_every: Steps between evaluations (0: only at the end).
       log_every: Steps between progress lines and summaries.
       jit_compile: XLA-compile the step (slower on CPU; TPU compiles anyway).
+      fused_batch_norm: Train batch norm with TF's fused kernel (see
+        `FusedBatchNormalization`; not with sync_batch_norm).
       verbose: Print the progress lines.
 
     Student options:
@@ -179,6 +185,7 @@ class TrainConfig:
     eval_every: int = 0
     log_every: int = 100
     jit_compile: bool = False
+    fused_batch_norm: bool = True
     verbose: bool = True
 
     init_from: str | None = None
@@ -336,6 +343,62 @@ def build_model(config):
         sync_batch_norm=config.resolved_sync_batch_norm)
 
 
+@keras.saving.register_keras_serializable(package="noisy_student")
+class FusedBatchNormalization(keras.layers.BatchNormalization):
+    """keras.layers.BatchNormalization whose training step is one fused kernel.
+
+    Keras 3 computes batch norm in training as a dozen separate ops (moments,
+    rsqrt, scale, shift, and their gradients); TF's FusedBatchNormV3 does the
+    forward and the backward pass in one kernel each (oneDNN on CPU, cuDNN on
+    GPU, XLA on TPU). Measured on this project's 2-core CPU, it makes a B0
+    training step 1.15x (32 px) to 1.3x (64 px) faster. Same arithmetic as
+    Keras: batch statistics in float32, moving averages of the batch mean and
+    the *biased* batch variance. Inference, frozen layers, masks and
+    synchronized (cross-replica) batch norm use Keras' own code.
+    """
+
+    def call(self, inputs, training=None, mask=None):
+        axis = self.axis if self.axis >= 0 else len(inputs.shape) + self.axis
+        if (not training or not self.trainable or mask is not None
+                or self.synchronized or self.renorm or len(inputs.shape) != 4
+                or axis != 3 or not (self.scale and self.center)):
+            return super().call(inputs, training=training, mask=mask)
+        x = tf.cast(inputs, tf.float32)
+        outputs, mean, variance = tf.compat.v1.nn.fused_batch_norm(
+            x, tf.cast(self.gamma, tf.float32), tf.cast(self.beta, tf.float32),
+            epsilon=self.epsilon, data_format="NHWC", is_training=True)
+        # The kernel returns the unbiased variance; Keras averages the biased.
+        count = tf.cast(tf.reduce_prod(tf.shape(x)[:3]), tf.float32)
+        variance = variance * (count - 1.0) / count
+        self.moving_mean.assign(self.moving_mean * self.momentum
+                                + mean * (1.0 - self.momentum))
+        self.moving_variance.assign(self.moving_variance * self.momentum
+                                    + variance * (1.0 - self.momentum))
+        return tf.cast(outputs, self.compute_dtype)
+
+
+def use_fused_batch_norm(model):
+    """Switches the model's plain BatchNormalization layers to the fused one.
+
+    Changes the layers' class in place (`FusedBatchNormalization` adds
+    behaviour, no state), so variables, checkpoints and the distribution of
+    already-created variables are untouched; only the training computation
+    changes. Exports are built fresh and keep Keras' class.
+
+    Args:
+      model: A Keras model.
+
+    Returns:
+      The number of layers switched.
+    """
+    switched = 0
+    for layer in losses.all_layers(model):
+        if type(layer) is keras.layers.BatchNormalization:  # pylint: disable=unidiomatic-typecheck
+            layer.__class__ = FusedBatchNormalization
+            switched += 1
+    return switched
+
+
 _BLOCK_RE = re.compile(r"^(block\d(?:[a-z]|_\d+)_)")
 
 
@@ -424,9 +487,11 @@ def train(config, model_dir, train_dataset_fn, eval_dataset=None,
         so programs may make it first and pass it here).
 
     Returns:
-      A dict of final metrics: step, start_step, loss, labeled_loss,
-      unlabeled_loss, accuracy (train top-1 on labeled images of the last log
-      window), learning_rate, images_per_sec, eval_top1, eval_top5,
+      A dict of final metrics: step, start_step, loss (cross-entropy mean
+      over the last log window plus the L2 term), weight_decay (the L2 term),
+      labeled_loss, unlabeled_loss (mean cross-entropies), accuracy (train
+      top-1 on labeled images), learning_rate, images_per_sec (labeled +
+      unlabeled images per second of training time), eval_top1, eval_top5,
       best_eval_top1, best_eval_step (None where not measured), wall_time_s.
 
     Raises:
@@ -474,6 +539,8 @@ class _Trainer:
                         if config.init_from else None)
         with strategy.scope():
             self.model = build_model(config)
+            if config.fused_batch_norm:
+                use_fused_batch_norm(self.model)
             if init_weights is not None:
                 copied = _copy_layer_weights(init_weights, self.model)
                 logging.info("init_from %s: copied %d layers", config.init_from,
@@ -481,7 +548,10 @@ class _Trainer:
             self.frozen = freeze_blocks(self.model, config.freeze_blocks)
             self.trainable = self.model.trainable_variables
             decay_vars = losses.weight_decay_variables(self.model)
-            self.l2_vars = decay_vars if config.optimizer != "adamw" else []
+            self.l2_vars = (decay_vars if config.optimizer != "adamw"
+                            and config.weight_decay > 0 else [])
+            l2_ids = {id(v) for v in self.l2_vars}
+            self._l2_mask = [id(v) in l2_ids for v in self.trainable]
             no_decay = [v for v in self.trainable
                         if all(v is not d for d in decay_vars)]
             self.schedule = learning_rate_schedule(config)
@@ -494,9 +564,11 @@ class _Trainer:
             # Keras 3 optimizers must create their slots inside the scope
             # before the first step, or MirroredStrategy fails (DESIGN.md).
             self.optimizer.build(self.trainable)
-            self.ema = optim.ExponentialMovingAverage(
+            # ema_decay=0 means no averaging: skip its cost entirely.
+            self.ema = (optim.ExponentialMovingAverage(
                 optim.ema_source_variables(self.model), config.ema_decay,
-                config.ema_warmup)
+                config.ema_warmup) if config.ema_decay > 0 else None)
+            self._ema_averages = self.ema.averages if self.ema else []
             self.step = tf.Variable(
                 0, dtype=tf.int64, trainable=False, name="global_step",
                 aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
@@ -516,7 +588,7 @@ class _Trainer:
                 **on_read)
             self.checkpoint = tf.train.Checkpoint(
                 model=self.model, optimizer=self.optimizer,
-                ema=self.ema.averages, step=self.step)
+                ema=self._ema_averages, step=self.step)
             self._restore()
 
         self.train_iterator = iter(strategy.distribute_datasets_from_function(
@@ -576,7 +648,8 @@ class _Trainer:
                     self.strategy.cluster_resolver,
                     tf.train.Checkpoint(model=self.model,
                                         optimizer=self.optimizer,
-                                        ema=self.ema.averages, step=self.step),
+                                        ema=self._ema_averages,
+                                        step=self.step),
                     checkpoint_dir=f"{self.model_dir}/{PREEMPTION_DIR}"))
         latest = tf.train.latest_checkpoint(self.checkpoint_dir)
         if latest and _checkpoint_step(latest) > int(self.step.numpy()):
@@ -625,13 +698,21 @@ class _Trainer:
                 loss, labeled_ce, unlabeled_ce = losses.noisy_student_loss(
                     labels, logits, config.batch_size,
                     label_smoothing=config.label_smoothing)
-            # Gradients are summed over replicas: each adds its share.
-            loss += losses.l2_weight_decay(
-                self.l2_vars, config.weight_decay) / self.replicas
             scaled_loss = self.optimizer.scale_loss(loss)
         grads = tape.gradient(scaled_loss, self.trainable)
+        if self.l2_vars:
+            # The L2 term's gradient, weight_decay * w, added directly: the
+            # same update as differentiating the term, with fewer ops.
+            # Gradients are summed over replicas, so each adds its share,
+            # and scaled like the loss (mixed_float16).
+            coefficient = self.optimizer.scale_loss(
+                tf.constant(config.weight_decay / self.replicas, tf.float32))
+            grads = [g + tf.cast(coefficient, g.dtype) * v if decay else g
+                     for g, v, decay in zip(grads, self.trainable,
+                                            self._l2_mask)]
         self.optimizer.apply_gradients(zip(grads, self.trainable))
-        self.ema.update(step + 1)
+        if self.ema is not None:
+            self.ema.update(step + 1)
 
         replica_context = tf.distribute.get_replica_context()
         global_loss = replica_context.all_reduce(
@@ -680,22 +761,26 @@ class _Trainer:
         if config.verbose and step:
             print(f"Resuming from step {step} in {self.checkpoint_dir}",
                   flush=True)
-        window_start, window_steps = time.time(), 0
+        # Throughput and ETA count training time only, not checkpoints and
+        # evaluations.
+        window_seconds, window_steps = 0.0, 0
         while step < config.train_steps:
             num = self._steps_until_event(step)
             if self._handler is not None:
                 # Saves and exits if this worker or a peer got SIGTERM.
                 self._handler.save_checkpoint_if_preempted(
                     checkpoint_number=step)
+            start = time.time()
             self._train_loop(self.train_iterator,
                              tf.constant(step, tf.int64),
                              tf.constant(num, tf.int32))
             step += num
+            self._check_finite(step)  # also waits for the loop to finish
+            window_seconds += time.time() - start
             window_steps += num
-            self._check_finite(step)
             if step % config.log_every == 0 or step == config.train_steps:
-                self._log(step, window_steps, time.time() - window_start)
-                window_start, window_steps = time.time(), 0
+                self._log(step, window_steps, window_seconds)
+                window_seconds, window_steps = 0.0, 0
             if step == config.train_steps or (
                     config.checkpoint_every
                     and step % config.checkpoint_every == 0):
@@ -718,7 +803,8 @@ class _Trainer:
         config = self.config
         num = min(config.steps_per_loop, config.train_steps - step)
         for every in (config.log_every, config.checkpoint_every,
-                      config.eval_every if self.eval_dataset else 0):
+                      config.eval_every if self.eval_dataset is not None
+                      else 0):
             if every:
                 num = min(num, every - step % every)
         return num
@@ -740,8 +826,13 @@ class _Trainer:
         images = sums["n_labeled"] + sums["n_unlabeled"]
         rate = images / max(seconds, 1e-9)
         lr = float(self.schedule(self.optimizer.iterations))
+        # The L2 term is not part of the in-graph loss (see _replica_step_fn);
+        # its value at this step is added here.
+        decay = float(losses.l2_weight_decay(self.l2_vars,
+                                             self.config.weight_decay))
         window = {
-            "loss": sums["loss"] / window_steps,
+            "loss": sums["loss"] / window_steps + decay,
+            "weight_decay": decay,
             "labeled_loss": sums["labeled_ce"] / max(sums["n_labeled"], 1),
             "unlabeled_loss": (sums["unlabeled_ce"] / sums["n_unlabeled"]
                                if sums["n_unlabeled"] else None),
@@ -766,11 +857,13 @@ class _Trainer:
 
     def _evaluate(self, step):
         self.eval_sums.assign(tf.zeros([3]))
-        self.ema.swap()
+        if self.ema is not None:
+            self.ema.swap()
         try:
             self._eval_loop()
         finally:
-            self.ema.swap()
+            if self.ema is not None:
+                self.ema.swap()
         top1_sum, top5_sum, count = self.eval_sums.numpy().tolist()
         if not count:
             raise ValueError("Expected a non-empty eval_dataset. Received: "
@@ -808,7 +901,7 @@ class _Trainer:
 
     def _export(self):
         """Writes the EMA weights as model.keras, atomically."""
-        averages = self.ema.numpy_averages()
+        averages = self.ema.numpy_averages() if self.ema else {}
         values = [averages.get(id(v)) if id(v) in averages else v.numpy()
                   for v in self.model.weights]
         policy = keras.mixed_precision.global_policy()
@@ -817,7 +910,7 @@ class _Trainer:
             export = build_model(self.config)
         finally:
             keras.mixed_precision.set_global_policy(policy)
-        for target, value in zip(export.weights, values):
+        for target, value in zip(export.weights, values, strict=True):
             target.assign(value)
         path = _model_path(self.model_dir)
         temp = io_utils.temp_path(path)
@@ -832,6 +925,7 @@ class _Trainer:
             "step": step,
             "start_step": self.start_step,
             "loss": window.get("loss"),
+            "weight_decay": window.get("weight_decay"),
             "labeled_loss": window.get("labeled_loss"),
             "unlabeled_loss": window.get("unlabeled_loss"),
             "accuracy": window.get("accuracy"),

@@ -448,3 +448,40 @@ def test_mixed_precision_one_step(tmp_path, precision):
     model = train_lib.load_trained_model(str(tmp_path))
     assert model.dtype_policy.name == "float32"
     assert all(w.dtype == "float32" for w in model.weights)
+
+
+def test_fused_batch_norm_matches_keras_batch_norm():
+    x = tf.constant(np.random.default_rng(0).normal(
+        3.0, 2.0, (4, 5, 5, 6)).astype("float32"))
+    weights = tf.constant(np.random.default_rng(1).normal(
+        size=(4, 5, 5, 6)).astype("float32"))
+    layers = []
+    for fused in (False, True):
+        layer = keras.layers.BatchNormalization(momentum=0.9)
+        layer.build(x.shape)
+        layer.gamma.assign(np.linspace(0.5, 2.0, 6))
+        layer.beta.assign(np.linspace(-1.0, 1.0, 6))
+        if fused:
+            assert train_lib.use_fused_batch_norm(
+                keras.Sequential([layer])) == 1
+        layers.append(layer)
+    results = []
+    for layer in layers:
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+            loss = tf.reduce_sum(y * weights)
+        grads = tape.gradient(loss, [x, layer.gamma.value, layer.beta.value])
+        results.append([y] + grads + [layer.moving_mean,
+                                      layer.moving_variance])
+    for keras_value, fused_value in zip(*results):
+        np.testing.assert_allclose(np.asarray(fused_value),
+                                   np.asarray(keras_value),
+                                   rtol=1e-4, atol=1e-4)
+    graph = tf.function(lambda t: layers[1](t, training=True))
+    ops = {op.type for op in graph.get_concrete_function(x).graph
+           .get_operations()}
+    assert "FusedBatchNormV3" in ops
+    # Inference uses the moving statistics, as Keras does.
+    np.testing.assert_allclose(layers[1](x, training=False),
+                               layers[0](x, training=False), rtol=1e-5)

@@ -1,0 +1,176 @@
+"""Training images/s: our loop + our B0 vs keras.applications B0 + model.fit.
+
+Same random data (batch 64, 32x32 and 64x64, 10 classes), same optimizer
+settings (RMSProp rho 0.9, momentum 0.9, epsilon 1e-3), standard strides (not
+the small-image variant), trainable parameter counts asserted equal. Our side
+runs the full recipe step: label smoothing, L2 weight decay, stochastic depth,
+dropout and the EMA of the weights. Warm-up (tracing, the first loop / epoch)
+is excluded: each side runs 1 + TIMED windows of WINDOW steps (our log
+windows, Keras' epochs) and reports its best timed window, which keeps the
+numbers stable when other jobs share the CPU.
+
+Optionally (--diagnose) it also times our loop at 32 px without the EMA, with
+one step per tf.function call, and with Keras' own RMSprop instead of the
+fused kernel, to show where time goes.
+
+    python bench/train_step.py [--diagnose]
+
+Last line: RESULT train ratio_vs_keras_fit_32=<x> ratio_vs_keras_fit_64=<y>
+"""
+
+import argparse
+import os
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # pylint: disable=g-import-not-at-top
+import numpy as np  # pylint: disable=g-import-not-at-top
+import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+from noisy_student import optim  # pylint: disable=g-import-not-at-top
+from noisy_student import train_lib  # pylint: disable=g-import-not-at-top
+
+BATCH = 64
+CLASSES = 10
+WINDOW = {32: 10, 64: 5}
+TIMED = 3
+RMSPROP = dict(rho=0.9, momentum=0.9, epsilon=1e-3)
+
+
+def random_data(size, count=4 * BATCH, seed=0):
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (count, size, size, 3)).astype("float32")
+    labels = rng.integers(0, CLASSES, count).astype("int32")
+    return images, labels
+
+
+def trainable_params(model):
+    return int(sum(np.prod(w.shape) for w in model.trainable_weights))
+
+
+def our_config(size, **overrides):
+    values = dict(variant="b0", image_size=size, small_images=False,
+                  num_classes=CLASSES, batch_size=BATCH,
+                  images_per_epoch=4 * BATCH,
+                  train_steps=(1 + TIMED) * WINDOW[size],
+                  log_every=WINDOW[size], steps_per_loop=WINDOW[size],
+                  checkpoint_every=0, verbose=False)
+    values.update(overrides)
+    return train_lib.TrainConfig(**values)
+
+
+def _logged(logdir, tag):
+    """{step: value} of a scalar `train` wrote to TensorBoard."""
+    values = {}
+    for name in os.listdir(logdir):
+        for event in tf.compat.v1.train.summary_iterator(
+                os.path.join(logdir, name)):
+            for value in event.summary.value:
+                if value.tag == tag:
+                    values[event.step] = float(tf.make_ndarray(value.tensor))
+    return values
+
+
+def time_ours(size, **overrides):
+    """Best img/s over `train`'s log windows after the first (it traces)."""
+    config = our_config(size, **overrides)
+    images, labels = random_data(size)
+
+    def dataset_fn(input_context):
+        dataset = tf.data.Dataset.from_tensor_slices(
+            {"image": images, "label": labels}).repeat()
+        dataset = dataset.batch(
+            input_context.get_per_replica_batch_size(BATCH),
+            drop_remainder=True)
+        return dataset.map(lambda b: {"labeled": b}).prefetch(2)
+
+    with tempfile.TemporaryDirectory() as model_dir:
+        train_lib.train(config, model_dir, dataset_fn)
+        rates = _logged(os.path.join(model_dir, "logs", "train"),
+                        "images_per_sec")
+    return max(rate for step, rate in rates.items()
+               if step > config.log_every)
+
+
+class _EpochTimer(keras.callbacks.Callback):
+    def on_train_begin(self, logs=None):
+        self.seconds = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds.append(time.perf_counter() - self.start)
+
+
+def time_keras_fit(size):
+    """Best img/s over model.fit's epochs of WINDOW steps after the first."""
+    images, labels = random_data(size)
+    model = keras.applications.EfficientNetB0(
+        weights=None, input_shape=(size, size, 3), classes=CLASSES)
+    model.compile(optimizer=keras.optimizers.RMSprop(1e-3, **RMSPROP),
+                  loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
+    dataset = tf.data.Dataset.from_tensor_slices((images, labels)).repeat()
+    dataset = dataset.batch(BATCH, drop_remainder=True).prefetch(2)
+    timer = _EpochTimer()
+    model.fit(dataset, epochs=1 + TIMED, steps_per_epoch=WINDOW[size],
+              verbose=0, callbacks=[timer])
+    return WINDOW[size] * BATCH / min(timer.seconds[1:]), model
+
+
+class _KerasRMSpropBuilder:
+    """Temporarily makes our loop use Keras' RMSprop (unfused) instead."""
+
+    def __enter__(self):
+        self.saved = optim.FusedRMSprop.update_step
+        optim.FusedRMSprop.update_step = keras.optimizers.RMSprop.update_step
+
+    def __exit__(self, *exc):
+        optim.FusedRMSprop.update_step = self.saved
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--diagnose", action="store_true",
+                        help="also time variants of our loop at 32 px")
+    args = parser.parse_args()
+    print(f"TF {tf.__version__}, Keras {keras.__version__}, "
+          f"{os.cpu_count()} CPUs (shared with other jobs: load average "
+          f"{os.getloadavg()[0]:.1f} at start)")
+    ratios = {}
+    for size in (32, 64):
+        ours_model = train_lib.build_model(our_config(size))
+        keras_rate, keras_model = time_keras_fit(size)
+        ours_params = trainable_params(ours_model)
+        keras_params = trainable_params(keras_model)
+        assert ours_params == keras_params, (ours_params, keras_params)
+        del ours_model, keras_model
+        ours_rate = time_ours(size)
+        ratios[size] = ours_rate / keras_rate
+        print(f"{size}x{size}, batch {BATCH}, {ours_params:,} trainable "
+              f"params: ours {ours_rate:.1f} img/s, keras fit "
+              f"{keras_rate:.1f} img/s, ratio {ratios[size]:.2f}",
+              flush=True)
+    if args.diagnose:
+        base = time_ours(32)
+        print(f"diagnose 32x32: full recipe {base:.1f} img/s", flush=True)
+        for label, overrides in (("no EMA", {"ema_decay": 0.0}),
+                                 ("1 step per tf.function",
+                                  {"steps_per_loop": 1})):
+            rate = time_ours(32, **overrides)
+            print(f"diagnose 32x32: {label}: {rate:.1f} img/s "
+                  f"({rate / base:.2f}x)", flush=True)
+        with _KerasRMSpropBuilder():
+            rate = time_ours(32)
+        print(f"diagnose 32x32: Keras' unfused RMSprop: {rate:.1f} img/s "
+              f"({rate / base:.2f}x)", flush=True)
+    print(f"load average at end {os.getloadavg()[0]:.1f}")
+    print(f"RESULT train ratio_vs_keras_fit_32={ratios[32]:.2f} "
+          f"ratio_vs_keras_fit_64={ratios[64]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

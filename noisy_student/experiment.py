@@ -55,6 +55,8 @@ class ExperimentConfig:
       select: Selection settings (pred_dir, out_dir are set per round).
       export: Export the final model as a SavedModel.
       overwrite: Redo stages whose settings changed instead of failing.
+      student_resolution_from_model: Train each student at its variant's
+        resolution (e.g. B7 600 px) instead of the teacher's image size.
     """
     workdir: str
     data: stages.DataConfig
@@ -70,6 +72,7 @@ class ExperimentConfig:
     select: select_lib.SelectConfig = None
     export: bool = True
     overwrite: bool = False
+    student_resolution_from_model: bool = False
 
     def __post_init__(self):
         if self.iterations < 0:
@@ -132,6 +135,7 @@ class Stage:
     fingerprint: str
     folder: str
     work: object  # () -> JSON-able summary
+    config: object = None  # The stage's main config, for inspection.
 
 
 def plan(config):
@@ -154,7 +158,7 @@ def plan(config):
             f"round{r}/train", train_fp, model_dir,
             lambda: _jsonable(stages.run_train(
                 train_config, input_config, config.data, model_dir,
-                pseudo_dir))))
+                pseudo_dir)), train_config))
         eval_config = evaluate.EvalConfig(
             model_path=model_dir, output_dir=f"{folder}/eval",
             num_classes=train_config.num_classes)
@@ -187,10 +191,17 @@ def plan(config):
             lambda c=select_config: _jsonable(
                 stages.run_select(c)["totals"])))
         student = with_model(config.student, config.student_model(r))
+        student_input = config.student_input
+        variant = student.variant
+        if config.student_resolution_from_model and variant:
+            size = efficientnet.get_variant(variant).resolution
+            student = dataclasses.replace(student, image_size=size)
+            student_input = dataclasses.replace(student_input,
+                                                image_size=size)
         if config.init_student_from_teacher:
             student = dataclasses.replace(student, init_from=teacher_dir)
         teacher_dir, fp = train_and_eval(
-            r, student, config.student_input, select_config.out_dir,
+            r, student, student_input, select_config.out_dir,
             (select_fp, config.init_student_from_teacher))
     if config.export:
         export_dir = f"{workdir}/export"

@@ -195,3 +195,20 @@ def test_smaller_student_allowed_when_asked(pipeline_flags, tmp_path):
     config = parse(pipeline_flags, tmp_path, "--student_models=w0.25-d0.125",
                    "--allow_smaller_student")
     assert config.student_model(1) == "w0.25-d0.125"
+
+
+def test_students_train_at_their_variants_resolution(pipeline_flags,
+                                                     tmp_path):
+    from noisy_student import experiment  # pylint: disable=g-import-not-at-top
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["noisy-student", f"--workdir={tmp_path}",
+                 "--teacher_model=b0", "--student_models=b1,b2",
+                 "--teacher_train_steps=1", "--labels_per_class=10"])
+    config = pipeline_flags.experiment_config()
+    assert config.teacher.image_size == 224
+    trains = [s for s in experiment.plan(config)
+              if s.name.endswith("/train")]
+    assert [s.name for s in trains] == ["round0/train", "round1/train",
+                                        "round2/train"]
+    assert [s.config.image_size for s in trains] == [224, 240, 260]
+    assert [s.config.variant for s in trains] == ["b0", "b1", "b2"]

@@ -71,7 +71,8 @@ def experiment_config():
             records_per_file=FLAGS.records_per_file),
         select=select_lib.SelectConfig(pred_dir="", out_dir="",
                                        **common.select_kwargs()),
-        export=FLAGS.export, overwrite=FLAGS.overwrite)
+        export=FLAGS.export, overwrite=FLAGS.overwrite,
+        student_resolution_from_model=FLAGS.image_size is None)
 
 
 def main(argv):

@@ -129,7 +129,8 @@ class TrainConfig:
       keep_checkpoints: Checkpoints kept.
       eval_every: Steps between evaluations (0: only at the end).
       log_every: Steps between progress lines and summaries.
-      jit_compile: XLA-compile the step (slower on CPU; TPU compiles anyway).
+      jit_compile: XLA-compile the per-replica step (slower on CPU; TPU
+        compiles anyway). Tested with the default strategy only.
       fused_batch_norm: Train batch norm with TF's fused kernel (see
         `FusedBatchNormalization`; not with sync_batch_norm).
       verbose: Print the progress lines.
@@ -350,10 +351,10 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
     Keras 3 computes batch norm in training as a dozen separate ops (moments,
     rsqrt, scale, shift, and their gradients); TF's FusedBatchNormV3 does the
     forward and the backward pass in one kernel each (oneDNN on CPU, cuDNN on
-    GPU, XLA on TPU). Measured on this project's 2-core CPU, it makes a B0
-    training step 1.15x (32 px) to 1.3x (64 px) faster. Same arithmetic as
-    Keras: batch statistics in float32, moving averages of the batch mean and
-    the *biased* batch variance. Inference, frozen layers, masks and
+    GPU, XLA on TPU). In A/B runs on this project's 2-core CPU it made a B0
+    training step about 1.1x (32 px) and 1.2-1.3x (64 px) faster. Same
+    arithmetic as Keras: batch statistics in float32, moving averages of the
+    batch mean and the *biased* batch variance. Inference, frozen layers, masks and
     synchronized (cross-replica) batch norm use Keras' own code.
     """
 
@@ -638,8 +639,8 @@ class _Trainer:
             self._worker_temp_dir = tempfile.mkdtemp(prefix="ns-worker-ckpt-")
             write_dir = self._worker_temp_dir
         self.manager = tf.train.CheckpointManager(
-            self.checkpoint, write_dir, max_to_keep=self.config.keep_checkpoints,
-            checkpoint_name="ckpt")
+            self.checkpoint, write_dir,
+            max_to_keep=self.config.keep_checkpoints, checkpoint_name="ckpt")
         if (strategy_lib.is_multi_worker(self.strategy)
                 and not isinstance(self.strategy, tf.distribute.TPUStrategy)):
             # Restores from model_dir/preemption if a preempted run left one.
@@ -717,9 +718,10 @@ class _Trainer:
         replica_context = tf.distribute.get_replica_context()
         global_loss = replica_context.all_reduce(
             tf.distribute.ReduceOp.SUM, loss)
-        correct = tf.reduce_sum(tf.cast(
-            tf.equal(tf.argmax(logits[:n_labeled], axis=-1, output_type=tf.int32),
-                     labels), tf.float32))
+        predicted = tf.argmax(logits[:n_labeled], axis=-1,
+                              output_type=tf.int32)
+        correct = tf.reduce_sum(tf.cast(tf.equal(predicted, labels),
+                                        tf.float32))
         self.sums.assign_add(tf.stack([
             loss, tf.reduce_sum(labeled_ce), tf.reduce_sum(unlabeled_ce),
             correct, tf.cast(n_labeled, tf.float32),
@@ -954,7 +956,8 @@ def _check_element_spec(spec, config, per_replica):
                              f"Received: {received}")
 
     check(isinstance(spec, dict) and "labeled" in spec,
-          'dicts {"labeled": {...}, "unlabeled": {...}}', f"element_spec={spec}")
+          'dicts {"labeled": {...}, "unlabeled": {...}}',
+          f"element_spec={spec}")
     labeled = spec["labeled"]
     check(isinstance(labeled, dict) and {"image", "label"} <= set(labeled),
           'a "labeled" dict with "image" and "label"',
@@ -983,7 +986,8 @@ def _check_element_spec(spec, config, per_replica):
     expected = per_replica * config.unlabel_ratio
     check(unlabeled["image"].shape[0] in (None, expected),
           f"per-replica unlabeled batches of {expected} (batch x "
-          f"unlabel_ratio)", f"unlabeled image shape={unlabeled['image'].shape}")
+          f"unlabel_ratio)",
+          f"unlabeled image shape={unlabeled['image'].shape}")
     check(unlabeled["target"].shape[-1] in (None, config.num_classes),
           f"targets over {config.num_classes} classes",
           f"target shape={unlabeled['target'].shape}")

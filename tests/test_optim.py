@@ -151,5 +151,6 @@ def test_ema_sources_are_weights_and_bn_statistics():
     frozen = train_lib.freeze_blocks(model, 1)
     assert "stem_conv" in frozen and "block1a_dwconv" in frozen
     paths = [v.path for v in optim.ema_source_variables(model)]
-    assert "stem_bn/moving_mean" not in paths and "stem_conv/kernel" not in paths
+    assert "stem_bn/moving_mean" not in paths
+    assert "stem_conv/kernel" not in paths
     assert "block2a_expand_conv/kernel" in paths

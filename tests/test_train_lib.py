@@ -472,8 +472,8 @@ def test_fused_batch_norm_matches_keras_batch_norm():
             y = layer(x, training=True)
             loss = tf.reduce_sum(y * weights)
         grads = tape.gradient(loss, [x, layer.gamma.value, layer.beta.value])
-        results.append([y] + grads + [layer.moving_mean,
-                                      layer.moving_variance])
+        results.append([y] + grads + [layer.moving_mean.numpy(),
+                                      layer.moving_variance.numpy()])
     for keras_value, fused_value in zip(*results):
         np.testing.assert_allclose(np.asarray(fused_value),
                                    np.asarray(keras_value),

@@ -30,6 +30,10 @@ FLAGS_DIR = REPO / "flags"
 HEADER_FIELDS = ("Reproduces:", "Expected:", "Hardware and time:", "Command:")
 EXPECTED_FILES = (
     "digits.cfg", "fashion_mnist_1000.cfg", "svhn.cfg", "cifar10_4000.cfg",
+    "fashion_mnist_1000/no_noise.cfg", "fashion_mnist_1000/hard_labels.cfg",
+    "fashion_mnist_1000/no_filter.cfg",
+    "fashion_mnist_1000/init_from_teacher.cfg",
+    "fashion_mnist_1000/supervised.cfg",
     "imagenet/teacher_b7.cfg", "imagenet/predict.cfg", "imagenet/select.cfg",
     "imagenet/student_l2_round1.cfg", "imagenet/student_l2_round2.cfg",
     "imagenet/student_l2_round3.cfg", "imagenet/finetune_l2_800.cfg")

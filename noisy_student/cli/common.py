@@ -201,7 +201,7 @@ def define_select_flags():
         "per_class", None,
         "K: pseudo-labeled images kept per class, most confident first; "
         "classes with fewer are duplicated up to K (paper: 130,000 on "
-        "ImageNet). Unset: keep every confident image once.")
+        "ImageNet). Unset or 0: keep every confident image once.")
     flags.DEFINE_float("min_confidence", 0.3,
                        "Drop images whose top probability is below this "
                        "(paper: 0.3).")
@@ -218,7 +218,7 @@ def define_select_flags():
 
 
 def select_kwargs():
-    return dict(per_class=FLAGS.per_class,
+    return dict(per_class=FLAGS.per_class or None,
                 min_confidence=FLAGS.min_confidence,
                 label_type=FLAGS.label_type, temperature=FLAGS.temperature,
                 duplicate=FLAGS.balance, seed=FLAGS.select_seed)

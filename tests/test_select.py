@@ -3,6 +3,8 @@
 import collections
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -308,3 +310,17 @@ def test_reselect_replaces_previous_selection(synthetic, tmp_path):
     assert not any(io_utils.is_temp(n) for n in names)
     assert sum(1 for _ in pl.selected_dataset(out_dir)) == len(
         read_selected(out_dir))
+
+
+def test_cli_per_class_zero_keeps_every_confident_image(synthetic, tmp_path):
+    # ns-select --per_class=0 means "no cap" (the no-filter ablation's flag
+    # file needs a value that undoes a flagfile's --per_class).
+    pred_dir = synthetic[0]
+    out_dir = str(tmp_path / "cli")
+    subprocess.run([sys.executable, "-m", "noisy_student.cli.select",
+                    f"--pred_dir={pred_dir}", f"--out_dir={out_dir}",
+                    "--per_class=0", "--min_confidence=0.3"], check=True,
+                   capture_output=True)
+    kept = len(read_selected(out_dir))
+    confident = int((synthetic[3] >= 0.3).sum())
+    assert kept == confident

@@ -1,0 +1,99 @@
+"""bench/ssl_study.py: its commands, its ablation set-up and its arithmetic.
+
+The study itself takes about two hours; these tests check, on fake work
+directories, what turns its runs into the published numbers: which flagfile
+each run uses, that an ablation starts from exactly the main run's shared
+stages, the table rows and the "gap closed" formula.
+"""
+
+import importlib.util
+import json
+import pathlib
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_study():
+    spec = importlib.util.spec_from_file_location(
+        "ssl_study", REPO / "bench" / "ssl_study.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+study = load_study()
+
+
+def fake_run(workdir, run, top1s, seconds=60.0, stages=None):
+    """A finished run: report.json rounds with `top1s`, and its manifest."""
+    folder = workdir / run
+    folder.mkdir(parents=True)
+    rounds = [{"round": i, "test_top1": t} for i, t in enumerate(top1s)]
+    (folder / "report.json").write_text(json.dumps({"rounds": rounds}))
+    names = stages or [f"round{i}/{s}" for i in range(len(top1s))
+                       for s in ("train", "eval")]
+    manifest = {n: {"fingerprint": n, "finished_at": 1.0, "seconds": seconds}
+                for n in names}
+    (folder / "manifest.json").write_text(json.dumps({"stages": manifest}))
+
+
+def test_every_run_has_a_flagfile():
+    for run in study.RUNS:
+        flagfile = study.command(run)[0].split("=", 1)[1]
+        assert (REPO / flagfile).is_file(), (run, flagfile)
+    assert "--overwrite" in study.command("no_noise")
+    assert "--overwrite" not in study.command("main")
+
+
+def test_gap_closed_and_no_noise_fraction(tmp_path):
+    fake_run(tmp_path, "main", [0.80, 0.84, 0.86, 0.87])
+    fake_run(tmp_path, "no_noise", [0.80, 0.81])
+    fake_run(tmp_path, "supervised", [0.90])
+    out = study.rows(str(tmp_path))
+    assert out["main0"][1] == 0.80 and out["main3"][1] == 0.87
+    assert out["no_noise"][1] == 0.81
+    assert out["main1"][2] == pytest.approx(1.0)  # 60 s of training
+    gap, gain = study.summary(out)
+    assert gap == pytest.approx((0.86 - 0.80) / (0.90 - 0.80))
+    assert gain == pytest.approx((0.81 - 0.80) / (0.84 - 0.80))
+
+
+def test_summary_is_none_without_the_bound(tmp_path):
+    fake_run(tmp_path, "main", [0.80, 0.84, 0.86])
+    gap, gain = study.summary(study.rows(str(tmp_path)))
+    assert gap is None and gain is None
+
+
+def test_ablation_starts_from_mains_shared_stages(tmp_path):
+    stages = list(study.SHARED_STAGES) + ["round1/train", "round1/eval"]
+    fake_run(tmp_path, "main", [0.8, 0.85], stages=stages)
+    for stage in stages:
+        (tmp_path / "main" / stage).mkdir(parents=True)
+        (tmp_path / "main" / stage / "file").write_text(stage)
+    study.seed_from_main(str(tmp_path), "hard_labels")
+    target = tmp_path / "hard_labels"
+    manifest = json.loads((target / "manifest.json").read_text())["stages"]
+    assert sorted(manifest) == sorted(study.SHARED_STAGES)
+    for stage in study.SHARED_STAGES:
+        assert (target / stage / "file").read_text() == stage
+    assert not (target / "round1" / "train").exists()
+
+
+def test_ablation_refuses_an_unfinished_main(tmp_path):
+    fake_run(tmp_path, "main", [0.8], stages=["round0/train"])
+    with pytest.raises(SystemExit, match="round1/predict"):
+        study.seed_from_main(str(tmp_path), "no_noise")
+
+
+def test_replace_block_rewrites_only_between_markers(tmp_path):
+    path = tmp_path / "doc.md"
+    path.write_text("before\n<!-- ssl_study:begin -->\nold\n"
+                    "<!-- ssl_study:end -->\nafter\n")
+    study.replace_block(str(path), "new\n")
+    assert path.read_text() == ("before\n<!-- ssl_study:begin -->\nnew\n"
+                                "<!-- ssl_study:end -->\nafter\n")
+    (tmp_path / "plain.md").write_text("no markers")
+    with pytest.raises(SystemExit):
+        study.replace_block(str(tmp_path / "plain.md"), "x")

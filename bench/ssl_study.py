@@ -115,17 +115,15 @@ def train_minutes(stages, index):
 def rows(workdir):
     """{key: (name, test top-1, training minutes)} of the finished runs."""
     out = {}
-    for run, prefix, names in (
-            ("main", "main", ["teacher (1,000 labels)"]),
-            ("digits", "digits", ["digits teacher (100 labels)"])):
+    for run, prefix, labels in (("main", "", "1,000"),
+                                ("digits", "digits ", "100")):
         result = load(workdir, run)
         for r in result[0] if result else []:
             i = r["round"]
-            name = names[0] if i == 0 else (
-                f"{'digits ' if run == 'digits' else ''}"
-                f"Noisy Student iteration {i}")
-            out[f"{prefix}{i}"] = (name, r["test_top1"],
-                                   train_minutes(result[1], i))
+            name = (f"{prefix}teacher ({labels} labels)" if i == 0
+                    else f"{prefix}Noisy Student iteration {i}")
+            out[f"{run}{i}"] = (name, r["test_top1"],
+                                train_minutes(result[1], i))
     for run in ABLATIONS:
         result = load(workdir, run)
         if result and len(result[0]) > 1:
@@ -171,8 +169,8 @@ def summary(out):
 def table(out, teacher):
     lines = ["| run | test top-1 | vs teacher | train minutes |",
              "|---|---|---|---|"]
-    for name, top1, mins in out.values():
-        if name.startswith("digits"):
+    for key, (name, top1, mins) in out.items():
+        if key.startswith("digits"):
             continue
         delta = "" if teacher is None else f"{top1 - teacher:+.4f}"
         lines.append(f"| {name} | {top1:.4f} | {delta} | {mins:.1f} |")

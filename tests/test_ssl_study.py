@@ -97,3 +97,16 @@ def test_replace_block_rewrites_only_between_markers(tmp_path):
     (tmp_path / "plain.md").write_text("no markers")
     with pytest.raises(SystemExit):
         study.replace_block(str(tmp_path / "plain.md"), "x")
+
+
+def test_table_lists_fashion_runs_then_the_digits_demo(tmp_path):
+    fake_run(tmp_path, "main", [0.80, 0.84])
+    fake_run(tmp_path, "hard_labels", [0.80, 0.83])
+    fake_run(tmp_path, "digits", [0.90, 0.93])
+    lines = study.table(study.rows(str(tmp_path)), 0.80)
+    assert lines[2].startswith("| teacher (1,000 labels) | 0.8000 |")
+    assert lines[3] == "| Noisy Student iteration 1 | 0.8400 | +0.0400 | 1.0 |"
+    assert lines[4].startswith("| iteration 1, hard labels | 0.8300 | +0.0300")
+    digits = lines[lines.index("| digits demo | test top-1 | train minutes |"):]
+    assert digits[2:] == ["| digits teacher (100 labels) | 0.9000 | 1.0 |",
+                          "| digits Noisy Student iteration 1 | 0.9300 | 1.0 |"]

@@ -277,8 +277,8 @@ def build_efficientnet(variant=None, *, width=None, depth=None,
                 drop_rate=next(rates), batch_norm=batch_norm,
                 prefix=block_name(stage + 1, index))
 
-    x = keras.layers.Conv2D(
-        round_filters(TOP_FILTERS, width), 1, use_bias=False,
+    x = ns_layers.PointwiseConv2D(
+        round_filters(TOP_FILTERS, width), use_bias=False,
         kernel_initializer=conv_initializer(), name="top_conv")(x)
     x = batch_norm("top_bn")(x)
     x = keras.layers.Activation("swish", name="top_activation")(x)
@@ -299,8 +299,8 @@ def _mbconv_block(x, *, filters_in, filters_out, kernel_size, strides,
     shortcut = x
     filters = filters_in * expand_ratio
     if expand_ratio != 1:
-        x = keras.layers.Conv2D(
-            filters, 1, use_bias=False, kernel_initializer=conv_initializer(),
+        x = ns_layers.PointwiseConv2D(
+            filters, use_bias=False, kernel_initializer=conv_initializer(),
             name=prefix + "expand_conv")(x)
         x = batch_norm(prefix + "expand_bn")(x)
         x = keras.layers.Activation("swish", name=prefix + "expand_activation")(x)
@@ -314,16 +314,16 @@ def _mbconv_block(x, *, filters_in, filters_out, kernel_size, strides,
         squeezed = max(1, int(filters_in * se_ratio))
         se = keras.layers.GlobalAveragePooling2D(
             keepdims=True, name=prefix + "se_squeeze")(x)
-        se = keras.layers.Conv2D(
-            squeezed, 1, activation="swish",
+        se = ns_layers.PointwiseConv2D(
+            squeezed, activation="swish",
             kernel_initializer=conv_initializer(), name=prefix + "se_reduce")(se)
-        se = keras.layers.Conv2D(
-            filters, 1, activation="sigmoid",
+        se = ns_layers.PointwiseConv2D(
+            filters, activation="sigmoid",
             kernel_initializer=conv_initializer(), name=prefix + "se_expand")(se)
         x = keras.layers.Multiply(name=prefix + "se_excite")([x, se])
 
-    x = keras.layers.Conv2D(
-        filters_out, 1, use_bias=False, kernel_initializer=conv_initializer(),
+    x = ns_layers.PointwiseConv2D(
+        filters_out, use_bias=False, kernel_initializer=conv_initializer(),
         name=prefix + "project_conv")(x)
     x = batch_norm(prefix + "project_bn")(x)
     if strides == 1 and filters_in == filters_out:

@@ -1,8 +1,9 @@
-"""StochasticDepth and PixelNormalization layers."""
+"""StochasticDepth, PixelNormalization and PointwiseConv2D layers."""
 
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from noisy_student import layers
 
@@ -56,3 +57,55 @@ def test_layers_round_trip_their_config():
     clone = keras.layers.deserialize(keras.layers.serialize(norm))
     np.testing.assert_allclose(
         clone(np.array([[4.0, 6.0]], np.float32)), [[1.0, 1.0]])
+    pointwise = layers.PointwiseConv2D(8, activation="sigmoid", name="pw")
+    clone = keras.layers.deserialize(keras.layers.serialize(pointwise))
+    assert isinstance(clone, layers.PointwiseConv2D)
+    assert (clone.filters, clone.name) == (8, "pw")
+
+
+def _pointwise_and_conv(activation=None, use_bias=True):
+    """A PointwiseConv2D and a 1x1 Conv2D holding the same weights."""
+    pointwise = layers.PointwiseConv2D(6, activation=activation,
+                                       use_bias=use_bias)
+    conv = keras.layers.Conv2D(6, 1, activation=activation, use_bias=use_bias)
+    pointwise.build((None, 5, 5, 4))
+    conv.build((None, 5, 5, 4))
+    rng = np.random.default_rng(0)
+    conv.set_weights([rng.normal(size=w.shape).astype("float32")
+                      for w in conv.get_weights()])
+    pointwise.set_weights(conv.get_weights())
+    return pointwise, conv
+
+
+@pytest.mark.parametrize("activation,use_bias", [(None, False),
+                                                 ("swish", True)])
+def test_pointwise_conv_matches_a_1x1_conv_and_its_gradients(activation,
+                                                              use_bias):
+    pointwise, conv = _pointwise_and_conv(activation, use_bias)
+    x = tf.constant(np.random.default_rng(1).normal(size=(3, 5, 5, 4)),
+                    tf.float32)
+    results = []
+    for layer in (pointwise, conv):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x)
+            loss = tf.reduce_sum(y * y)
+        results.append([y] + tape.gradient(
+            loss, [x] + [w.value for w in layer.trainable_weights]))
+    for ours, reference in zip(*results):
+        np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_pointwise_conv_is_a_matmul_not_a_conv():
+    pointwise, _ = _pointwise_and_conv()
+    graph = tf.function(pointwise).get_concrete_function(
+        tf.TensorSpec((None, 5, 5, 4), tf.float32)).graph
+    op_types = {op.type for op in graph.get_operations()}
+    assert "MatMul" in op_types and "Conv2D" not in op_types
+
+
+def test_pointwise_conv_rejects_other_convolutions():
+    with pytest.raises(ValueError, match="1x1, stride-1"):
+        layers.PointwiseConv2D(4, kernel_size=3)
+    with pytest.raises(ValueError, match="1x1, stride-1"):
+        layers.PointwiseConv2D(4, strides=2)

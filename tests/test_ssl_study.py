@@ -60,6 +60,16 @@ def test_gap_closed_and_no_noise_fraction(tmp_path):
     assert gain == pytest.approx((0.81 - 0.80) / (0.84 - 0.80))
 
 
+def test_report_gives_the_gap_closed_of_every_iteration(tmp_path):
+    fake_run(tmp_path, "main", [0.80, 0.84, 0.86, 0.87])
+    fake_run(tmp_path, "supervised", [0.90])
+    text, gap, _ = study.report_text(str(tmp_path))
+    assert gap == pytest.approx(0.6)
+    assert "gap closed (iteration 1): 0.40" in text
+    assert "gap closed (iteration 2): 0.60" in text
+    assert "gap closed (iteration 3): 0.70" in text
+
+
 def test_summary_is_none_without_the_bound(tmp_path):
     fake_run(tmp_path, "main", [0.80, 0.84, 0.86])
     gap, gain = study.summary(study.rows(str(tmp_path)))

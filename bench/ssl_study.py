@@ -150,20 +150,25 @@ def total_minutes(workdir):
     return seconds / 60
 
 
+def gap_closed(out, iteration):
+    """(student - teacher) / (fully supervised - teacher); None if missing."""
+    teacher, full, student = (out.get(key, (0, None))[1] for key in
+                              ("main0", "supervised", f"main{iteration}"))
+    if None in (teacher, full, student) or full == teacher:
+        return None
+    return (student - teacher) / (full - teacher)
+
+
 def summary(out):
     """(gap closed at iteration 2, fraction of the iteration-1 gain the
     no-noise ablation keeps); None where runs are missing."""
     teacher = out.get("main0", (0, None))[1]
-    full = out.get("supervised", (0, None))[1]
-    student2 = out.get("main2", (0, None))[1]
     student1 = out.get("main1", (0, None))[1]
     no_noise = out.get("no_noise", (0, None))[1]
-    gap = gain = None
-    if None not in (teacher, full, student2) and full != teacher:
-        gap = (student2 - teacher) / (full - teacher)
+    gain = None
     if None not in (teacher, student1, no_noise) and student1 != teacher:
         gain = (no_noise - teacher) / (student1 - teacher)
-    return gap, gain
+    return gap_closed(out, 2), gain
 
 
 def table(out, teacher):
@@ -200,16 +205,12 @@ def report_text(workdir):
     out = rows(workdir)
     gap, gain = summary(out)
     teacher = out.get("main0", (0, None))[1]
-    full = out.get("supervised", (0, None))[1]
-    if full == teacher:
-        full = None
     lines = table(out, teacher)
     lines.append("")
     iterations = sorted(int(k[4:]) for k in out if k.startswith("main"))
     for i in [i for i in iterations if i > 0] or [2]:
         # Every iteration's gap closed; the issue's target is at iteration 2.
-        closed = (None if None in (teacher, full) or f"main{i}" not in out
-                  else (out[f"main{i}"][1] - teacher) / (full - teacher))
+        closed = gap_closed(out, i)
         lines.append(f"gap closed (iteration {i}): " +
                      ("n/a" if closed is None else f"{closed:.2f}"))
     lines.append("no-noise ablation keeps of the iteration-1 gain: " +

@@ -136,6 +136,8 @@ class Stage:
     folder: str
     work: object  # () -> JSON-able summary
     config: object = None  # The stage's main config, for inspection.
+    # Redone, not refused, when its fingerprint changes (see Manifest.check).
+    redo_if_changed: bool = False
 
 
 def plan(config):
@@ -208,7 +210,9 @@ def plan(config):
         steps.append(Stage(
             "export", manifest_lib.fingerprint({}, fp), export_dir,
             lambda d=teacher_dir: export_lib.export(
-                train_lib.load_trained_model(d), export_dir, overwrite=True)))
+                train_lib.load_trained_model(d), export_dir, overwrite=True),
+            # More iterations change what is exported, not how.
+            redo_if_changed=True))
     return steps
 
 
@@ -217,7 +221,7 @@ def check(config):
     manifest = manifest_lib.Manifest(config.workdir.rstrip("/"),
                                      config.overwrite)
     for stage in plan(config):
-        manifest.check(stage.name, stage.fingerprint)
+        manifest.check(stage.name, stage.fingerprint, stage.redo_if_changed)
 
 
 def run(config):
@@ -227,11 +231,12 @@ def run(config):
     manifest = manifest_lib.Manifest(workdir, config.overwrite)
     steps = plan(config)
     for stage in steps:
-        manifest.check(stage.name, stage.fingerprint)
+        manifest.check(stage.name, stage.fingerprint, stage.redo_if_changed)
     results, rounds = {}, []
     for stage in steps:
         results[stage.name] = manifest.run(stage.name, stage.fingerprint,
-                                           stage.folder, stage.work)
+                                           stage.folder, stage.work,
+                                           stage.redo_if_changed)
         r, _, kind = stage.name.partition("/")
         if kind == "eval":
             index = int(r[len("round"):])

@@ -49,15 +49,23 @@ class Manifest:
     def _save(self):
         io_utils.write_json(self.path, {"stages": self.stages})
 
-    def check(self, name, stage_fingerprint):
+    def check(self, name, stage_fingerprint, redo_if_changed=False):
         """Raises if stage `name` was made with another fingerprint.
 
+        Args:
+          name: Stage name.
+          stage_fingerprint: From `fingerprint`.
+          redo_if_changed: The stage only mirrors its upstream (the export
+            of the last round): when the run grows by an iteration it is
+            redone instead of refused.
+
         Raises:
-          ValueError: naming the stage, unless `overwrite` is set.
+          ValueError: naming the stage, unless `overwrite` or
+            `redo_if_changed` is set.
         """
         entry = self.stages.get(name)
-        if entry and entry["fingerprint"] != stage_fingerprint and (
-                not self.overwrite):
+        if entry and entry["fingerprint"] != stage_fingerprint and not (
+                self.overwrite or redo_if_changed):
             raise ValueError(
                 f"Expected the configuration that made {self.workdir}. "
                 f"Received: different settings for its stage {name!r} "
@@ -70,7 +78,8 @@ class Manifest:
         return bool(entry and entry["fingerprint"] == stage_fingerprint
                     and "finished_at" in entry)
 
-    def run(self, name, stage_fingerprint, folder, fn):
+    def run(self, name, stage_fingerprint, folder, fn,
+            redo_if_changed=False):
         """Runs `fn()` as stage `name` unless it already finished.
 
         Args:
@@ -79,11 +88,12 @@ class Manifest:
           folder: The stage's output folder; deleted first when a stage made
             with other settings is overwritten.
           fn: Does the work; returns a JSON-able summary.
+          redo_if_changed: See `check`.
 
         Returns:
           The stage's summary (recorded, when the stage was skipped).
         """
-        self.check(name, stage_fingerprint)
+        self.check(name, stage_fingerprint, redo_if_changed)
         entry = self.stages.get(name)
         if self.finished(name, stage_fingerprint):
             logging.info("Stage %s finished earlier: skipped.", name)

@@ -99,6 +99,16 @@ def test_pipeline_end_to_end_then_rerun_is_a_no_op(tmp_path):
     assert "round1/train" in changed.stderr and "--overwrite" in (
         changed.stderr)
     assert stage_times(workdir) == before
+    # One more iteration: rounds 0-2 are kept, round 3 added, the export
+    # redone from it.
+    grown = run_pipeline(workdir, "--iterations=3")
+    assert grown.returncode == 0, grown.stderr[-3000:]
+    check_outputs(workdir, 3)
+    after = stage_times(workdir)
+    assert {k: after[k] for k in before if k != "export"} == {
+        k: v for k, v in before.items() if k != "export"}
+    assert after["export"][0] > before["export"][0]
+    assert len(after) == len(before) + len(STAGES_PER_ROUND)
 
 
 def _kill_when(process, condition, log_path, timeout=300):

@@ -28,6 +28,19 @@ def test_finished_stage_is_skipped_and_changed_settings_refused(tmp_path):
     assert manifest.Manifest(work).finished("round0/train", changed)
 
 
+def test_stage_that_mirrors_its_upstream_is_redone_not_refused(tmp_path):
+    work = str(tmp_path)
+    m = manifest.Manifest(work)
+    m.run("export", manifest.fingerprint({}, "round2"), f"{work}/export",
+          lambda: {"from": 2})
+    grown = manifest.fingerprint({}, "round3")
+    with pytest.raises(ValueError, match="export"):
+        m.check("export", grown)
+    assert m.run("export", grown, f"{work}/export", lambda: {"from": 3},
+                 redo_if_changed=True) == {"from": 3}
+    assert manifest.Manifest(work).finished("export", grown)
+
+
 def test_started_but_unfinished_stage_reruns(tmp_path):
     work = str(tmp_path)
     fp = manifest.fingerprint({"a": 1})

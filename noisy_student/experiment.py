@@ -218,9 +218,12 @@ def plan(config):
 
 def check(config):
     """Raises ValueError if the workdir was made by other settings."""
-    manifest = manifest_lib.Manifest(config.workdir.rstrip("/"),
-                                     config.overwrite)
-    for stage in plan(config):
+    _check_stages(manifest_lib.Manifest(config.workdir.rstrip("/"),
+                                        config.overwrite), plan(config))
+
+
+def _check_stages(manifest, steps):
+    for stage in steps:
         manifest.check(stage.name, stage.fingerprint, stage.redo_if_changed)
 
 
@@ -230,8 +233,7 @@ def run(config):
     tf.io.gfile.makedirs(workdir)
     manifest = manifest_lib.Manifest(workdir, config.overwrite)
     steps = plan(config)
-    for stage in steps:
-        manifest.check(stage.name, stage.fingerprint, stage.redo_if_changed)
+    _check_stages(manifest, steps)
     results, rounds = {}, []
     for stage in steps:
         results[stage.name] = manifest.run(stage.name, stage.fingerprint,

@@ -43,5 +43,6 @@ setuptools.setup(
         "ns-select=noisy_student.cli.select:run",
         "ns-eval=noisy_student.cli.evaluate:run",
         "ns-export=noisy_student.cli.export:run",
+        "ns-convert=noisy_student.cli.convert:run",
     ]},
 )

@@ -104,8 +104,12 @@ def _join(folder, name):
     return folder.rstrip("/") + "/" + name
 
 
-def detect_kind(path):
+def detect_kind(path, what="checkpoint"):
     """The kind of source at `path`.
+
+    Args:
+      path: The source path.
+      what: The flag or argument that gave it, for messages.
 
     Returns:
       `TF1`, `KERAS_H5` or `MODEL_KERAS`.
@@ -128,28 +132,40 @@ def detect_kind(path):
                 "Expected pretrained weights (a TF1 checkpoint, a Keras .h5 "
                 "file or model.keras); a SavedModel is for serving. Pass the "
                 f"training folder it was exported from. Received: "
-                f"checkpoint={path}")
+                f"{what}={path}")
         prefix = tf.train.latest_checkpoint(path)
         if prefix is not None:
-            return _tf_kind(prefix, path)
+            return _tf_kind(prefix, path, what)
     elif tf.io.gfile.exists(path + ".index"):
-        return _tf_kind(path, path)
+        return _tf_kind(path, path, what)
     raise FileNotFoundError(
         "Expected a TF1 checkpoint (a folder with a `checkpoint` file, or a "
         "prefix like .../model.ckpt), a Keras applications .h5 weight file, "
         "or model.keras (or a folder holding it). Received: "
-        f"checkpoint={path}")
+        f"{what}={path}")
 
 
-def _tf_kind(prefix, path):
+def _tf_kind(prefix, path, what):
     names = tf.train.load_checkpoint(prefix).get_variable_to_shape_map()
     if "_CHECKPOINTABLE_OBJECT_GRAPH" in names:
         raise ValueError(
             "Expected a TF1 checkpoint of the official EfficientNet code. "
             "Received a TF2 object checkpoint (a training run's checkpoints/?"
             " pass the run's folder, which holds model.keras): "
-            f"checkpoint={path}")
+            f"{what}={path}")
     return TF1
+
+
+def source_small_images(path):
+    """The stride layout of a source: False for ImageNet checkpoints (TF1,
+    Keras files), the model's own for model.keras.
+
+    Raises:
+      FileNotFoundError, ValueError: as `detect_kind`.
+    """
+    if detect_kind(path) != MODEL_KERAS:
+        return False
+    return _read_model_keras(str(path).rstrip("/")).small_images
 
 
 def fingerprint(path):
@@ -179,7 +195,7 @@ def fingerprint(path):
     return {"path": path, "files": entries}
 
 
-def read(path, model, normalization="imagenet"):
+def read(path, model, normalization="imagenet", what="checkpoint"):
     """Reads the weights of any source kind for an EfficientNet `model`.
 
     Args:
@@ -189,6 +205,7 @@ def read(path, model, normalization="imagenet"):
       normalization: "imagenet" or "advprop": the pixel scaling a TF1
         checkpoint was trained with (ignored for the other kinds, which
         carry theirs).
+      what: The flag or argument that gave `path`, for messages.
 
     Returns:
       A `PretrainedWeights`.
@@ -203,7 +220,7 @@ def read(path, model, normalization="imagenet"):
         raise ValueError(f"Expected normalization in {sorted(NORMALIZATIONS)}."
                          f" Received: normalization={normalization!r}")
     path = str(path).rstrip("/")
-    kind = detect_kind(path)
+    kind = detect_kind(path, what)
     if kind == TF1:
         return _read_tf1(path, model, normalization)
     if kind == KERAS_H5:
@@ -478,13 +495,16 @@ def _guess_model(weights):
     return None if stem is None else _guess(stem.shape[-1], len(blocks))
 
 
-def check(pretrained, model, model_name="model"):
+def check(pretrained, model, model_name="model", partial=False):
     """Checks that `pretrained` fits `model` (all but a differing head).
 
     Args:
       pretrained: A `PretrainedWeights`.
       model: An EfficientNet `keras.Model` of this package.
       model_name: The target's name, for the message.
+      partial: Accept a source that fits only some layers (they are copied,
+        the rest keep their initialisation), as a larger student started
+        from its teacher; at least one layer must fit.
 
     Returns:
       True if the head is copied too, False if the model keeps a fresh head
@@ -524,6 +544,13 @@ def check(pretrained, model, model_name="model"):
     extra = sorted(f"{layer}/{var}" for layer, values in
                    pretrained.weights.items() for var in values
                    if f"{layer}/{var}" not in names and layer != HEAD)
+    fitting = len(names) - len(missing) - len(shapes)
+    if partial and fitting > 0:
+        if missing or shapes:
+            logging.info("%s: %d variables do not fit %s and keep their "
+                         "initialisation", pretrained.path,
+                         len(missing) + len(shapes), model_name)
+        return head_fits
     if missing or extra or shapes:
         guess = _guess_model(pretrained.weights)
         raise ValueError(_mismatch_message(
@@ -532,11 +559,12 @@ def check(pretrained, model, model_name="model"):
     return head_fits
 
 
-def apply(pretrained, model, model_name="model"):
+def apply(pretrained, model, model_name="model", partial=False):
     """Copies `pretrained` into `model` and sets its pixel normalisation.
 
-    Every weight but the head must fit (see `check`); the head is copied when
-    its shape fits, and otherwise kept as initialised (a fresh head).
+    Every weight but the head must fit (see `check`; with `partial`, the
+    fitting layers are copied); the head is copied when its shape fits, and
+    otherwise kept as initialised (a fresh head).
 
     Returns:
       True if the head was copied.
@@ -544,12 +572,15 @@ def apply(pretrained, model, model_name="model"):
     Raises:
       ValueError: as `check`.
     """
-    head_copied = check(pretrained, model, model_name)
+    head_copied = check(pretrained, model, model_name, partial)
     for layer in model.layers:
-        if layer.name == HEAD and not head_copied:
-            continue
+        values = pretrained.weights.get(layer.name, {})
+        if layer.name == HEAD and not head_copied or not all(
+                w.name in values and tuple(values[w.name].shape) == tuple(
+                    w.shape) for w in layer.weights):
+            continue  # A fresh head, or (partial) a layer that does not fit.
         for w in layer.weights:
-            w.assign(pretrained.weights[layer.name][w.name])
+            w.assign(values[w.name])
     norm = model.get_layer(NORMALIZE)
     if len(norm.mean) == len(pretrained.mean):
         norm.mean, norm.stddev = pretrained.mean, pretrained.stddev

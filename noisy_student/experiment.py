@@ -20,6 +20,7 @@ import time
 from absl import logging
 import tensorflow as tf
 
+from noisy_student import checkpoints
 from noisy_student import efficientnet
 from noisy_student import evaluate
 from noisy_student import export as export_lib
@@ -39,10 +40,13 @@ class ExperimentConfig:
     Attributes:
       workdir: Folder of every stage's output (local or gs://).
       data: Sources and the labeled split.
-      teacher: Training recipe and model of round 0.
+      teacher: Training recipe and model of round 0 (its init_from: the
+        pretrained weights it is fine-tuned from; train_steps=0 uses them
+        unchanged).
       teacher_input: Input (augmentation) of the teacher.
       student: Training recipe of the students; its variant/width/depth are
-        replaced by `student_models`.
+        replaced by `student_models` (its init_from: pretrained weights
+        every student starts from).
       student_input: Input (noise) of the students.
       student_models: Model name of each round's student (the last one
         repeats); empty: the teacher's model.
@@ -82,7 +86,12 @@ class ExperimentConfig:
             raise ValueError(
                 "Expected unlabel_ratio > 0 for the students. Received: "
                 f"unlabel_ratio={self.student.unlabel_ratio}")
-        teacher = model_name(self.teacher)
+        if self.init_student_from_teacher and self.student.init_from:
+            raise ValueError(
+                "Expected students started from their teacher or from a "
+                "checkpoint, not both. Received: init_student_from_teacher="
+                f"True, student_init={self.student.init_from}")
+        teacher = self.teacher.model_name
         for name in self.student_models:
             efficientnet.parse_model_name(name)
         previous = teacher
@@ -100,17 +109,9 @@ class ExperimentConfig:
     def student_model(self, round_index):
         """Model name of the student of round `round_index` (1-based)."""
         if not self.student_models:
-            return model_name(self.teacher)
+            return self.teacher.model_name
         return self.student_models[min(round_index, len(
             self.student_models)) - 1]
-
-
-def model_name(train_config):
-    """The model name (b0.., or wW-dD) of a TrainConfig."""
-    if train_config.variant and train_config.width is None and (
-            train_config.depth is None):
-        return train_config.variant
-    return f"w{train_config.width}-d{train_config.depth}"
 
 
 def with_model(train_config, name):
@@ -153,9 +154,15 @@ def plan(config):
     def train_and_eval(r, train_config, input_config, pseudo_dir, upstream):
         folder = f"{workdir}/round{r}"
         model_dir = f"{folder}/train"
+        # A pretrained checkpoint counts by its files (path, size, mtime); a
+        # teacher's folder (init_student_from_teacher) by its stages.
+        init = train_config.init_from
+        init_fp = (checkpoints.fingerprint(init)
+                   if init and not (r and config.init_student_from_teacher)
+                   else None)
         train_fp = manifest_lib.fingerprint(
             {"train": _without_paths(train_config, "init_from"),
-             "input": input_config}, data_fp, *upstream)
+             "input": input_config, "init": init_fp}, data_fp, *upstream)
         steps.append(Stage(
             f"round{r}/train", train_fp, model_dir,
             lambda: _jsonable(stages.run_train(
@@ -217,9 +224,36 @@ def plan(config):
 
 
 def check(config):
-    """Raises ValueError if the workdir was made by other settings."""
+    """Raises ValueError if the workdir was made by other settings, or a
+    pretrained checkpoint does not fit its model."""
     _check_stages(manifest_lib.Manifest(config.workdir.rstrip("/"),
                                         config.overwrite), plan(config))
+    _check_inits(config)
+
+
+def _check_inits(config):
+    """Reads every pretrained checkpoint against its model, before work."""
+    roles = [("teacher", config.teacher)]
+    if config.student.init_from and config.iterations:
+        roles += [(f"student {r}", with_model(config.student,
+                                              config.student_model(r)))
+                  for r in range(1, config.iterations + 1)]
+    for role, train_config in roles:
+        if not train_config.init_from:
+            continue
+        pretrained = checkpoints.read(
+            train_config.init_from, train_config.model_name,
+            what="teacher_init" if role == "teacher" else "student_init")
+        head = checkpoints.check(pretrained, train_lib.build_model(
+            train_config), train_config.model_name)
+        if train_config.train_steps == 0 and not head:
+            raise ValueError(
+                f"Expected a checkpoint with a {train_config.num_classes}-"
+                "class head to use as the teacher unchanged; it has "
+                f"{pretrained.num_classes or 'no'} classes. Give "
+                "--teacher_train_steps > 0 to fine-tune a new head. "
+                f"Received: teacher_init={train_config.init_from}, "
+                "teacher_train_steps=0")
 
 
 def _check_stages(manifest, steps):
@@ -234,6 +268,7 @@ def run(config):
     manifest = manifest_lib.Manifest(workdir, config.overwrite)
     steps = plan(config)
     _check_stages(manifest, steps)
+    _check_inits(config)
     results, rounds = {}, []
     for stage in steps:
         results[stage.name] = manifest.run(stage.name, stage.fingerprint,
@@ -244,7 +279,7 @@ def run(config):
             index = int(r[len("round"):])
             rounds.append(_round_entry(
                 index, "teacher" if index == 0 else "student",
-                model_name(config.teacher) if index == 0
+                config.teacher.model_name if index == 0
                 else config.student_model(index),
                 results[f"{r}/train"], results[stage.name], manifest,
                 results.get(f"{r}/select")))

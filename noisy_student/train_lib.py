@@ -52,6 +52,7 @@ import keras
 import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
+from noisy_student import checkpoints
 from noisy_student import efficientnet
 from noisy_student import io_utils
 from noisy_student import losses
@@ -136,8 +137,14 @@ class TrainConfig:
       verbose: Print the progress lines.
 
     Student options:
-      init_from: A model_dir (or .keras file) whose weights initialise the
-        model, layer by layer where names and shapes match.
+      init_from: Pretrained weights that initialise the model (any source
+        of `noisy_student.checkpoints`: an official TF1 / Noisy Student
+        checkpoint, a Keras applications .h5 file, or a model_dir / .keras
+        file of ours). External checkpoints must fit the model but for the
+        head (fresh when the class count differs); a model of ours is
+        copied layer by layer where names and shapes match (a larger
+        student from its teacher). With train_steps=0 the model is the
+        checkpoint unchanged (its head must fit).
       freeze_blocks: Freeze the stem and the first N MBConv blocks (FixRes-
         style fine-tune at a larger image_size); frozen BN uses its moving
         statistics.
@@ -219,7 +226,12 @@ class TrainConfig:
                      "momentum", "bn_momentum"):
             if not 0 <= getattr(self, name) < 1:
                 fail(f"{name} in [0, 1)", name)
-        for name in ("batch_size", "train_steps", "lr_batch_size",
+        if self.train_steps == 0 and not self.init_from:
+            fail("train_steps > 0 (0 only with init_from: the checkpoint "
+                 "used unchanged)", "train_steps")
+        if not (isinstance(self.train_steps, int) and self.train_steps >= 0):
+            fail("an integer train_steps >= 0", "train_steps")
+        for name in ("batch_size", "lr_batch_size",
                      "steps_per_loop", "log_every", "keep_checkpoints"):
             if not (isinstance(getattr(self, name), int)
                     and getattr(self, name) > 0):
@@ -272,6 +284,13 @@ class TrainConfig:
     def is_student(self):
         """True when batches carry unlabeled images (unlabel_ratio > 0)."""
         return self.unlabel_ratio > 0
+
+    @property
+    def model_name(self):
+        """b0..b8 / l2, or wW-dD (the name `efficientnet` parses)."""
+        if self.variant and self.width is None and self.depth is None:
+            return self.variant
+        return f"w{self.width}-d{self.depth}"
 
     @property
     def resolved_image_size(self):
@@ -536,16 +555,15 @@ class _Trainer:
             self._write_config()
 
         keras.utils.set_random_seed(config.seed)
-        init_weights = (_load_layer_weights(config.init_from)
-                        if config.init_from else None)
+        pretrained = (checkpoints.read(config.init_from, config.model_name,
+                                       what="init_from")
+                      if config.init_from else None)
         with strategy.scope():
             self.model = build_model(config)
             if config.fused_batch_norm:
                 use_fused_batch_norm(self.model)
-            if init_weights is not None:
-                copied = _copy_layer_weights(init_weights, self.model)
-                logging.info("init_from %s: copied %d layers", config.init_from,
-                             copied)
+            if pretrained is not None:
+                self._initialise(pretrained)
             self.frozen = freeze_blocks(self.model, config.freeze_blocks)
             self.trainable = self.model.trainable_variables
             decay_vars = losses.weight_decay_variables(self.model)
@@ -615,6 +633,22 @@ class _Trainer:
             self.eval_writer = tf.summary.create_noop_writer()
 
     # ----------------------------------------------------------- set-up ---
+
+    def _initialise(self, pretrained):
+        """Copies init_from's weights (see TrainConfig.init_from)."""
+        config = self.config
+        partial = pretrained.kind == checkpoints.MODEL_KERAS
+        head_copied = checkpoints.apply(pretrained, self.model,
+                                        config.model_name, partial=partial)
+        if config.train_steps == 0 and not head_copied:
+            raise ValueError(
+                f"Expected a checkpoint with a {config.num_classes}-class "
+                "head to use unchanged (train_steps=0); it has "
+                f"{pretrained.num_classes or 'no'} classes, so its head would "
+                f"be untrained. Received: init_from={config.init_from}, "
+                "train_steps=0")
+        logging.info("init_from %s (%s): %s head", config.init_from,
+                     pretrained.kind, "its" if head_copied else "a new")
 
     def _write_config(self):
         path = f"{self.model_dir}/{CONFIG_FILE}"
@@ -914,6 +948,10 @@ class _Trainer:
             keras.mixed_precision.set_global_policy(policy)
         for target, value in zip(export.weights, values, strict=True):
             target.assign(value)
+        # A pretrained source may normalise its pixels otherwise (AdvProp).
+        source = self.model.get_layer(checkpoints.NORMALIZE)
+        norm = export.get_layer(checkpoints.NORMALIZE)
+        norm.mean, norm.stddev = source.mean, source.stddev
         path = _model_path(self.model_dir)
         temp = io_utils.temp_path(path)
         keras.saving.save_model(export, temp)
@@ -991,37 +1029,6 @@ def _check_element_spec(spec, config, per_replica):
     check(unlabeled["target"].shape[-1] in (None, config.num_classes),
           f"targets over {config.num_classes} classes",
           f"target shape={unlabeled['target'].shape}")
-
-
-def _load_layer_weights(path):
-    """{layer name: [numpy weights]} of a saved model."""
-    model_path = _model_path(path)
-    if not tf.io.gfile.exists(model_path):
-        raise FileNotFoundError(
-            f"Expected a trained model to initialise from at {model_path}. "
-            f"Received: init_from={path}")
-    source = keras.saving.load_model(model_path, compile=False)
-    return {layer.name: [w.numpy() for w in layer.weights]
-            for layer in source.layers if layer.weights}
-
-
-def _copy_layer_weights(weights, model):
-    """Copies whole layers whose name and weight shapes match; returns count."""
-    copied = 0
-    for layer in model.layers:
-        source = weights.get(layer.name)
-        if (source is None or len(source) != len(layer.weights)
-                or any(tuple(s.shape) != tuple(w.shape)
-                       for s, w in zip(source, layer.weights))):
-            continue
-        for target, value in zip(layer.weights, source):
-            target.assign(value)
-        copied += 1
-    if not copied:
-        raise ValueError(
-            "Expected init_from to share layers (same names and shapes) with "
-            "the model. Received: no layer matched")
-    return copied
 
 
 def _checkpoint_step(path):

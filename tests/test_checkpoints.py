@@ -371,3 +371,62 @@ def test_ns_convert_command(tmp_path):
                           timeout=300)
     assert proc.returncode != 0
     assert "Expected a checkpoint of the model b3" in proc.stderr
+
+
+def run_pipeline(workdir, *extra):
+    from tests.test_experiment import pipeline_command  # pylint: disable=g-import-not-at-top
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    return subprocess.run(pipeline_command(workdir, *extra), cwd=ROOT,
+                          env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_pipeline_teacher_from_a_checkpoint_unchanged(tmp_path):
+    """--teacher_train_steps=0 makes the checkpoint the teacher; a changed
+    checkpoint invalidates the stages that used it."""
+    ckpt = str(tmp_path / "ckpt")
+    model = efficientnet.build_efficientnet(
+        width=0.25, depth=0.25, num_classes=10, image_size=16)
+    randomize(model, seed=0)
+    write_tf1(ckpt, official_names(model))
+    workdir = str(tmp_path / "work")
+    flags_ = [f"--teacher_init={ckpt}", "--teacher_train_steps=0",
+              f"--student_init={ckpt}", "--noinit_student_from_teacher",
+              "--iterations=1", "--noexport"]
+    proc = run_pipeline(workdir, *flags_)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    teacher = keras.saving.load_model(
+        f"{workdir}/round0/train/model.keras", compile=False)
+    for ours_w, source_w in zip(teacher.weights, model.weights, strict=True):
+        np.testing.assert_array_equal(ours_w.numpy(), source_w.numpy())
+    with open(f"{workdir}/round1/train/config.json") as f:
+        assert json.load(f)["init_from"] == ckpt
+    with open(f"{workdir}/manifest.json") as f:
+        first = json.load(f)["stages"]["round0/train"]["finished_at"]
+
+    randomize(model, seed=1)
+    write_tf1(ckpt, official_names(model))
+    proc = run_pipeline(workdir, *flags_)
+    assert proc.returncode != 0
+    assert "round0/train" in proc.stderr and "overwrite" in proc.stderr
+    proc = run_pipeline(workdir, *flags_[:-2], "--iterations=0", "--noexport",
+                        "--overwrite")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(f"{workdir}/manifest.json") as f:
+        assert json.load(f)["stages"]["round0/train"]["finished_at"] != first
+    teacher = keras.saving.load_model(
+        f"{workdir}/round0/train/model.keras", compile=False)
+    np.testing.assert_array_equal(teacher.get_layer("stem_conv").kernel,
+                                  model.get_layer("stem_conv").kernel)
+
+
+def test_pipeline_refuses_a_teacher_checkpoint_without_its_head(tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    model = efficientnet.build_efficientnet(
+        width=0.25, depth=0.25, num_classes=3, image_size=16)
+    write_tf1(ckpt, official_names(model))
+    proc = run_pipeline(str(tmp_path / "work"), f"--teacher_init={ckpt}",
+                        "--teacher_train_steps=0")
+    assert proc.returncode != 0
+    assert "teacher_train_steps > 0" in proc.stderr
+    assert not os.path.exists(str(tmp_path / "work" / "round0"))

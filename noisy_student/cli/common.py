@@ -10,6 +10,7 @@ import os
 from absl import flags
 from absl import logging
 
+from noisy_student import checkpoints
 from noisy_student import efficientnet
 from noisy_student import train_lib
 from noisy_student.data import pipeline
@@ -91,7 +92,9 @@ def define_train_flags():
                          "variant's (B0 224).")
     flags.DEFINE_bool("small_images", None,
                       "Stride 1 in stages 2-3 (inputs <= 64 px); default: on "
-                      "when image_size <= 64.")
+                      "when image_size <= 64, unless starting from pretrained "
+                      "weights (then the checkpoint's strides: standard for "
+                      "ImageNet checkpoints).")
     flags.DEFINE_bool("flip", None, "Random left-right flips; default: on "
                       "unless the source is digits/MNIST/SVHN-like.")
     flags.DEFINE_integer("batch_size", 128,
@@ -150,11 +153,27 @@ def resolve_image_size(model_name):
     return efficientnet.get_variant(variant or "b0").resolution
 
 
-def role_configs(prefix, model_name, num_classes, unlabel_ratio, source):
-    """(TrainConfig, InputConfig) of one role from the flags."""
+def role_configs(prefix, model_name, num_classes, unlabel_ratio, source,
+                 init_from=None, layout_from=None):
+    """(TrainConfig, InputConfig) of one role from the flags.
+
+    Args:
+      prefix: The role's flag prefix ("teacher_", "student_" or "").
+      model_name: The role's EfficientNet name.
+      num_classes: Classes of the labeled source.
+      unlabel_ratio: 0 for a teacher.
+      source: The labeled `ImageSource`.
+      init_from: Pretrained weights the role starts from (TrainConfig).
+      layout_from: Pretrained weights whose stride layout sets the default
+        of --small_images (ImageNet checkpoints: standard strides);
+        default `init_from`.
+    """
     image_size = resolve_image_size(model_name)
     small = FLAGS.small_images
-    if small is None:
+    layout_from = layout_from or init_from
+    if small is None and layout_from:
+        small = checkpoints.source_small_images(layout_from)
+    elif small is None:
         small = image_size <= preprocess.SMALL_IMAGE_MAX
     batch_size = FLAGS.batch_size
     variant, width, depth = efficientnet.parse_model_name(model_name)
@@ -176,7 +195,7 @@ def role_configs(prefix, model_name, num_classes, unlabel_ratio, source):
         steps_per_loop=FLAGS.steps_per_loop,
         checkpoint_every=FLAGS.checkpoint_every, eval_every=FLAGS.eval_every,
         log_every=FLAGS.log_every, jit_compile=FLAGS.jit_compile,
-        seed=FLAGS.seed)
+        seed=FLAGS.seed, init_from=init_from)
     flip = FLAGS.flip if FLAGS.flip is not None else source.allows_flip
     input_config = pipeline.InputConfig(
         image_size=image_size, batch_size=batch_size,

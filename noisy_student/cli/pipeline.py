@@ -31,6 +31,16 @@ flags.DEFINE_bool("allow_smaller_student", False,
 flags.DEFINE_bool("init_student_from_teacher", False,
                   "Initialise students from their teacher's weights (paper "
                   "default: from scratch).")
+flags.DEFINE_string(
+    "teacher_init", None,
+    "Pretrained weights the teacher is fine-tuned from: an official TF1 / "
+    "Noisy Student checkpoint, a Keras applications .h5 file, or a "
+    "model.keras folder (see ns-convert). --teacher_train_steps=0 uses it "
+    "as the teacher unchanged. Default: from scratch.")
+flags.DEFINE_string(
+    "student_init", None,
+    "Pretrained weights every student starts from (any --teacher_init "
+    "source). Paper default: from scratch.")
 flags.DEFINE_bool("export", True, "Export the final model as a SavedModel "
                   "to WORKDIR/export.")
 flags.DEFINE_bool("overwrite", False, "Redo stages whose settings changed "
@@ -47,14 +57,17 @@ def experiment_config():
     """Turns FLAGS into an ExperimentConfig (checks before any work)."""
     data = common.data_config()
     labeled = data.labeled_source()
+    layout = FLAGS.teacher_init or FLAGS.student_init
     teacher, teacher_input = common.role_configs(
-        "teacher_", FLAGS.teacher_model, labeled.num_classes, 0, labeled)
+        "teacher_", FLAGS.teacher_model, labeled.num_classes, 0, labeled,
+        init_from=FLAGS.teacher_init, layout_from=layout)
     if FLAGS.unlabel_ratio <= 0:
         raise ValueError("Expected --unlabel_ratio > 0. Received: "
                          f"unlabel_ratio={FLAGS.unlabel_ratio}")
     student, student_input = common.role_configs(
         "student_", FLAGS.teacher_model, labeled.num_classes,
-        FLAGS.unlabel_ratio, labeled)
+        FLAGS.unlabel_ratio, labeled, init_from=FLAGS.student_init,
+        layout_from=layout)
     if FLAGS.iterations:
         data.unlabeled_source()  # Fails now, not after the teacher.
     return experiment.ExperimentConfig(

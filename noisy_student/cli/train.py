@@ -23,8 +23,11 @@ flags.DEFINE_string("pseudo_labels", None,
                     "A selection folder from ns-select: train a student on "
                     "labeled + these pseudo-labeled images.")
 flags.DEFINE_string("init_from", None,
-                    "A model_dir whose weights initialise the model (e.g. "
-                    "the teacher's; paper default: from scratch).")
+                    "Pretrained weights that initialise the model: an "
+                    "official TF1 / Noisy Student checkpoint, a Keras "
+                    "applications .h5 file, or a model_dir / model.keras "
+                    "(e.g. the teacher's; see ns-convert). Paper default: "
+                    "from scratch. With --train_steps=0: used unchanged.")
 flags.DEFINE_integer("freeze_blocks", 0,
                      "Freeze the stem and the first N blocks (FixRes-style "
                      "fine-tune at a larger --image_size).")
@@ -41,9 +44,9 @@ def main(argv):
     labeled = data.labeled_source()
     ratio = FLAGS.unlabel_ratio if FLAGS.pseudo_labels else 0
     train_config, input_config = common.role_configs(
-        "", FLAGS.model, labeled.num_classes, ratio, labeled)
+        "", FLAGS.model, labeled.num_classes, ratio, labeled,
+        init_from=FLAGS.init_from)
     train_config = dataclasses.replace(train_config,
-                                       init_from=FLAGS.init_from,
                                        freeze_blocks=FLAGS.freeze_blocks)
     common.write_flags(FLAGS.model_dir)
     metrics = stages.run_train(train_config, input_config, data,

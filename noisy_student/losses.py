@@ -1,6 +1,6 @@
 """Losses of the Noisy Student training step.
 
-The student's loss (DESIGN.md, step 4; the official noisystudent code) is
+The student's loss (paper Sec. 2, step 3; google-research/noisystudent main.py) is
 
     (labeled_CE * n_lab + unlabeled_CE * n_unl) / n_lab
       = mean labeled CE + unlabel_ratio * mean unlabeled CE,

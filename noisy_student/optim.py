@@ -1,6 +1,7 @@
 """Optimizers, learning-rate schedules and the moving average of the weights.
 
-Recipe (official EfficientNet / noisystudent code, DESIGN.md):
+Recipe (official EfficientNet code, tensorflow/tpu models/official/efficientnet
+utils.py / main.py, which google-research/noisystudent reuses):
 - RMSProp with rho 0.9, momentum 0.9, epsilon 1e-3;
 - learning rate `base_lr * batch_size / 256` (0.016 per 256 labeled images),
   linear warm-up over 5 epochs, then x0.97 every 2.4 epochs (staircase) or a

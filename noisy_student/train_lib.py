@@ -581,7 +581,8 @@ class _Trainer:
                 no_decay_variables=no_decay,
                 loss_scale=config.precision == "mixed_float16")
             # Keras 3 optimizers must create their slots inside the scope
-            # before the first step, or MirroredStrategy fails (DESIGN.md).
+            # before the first step, or MirroredStrategy fails (seen with
+            # TF 2.21 / Keras 3.15; the mirrored training tests cover it).
             self.optimizer.build(self.trainable)
             # ema_decay=0 means no averaging: skip its cost entirely.
             self.ema = (optim.ExponentialMovingAverage(

@@ -62,7 +62,7 @@ def test_loss_weighting_is_sum_over_labeled_count():
     lab_mean = float(np.mean(lab_ce))
     unl_mean = float(np.mean(unl_ce))
     n_unl = n_lab * ratio
-    # DESIGN.md: (labeled_CE * n_lab + unlabeled_CE * n_unl) / n_lab.
+    # The official loss: (labeled_CE * n_lab + unlabeled_CE * n_unl) / n_lab.
     assert float(loss) == pytest.approx(
         (lab_mean * n_lab + unl_mean * n_unl) / n_lab, rel=1e-5)
     assert float(loss) == pytest.approx(lab_mean + ratio * unl_mean, rel=1e-5)

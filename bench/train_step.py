@@ -9,11 +9,16 @@ is excluded: each side runs 1 + TIMED windows of WINDOW steps (our log
 windows, Keras' epochs) and reports its best timed window, which keeps the
 numbers stable when other jobs share the CPU.
 
+--precision (float32 | mixed_float16 | bfloat16) and --jit_compile apply to
+both sides (Keras: the global dtype policy and compile(jit_compile=...)), for
+accelerators; on this CPU keep the defaults (XLA is several times slower
+here).
+
 Optionally (--diagnose) it also times our loop at 32 px without the EMA, with
 one step per tf.function call, and with Keras' own RMSprop instead of the
 fused kernel, to show where time goes.
 
-    python bench/train_step.py [--diagnose]
+    python bench/train_step.py [--diagnose] [--precision=P] [--jit_compile]
 
 Last line: RESULT train ratio_vs_keras_fit_32=<x> ratio_vs_keras_fit_64=<y>
 """
@@ -105,14 +110,19 @@ class _EpochTimer(keras.callbacks.Callback):
         self.seconds.append(time.perf_counter() - self.start)
 
 
-def time_keras_fit(size):
+def time_keras_fit(size, precision="float32", jit_compile=False):
     """Best img/s over model.fit's epochs of WINDOW steps after the first."""
     images, labels = random_data(size)
-    model = keras.applications.EfficientNetB0(
-        weights=None, input_shape=(size, size, 3), classes=CLASSES)
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(train_lib.PRECISIONS[precision])
+    try:
+        model = keras.applications.EfficientNetB0(
+            weights=None, input_shape=(size, size, 3), classes=CLASSES)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
     model.compile(optimizer=keras.optimizers.RMSprop(1e-3, **RMSPROP),
                   loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"])
+                  metrics=["accuracy"], jit_compile=jit_compile)
     dataset = tf.data.Dataset.from_tensor_slices((images, labels)).repeat()
     dataset = dataset.batch(BATCH, drop_remainder=True).prefetch(2)
     timer = _EpochTimer()
@@ -136,21 +146,26 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--diagnose", action="store_true",
                         help="also time variants of our loop at 32 px")
+    parser.add_argument("--precision", default="float32",
+                        choices=sorted(train_lib.PRECISIONS))
+    parser.add_argument("--jit_compile", action="store_true")
     args = parser.parse_args()
+    setting = dict(precision=args.precision, jit_compile=args.jit_compile)
     print(f"TF {tf.__version__}, Keras {keras.__version__}, "
           f"{os.cpu_count()} CPUs (shared with other jobs: load average "
           f"{os.getloadavg()[0]:.1f} at start)")
     ratios = {}
     for size in (32, 64):
         ours_model = train_lib.build_model(our_config(size))
-        keras_rate, keras_model = time_keras_fit(size)
+        keras_rate, keras_model = time_keras_fit(size, **setting)
         ours_params = trainable_params(ours_model)
         keras_params = trainable_params(keras_model)
         assert ours_params == keras_params, (ours_params, keras_params)
         del ours_model, keras_model
-        ours_rate = time_ours(size)
+        ours_rate = time_ours(size, **setting)
         ratios[size] = ours_rate / keras_rate
-        print(f"{size}x{size}, batch {BATCH}, {ours_params:,} trainable "
+        print(f"{size}x{size}, batch {BATCH}, {args.precision}"
+              f"{', XLA' if args.jit_compile else ''}, {ours_params:,} trainable "
               f"params: ours {ours_rate:.1f} img/s, keras fit "
               f"{keras_rate:.1f} img/s, ratio {ratios[size]:.2f}",
               flush=True)

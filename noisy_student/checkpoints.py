@@ -120,6 +120,15 @@ def detect_kind(path, what="checkpoint"):
         of weights here), naming what to pass instead.
     """
     path = str(path).rstrip("/")
+    try:
+        return _detect_kind(path, what)
+    except tf.errors.OpError as e:  # e.g. gs:// unreachable or forbidden
+        raise FileNotFoundError(
+            f"Expected a readable checkpoint ({type(e).__name__}: "
+            f"{e.message}). Received: {what}={path}") from e
+
+
+def _detect_kind(path, what):
     if path.endswith(".keras") and tf.io.gfile.exists(path):
         return MODEL_KERAS
     if path.endswith(".h5") and tf.io.gfile.exists(path):
@@ -223,6 +232,10 @@ def read(path, model, normalization="imagenet", what="checkpoint"):
     kind = detect_kind(path, what)
     if kind == TF1:
         return _read_tf1(path, model, normalization)
+    if normalization != "imagenet":
+        logging.warning("normalization=%s is for TF1 checkpoints; %s (%s) "
+                        "carries its own and keeps it", normalization, path,
+                        kind)
     if kind == KERAS_H5:
         return _read_keras_h5(path, model)
     return _read_model_keras(path)
@@ -364,10 +377,15 @@ def _h5_head_classes(path):
     """
     import h5py  # pylint: disable=g-import-not-at-top
     found = []
-    with tf.io.gfile.GFile(path, "rb") as f, h5py.File(f, "r") as h5:
-        h5.visititems(lambda name, obj: found.append(obj.shape)
-                      if isinstance(obj, h5py.Dataset) and len(obj.shape) == 2
-                      else None)
+    try:
+        with tf.io.gfile.GFile(path, "rb") as f, h5py.File(f, "r") as h5:
+            h5.visititems(lambda name, obj: found.append(obj.shape)
+                          if isinstance(obj, h5py.Dataset)
+                          and len(obj.shape) == 2 else None)
+    except OSError as e:  # h5py's error for truncated or non-HDF5 files.
+        raise ValueError(
+            f"Expected a readable HDF5 weight file ({type(e).__name__}: "
+            f"{e}). Received: checkpoint={path}") from e
     return int(found[0][1]) if found else None
 
 
@@ -461,8 +479,14 @@ def _mismatch_message(path, model, missing=(), extra=(), shapes=(),
     lines = [f"Expected a checkpoint of the model {model}. Received: "
              f"checkpoint={path}"]
     if guess:
-        lines.append(f"  It looks like a checkpoint of {guess}: pass the "
-                     "matching --model.")
+        lines.append(f"  It looks like a checkpoint of {guess}: use that "
+                     "model name (--model, --teacher_model or "
+                     "--student_models).")
+    if missing or shapes:
+        lines.append("  (model variables by this package's layer names, "
+                     "which are keras.applications'; block2b is stage 2, "
+                     "its 2nd block: blocks_N of the official code count "
+                     "all blocks in order)")
     if missing:
         lines.append(f"  {len(missing)} variables missing, first: "
                      f"{', '.join(missing[:5])}")
@@ -616,13 +640,21 @@ def convert(path, model, out_dir, image_size=None, num_classes=None,
       ValueError: for a source without a head and no `num_classes`, or a
         source that does not fit the model.
     """
+    for name, value in (("num_classes", num_classes),
+                        ("image_size", image_size)):
+        if value is not None and not (isinstance(value, int) and value >= (
+                2 if name == "num_classes" else 1)):
+            raise ValueError(
+                f"Expected {name} >= {2 if name == 'num_classes' else 1} (or "
+                f"unset: the checkpoint's). Received: {name}={value!r}")
     target = _join(out_dir, MODEL_FILE)
     if tf.io.gfile.exists(target) and not overwrite:
         raise FileExistsError(
             f"Expected an out_dir without {MODEL_FILE} (or overwrite). "
             f"Received: out_dir={out_dir}")
     pretrained = read(path, model, normalization)
-    classes = num_classes or pretrained.num_classes
+    classes = num_classes if num_classes is not None else (
+        pretrained.num_classes)
     if not classes:
         raise ValueError(
             "Expected num_classes for a checkpoint without a head. Received: "
@@ -631,14 +663,15 @@ def convert(path, model, out_dir, image_size=None, num_classes=None,
     net = efficientnet.build_efficientnet(
         variant, width=None if variant else width,
         depth=None if variant else depth, num_classes=classes,
-        image_size=image_size or (224 if variant is None else None),
+        image_size=image_size if image_size is not None else (
+            224 if variant is None else None),
         small_images=pretrained.small_images, dropout_rate=dropout)
     head_copied = apply(pretrained, net, model)
     tf.io.gfile.makedirs(out_dir)
     temp = io_utils.temp_path(target)
     keras.saving.save_model(net, temp)
     tf.io.gfile.rename(temp, target, overwrite=True)
-    summary = {"source": pretrained.summary(), "model": model,
+    summary = {"source": pretrained.summary(), "model": model.lower(),
                "image_size": int(net.input_shape[1]), "num_classes": classes,
                "head": "copied" if head_copied else "new"}
     io_utils.write_json(_join(out_dir, CONVERT_FILE), summary)

@@ -138,7 +138,8 @@ def load_model(path, what="model"):
         return _load_keras(path, what)
     raise FileNotFoundError(
         "Expected model.keras, a folder holding model.keras, or a SavedModel "
-        f"folder. Received: {what}={path}")
+        "folder (pretrained TF1 or .h5 checkpoints: convert them with "
+        f"ns-convert first). Received: {what}={path}")
 
 
 def _load_keras(path, what):

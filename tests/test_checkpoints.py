@@ -464,3 +464,20 @@ def test_training_from_a_checkpoint_keeps_its_normalisation(tmp_path):
         train_lib.TrainConfig(width=0.5, depth=0.5, image_size=32,
                               train_steps=0, warmup_steps=0,
                               lr_schedule="constant")
+
+
+def test_convert_refuses_bad_sizes_and_unreadable_files(tmp_path):
+    tiny_tf1(str(tmp_path / "ckpt"))
+    for kwargs, flag in (({"num_classes": 0}, "num_classes"),
+                         ({"num_classes": 1}, "num_classes"),
+                         ({"image_size": 0}, "image_size")):
+        with pytest.raises(ValueError, match=f"Received: {flag}="):
+            checkpoints.convert(str(tmp_path / "ckpt"), "w0.5-d0.5",
+                                str(tmp_path / "out"), **kwargs)
+    truncated = tmp_path / "cut.weights.h5"
+    save_keras_file(keras_reference("b0", 32, include_top=False),
+                    str(truncated))
+    truncated.write_bytes(truncated.read_bytes()[:3000])
+    with pytest.raises(ValueError, match=f"checkpoint={truncated}"):
+        checkpoints.convert(str(truncated), "b0", str(tmp_path / "out"),
+                            num_classes=3)

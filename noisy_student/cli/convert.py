@@ -6,14 +6,16 @@ EfficientNet code, including the released Noisy Student ones (a folder with a
 Keras applications EfficientNetB0-B7 weight file (.h5 / .weights.h5, with or
 without top); or a model.keras of this package.
 
-  ns-convert --checkpoint=noisy_student_efficientnet-b0 --model=b0 \
+  ns-convert --checkpoint=noisy_student_efficientnet-b0 --model=b0
       --out_dir=/tmp/ns-b0
-  ns-convert --checkpoint=efficientnetb0_notop.h5 --model=b0 \
+  ns-convert --checkpoint=efficientnetb0_notop.h5 --model=b0
       --num_classes=5 --image_size=224 --out_dir=/tmp/b0-flowers
 
 The result (OUT_DIR/model.keras, OUT_DIR/convert.json) is accepted by
 --teacher, --init_from, --teacher_init, --student_init, ns-eval
---model_path and ns-export --model_path.
+--model_path and ns-export --model_path. In Python, `import
+noisy_student.layers` before `keras.saving.load_model` (it registers the
+model's custom layers).
 """
 
 from absl import app

@@ -304,7 +304,7 @@ def _mbconv_block(x, *, filters_in, filters_out, kernel_size, strides,
             name=prefix + "expand_conv")(x)
         x = batch_norm(prefix + "expand_bn")(x)
         x = keras.layers.Activation("swish", name=prefix + "expand_activation")(x)
-    x = keras.layers.DepthwiseConv2D(
+    x = ns_layers.SmallMapDepthwiseConv2D(
         kernel_size, strides=strides, padding="same", use_bias=False,
         depthwise_initializer=conv_initializer(), name=prefix + "dwconv")(x)
     x = batch_norm(prefix + "bn")(x)

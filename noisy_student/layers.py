@@ -2,6 +2,7 @@
 
 import keras
 from keras import ops
+import numpy as np
 
 # ImageNet channel statistics on the [0, 255] pixel scale, as the official
 # EfficientNet code uses them. The model normalises inside, so an exported
@@ -113,3 +114,87 @@ class PointwiseConv2D(keras.layers.Conv2D):
         outputs = ops.matmul(ops.reshape(inputs, (-1, channels_in)),
                              ops.reshape(kernel, (channels_in, channels_out)))
         return ops.reshape(outputs, (*shape[:-1], channels_out))
+
+
+# Feature maps of at most this many pixels take SmallMapDepthwiseConv2D's
+# gather path (measured: faster than TF's CPU kernel for 1x1 and 2x2 maps,
+# slower from 4x4 on; see BENCHMARKS.md, training speed).
+SMALL_MAP_PIXELS = 4
+
+
+@keras.saving.register_keras_serializable(package="noisy_student")
+class SmallMapDepthwiseConv2D(keras.layers.DepthwiseConv2D):
+    """A depthwise conv that is fast on CPU for feature maps of 1x1 or 2x2.
+
+    Same weights, names and outputs (to float rounding) as
+    `keras.layers.DepthwiseConv2D`; checkpoints of either load into the
+    other. On a map of at most `SMALL_MAP_PIXELS` pixels (static shape),
+    every output pixel p is a per-channel weighted sum of the input pixels q
+    it sees through the kernel: out[b, p, c] = sum_q x[b, q, c] * T[p, q, c],
+    where T gathers the kernel tap that joins p and q under "same" padding
+    (zero where none does). That is one broadcast multiply and a sum, whose
+    gradients are elementwise too, where TF's depthwise kernels and their
+    gradients cost 2-10x more on such maps (the last stages of an
+    EfficientNet at 32-64 px are 1x1 or 2x2). Larger maps, and any
+    non-static shape, use the standard op.
+
+    Supports what the EfficientNet uses: depth_multiplier 1, "same"
+    padding, channels_last, no dilation.
+    """
+
+    def __init__(self, kernel_size, **kwargs):
+        super().__init__(kernel_size, **kwargs)
+        if (self.depth_multiplier != 1 or self.padding != "same"
+                or self.data_format != "channels_last"
+                or self.dilation_rate != (1, 1)):
+            raise ValueError(
+                "Expected depth_multiplier=1, padding='same', channels_last "
+                f"and no dilation. Received: depth_multiplier="
+                f"{self.depth_multiplier}, padding={self.padding}, "
+                f"data_format={self.data_format}, dilation_rate="
+                f"{self.dilation_rate}")
+
+    def call(self, inputs):
+        height, width = inputs.shape[1], inputs.shape[2]
+        if height is None or width is None or (
+                height * width > SMALL_MAP_PIXELS):
+            return super().call(inputs)
+        taps, out_height, out_width = _tap_index(
+            height, width, self.kernel_size, self.strides)
+        channels = inputs.shape[-1]
+        kernel = ops.reshape(ops.cast(self.kernel, inputs.dtype),
+                             (-1, channels))
+        # Index len(kernel) is a zero tap: pixel pairs no tap joins.
+        kernel = ops.concatenate(
+            [kernel, ops.zeros((1, channels), inputs.dtype)], axis=0)
+        matrix = ops.take(kernel, taps, axis=0)  # [P, Q, C]
+        pixels = ops.reshape(inputs, (-1, 1, height * width, channels))
+        outputs = ops.sum(pixels * matrix, axis=2)
+        outputs = ops.reshape(outputs, (-1, out_height, out_width, channels))
+        if self.use_bias:
+            outputs = outputs + ops.cast(self.bias, outputs.dtype)
+        if self.activation is not None:
+            outputs = self.activation(outputs)
+        return outputs
+
+
+def _tap_index(height, width, kernel_size, strides):
+    """[P, Q] kernel-tap index joining output pixel p and input pixel q.
+
+    "same" padding as TF computes it: out = ceil(in / stride), total padding
+    max((out - 1) * stride + kernel - in, 0), the smaller half before.
+    Pairs no tap joins get index kh * kw (the zero tap).
+    """
+    (kh, kw), (sh, sw) = kernel_size, strides
+    out_h, out_w = -(-height // sh), -(-width // sw)
+    top = max((out_h - 1) * sh + kh - height, 0) // 2
+    left = max((out_w - 1) * sw + kw - width, 0) // 2
+    index = np.full((out_h * out_w, height * width), kh * kw, np.int32)
+    for oy in range(out_h):
+        for ox in range(out_w):
+            for ky in range(kh):
+                for kx in range(kw):
+                    iy, ix = oy * sh + ky - top, ox * sw + kx - left
+                    if 0 <= iy < height and 0 <= ix < width:
+                        index[oy * out_w + ox, iy * width + ix] = ky * kw + kx
+    return index, out_h, out_w

@@ -109,3 +109,31 @@ def test_pointwise_conv_rejects_other_convolutions():
         layers.PointwiseConv2D(4, kernel_size=3)
     with pytest.raises(ValueError, match="1x1, stride-1"):
         layers.PointwiseConv2D(4, strides=2)
+
+
+@pytest.mark.parametrize("side,kernel,stride", [
+    (1, 3, 1), (1, 5, 1), (2, 3, 1), (2, 5, 1), (2, 3, 2), (2, 5, 2),
+    (1, 3, 2), (4, 3, 1)])
+def test_small_map_depthwise_equals_keras_depthwise(side, kernel, stride):
+    """Outputs, gradients (input and kernel) and weights interchangeable."""
+    rng = np.random.default_rng(side * 100 + kernel * 10 + stride)
+    x = tf.constant(rng.normal(size=(5, side, side, 6)).astype("float32"))
+    ours = layers.SmallMapDepthwiseConv2D(kernel, strides=stride,
+                                          padding="same", use_bias=False)
+    plain = keras.layers.DepthwiseConv2D(kernel, strides=stride,
+                                         padding="same", use_bias=False)
+    ours.build(x.shape)
+    plain.build(x.shape)
+    ours.set_weights(plain.get_weights())  # Same variables, same shapes.
+    grads = []
+    for layer in (ours, plain):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x)
+            weights = tf.reshape(tf.range(tf.size(y), dtype=y.dtype),
+                                 tf.shape(y)) / tf.cast(tf.size(y), y.dtype)
+            loss = tf.reduce_sum(y * weights)
+        grads.append((y, *tape.gradient(loss, [x, layer.kernel])))
+    for got, want in zip(grads[0], grads[1]):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert [w.name for w in ours.weights] == [w.name for w in plain.weights]

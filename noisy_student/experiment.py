@@ -209,8 +209,10 @@ def plan(config):
         export_dir = f"{workdir}/export"
         steps.append(Stage(
             "export", manifest_lib.fingerprint({}, fp), export_dir,
-            lambda d=teacher_dir: export_lib.export(
-                train_lib.load_trained_model(d), export_dir, overwrite=True),
+            # From the model_dir: its class names and recipe go along.
+            lambda d=teacher_dir: export_lib.export_from_config(
+                export_lib.ExportConfig(model_path=d, out_dir=export_dir,
+                                        overwrite=True)),
             # More iterations change what is exported, not how.
             redo_if_changed=True))
     return steps

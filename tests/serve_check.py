@@ -30,7 +30,12 @@ def serve(saved_model, files, rot90):
     by_images = loaded.signatures["serve_images"]
     blobs = [tf.io.read_file(path) for path in files]
     result = by_bytes(image_bytes=tf.stack(blobs))
-    out = {"bytes_" + k: v.numpy() for k, v in result.items()}
+    out = {}
+    for key, value in result.items():
+        value = value.numpy()
+        if value.dtype == object:  # strings: saved as unicode, no pickle
+            value = np.char.decode(value.astype("S"), "utf-8")
+        out["bytes_" + key] = value
     rows = []
     for blob, k in zip(blobs, rot90):
         pixels = tf.io.decode_image(blob, channels=0, expand_animations=False)

@@ -1,23 +1,39 @@
 """SavedModel export for serving (the library behind `ns-export`).
 
 The SavedModel holds the model's weights as loaded (for a training run's
-`model.keras`, the EMA weights) and these signatures:
+`model.keras`, the EMA weights) and these signatures, which apply the eval
+transform of ns-eval (`noisy_student.data.preprocess`, traced into the
+graph), so a served image gets the pixels ns-eval gives the same file:
 
-- `serving_default` and `serve_images`: `images`, uint8 [None, None, None, 3]
-  of any height and width (all images of one request share a size), resized
-  inside (bilinear, with anti-aliasing when shrinking) to the model's
-  resolution;
-- `serve_bytes`: `image_bytes`, string [None], each an encoded JPEG or PNG
-  (or GIF/BMP) of any size, decoded to RGB and resized the same way;
+- `serve_bytes`: `image_bytes`, string [None], each an encoded JPEG, PNG,
+  GIF (first frame) or BMP of any size. Per image: decoded with
+  `tf.io.decode_image` in its own channels (CMYK JPEG -> RGB); a JPEG's
+  EXIF orientation (tag 0x0112, 1-8) applied by flips and quarter turns as
+  Pillow's `ImageOps.exif_transpose` (EXIF in PNG is not read); then as
+  `serve_images`.
+- `serving_default` and `serve_images`: `images`, uint8 [None, None, None,
+  None], any height and width (one size per request) and 1 (grey), 2
+  (grey+alpha), 3 (RGB) or 4 (RGBA) channels. Per image: channels
+  converted to the model's (grey repeated; RGB -> grey by
+  `tf.image.rgb_to_grayscale`; alpha dropped); an image of at most
+  `Recipe.small_image_max` (64) px on its longer side used whole, a larger
+  one centre-cropped to size / (size + `Recipe.crop_padding`) (32) of its
+  shorter side, at least 1 px; resized to the model's side, bilinear with
+  anti-aliasing, rounded to uint8.
 
 each returning {"probabilities": float32 [None, K], "top_k_classes": int32
-[None, k], "top_k_scores": float32 [None, k]}. Images already at the model's
-resolution are not resampled, so the probabilities equal the Keras model's.
+[None, k], "top_k_scores": float32 [None, k], "top_k_names": string [None,
+k], "class_names": string [K]}. The recipe and class names come from the
+model's folder (preprocess.json, class_names.json, written by training) and
+are copied into the SavedModel folder.
 
 Also saved (not serving signatures): `serve_logits(images float32 [None, S,
-S, C] in [0, 255]) -> logits` and the scalars `image_size`, `num_classes`,
-`channels`, which `noisy_student.model_io.load_model` uses to load a
-SavedModel like a Keras model (to evaluate it, or as a teacher).
+S, C] in [0, 255]) -> logits` and the variables `image_size`,
+`num_classes`, `channels`, `class_names`, `small_image_max`,
+`crop_padding`, which `noisy_student.model_io.load_model` uses to load a
+SavedModel like a Keras model (to evaluate it, or as a teacher). The
+optional `model.tflite` takes the model's pixels, uint8 [1, S, S, C],
+already through the eval transform.
 
 Atomicity: the SavedModel (and the optional `model.tflite`) is written to a
 temporary folder beside `out_dir`, which is then renamed. On file systems
@@ -58,8 +74,8 @@ class ExportConfig:
       overwrite: Replace an existing out_dir.
       image_size: Serving resolution; default: the model's input side.
       top_k: How many classes `top_k_classes` returns.
-      tflite: Also write out_dir/model.tflite (uint8 [1, S, S, 3] ->
-        probabilities).
+      tflite: Also write out_dir/model.tflite (uint8 [1, S, S, C] model
+        pixels -> probabilities).
     """
     model_path: str
     out_dir: str

@@ -192,6 +192,8 @@ def test_one_channel_model_trains_and_evaluates(tmp_path):
         evaluate.EvalConfig(model_path=str(tmp_path / "m"),
                             num_classes=10), data)
     assert results["clean"]["num_examples"] == 360
+    # The recipe ns-eval and ns-export read back from the model_dir.
+    assert (tmp_path / "m" / "preprocess.json").exists()
 
 
 # Fault 4: keras_cv's RandAugment needs RGB.
@@ -214,3 +216,37 @@ def test_keras_cv_with_one_channel_images_is_refused_by_the_library():
                                   augment="keras_cv")
     with pytest.raises(ValueError, match="augment='keras_cv'.*channels=1"):
         pipeline.train_dataset_fn(grey, config)
+
+
+# The recipe is read from the model, not from flags.
+
+
+def test_recipe_recorded_in_the_model_dir_is_what_eval_and_serving_use(
+        tmp_path):
+    from noisy_student.data import preprocess  # pylint: disable=g-import-not-at-top
+    images = np.stack([tp.smooth(40, 60, seed=i) for i in range(4)])
+    np.savez(tmp_path / "test.npz", x=images, y=np.arange(4) % 3)
+    data = stages.DataConfig(test=f"npz:{tmp_path / 'test.npz'}")
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    tiny_model(3).save(str(model_dir / "model.keras"))
+    probabilities = {}
+    for name, recipe in (("default", None),
+                         ("crop", preprocess.Recipe(small_image_max=8,
+                                                    crop_padding=0))):
+        if recipe:
+            preprocess.write_recipe(model_dir, recipe)
+        out = tmp_path / f"eval_{name}"
+        stages.run_eval(evaluate.EvalConfig(
+            model_path=str(model_dir), output_dir=str(out), num_classes=3),
+            data)
+        probabilities[name] = np.load(out / "predictions.npz")["probabilities"]
+    served = export.export_from_config(export.ExportConfig(
+        model_path=str(model_dir), out_dir=str(tmp_path / "served")))
+    assert preprocess.read_recipe(served) == preprocess.Recipe(8, 0)
+    loaded = tf.saved_model.load(served)
+    by_images = loaded.signatures["serve_images"](images=tf.constant(images))
+    # 40x60 images: whole (default) vs the central 40x40 (recorded recipe).
+    assert np.abs(probabilities["crop"] - probabilities["default"]).max() > 1e-4
+    np.testing.assert_allclose(by_images["probabilities"],
+                               probabilities["crop"], atol=1e-5)

@@ -170,6 +170,10 @@ def run_predict(predict_config, data):
         preprocess.read_recipe(predict_config.teacher))
 
     tf.io.gfile.makedirs(predict_config.out_dir)
+    # The select stage's report and contact sheets name the classes.
+    model_info.write_class_names(
+        predict_config.out_dir,
+        model_info.read_class_names(predict_config.teacher))
     write_stage_config(predict_config.out_dir,
                        **{f"predict_{predict_config.shard_index}":
                           predict_config}, data=data)

@@ -35,9 +35,11 @@ import math
 import weakref
 from collections.abc import Mapping
 
+from absl import logging
 import numpy as np
 import tensorflow as tf
 
+from noisy_student import contact_sheet
 from noisy_student import corruptions as ns_corruptions
 from noisy_student import io_utils
 from noisy_student import model_io
@@ -45,6 +47,8 @@ from noisy_student.data import preprocess
 
 SEVERITIES = (1, 2, 3, 4, 5)
 ECE_BINS = 15
+# Most confident mistakes listed in results.json and drawn in mistakes.png.
+NUM_MISTAKES_SHOWN = 16
 # run_evaluation keeps the confusion matrix in results.json up to this many
 # classes.
 MAX_JSON_CONFUSION_CLASSES = 100
@@ -450,7 +454,8 @@ def evaluate_clean(model, dataset, *, num_classes=None, batch_size=64,
         `labels` int64 [N], `predictions` int64 [N].
 
     Returns:
-      The dict of `classification_metrics`.
+      The dict of `classification_metrics`, plus "most_confident_mistakes"
+      (see `most_confident_mistakes`).
 
     Raises:
       ValueError: if num_classes differs from the model's class count or a
@@ -460,6 +465,8 @@ def evaluate_clean(model, dataset, *, num_classes=None, batch_size=64,
     logits, labels = predict_logits(model, dataset, batch_size, preprocess)
     results = classification_metrics(logits, labels, model_classes, top_k,
                                      ece_bins)
+    results["most_confident_mistakes"] = most_confident_mistakes(
+        logits, labels)
     if predictions_path:
         buffer = io.BytesIO()
         probabilities = np.asarray(tf.nn.softmax(logits, axis=-1))
@@ -470,6 +477,64 @@ def evaluate_clean(model, dataset, *, num_classes=None, batch_size=64,
         save_confusion_matrix_png(np.asarray(results["confusion_matrix"]),
                                   confusion_png, class_names)
     return results
+
+
+def most_confident_mistakes(logits, labels, n=NUM_MISTAKES_SHOWN):
+    """The n wrong predictions with the highest confidence.
+
+    Args:
+      logits: float [N, K].
+      labels: int [N].
+      n: How many to return at most.
+
+    Returns:
+      A list of {"index" (position in the data set), "label", "predicted",
+      "confidence" (softmax top probability)}, most confident first (ties:
+      lower index first).
+    """
+    probabilities = softmax(np.asarray(logits, np.float64))
+    predicted = probabilities.argmax(axis=1)
+    confidence = probabilities.max(axis=1)
+    wrong = np.nonzero(predicted != np.asarray(labels))[0]
+    order = wrong[np.argsort(-confidence[wrong], kind="stable")][:n]
+    return [{"index": int(i), "label": int(labels[i]),
+             "predicted": int(predicted[i]),
+             "confidence": float(confidence[i])} for i in order]
+
+
+def mistakes_png(dataset, mistakes, class_names=None, per_row=8):
+    """A contact sheet of the given mistakes, drawn from `dataset`.
+
+    Args:
+      dataset: The evaluated data set ({"image": uint8 [S, S, C], ...}, the
+        model's pixels), in the order the indices refer to.
+      mistakes: The list of `most_confident_mistakes`.
+      class_names: Names in label order, or None (ids are shown).
+      per_row: Images per row.
+
+    Returns:
+      PNG bytes, or None when there are no mistakes.
+    """
+    if not mistakes:
+        return None
+    wanted = tf.constant([m["index"] for m in mistakes], tf.int64)
+    found = dataset.enumerate().filter(
+        lambda i, element: tf.reduce_any(tf.equal(i, wanted)))
+    images = {int(i): element["image"].numpy() for i, element in found}
+
+    def name(c):
+        return class_names[c] if class_names else str(c)
+
+    cells = [(images[m["index"]],
+              f"true {name(m['label'])}\npred {name(m['predicted'])} "
+              f"{m['confidence']:.2f}") for m in mistakes]
+    rows = []
+    for start in range(0, len(cells), per_row):
+        row = cells[start:start + per_row]
+        rows.append((f"#{start + 1}-{start + len(row)}", row))
+    return contact_sheet.contact_sheet_png(
+        rows, title="most confident mistakes (true class, predicted class, "
+        "confidence)")
 
 
 # --------------------------------------------------------------------------
@@ -1012,6 +1077,16 @@ def run_evaluation(config, dataset=None, model=None, recipe=None):
             preprocess=as_model_pixels,
             predictions_path=f"{out}/predictions.npz" if out else None)
         clean_error = results["clean"]["error"]
+        if out:
+            try:
+                png = mistakes_png(dataset,
+                                   results["clean"]["most_confident_mistakes"],
+                                   list(config.class_names) or None)
+                if png is not None:
+                    io_utils.atomic_write(f"{out}/mistakes.png", png)
+            except Exception as e:  # pylint: disable=broad-except
+                # A picture is not worth failing an evaluation for.
+                logging.warning("mistakes.png not written: %s", e)
         if results["clean"]["num_classes"] > MAX_JSON_CONFUSION_CLASSES:
             # 1000 x 1000 counts would make a multi-megabyte JSON; the PNG
             # still shows the matrix.

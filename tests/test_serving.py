@@ -250,3 +250,59 @@ def test_recipe_recorded_in_the_model_dir_is_what_eval_and_serving_use(
     assert np.abs(probabilities["crop"] - probabilities["default"]).max() > 1e-4
     np.testing.assert_allclose(by_images["probabilities"],
                                probabilities["crop"], atol=1e-5)
+
+
+# Class names: recorded by training, reported by ns-eval and the pipeline,
+# served by the SavedModel.
+
+
+def test_folder_class_names_travel_from_training_to_serving(tmp_path):
+    from noisy_student import experiment  # pylint: disable=g-import-not-at-top
+    folder = tmp_path / "images"
+    for c, name in enumerate(CLASSES):
+        (folder / name).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(tp.smooth(12 + i, 14, seed=10 * c + i)).save(
+                folder / name / f"{i}.png")
+    data = stages.DataConfig(labeled=f"folder:{folder}",
+                             test=f"folder:{folder}")
+    config = train_lib.TrainConfig(
+        width=0.25, depth=0.25, num_classes=3, image_size=SIZE,
+        small_images=True, batch_size=4, train_steps=1, warmup_steps=0,
+        lr_schedule="constant", steps_per_loop=1, log_every=1,
+        checkpoint_every=0, verbose=False)
+    model_dir = tmp_path / "train"
+    stages.run_train(config, pipeline.InputConfig(
+        image_size=SIZE, batch_size=4, augment="none"), data, str(model_dir))
+    assert json.loads((model_dir / "class_names.json").read_text()) == list(
+        CLASSES)
+    eval_dir = tmp_path / "eval"
+    results = stages.run_eval(evaluate.EvalConfig(
+        model_path=str(model_dir), output_dir=str(eval_dir), num_classes=3),
+        data)
+    assert results["class_names"] == list(CLASSES)
+    on_disk = json.loads((eval_dir / "results.json").read_text())
+    assert on_disk["class_names"] == list(CLASSES)
+    mistakes = results["clean"]["most_confident_mistakes"]
+    predictions = np.load(eval_dir / "predictions.npz")
+    wrong = predictions["predictions"] != predictions["labels"]
+    assert len(mistakes) == min(int(wrong.sum()), evaluate.NUM_MISTAKES_SHOWN)
+    assert mistakes  # a one-step model gets some of 12 images wrong
+    assert (eval_dir / "mistakes.png").stat().st_size > 0
+    confidences = [m["confidence"] for m in mistakes]
+    assert confidences == sorted(confidences, reverse=True)
+    assert all(wrong[m["index"]] for m in mistakes)
+    served = export.export_from_config(export.ExportConfig(
+        model_path=str(model_dir), out_dir=str(tmp_path / "served"),
+        top_k=2))
+    loaded = tf.saved_model.load(served)
+    blob = tf.io.read_file(str(folder / "square" / "0.png"))
+    out = loaded.signatures["serve_bytes"](image_bytes=blob[None])
+    assert [n.decode() for n in out["class_names"].numpy()] == list(CLASSES)
+    names = [n.decode() for n in out["top_k_names"].numpy()[0]]
+    assert names == [CLASSES[c] for c in out["top_k_classes"].numpy()[0]]
+    # The pipeline's report names the classes too.
+    report = experiment.write_report(str(tmp_path), [], CLASSES)
+    assert report["class_names"] == list(CLASSES)
+    assert "0 circle, 1 square, 2 triangle" in (
+        tmp_path / "report.md").read_text()

@@ -3,8 +3,11 @@
     tfds:NAME[:SPLIT]   a TensorFlow Datasets builder, e.g. tfds:svhn_cropped:train
                         or tfds:cifar10:train[:4000]; `data_dir` may be gs://.
     folder:PATH         one sub-folder per class holding JPEG/PNG/GIF/BMP files
-                        (sorted folder names give the label ids); an unlabeled
-                        folder may hold its images at any depth.
+                        (sorted folder names give the label ids and the class
+                        names); an unlabeled folder may hold its images at any
+                        depth. Files are decoded upright (JPEG EXIF
+                        orientation) by `preprocess.decode_image`, as the
+                        SavedModel's serve_bytes does.
     npz:PATH            arrays `x` (uint8, NHWC or NHW) and `y` (integers).
     idx:DIR[:SPLIT]     MNIST-format files (train-images-idx3-ubyte.gz, ...),
                         as Debian's dataset-fashion-mnist installs under

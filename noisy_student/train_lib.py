@@ -68,8 +68,7 @@ PREEMPTION_DIR = "preemption"
 # Fields that shape the saved state: a model_dir holding a run with other
 # values cannot be resumed by this config.
 _STATE_FIELDS = ("variant", "width", "depth", "num_classes", "channels",
-                 "small_images",
-                 "optimizer", "freeze_blocks")
+                 "small_images", "optimizer", "freeze_blocks")
 # Order of the per-replica training sums kept in one SyncOnRead vector.
 _SUMS = ("loss", "labeled_ce", "unlabeled_ce", "correct", "n_labeled",
          "n_unlabeled")
@@ -627,7 +626,12 @@ class _Trainer:
         if tf.io.gfile.exists(path):
             old = io_utils.read_json(path)
             new = self.config.to_dict()
-            changed = [k for k in _STATE_FIELDS if old.get(k) != new.get(k)]
+            # A field missing from an older config.json had its default
+            # (e.g. channels=3 before the field existed).
+            defaults = {f.name: f.default
+                        for f in dataclasses.fields(TrainConfig)}
+            changed = [k for k in _STATE_FIELDS
+                       if old.get(k, defaults.get(k)) != new.get(k)]
             if changed and tf.io.gfile.exists(self.checkpoint_dir):
                 raise ValueError(
                     f"Expected model_dir to be empty or to hold a run of the "

@@ -43,7 +43,7 @@ from noisy_student import contact_sheet
 from noisy_student import corruptions as ns_corruptions
 from noisy_student import io_utils
 from noisy_student import model_io
-from noisy_student.data import preprocess
+from noisy_student.data import preprocess as preprocess_lib
 
 SEVERITIES = (1, 2, 3, 4, 5)
 ECE_BINS = 15
@@ -139,8 +139,9 @@ def default_preprocess(model, recipe=None):
     channels = model_io.channels(model)
 
     def transform(image):
-        return tf.cast(preprocess.eval_image(image, size, channels, recipe),
-                       tf.float32)
+        return tf.cast(
+            preprocess_lib.eval_image(image, size, channels, recipe),
+            tf.float32)
 
     return transform
 
@@ -164,7 +165,8 @@ def model_pixels(dataset, model, recipe=None):
     size = model_io.image_size(model)
     channels = model_io.channels(model)
     batched = dataset.element_spec["image"].shape.rank == 4
-    transform = preprocess.eval_images if batched else preprocess.eval_image
+    transform = (preprocess_lib.eval_images if batched
+                 else preprocess_lib.eval_image)
 
     def apply(element):
         return {**element,
@@ -728,8 +730,10 @@ def evaluate_imagenet_c(model, source, *, corruptions=IMAGENET_C_CORRUPTIONS,
       batch_size: Evaluation batch size.
       baseline: Per-severity baseline errors (AlexNet's by default).
       baseline_clean_error: The baseline's clean error.
-      preprocess: Optional per-image function (default: resize to the
-        model's side; ImageNet-C images are 224 x 224).
+      preprocess: Optional per-image function (default: the eval
+        transform with `preprocess.WHOLE_IMAGE_RECIPE`: ImageNet-C images
+        already are the benchmark's 224 x 224 centre crop, so they are
+        resized whole to the model's side, never cropped again).
 
     Returns:
       {"errors": {name: [E_1..E_5]}, "ce", "mce"} plus "relative_ce" and
@@ -739,6 +743,9 @@ def evaluate_imagenet_c(model, source, *, corruptions=IMAGENET_C_CORRUPTIONS,
     """
     datasets = resolve_corruption_source(source, corruptions, severities)
     num_classes = model_io.num_classes(model)
+    if preprocess is None:
+        preprocess = default_preprocess(model,
+                                        preprocess_lib.WHOLE_IMAGE_RECIPE)
     errors = {}
     for name in corruptions:
         errors[name] = []
@@ -1066,7 +1073,7 @@ def run_evaluation(config, dataset=None, model=None, recipe=None):
     clean_error = None
     if dataset is not None:
         if recipe is None and config.model_path:
-            recipe = preprocess.read_recipe(config.model_path)
+            recipe = preprocess_lib.read_recipe(config.model_path)
         dataset = model_pixels(dataset, model, recipe)
         results["clean"] = evaluate_clean(
             model, dataset, num_classes=config.num_classes,

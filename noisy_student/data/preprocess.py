@@ -81,6 +81,9 @@ class Recipe:
 
 
 DEFAULT_RECIPE = Recipe()
+# Every image used whole (resized, never cropped): for benchmark images that
+# already are a centre crop (ImageNet-C's 224 x 224).
+WHOLE_IMAGE_RECIPE = Recipe(small_image_max=2**31 - 1)
 
 
 def write_recipe(folder, recipe=DEFAULT_RECIPE):

@@ -368,18 +368,21 @@ def save_confusion_matrix_png(matrix, path, class_names=None, title=None):
     Args:
       matrix: Counts [K, K] (row = true class).
       path: Destination .png, local or gs://.
-      class_names: Optional K names for the axes (shown when K <= 40).
+      class_names: Optional K names for the axes (shown when K <= 40;
+        ids otherwise).
       title: Optional title.
     """
-    import matplotlib  # pylint: disable=g-import-not-at-top
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+    # The object API: no global backend switch, no pyplot state.
+    from matplotlib import figure  # pylint: disable=g-import-not-at-top
+    from matplotlib.backends import backend_agg  # pylint: disable=g-import-not-at-top
 
     matrix = np.asarray(matrix, np.float64)
     num_classes = matrix.shape[0]
     rows = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
     side = min(12.0, 3.0 + 0.3 * num_classes)
-    fig, ax = plt.subplots(figsize=(side, side))
+    fig = figure.Figure(figsize=(side, side))
+    backend_agg.FigureCanvasAgg(fig)
+    ax = fig.subplots()
     image = ax.imshow(rows, cmap="Blues", vmin=0.0, vmax=1.0)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     ax.set_xlabel("predicted class")
@@ -399,7 +402,6 @@ def save_confusion_matrix_png(matrix, path, class_names=None, title=None):
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
     io_utils.atomic_write(path, buffer.getvalue())
 
 

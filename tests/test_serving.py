@@ -306,3 +306,30 @@ def test_folder_class_names_travel_from_training_to_serving(tmp_path):
     assert report["class_names"] == list(CLASSES)
     assert "0 circle, 1 square, 2 triangle" in (
         tmp_path / "report.md").read_text()
+
+
+def test_run_from_before_the_channels_field_resumes_and_grey_is_refused(
+        tmp_path):
+    """config.json of an older run has no "channels": it was 3."""
+    import dataclasses  # pylint: disable=g-import-not-at-top
+    from tests import train_worker  # pylint: disable=g-import-not-at-top
+    config = train_lib.TrainConfig(
+        width=0.25, depth=0.25, num_classes=10, image_size=SIZE,
+        small_images=True, batch_size=8, train_steps=1, warmup_steps=0,
+        lr_schedule="constant", steps_per_loop=1, log_every=1,
+        checkpoint_every=1, verbose=False)
+    images, labels = train_worker.synthetic_data(
+        num_images=32, image_size=SIZE, num_classes=10)
+    dataset_fn = train_worker.make_dataset_fn(images, labels, 8, 10, 0, 0)
+    model_dir = tmp_path / "run"
+    train_lib.train(config, str(model_dir), dataset_fn)
+    path = model_dir / "config.json"
+    saved = json.loads(path.read_text())
+    del saved["channels"]
+    path.write_text(json.dumps(saved))
+    more = dataclasses.replace(config, train_steps=2)
+    result = train_lib.train(more, str(model_dir), dataset_fn)
+    assert result["start_step"] == 1 and result["step"] == 2
+    with pytest.raises(ValueError, match="channels"):
+        train_lib.train(dataclasses.replace(more, channels=1, train_steps=3),
+                        str(model_dir), dataset_fn)

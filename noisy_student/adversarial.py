@@ -136,7 +136,7 @@ def _pgd(grad_fn, images, labels, epsilon, steps, step_size, random_start,
 
 def adversarial_accuracy(model, dataset, epsilons, *, attack="fgsm",
                          steps=10, step_size=None, batch_size=64,
-                         num_classes=None, seed=0):
+                         num_classes=None, seed=0, preprocess=None):
     """Top-1 accuracy under attack at each epsilon.
 
     Args:
@@ -149,6 +149,8 @@ def adversarial_accuracy(model, dataset, epsilons, *, attack="fgsm",
       batch_size: Batch size.
       num_classes: The data set's class count (checked against the model).
       seed: Seed of PGD's random start.
+      preprocess: Per-image function to the model's pixels (default: the
+        model's eval transform); the attack works on its output.
 
     Returns:
       {"attack", "epsilon_units", "steps" (PGD), "num_examples",
@@ -168,8 +170,8 @@ def adversarial_accuracy(model, dataset, epsilons, *, attack="fgsm",
     for epsilon in epsilons:
         _check_epsilon(epsilon)
     model_classes = model_io.check_num_classes(model, num_classes)
-    size = model_io.image_size(model)
-    preprocess = lambda image: ns_evaluate.resize_image(image, size)  # noqa
+    if preprocess is None:
+        preprocess = ns_evaluate.default_preprocess(model)
     grad_fn = _gradient_function(model)
     logits_fn = ns_evaluate.logits_function(model)
     correct = np.zeros(len(epsilons))

@@ -35,15 +35,20 @@ import math
 import weakref
 from collections.abc import Mapping
 
+from absl import logging
 import numpy as np
 import tensorflow as tf
 
+from noisy_student import contact_sheet
 from noisy_student import corruptions as ns_corruptions
 from noisy_student import io_utils
 from noisy_student import model_io
+from noisy_student.data import preprocess as preprocess_lib
 
 SEVERITIES = (1, 2, 3, 4, 5)
 ECE_BINS = 15
+# Most confident mistakes listed in results.json and drawn in mistakes.png.
+NUM_MISTAKES_SHOWN = 16
 # run_evaluation keeps the confusion matrix in results.json up to this many
 # classes.
 MAX_JSON_CONFUSION_CLASSES = 100
@@ -115,29 +120,59 @@ IMAGENET_P_NOISE_PERTURBATIONS = ("gaussian_noise", "shot_noise",
 # Prediction.
 
 
-def resize_image(image, size):
-    """Float32 [size, size, C] from an image of any side (bilinear)."""
-    image = tf.cast(image, tf.float32)
-    if size is None:
-        return image
-    if image.shape[0] == size and image.shape[1] == size:
-        return image
-    return tf.image.resize(image, (size, size), method="bilinear")
+def default_preprocess(model, recipe=None):
+    """The model's eval transform as a per-image function.
 
+    `noisy_student.data.preprocess.eval_image` at the model's side and
+    channels (small images whole, larger ones centre-cropped, bilinear
+    anti-aliased resize), as float32: the one eval transform of training,
+    ns-eval, ns-predict and the SavedModel.
 
-def center_crop_and_resize(image, size, crop_fraction=0.875):
-    """Central crop of `crop_fraction` of the shorter side, resized to size.
+    Args:
+      model: A model (see the module docstring).
+      recipe: The model's `preprocess.Recipe` (default: the default one).
 
-    The EfficientNet evaluation transform (crop padding 32 at 224 px).
+    Returns:
+      A function uint8 [H, W, C] -> float32 [S, S, channels].
     """
-    shape = tf.shape(image)
-    side = tf.cast(tf.minimum(shape[0], shape[1]), tf.float32)
-    crop = tf.cast(side * crop_fraction, tf.int32)
-    top = (shape[0] - crop) // 2
-    left = (shape[1] - crop) // 2
-    image = image[top:top + crop, left:left + crop]
-    return tf.image.resize(tf.cast(image, tf.float32), (size, size),
-                           method="bicubic")
+    size = model_io.image_size(model)
+    channels = model_io.channels(model)
+
+    def transform(image):
+        return tf.cast(
+            preprocess_lib.eval_image(image, size, channels, recipe),
+            tf.float32)
+
+    return transform
+
+
+def as_model_pixels(image):
+    """float32 of images already through the eval transform."""
+    return tf.cast(image, tf.float32)
+
+
+def model_pixels(dataset, model, recipe=None):
+    """The dataset with its images through the model's eval transform.
+
+    Args:
+      dataset: {"image": uint8 [H, W, C] (or batched [B, H, W, C]), ...}.
+      model: A model (its side and channels are used).
+      recipe: A `preprocess.Recipe` (default: the default one).
+
+    Returns:
+      The same dicts with "image" uint8 [(B,) S, S, channels].
+    """
+    size = model_io.image_size(model)
+    channels = model_io.channels(model)
+    batched = dataset.element_spec["image"].shape.rank == 4
+    transform = (preprocess_lib.eval_images if batched
+                 else preprocess_lib.eval_image)
+
+    def apply(element):
+        return {**element,
+                "image": transform(element["image"], size, channels, recipe)}
+
+    return dataset.map(apply, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def eval_batches(dataset, batch_size, preprocess):
@@ -211,14 +246,13 @@ def predict_logits(model, dataset, batch_size=64, preprocess=None):
       dataset: A `tf.data.Dataset` of {"image", "label"} dicts.
       batch_size: Batch size for unbatched data sets.
       preprocess: Optional function image -> float32 [S, S, C]; by default
-        images whose side differs from the model's are resized (bilinear).
+        the model's eval transform (`default_preprocess`).
 
     Returns:
       (logits float32 [N, K], labels int64 [N]) as numpy arrays.
     """
     if preprocess is None:
-        size = model_io.image_size(model)
-        preprocess = lambda image: resize_image(image, size)  # noqa: E731
+        preprocess = default_preprocess(model)
     fn = logits_function(model)
     logits, labels = [], []
     for batch in eval_batches(dataset, batch_size, preprocess):
@@ -334,18 +368,21 @@ def save_confusion_matrix_png(matrix, path, class_names=None, title=None):
     Args:
       matrix: Counts [K, K] (row = true class).
       path: Destination .png, local or gs://.
-      class_names: Optional K names for the axes (shown when K <= 40).
+      class_names: Optional K names for the axes (shown when K <= 40;
+        ids otherwise).
       title: Optional title.
     """
-    import matplotlib  # pylint: disable=g-import-not-at-top
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+    # The object API: no global backend switch, no pyplot state.
+    from matplotlib import figure  # pylint: disable=g-import-not-at-top
+    from matplotlib.backends import backend_agg  # pylint: disable=g-import-not-at-top
 
     matrix = np.asarray(matrix, np.float64)
     num_classes = matrix.shape[0]
     rows = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
     side = min(12.0, 3.0 + 0.3 * num_classes)
-    fig, ax = plt.subplots(figsize=(side, side))
+    fig = figure.Figure(figsize=(side, side))
+    backend_agg.FigureCanvasAgg(fig)
+    ax = fig.subplots()
     image = ax.imshow(rows, cmap="Blues", vmin=0.0, vmax=1.0)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     ax.set_xlabel("predicted class")
@@ -365,7 +402,6 @@ def save_confusion_matrix_png(matrix, path, class_names=None, title=None):
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
     io_utils.atomic_write(path, buffer.getvalue())
 
 
@@ -404,7 +440,7 @@ def classification_metrics(logits, labels, num_classes=None, top_k=5,
 
 def evaluate_clean(model, dataset, *, num_classes=None, batch_size=64,
                    top_k=5, ece_bins=ECE_BINS, confusion_png=None,
-                   class_names=None, preprocess=None):
+                   class_names=None, preprocess=None, predictions_path=None):
     """Clean accuracy, calibration and confusion matrix on a data set.
 
     Args:
@@ -417,9 +453,13 @@ def evaluate_clean(model, dataset, *, num_classes=None, batch_size=64,
       confusion_png: Optional path of the confusion-matrix PNG.
       class_names: Optional class names for the PNG.
       preprocess: Optional per-image function (see `predict_logits`).
+      predictions_path: Optional .npz path for the per-image results, in
+        data set order: `probabilities` float32 [N, K] (softmax),
+        `labels` int64 [N], `predictions` int64 [N].
 
     Returns:
-      The dict of `classification_metrics`.
+      The dict of `classification_metrics`, plus "most_confident_mistakes"
+      (see `most_confident_mistakes`).
 
     Raises:
       ValueError: if num_classes differs from the model's class count or a
@@ -429,10 +469,76 @@ def evaluate_clean(model, dataset, *, num_classes=None, batch_size=64,
     logits, labels = predict_logits(model, dataset, batch_size, preprocess)
     results = classification_metrics(logits, labels, model_classes, top_k,
                                      ece_bins)
+    results["most_confident_mistakes"] = most_confident_mistakes(
+        logits, labels)
+    if predictions_path:
+        buffer = io.BytesIO()
+        probabilities = np.asarray(tf.nn.softmax(logits, axis=-1))
+        np.savez(buffer, probabilities=probabilities, labels=labels,
+                 predictions=logits.argmax(axis=1))
+        io_utils.atomic_write(predictions_path, buffer.getvalue())
     if confusion_png:
         save_confusion_matrix_png(np.asarray(results["confusion_matrix"]),
                                   confusion_png, class_names)
     return results
+
+
+def most_confident_mistakes(logits, labels, n=NUM_MISTAKES_SHOWN):
+    """The n wrong predictions with the highest confidence.
+
+    Args:
+      logits: float [N, K].
+      labels: int [N].
+      n: How many to return at most.
+
+    Returns:
+      A list of {"index" (position in the data set), "label", "predicted",
+      "confidence" (softmax top probability)}, most confident first (ties:
+      lower index first).
+    """
+    probabilities = softmax(np.asarray(logits, np.float64))
+    predicted = probabilities.argmax(axis=1)
+    confidence = probabilities.max(axis=1)
+    wrong = np.nonzero(predicted != np.asarray(labels))[0]
+    order = wrong[np.argsort(-confidence[wrong], kind="stable")][:n]
+    return [{"index": int(i), "label": int(labels[i]),
+             "predicted": int(predicted[i]),
+             "confidence": float(confidence[i])} for i in order]
+
+
+def mistakes_png(dataset, mistakes, class_names=None, per_row=8):
+    """A contact sheet of the given mistakes, drawn from `dataset`.
+
+    Args:
+      dataset: The evaluated data set ({"image": uint8 [S, S, C], ...}, the
+        model's pixels), in the order the indices refer to.
+      mistakes: The list of `most_confident_mistakes`.
+      class_names: Names in label order, or None (ids are shown).
+      per_row: Images per row.
+
+    Returns:
+      PNG bytes, or None when there are no mistakes.
+    """
+    if not mistakes:
+        return None
+    wanted = tf.constant([m["index"] for m in mistakes], tf.int64)
+    found = dataset.enumerate().filter(
+        lambda i, element: tf.reduce_any(tf.equal(i, wanted)))
+    images = {int(i): element["image"].numpy() for i, element in found}
+
+    def name(c):
+        return class_names[c] if class_names else str(c)
+
+    cells = [(images[m["index"]],
+              f"true {name(m['label'])}\npred {name(m['predicted'])} "
+              f"{m['confidence']:.2f}") for m in mistakes]
+    rows = []
+    for start in range(0, len(cells), per_row):
+        row = cells[start:start + per_row]
+        rows.append((f"#{start + 1}-{start + len(row)}", row))
+    return contact_sheet.contact_sheet_png(
+        rows, title="most confident mistakes (true class, predicted class, "
+        "confidence)")
 
 
 # --------------------------------------------------------------------------
@@ -626,8 +732,10 @@ def evaluate_imagenet_c(model, source, *, corruptions=IMAGENET_C_CORRUPTIONS,
       batch_size: Evaluation batch size.
       baseline: Per-severity baseline errors (AlexNet's by default).
       baseline_clean_error: The baseline's clean error.
-      preprocess: Optional per-image function (default: resize to the
-        model's side; ImageNet-C images are 224 x 224).
+      preprocess: Optional per-image function (default: the eval
+        transform with `preprocess.WHOLE_IMAGE_RECIPE`: ImageNet-C images
+        already are the benchmark's 224 x 224 centre crop, so they are
+        resized whole to the model's side, never cropped again).
 
     Returns:
       {"errors": {name: [E_1..E_5]}, "ce", "mce"} plus "relative_ce" and
@@ -637,6 +745,9 @@ def evaluate_imagenet_c(model, source, *, corruptions=IMAGENET_C_CORRUPTIONS,
     """
     datasets = resolve_corruption_source(source, corruptions, severities)
     num_classes = model_io.num_classes(model)
+    if preprocess is None:
+        preprocess = default_preprocess(model,
+                                        preprocess_lib.WHOLE_IMAGE_RECIPE)
     errors = {}
     for name in corruptions:
         errors[name] = []
@@ -710,8 +821,8 @@ def evaluate_imagenet_a(model, source, *, batch_size=64, preprocess=None):
       source: A TFDS data_dir (str) or a labeled dataset (labels are
         ImageNet-1k indices, as in TFDS).
       batch_size: Evaluation batch size.
-      preprocess: Per-image function; default: 87.5% center crop resized to
-        the model's side (ImageNet-A images have various sizes).
+      preprocess: Per-image function; default: the model's eval transform
+        (`default_preprocess`: at 224 px a 224/256 = 87.5% centre crop).
 
     Returns:
       {"top1", "error", "num_examples"}.
@@ -721,10 +832,6 @@ def evaluate_imagenet_a(model, source, *, batch_size=64, preprocess=None):
             "Expected a model with ImageNet's 1000 classes for ImageNet-A. "
             f"Received: num_classes={model_io.num_classes(model)}")
     dataset = load_imagenet_a(source) if isinstance(source, str) else source
-    if preprocess is None:
-        size = model_io.image_size(model)
-        preprocess = lambda image: center_crop_and_resize(  # noqa: E731
-            image, size)
     logits, labels = predict_logits(model, dataset, batch_size, preprocess)
     check_labels(labels, 1000)
     top1 = imagenet_a_accuracy(logits, labels)
@@ -835,7 +942,8 @@ def evaluate_corruptions(model, dataset, *,
                          corruptions=ns_corruptions.CORRUPTION_NAMES,
                          severities=SEVERITIES, seed=0, batch_size=64,
                          num_classes=None, clean_error=None,
-                         baseline_errors=None, baseline_clean_error=None):
+                         baseline_errors=None, baseline_clean_error=None,
+                         preprocess=None):
     """Error under our on-the-fly corruptions (a -C style score).
 
     Args:
@@ -851,6 +959,9 @@ def evaluate_corruptions(model, dataset, *,
       baseline_errors: Optional {name: [E_1..E_5]} of a baseline model (e.g.
         the teacher) for CE / mCE (percent) as in ImageNet-C.
       baseline_clean_error: The baseline's clean error, for relative mCE.
+      preprocess: Per-image function applied after the corruption
+        (default: the model's eval transform; `as_model_pixels` when the
+        images already are the model's pixels).
 
     Returns:
       {"errors": {name: [E_s]}, "mean_error": {name: mean_s E_s},
@@ -866,7 +977,8 @@ def evaluate_corruptions(model, dataset, *,
         for severity in severities:
             corrupted = ns_corruptions.corrupt_dataset(dataset, name,
                                                        severity, seed)
-            logits, labels = predict_logits(model, corrupted, batch_size)
+            logits, labels = predict_logits(model, corrupted, batch_size,
+                                            preprocess)
             check_labels(labels, model_classes)
             errors[name].append(1.0 - top_k_accuracy(logits, labels, 1))
     mean_error = {name: float(np.mean(e)) for name, e in errors.items()}
@@ -911,7 +1023,8 @@ class EvalConfig:
       pgd_steps: PGD iterations.
       imagenet_c_dir: TFDS data_dir with imagenet2012_corrupted ('' = skip).
       imagenet_a_dir: TFDS data_dir with imagenet_a ('' = skip).
-      class_names: Optional names for the confusion-matrix PNG.
+      class_names: Class names in label order, for results.json and the
+        confusion-matrix PNG ('()' = ids only).
     """
     model_path: str = ""
     output_dir: str = ""
@@ -930,18 +1043,25 @@ class EvalConfig:
     class_names: tuple = ()
 
 
-def run_evaluation(config, dataset=None, model=None):
+def run_evaluation(config, dataset=None, model=None, recipe=None):
     """Runs every evaluation the config asks for and writes results.json.
+
+    The images go through the model's eval transform
+    (`noisy_student.data.preprocess.eval_image`, the one the SavedModel
+    applies) once; corruptions and attacks work on its output.
 
     Args:
       config: An `EvalConfig`.
-      dataset: Labeled clean data set (None: skip clean, corruption and
-        adversarial evaluation).
+      dataset: Labeled clean data set of user images of any size (None:
+        skip clean, corruption and adversarial evaluation).
       model: An already loaded model; by default
         `model_io.load_model(model_path)`.
+      recipe: The model's `preprocess.Recipe`; by default the one recorded
+        with config.model_path.
 
     Returns:
-      The results dict (also written to output_dir/results.json).
+      The results dict (also written to output_dir/results.json, with the
+      per-image probabilities in output_dir/predictions.npz).
     """
     from noisy_student import adversarial  # pylint: disable=g-import-not-at-top
     if model is None:
@@ -950,15 +1070,32 @@ def run_evaluation(config, dataset=None, model=None):
     out = config.output_dir.rstrip("/") if config.output_dir else ""
     results = {"model_path": config.model_path,
                "config": dataclasses.asdict(config)}
+    if config.class_names:
+        results["class_names"] = list(config.class_names)
     clean_error = None
     if dataset is not None:
+        if recipe is None and config.model_path:
+            recipe = preprocess_lib.read_recipe(config.model_path)
+        dataset = model_pixels(dataset, model, recipe)
         results["clean"] = evaluate_clean(
             model, dataset, num_classes=config.num_classes,
             batch_size=config.batch_size, top_k=config.top_k,
             ece_bins=config.ece_bins,
             confusion_png=f"{out}/confusion_matrix.png" if out else None,
-            class_names=list(config.class_names) or None)
+            class_names=list(config.class_names) or None,
+            preprocess=as_model_pixels,
+            predictions_path=f"{out}/predictions.npz" if out else None)
         clean_error = results["clean"]["error"]
+        if out:
+            try:
+                png = mistakes_png(dataset,
+                                   results["clean"]["most_confident_mistakes"],
+                                   list(config.class_names) or None)
+                if png is not None:
+                    io_utils.atomic_write(f"{out}/mistakes.png", png)
+            except Exception as e:  # pylint: disable=broad-except
+                # A picture is not worth failing an evaluation for.
+                logging.warning("mistakes.png not written: %s", e)
         if results["clean"]["num_classes"] > MAX_JSON_CONFUSION_CLASSES:
             # 1000 x 1000 counts would make a multi-megabyte JSON; the PNG
             # still shows the matrix.
@@ -967,11 +1104,13 @@ def run_evaluation(config, dataset=None, model=None):
             results["corruptions"] = evaluate_corruptions(
                 model, dataset, corruptions=config.corruptions,
                 severities=config.severities, seed=config.corruption_seed,
-                batch_size=config.batch_size, clean_error=clean_error)
+                batch_size=config.batch_size, clean_error=clean_error,
+                preprocess=as_model_pixels)
         if config.epsilons:
             results["adversarial"] = adversarial.adversarial_accuracy(
                 model, dataset, config.epsilons, attack=config.attack,
-                steps=config.pgd_steps, batch_size=config.batch_size)
+                steps=config.pgd_steps, batch_size=config.batch_size,
+                preprocess=as_model_pixels)
     if config.imagenet_c_dir:
         results["imagenet_c"] = evaluate_imagenet_c(
             model, config.imagenet_c_dir, clean_error=clean_error,

@@ -26,6 +26,7 @@ from noisy_student import evaluate
 from noisy_student import export as export_lib
 from noisy_student import io_utils
 from noisy_student import manifest as manifest_lib
+from noisy_student import model_info
 from noisy_student import predict as predict_lib
 from noisy_student import select as select_lib
 from noisy_student import stages
@@ -216,8 +217,10 @@ def plan(config):
         export_dir = f"{workdir}/export"
         steps.append(Stage(
             "export", manifest_lib.fingerprint({}, fp), export_dir,
-            lambda d=teacher_dir: export_lib.export(
-                train_lib.load_trained_model(d), export_dir, overwrite=True),
+            # From the model_dir: its class names and recipe go along.
+            lambda d=teacher_dir: export_lib.export_from_config(
+                export_lib.ExportConfig(model_path=d, out_dir=export_dir,
+                                        overwrite=True)),
             # More iterations change what is exported, not how.
             redo_if_changed=True))
     return steps
@@ -283,8 +286,8 @@ def run(config):
                 else config.student_model(index),
                 results[f"{r}/train"], results[stage.name], manifest,
                 results.get(f"{r}/select")))
-            write_report(workdir, rounds)
-    report = write_report(workdir, rounds)
+            write_report(workdir, rounds, _class_names(workdir))
+    report = write_report(workdir, rounds, _class_names(workdir))
     print_table(report)
     return report
 
@@ -317,10 +320,18 @@ def _jsonable(value):
     return value
 
 
-def write_report(workdir, rounds):
+def _class_names(workdir):
+    """The class names the teacher's run recorded (None if it has none)."""
+    return model_info.read_class_names(f"{workdir}/round0/train")
+
+
+def write_report(workdir, rounds, class_names=None):
     """Writes report.json, report.md and report.png; returns the report."""
     report = {"rounds": rounds, "updated_at": time.strftime(
         "%Y-%m-%d %H:%M:%S")}
+    if class_names:
+        report["class_names"] = list(class_names)
+        model_info.write_class_names(workdir, class_names)
     io_utils.write_json(f"{workdir}/report.json", report)
     io_utils.atomic_write(f"{workdir}/report.md", markdown_table(report))
     try:
@@ -336,8 +347,13 @@ def _fmt(value, digits=4):
 
 def markdown_table(report):
     """The report as a Markdown table."""
-    lines = ["# Noisy Student report", "",
-             "| round | role | model | test top-1 | test top-5 | pseudo-labels "
+    lines = ["# Noisy Student report", ""]
+    names = report.get("class_names") or []
+    if names:
+        shown = ", ".join(f"{i} {name}" for i, name in enumerate(names[:50]))
+        more = f" ... ({len(names)} classes)" if len(names) > 50 else ""
+        lines += [f"classes: {shown}{more}", ""]
+    lines += ["| round | role | model | test top-1 | test top-5 | pseudo-labels "
              "(unique / total) | train s |",
              "|---|---|---|---|---|---|---|"]
     for r in report["rounds"]:

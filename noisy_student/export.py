@@ -1,23 +1,39 @@
 """SavedModel export for serving (the library behind `ns-export`).
 
 The SavedModel holds the model's weights as loaded (for a training run's
-`model.keras`, the EMA weights) and these signatures:
+`model.keras`, the EMA weights) and these signatures, which apply the eval
+transform of ns-eval (`noisy_student.data.preprocess`, traced into the
+graph), so a served image gets the pixels ns-eval gives the same file:
 
-- `serving_default` and `serve_images`: `images`, uint8 [None, None, None, 3]
-  of any height and width (all images of one request share a size), resized
-  inside (bilinear, with anti-aliasing when shrinking) to the model's
-  resolution;
-- `serve_bytes`: `image_bytes`, string [None], each an encoded JPEG or PNG
-  (or GIF/BMP) of any size, decoded to RGB and resized the same way;
+- `serve_bytes`: `image_bytes`, string [None], each an encoded JPEG, PNG,
+  GIF (first frame) or BMP of any size. Per image: decoded with
+  `tf.io.decode_image` in its own channels (CMYK JPEG -> RGB); a JPEG's
+  EXIF orientation (tag 0x0112, 1-8) applied by flips and quarter turns as
+  Pillow's `ImageOps.exif_transpose` (EXIF in PNG is not read); then as
+  `serve_images`.
+- `serving_default` and `serve_images`: `images`, uint8 [None, None, None,
+  None], any height and width (one size per request) and 1 (grey), 2
+  (grey+alpha), 3 (RGB) or 4 (RGBA) channels. Per image: channels
+  converted to the model's (grey repeated; RGB -> grey by
+  `tf.image.rgb_to_grayscale`; alpha dropped); an image of at most
+  `Recipe.small_image_max` (64) px on its longer side used whole, a larger
+  one centre-cropped to size / (size + `Recipe.crop_padding`) (32) of its
+  shorter side, at least 1 px; resized to the model's side, bilinear with
+  anti-aliasing, rounded to uint8.
 
 each returning {"probabilities": float32 [None, K], "top_k_classes": int32
-[None, k], "top_k_scores": float32 [None, k]}. Images already at the model's
-resolution are not resampled, so the probabilities equal the Keras model's.
+[None, k], "top_k_scores": float32 [None, k], "top_k_names": string [None,
+k], "class_names": string [K]}. The recipe and class names come from the
+model's folder (preprocess.json, class_names.json, written by training) and
+are copied into the SavedModel folder.
 
 Also saved (not serving signatures): `serve_logits(images float32 [None, S,
-S, C] in [0, 255]) -> logits` and the scalars `image_size`, `num_classes`,
-`channels`, which `noisy_student.model_io.load_model` uses to load a
-SavedModel like a Keras model (to evaluate it, or as a teacher).
+S, C] in [0, 255]) -> logits` and the variables `image_size`,
+`num_classes`, `channels`, `class_names`, `small_image_max`,
+`crop_padding`, which `noisy_student.model_io.load_model` uses to load a
+SavedModel like a Keras model (to evaluate it, or as a teacher). The
+optional `model.tflite` takes the model's pixels, uint8 [1, S, S, C],
+already through the eval transform.
 
 Atomicity: the SavedModel (and the optional `model.tflite`) is written to a
 temporary folder beside `out_dir`, which is then renamed. On file systems
@@ -35,7 +51,9 @@ import tensorflow as tf
 from tensorflow.python.framework import convert_to_constants  # pylint: disable=g-direct-tensorflow-import
 
 from noisy_student import io_utils
+from noisy_student import model_info
 from noisy_student import model_io
+from noisy_student.data import preprocess
 
 SAVED_MODEL_FILE = "saved_model.pb"
 TFLITE_FILE = "model.tflite"
@@ -56,8 +74,8 @@ class ExportConfig:
       overwrite: Replace an existing out_dir.
       image_size: Serving resolution; default: the model's input side.
       top_k: How many classes `top_k_classes` returns.
-      tflite: Also write out_dir/model.tflite (uint8 [1, S, S, 3] ->
-        probabilities).
+      tflite: Also write out_dir/model.tflite (uint8 [1, S, S, C] model
+        pixels -> probabilities).
     """
     model_path: str
     out_dir: str
@@ -70,12 +88,14 @@ class ExportConfig:
 class _ServingModule(tf.Module):
     """Serving functions around a Keras classifier that returns logits."""
 
-    def __init__(self, model, image_size, num_classes, channels, top_k):
+    def __init__(self, model, image_size, num_classes, channels, top_k,
+                 class_names, recipe):
         super().__init__(name="serving")
         self.model = model
         self._size = image_size
         self._channels = channels
         self._top_k = top_k
+        self._recipe = recipe
         # Saved as variables so a loader can read them without the project.
         self.image_size = tf.Variable(image_size, trainable=False,
                                       name="image_size")
@@ -83,13 +103,20 @@ class _ServingModule(tf.Module):
                                        name="num_classes")
         self.channels = tf.Variable(channels, trainable=False,
                                     name="channels")
+        self.class_names = tf.Variable(list(class_names), trainable=False,
+                                       name="class_names")
+        self.small_image_max = tf.Variable(recipe.small_image_max,
+                                           trainable=False,
+                                           name="small_image_max")
+        self.crop_padding = tf.Variable(recipe.crop_padding, trainable=False,
+                                        name="crop_padding")
         spec = tf.TensorSpec([None, image_size, image_size, channels],
                              tf.float32, name="images")
         self.serve_logits = tf.function(self._logits, input_signature=[spec])
         self.serve_images = tf.function(
             self._serve_images,
-            input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8,
-                                           name="images")])
+            input_signature=[tf.TensorSpec([None, None, None, None],
+                                           tf.uint8, name="images")])
         self.serve_bytes = tf.function(
             self._serve_bytes,
             input_signature=[tf.TensorSpec([None], tf.string,
@@ -98,62 +125,54 @@ class _ServingModule(tf.Module):
     def _logits(self, images):
         return tf.cast(self.model(images, training=False), tf.float32)
 
-    def _resize(self, images):
-        """float32 [B, S, S, C] from [B, H, W, 3] of any H, W."""
-        images = tf.cast(images, tf.float32)
-        size = self._size
-        shape = tf.shape(images)
-        same = tf.logical_and(tf.equal(shape[1], size),
-                              tf.equal(shape[2], size))
-        images = tf.cond(
-            same,
-            lambda: tf.ensure_shape(images, [None, size, size, 3]),
-            # Anti-aliasing only matters when shrinking; it keeps a large
-            # photo from aliasing into the model's resolution.
-            lambda: tf.image.resize(images, (size, size), method="bilinear",
-                                    antialias=True))
-        images = tf.clip_by_value(images, 0.0, 255.0)
-        if self._channels == 1:
-            images = tf.image.rgb_to_grayscale(images)
-        return tf.ensure_shape(images, [None, size, size, self._channels])
+    def _eval_image(self, image):
+        """The eval transform of ns-eval: uint8 [S, S, channels]."""
+        return preprocess.eval_image(image, self._size, self._channels,
+                                     self._recipe)
 
-    def _outputs(self, images):
-        probabilities = tf.nn.softmax(self._logits(images), axis=-1)
+    def _map(self, fn, elements):
+        return tf.map_fn(fn, elements, fn_output_signature=tf.TensorSpec(
+            [self._size, self._size, self._channels], tf.uint8))
+
+    def _outputs(self, pixels):
+        probabilities = tf.nn.softmax(
+            self._logits(tf.cast(pixels, tf.float32)), axis=-1)
         scores, classes = tf.math.top_k(probabilities, k=self._top_k)
         return {"probabilities": probabilities,
                 "top_k_classes": tf.cast(classes, tf.int32),
-                "top_k_scores": scores}
+                "top_k_scores": scores,
+                "top_k_names": tf.gather(self.class_names, classes),
+                "class_names": tf.identity(self.class_names)}
 
     def _serve_images(self, images):
-        return self._outputs(self._resize(images))
+        return self._outputs(self._map(self._eval_image, images))
 
     def _serve_bytes(self, image_bytes):
-        def decode(data):
-            image = tf.io.decode_image(data, channels=3,
-                                       expand_animations=False)
-            image.set_shape([None, None, 3])
-            return self._resize(image[None])[0]
+        def transform(data):
+            return self._eval_image(preprocess.decode_image(data))
 
-        images = tf.map_fn(
-            decode, image_bytes,
-            fn_output_signature=tf.TensorSpec(
-                [self._size, self._size, self._channels], tf.float32))
-        return self._outputs(images)
+        return self._outputs(self._map(transform, image_bytes))
 
     def tflite_bytes(self):
-        """A TFLite flatbuffer: uint8 [1, S, S, 3] -> the serving outputs.
+        """A TFLite flatbuffer: uint8 [1, S, S, C] model pixels -> outputs.
 
-        The weights are frozen into constants first: converted as resource
-        variables (Keras 3 variables), they come out uninitialised in TFLite.
+        The input is the eval transform's output (see
+        `noisy_student.data.preprocess.eval_image`): TFLite gets no decoder
+        or crop. The weights are frozen into constants first: converted as
+        resource variables (Keras 3 variables), they come out uninitialised
+        in TFLite.
         """
-        spec = tf.TensorSpec([1, self._size, self._size, 3], tf.uint8,
-                             name="images")
-        outputs = tf.function(
-            lambda images: self._outputs(self._resize(images)),
-            input_signature=[spec])
+        spec = tf.TensorSpec([1, self._size, self._size, self._channels],
+                             tf.uint8, name="images")
+        keys = sorted(("probabilities", "top_k_classes", "top_k_scores"))
+
+        def numeric(images):
+            out = self._outputs(images)
+            return {key: out[key] for key in keys}
+
+        outputs = tf.function(numeric, input_signature=[spec])
         frozen = convert_to_constants.convert_variables_to_constants_v2(
             outputs.get_concrete_function())
-        keys = sorted(("probabilities", "top_k_classes", "top_k_scores"))
 
         @tf.function(input_signature=[spec])
         def serve(images):
@@ -224,7 +243,7 @@ def _move_into_place(tmp, out_dir):
 
 
 def export(model, out_dir, *, overwrite=False, image_size=None, top_k=5,
-           tflite=False):
+           tflite=False, class_names=None, recipe=None):
     """Writes a serving SavedModel of a classifier (atomically).
 
     Args:
@@ -235,6 +254,11 @@ def export(model, out_dir, *, overwrite=False, image_size=None, top_k=5,
       image_size: Serving resolution; default: the model's input side.
       top_k: Classes returned by `top_k_classes` (capped at the class count).
       tflite: Also write `out_dir/model.tflite`.
+      class_names: Names of the classes in label order (default: "0",
+        "1", ...), returned by the signatures and kept in
+        out_dir/class_names.json.
+      recipe: The model's `preprocess.Recipe` (default: the default one),
+        applied inside the signatures and kept in out_dir/preprocess.json.
 
     Returns:
       out_dir.
@@ -242,7 +266,8 @@ def export(model, out_dir, *, overwrite=False, image_size=None, top_k=5,
     Raises:
       ExportDirExistsError (a FileExistsError and a ValueError): out_dir
         exists and overwrite is False.
-      ValueError: no image size is known, or top_k < 1.
+      ValueError: no image size is known, top_k < 1, or the class names
+        do not match the class count.
     """
     out_dir = str(out_dir).rstrip("/")
     _check_out_dir(out_dir, overwrite)
@@ -259,8 +284,15 @@ def export(model, out_dir, *, overwrite=False, image_size=None, top_k=5,
         raise ValueError(
             f"Expected a model with 1 or 3 input channels. Received: "
             f"channels={channels}")
+    names = (tuple(str(n) for n in class_names) if class_names
+             else tuple(str(i) for i in range(num_classes)))
+    if len(names) != num_classes:
+        raise ValueError(
+            f"Expected {num_classes} class names for a model with "
+            f"{num_classes} classes. Received: {len(names)} class_names")
+    recipe = recipe or preprocess.DEFAULT_RECIPE
     module = _ServingModule(model, int(size), num_classes, channels,
-                            min(int(top_k), num_classes))
+                            min(int(top_k), num_classes), names, recipe)
     tmp = io_utils.temp_path(out_dir)
     try:
         tf.saved_model.save(
@@ -268,6 +300,10 @@ def export(model, out_dir, *, overwrite=False, image_size=None, top_k=5,
             signatures={"serving_default": module.serve_images,
                         "serve_images": module.serve_images,
                         "serve_bytes": module.serve_bytes})
+        # Read back by model_info / preprocess when the SavedModel is used
+        # as a teacher or evaluated.
+        preprocess.write_recipe(tmp, recipe)
+        model_info.write_class_names(tmp, names)
         if tflite:
             io_utils.atomic_write(f"{tmp}/{TFLITE_FILE}",
                                   module.tflite_bytes())
@@ -283,6 +319,9 @@ def export(model, out_dir, *, overwrite=False, image_size=None, top_k=5,
 def export_from_config(config):
     """Loads config.model_path (EMA weights) and exports it.
 
+    The class names and preprocessing recipe recorded in the model's folder
+    (class_names.json, preprocess.json) go into the SavedModel.
+
     Args:
       config: An `ExportConfig`.
 
@@ -297,4 +336,6 @@ def export_from_config(config):
             f"Received: model_path={config.model_path} (a SavedModel)")
     return export(model, config.out_dir, overwrite=config.overwrite,
                   image_size=config.image_size, top_k=config.top_k,
-                  tflite=config.tflite)
+                  tflite=config.tflite,
+                  class_names=model_info.read_class_names(config.model_path),
+                  recipe=preprocess.read_recipe(config.model_path))

@@ -35,6 +35,7 @@ import tensorflow as tf
 from noisy_student import io_utils
 from noisy_student import model_io
 from noisy_student import pseudo_labels as pl
+from noisy_student.data import preprocess as preprocess_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,26 +79,25 @@ class PredictSummary:
     images_per_second: float
 
 
-def default_preprocess(image_size, channels=3):
-    """The default eval preprocessing: resize to the teacher's side.
+def default_preprocess(image_size, channels=None, recipe=None):
+    """The eval transform of the teacher (`preprocess.eval_image`).
 
     Args:
       image_size: The teacher's input side.
-      channels: The teacher's input channels; a 1-channel image is repeated
-        to 3 channels when the teacher wants 3.
+      channels: The teacher's input channels (1 or 3); None keeps the
+        image's.
+      recipe: The teacher's `preprocess.Recipe` (default: the default one).
 
     Returns:
-      A function uint8 [H, W, C] -> float32 [image_size, image_size, channels]
-      in [0, 255] (the model normalises inside).
+      A function uint8 [H, W, C] -> float32 [image_size, image_size,
+      channels] in [0, 255] (the model normalises inside).
     """
 
-    def preprocess(image):
-        if image.shape[-1] == 1 and channels == 3:
-            image = tf.image.grayscale_to_rgb(image)
-        image = tf.image.resize(image, [image_size, image_size])
-        return tf.clip_by_value(image, 0.0, 255.0)
+    def transform(image):
+        return tf.cast(preprocess_lib.eval_image(image, image_size, channels,
+                                                 recipe), tf.float32)
 
-    return preprocess
+    return transform
 
 
 def _check_args(num_classes, batch_size, shard_index, num_shards,
@@ -265,7 +265,8 @@ def predict(teacher, dataset, out_dir, num_classes, batch_size=128,
       records_per_file: Images per output file (block).
       preprocess: Eval preprocessing, uint8 [H, W, C] image -> [S, S, C]
         pixels in [0, 255] at the teacher's side S; default
-        `default_preprocess`.
+        `default_preprocess` (the teacher's eval transform, with the recipe
+        recorded beside a teacher given as a path).
       image_size: The teacher's input side S; None reads it from the teacher.
       num_bins: Bins over [0, 1] of the confidence histograms.
       log_every_s: Seconds between progress lines.
@@ -281,7 +282,9 @@ def predict(teacher, dataset, out_dir, num_classes, batch_size=128,
     """
     _check_args(num_classes, batch_size, shard_index, num_shards,
                 records_per_file, num_bins)
+    recipe = None
     if isinstance(teacher, str):
+        recipe = preprocess_lib.read_recipe(teacher)
         teacher = model_io.load_model(teacher, what="teacher")
     teacher_classes = model_io.num_classes(teacher)
     if teacher_classes != num_classes:
@@ -297,7 +300,8 @@ def predict(teacher, dataset, out_dir, num_classes, batch_size=128,
             f"{getattr(teacher, 'input_shape', None)}")
     channels = model_io.channels(teacher) or 3
     _check_dataset(dataset)
-    preprocess = preprocess or default_preprocess(image_size, channels)
+    preprocess = preprocess or default_preprocess(image_size, channels,
+                                                  recipe)
 
     tf.io.gfile.makedirs(out_dir)
     source_channels = dataset.element_spec["image"].shape[-1]

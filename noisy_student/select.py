@@ -33,7 +33,10 @@ name renamed at the end; copy j of an image goes to file (h + j) mod
 num_files for a per-image hash h, so duplicates land in different files and
 an interleaved reader does not see them back to back. selection.json, written
 last, marks a finished selection; report.json / report.md / report.png give
-every count.
+every count (with the class names when the prediction folder records them,
+class_names.json), and contact_sheets/class-<id>.png shows, for each of the
+first MAX_CONTACT_SHEETS classes, its most and least confident kept images
+with the teacher's confidence: pseudo-label quality at a glance.
 """
 
 import dataclasses
@@ -45,7 +48,9 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
+from noisy_student import contact_sheet
 from noisy_student import io_utils
+from noisy_student import model_info
 from noisy_student import pseudo_labels as pl
 
 LABEL_TYPES = ("soft", "hard")
@@ -302,6 +307,78 @@ def _record_batches(pred_dir, info, batch_size=512):
         yield {key: value.numpy() for key, value in batch.items()}
 
 
+# Images per side (most / least confident) of a class's contact sheet, and
+# the number of classes that get one (the first ones by id): a look at
+# pseudo-label quality, not a catalogue.
+CONTACT_SHEET_IMAGES = 8
+MAX_CONTACT_SHEETS = 100
+CONTACT_SHEET_DIR = "contact_sheets"
+
+
+class _Extremes:
+    """The most and least confident kept images of each class, streamed.
+
+    Keeps at most `n` (confidence, index, PNG) per class and side, so
+    memory does not grow with the selection.
+    """
+
+    def __init__(self, n, max_classes):
+        self.n = n
+        self.max_classes = max_classes
+        self.most = {}
+        self.least = {}
+
+    def add(self, labels, confidences, indices, pngs):
+        for c in np.unique(labels):
+            if c >= self.max_classes:
+                continue
+            rows = np.nonzero(labels == c)[0]
+            order = rows[np.argsort(confidences[rows], kind="stable")]
+            for side, picked, key in (
+                    (self.most, order[::-1][:self.n], lambda t: (-t[0], t[1])),
+                    (self.least, order[:self.n], lambda t: (t[0], t[1]))):
+                entries = side.get(int(c), []) + [
+                    (float(confidences[i]), int(indices[i]), pngs[i])
+                    for i in picked]
+                side[int(c)] = sorted(entries, key=key)[:self.n]
+
+
+def _decode_png(data):
+    return tf.io.decode_png(data).numpy()
+
+
+def write_contact_sheets(out_dir, extremes, class_names):
+    """One PNG per class: its most (top row) and least confident kept images.
+
+    Args:
+      out_dir: The selection folder; sheets go to out_dir/contact_sheets/
+        class-<id>.png.
+      extremes: An `_Extremes` filled while selecting.
+      class_names: Names in label order, or None (ids are shown).
+
+    Returns:
+      The written paths, relative to out_dir.
+    """
+    folder = pl.join(out_dir, CONTACT_SHEET_DIR)
+    tf.io.gfile.makedirs(folder)
+    written = []
+    for c in sorted(extremes.most):
+        name = class_names[c] if class_names else str(c)
+        rows = [(f"most\nconfident", [
+            (_decode_png(png), f"{conf:.3f}")
+            for conf, _, png in extremes.most[c]]),
+                (f"least\nconfident", [
+            (_decode_png(png), f"{conf:.3f}")
+            for conf, _, png in extremes.least[c]])]
+        data = contact_sheet.contact_sheet_png(
+            rows, title=f"class {c}: {name} (kept pseudo-labels, teacher "
+            "confidence)")
+        relative = f"{CONTACT_SHEET_DIR}/class-{c:04d}.png"
+        io_utils.atomic_write(pl.join(out_dir, relative), data)
+        written.append(relative)
+    return written
+
+
 def select(pred_dir, out_dir, per_class=None, min_confidence=0.3,
            label_type="soft", temperature=1.0, seed=0, num_classes=None,
            duplicate=True, num_files=None, records_per_file=4096):
@@ -340,6 +417,12 @@ def select(pred_dir, out_dir, per_class=None, min_confidence=0.3,
             f"Expected num_classes={info['num_classes']} as in the "
             f"predictions of {pred_dir}. Received: num_classes={num_classes}")
     num_classes = info["num_classes"]
+    class_names = model_info.read_class_names(pred_dir)
+    if class_names is not None and len(class_names) != num_classes:
+        logging.warning("select: %d class names for %d classes in %s; "
+                        "showing ids", len(class_names), num_classes,
+                        pred_dir)
+        class_names = None
     histogram = total_histogram(pred_dir, info)
     plan = plan_selection(histogram, per_class, min_confidence, duplicate)
     if plan.kept_unique.sum() == 0:
@@ -373,6 +456,7 @@ def select(pred_dir, out_dir, per_class=None, min_confidence=0.3,
     kept_total = np.zeros(num_classes, np.int64)
     min_kept = np.full(num_classes, np.inf)
     file_counts = np.zeros(num_files, np.int64)
+    extremes = _Extremes(CONTACT_SHEET_IMAGES, MAX_CONTACT_SHEETS)
     try:
         for batch in _record_batches(pred_dir, info):
             labels = batch["label"].astype(np.int64)
@@ -406,6 +490,7 @@ def select(pred_dir, out_dir, per_class=None, min_confidence=0.3,
                     file_index = (first_file[k] + copy) % num_files
                     writers[file_index].write(record)
                     file_counts[file_index] += 1
+            extremes.add(labels, confidences, indices, images[rows])
             np.add.at(kept_unique, labels, 1)
             np.add.at(kept_total, labels, copies)
             np.minimum.at(min_kept, labels, confidences)
@@ -438,6 +523,23 @@ def select(pred_dir, out_dir, per_class=None, min_confidence=0.3,
               "num_bins": plan.num_bins}
     report = _make_report(config, plan, kept_unique, kept_total, min_kept,
                           info, file_counts)
+    if class_names is not None:
+        report["class_names"] = list(class_names)
+        for row in report["per_class"]:
+            row["name"] = class_names[row["class"]]
+    for row in report["per_class"]:
+        # The source indices of the images on the contact sheet.
+        for side, entries in (("most", extremes.most), ("least",
+                                                        extremes.least)):
+            if row["class"] in entries:
+                row[f"{side}_confident_indices"] = [
+                    index for _, index, _ in entries[row["class"]]]
+    try:
+        report["contact_sheets"] = write_contact_sheets(out_dir, extremes,
+                                                        class_names)
+    except Exception as e:  # pylint: disable=broad-except
+        # Pictures are not worth failing a selection for.
+        logging.warning("select: contact sheets not written: %s", e)
     report["seconds"] = time.time() - start
     io_utils.write_json(pl.join(out_dir, "report.json"), report)
     io_utils.atomic_write(pl.join(out_dir, "report.md"),
@@ -540,12 +642,15 @@ def _report_markdown(report):
         rows = sorted(rows, key=lambda r: r["confident"])
         rows = rows[:30] + rows[-30:]
     for row in rows:
+        label = row["class"]
+        if "name" in row:
+            label = f"{label} {row['name']}"
         threshold = ("-" if row["threshold"] is None
                      else f"{row['threshold']:.3f}")
         duplication = ("-" if row["duplication_factor"] is None
                        else f"{row['duplication_factor']:.2f}")
         lines.append(
-            f"| {row['class']} | {row['predicted']} | {row['confident']} | "
+            f"| {label} | {row['predicted']} | {row['confident']} | "
             f"{threshold} | {row['kept_unique']} | {row['kept_total']} | "
             f"{duplication} |")
     return "\n".join(lines) + "\n"
@@ -569,6 +674,9 @@ def _report_png(report, histogram, plan):
     top.plot(classes, [r["kept_unique"] for r in rows], "k.",
              label="after (unique)")
     top.set_xlabel("class")
+    if report.get("class_names") and len(rows) <= 40:
+        top.set_xticks(classes, report["class_names"], rotation=90,
+                       fontsize=7)
     top.set_ylabel("images")
     top.set_title(f"per-class counts (K={report['config']['per_class']})")
     top.legend(fontsize=8)

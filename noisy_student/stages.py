@@ -13,6 +13,7 @@ import tensorflow as tf
 from noisy_student import evaluate
 from noisy_student import export as export_lib
 from noisy_student import io_utils
+from noisy_student import model_info
 from noisy_student import model_io
 from noisy_student import predict as predict_lib
 from noisy_student import pseudo_labels
@@ -98,11 +99,15 @@ def write_stage_config(folder, **configs):
         for name, c in configs.items()})
 
 
-def eval_batches(source, image_size, batch_size=256):
-    """Clean, batched evaluation images of a labeled `ImageSource`."""
-    return pipeline.eval_dataset(
-        source.dataset, image_size, batch_size,
-        small_images=preprocess.is_small(source.image_shape))
+def eval_batches(source, image_size, batch_size=256, channels=None,
+                 recipe=None):
+    """Clean, batched evaluation images of a labeled `ImageSource`.
+
+    Every image through `preprocess.eval_image` (the eval transform of
+    ns-eval and of the SavedModel), whatever the source's storage.
+    """
+    return pipeline.eval_dataset(source.dataset, image_size, batch_size,
+                                 channels=channels, recipe=recipe)
 
 
 def run_train(train_config, input_config, data, model_dir, pseudo_dir=None,
@@ -141,10 +146,16 @@ def run_train(train_config, input_config, data, model_dir, pseudo_dir=None,
     dataset_fn = pipeline.train_dataset_fn(
         labeled.dataset, input_config, unlabeled, train_config.num_classes)
     part = "validation" if data.validation_size else "test"
-    eval_ds = eval_batches(data.eval_source(part), train_config.image_size)
+    recipe = preprocess.DEFAULT_RECIPE
+    eval_ds = eval_batches(data.eval_source(part),
+                           train_config.resolved_image_size,
+                           channels=train_config.channels, recipe=recipe)
     tf.io.gfile.makedirs(model_dir)
     write_stage_config(model_dir, train=train_config, input=input_config,
                        data=data, pseudo_dir=pseudo_dir)
+    # What ns-eval, ns-predict and ns-export read back from the model_dir.
+    preprocess.write_recipe(model_dir, recipe)
+    model_info.write_class_names(model_dir, labeled.class_names)
     return train_lib.train(train_config, model_dir, dataset_fn, eval_ds,
                            strategy=strategy)
 
@@ -154,13 +165,15 @@ def run_predict(predict_config, data):
     source = data.unlabeled_source()
     teacher = model_io.load_model(predict_config.teacher, what="teacher")
     size = predict_config.image_size or model_io.image_size(teacher)
-    small = preprocess.is_small(source.image_shape)
-
-    def clean(image):
-        return tf.cast(preprocess.eval_image(image, size, small=small),
-                       tf.float32)
+    clean = predict_lib.default_preprocess(
+        size, model_io.channels(teacher),
+        preprocess.read_recipe(predict_config.teacher))
 
     tf.io.gfile.makedirs(predict_config.out_dir)
+    # The select stage's report and contact sheets name the classes.
+    model_info.write_class_names(
+        predict_config.out_dir,
+        model_info.read_class_names(predict_config.teacher))
     write_stage_config(predict_config.out_dir,
                        **{f"predict_{predict_config.shard_index}":
                           predict_config}, data=data)
@@ -185,15 +198,19 @@ def run_eval(eval_config, data, part="test"):
     """Evaluates a trained model on the test (or validation) images."""
     model = model_io.load_model(eval_config.model_path)
     source = data.eval_source(part)
-    size = model_io.image_size(model)
-    small = preprocess.is_small(source.image_shape)
-    dataset = source.dataset.map(lambda d: {
-        **d, "image": preprocess.eval_image(d["image"], size, small=small)})
+    if not eval_config.class_names:
+        names = (model_info.read_class_names(eval_config.model_path)
+                 or source.class_names)
+        if names:
+            eval_config = dataclasses.replace(eval_config,
+                                              class_names=tuple(names))
     if eval_config.output_dir:
         tf.io.gfile.makedirs(eval_config.output_dir)
         write_stage_config(eval_config.output_dir, eval=eval_config,
                            data=data, part=part)
-    return evaluate.run_evaluation(eval_config, dataset=dataset, model=model)
+    # run_evaluation applies the model's eval transform (and its recipe).
+    return evaluate.run_evaluation(eval_config, dataset=source.dataset,
+                                   model=model)
 
 
 def run_export(export_config):

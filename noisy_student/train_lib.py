@@ -68,8 +68,8 @@ CHECKPOINT_DIR = "checkpoints"
 PREEMPTION_DIR = "preemption"
 # Fields that shape the saved state: a model_dir holding a run with other
 # values cannot be resumed by this config.
-_STATE_FIELDS = ("variant", "width", "depth", "num_classes", "small_images",
-                 "optimizer", "freeze_blocks")
+_STATE_FIELDS = ("variant", "width", "depth", "num_classes", "channels",
+                 "small_images", "optimizer", "freeze_blocks")
 # Order of the per-replica training sums kept in one SyncOnRead vector.
 _SUMS = ("loss", "labeled_ce", "unlabeled_ce", "correct", "n_labeled",
          "n_unlabeled")
@@ -85,6 +85,7 @@ class TrainConfig:
       num_classes: Output classes.
       image_size: Input side; None takes the variant's resolution.
       small_images: Stride 1 in stages 2-3 (inputs of 64 px or less).
+      channels: Input channels of the model (1: grey, 3: RGB).
       dropout: Head dropout; None takes the variant's (0.2 without variant).
       stochastic_depth_rate: Base stochastic-depth rate (paper: 0.2).
       sync_batch_norm: Batch statistics over all replicas; None = on for
@@ -157,6 +158,7 @@ class TrainConfig:
     num_classes: int = 10
     image_size: int | None = None
     small_images: bool = False
+    channels: int = 3
     dropout: float | None = None
     stochastic_depth_rate: float = 0.2
     sync_batch_norm: bool | None = None
@@ -220,6 +222,8 @@ class TrainConfig:
             fail("an image_size when no variant is given", "image_size")
         if self.image_size is not None and not self.image_size > 0:
             fail("image_size > 0", "image_size")
+        if self.channels not in (1, 3):
+            fail("channels 1 or 3", "channels")
         if self.dropout is not None and not 0 <= self.dropout < 1:
             fail("dropout in [0, 1)", "dropout")
         for name in ("stochastic_depth_rate", "label_smoothing", "ema_decay",
@@ -357,7 +361,8 @@ def build_model(config):
     return efficientnet.build_efficientnet(
         config.variant, width=config.width, depth=config.depth,
         num_classes=config.num_classes, image_size=config.resolved_image_size,
-        small_images=config.small_images, dropout_rate=config.dropout,
+        small_images=config.small_images, channels=config.channels,
+        dropout_rate=config.dropout,
         stochastic_depth_rate=config.stochastic_depth_rate,
         bn_momentum=config.bn_momentum, bn_epsilon=config.bn_epsilon,
         sync_batch_norm=config.resolved_sync_batch_norm)
@@ -656,7 +661,12 @@ class _Trainer:
         if tf.io.gfile.exists(path):
             old = io_utils.read_json(path)
             new = self.config.to_dict()
-            changed = [k for k in _STATE_FIELDS if old.get(k) != new.get(k)]
+            # A field missing from an older config.json had its default
+            # (e.g. channels=3 before the field existed).
+            defaults = {f.name: f.default
+                        for f in dataclasses.fields(TrainConfig)}
+            changed = [k for k in _STATE_FIELDS
+                       if old.get(k, defaults.get(k)) != new.get(k)]
             if changed and tf.io.gfile.exists(self.checkpoint_dir):
                 raise ValueError(
                     f"Expected model_dir to be empty or to hold a run of the "

@@ -34,7 +34,10 @@ def main(saved_model_dir, input_path, output_path):
 
     def keep(prefix, result):
         for key, value in result.items():
-            out[f"{prefix}_{key}"] = value.numpy()
+            value = value.numpy()
+            if value.dtype == object:  # strings: saved as unicode, no pickle
+                value = np.char.decode(value.astype("S"), "utf-8")
+            out[f"{prefix}_{key}"] = value
 
     keep("images", signatures["serve_images"](images=tf.constant(images)))
     keep("default", signatures["serving_default"](images=tf.constant(images)))

@@ -14,6 +14,7 @@ from noisy_student import efficientnet
 from noisy_student import evaluate
 from noisy_student import export
 from noisy_student import model_io
+from noisy_student.data import preprocess
 
 SIZE = 16
 NUM_CLASSES = 10
@@ -166,9 +167,12 @@ def test_jpeg_bytes_give_the_same_top1_as_the_uint8_path(model,
 
 
 def test_any_size_images_are_resized_inside(model, fresh_outputs):
+    """40 px images: small (<= 64 px), resized whole by the eval transform."""
     _, big, out, _ = fresh_outputs
-    resized = tf.image.resize(tf.cast(big, tf.float32), (SIZE, SIZE),
-                              antialias=True)
+    resized = tf.stack([preprocess.eval_image(image, SIZE) for image in big])
+    np.testing.assert_array_equal(
+        resized, np.clip(np.round(tf.image.resize(
+            big.astype(np.float32), (SIZE, SIZE), antialias=True)), 0, 255))
     np.testing.assert_allclose(out["big_probabilities"],
                                _keras_probabilities(model, resized),
                                atol=1e-5)

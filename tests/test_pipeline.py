@@ -87,6 +87,6 @@ def test_missing_or_mismatched_pseudo_labels_are_errors():
 
 def test_eval_dataset_keeps_every_image():
     source = sources.load_source("digits:test", channels=3)
-    ds = pipeline.eval_dataset(source.dataset, 16, 64, small_images=True)
+    ds = pipeline.eval_dataset(source.dataset, 16, 64)
     sizes = [b["image"].shape[0] for b in ds]
     assert sum(sizes) == 360 and sizes[-1] == 360 % 64

@@ -324,3 +324,36 @@ def test_cli_per_class_zero_keeps_every_confident_image(synthetic, tmp_path):
     kept = len(read_selected(out_dir))
     confident = int((synthetic[3] >= 0.3).sum())
     assert kept == confident
+
+
+def test_class_names_and_contact_sheets(tmp_path):
+    """The report names the classes; each class gets a contact sheet of its
+    most and least confident kept images (ties broken by index)."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 60)
+    confidences = rng.uniform(0.4, 1.0, 60).round(3)
+    pred_dir, out_dir = str(tmp_path / "pred"), str(tmp_path / "sel")
+    write_predictions(pred_dir, _probs_for(labels, confidences, 3))
+    names = ["circle", "square", "triangle"]
+    io_utils.write_json(os.path.join(pred_dir, "class_names.json"), names)
+    report = sel.select(pred_dir, out_dir, min_confidence=0.3)
+    assert report["class_names"] == names
+    with open(os.path.join(out_dir, "report.md")) as f:
+        text = f.read()
+    assert all(f"| {c} {name} |" in text for c, name in enumerate(names))
+    stored = confidences.astype(np.float32)  # as the records store them
+    for row in report["per_class"]:
+        c = row["class"]
+        assert row["name"] == names[c]
+        members = np.nonzero(labels == c)[0]
+        by_most = sorted(members, key=lambda i: (-stored[i], i))
+        by_least = sorted(members, key=lambda i: (stored[i], i))
+        assert row["most_confident_indices"] == [
+            int(i) for i in by_most[:sel.CONTACT_SHEET_IMAGES]]
+        assert row["least_confident_indices"] == [
+            int(i) for i in by_least[:sel.CONTACT_SHEET_IMAGES]]
+        path = os.path.join(out_dir, "contact_sheets", f"class-{c:04d}.png")
+        image = tf.io.decode_png(open(path, "rb").read())
+        assert image.shape[0] > 100 and image.shape[1] > 100
+    assert report["contact_sheets"] == [
+        f"contact_sheets/class-{c:04d}.png" for c in range(3)]

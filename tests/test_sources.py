@@ -214,24 +214,21 @@ def test_tfds_missing_data_fails_fast_with_clear_error(tmp_path):
 
 
 def test_preprocessing_keeps_uint8_and_size():
-    image = tf.constant(np.random.default_rng(0).integers(
-        0, 256, (50, 70, 3)), tf.uint8)
-    for small in (True, False):
-        out = preprocess.train_image(image, 32, flip=True, small=small,
-                                     seed=(1, 2))
+    """A 50x70 image takes the small path, a 100x140 one the large path."""
+    rng = np.random.default_rng(0)
+    for shape in ((50, 70, 3), (100, 140, 3)):
+        image = tf.constant(rng.integers(0, 256, shape), tf.uint8)
+        out = preprocess.train_image(image, 32, flip=True, seed=(1, 2))
         assert out.dtype == tf.uint8 and out.shape == (32, 32, 3)
-        out = preprocess.eval_image(image, 32, small=small)
+        out = preprocess.eval_image(image, 32)
         assert out.dtype == tf.uint8 and out.shape == (32, 32, 3)
-    # Eval preprocessing is deterministic; training crops are random.
-    a = preprocess.eval_image(image, 24, small=False)
-    b = preprocess.eval_image(image, 24, small=False)
-    np.testing.assert_array_equal(a, b)
-    crops = {preprocess.train_image(image, 24, flip=False, small=False,
-                                    seed=(0, i)).numpy().tobytes()
-             for i in range(5)}
-    assert len(crops) > 1
-    again = preprocess.train_image(image, 24, flip=True, small=False,
-                                   seed=(0, 3))
-    np.testing.assert_array_equal(
-        again, preprocess.train_image(image, 24, flip=True, small=False,
-                                      seed=(0, 3)))
+        # Eval preprocessing is deterministic; training crops are random.
+        np.testing.assert_array_equal(preprocess.eval_image(image, 24),
+                                      preprocess.eval_image(image, 24))
+        crops = {preprocess.train_image(image, 24, flip=False,
+                                        seed=(0, i)).numpy().tobytes()
+                 for i in range(5)}
+        assert len(crops) > 1
+        again = preprocess.train_image(image, 24, flip=True, seed=(0, 3))
+        np.testing.assert_array_equal(
+            again, preprocess.train_image(image, 24, flip=True, seed=(0, 3)))

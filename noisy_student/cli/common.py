@@ -176,12 +176,18 @@ def role_configs(prefix, model_name, num_classes, unlabel_ratio, source,
     elif small is None:
         small = image_size <= preprocess.SMALL_IMAGE_MAX
     batch_size = FLAGS.batch_size
+    augment = FLAGS[prefix + "augment"].value
+    if augment == "keras_cv" and FLAGS.channels == 1:
+        raise ValueError(
+            f"Expected --{prefix}augment=randaugment or none with "
+            f"--channels=1 (keras_cv's RandAugment needs RGB). Received: "
+            f"--{prefix}augment=keras_cv, --channels=1")
     variant, width, depth = efficientnet.parse_model_name(model_name)
     if variant:
         width = depth = None
     train_config = train_lib.TrainConfig(
         variant=variant, width=width, depth=depth, num_classes=num_classes, image_size=image_size, small_images=small,
-        dropout=FLAGS[prefix + "dropout"].value,
+        channels=FLAGS.channels, dropout=FLAGS[prefix + "dropout"].value,
         stochastic_depth_rate=FLAGS[prefix + "stochastic_depth_rate"].value,
         batch_size=batch_size, unlabel_ratio=unlabel_ratio,
         images_per_epoch=source.num_examples,
@@ -199,10 +205,10 @@ def role_configs(prefix, model_name, num_classes, unlabel_ratio, source,
     flip = FLAGS.flip if FLAGS.flip is not None else source.allows_flip
     input_config = pipeline.InputConfig(
         image_size=image_size, batch_size=batch_size,
-        unlabel_ratio=unlabel_ratio, augment=FLAGS[prefix + "augment"].value,
+        unlabel_ratio=unlabel_ratio, augment=augment,
         num_layers=FLAGS[prefix + "num_layers"].value,
         magnitude=FLAGS[prefix + "magnitude"].value, flip=flip,
-        small_images=preprocess.is_small(source.image_shape),
+        small_images=preprocess.uses_small_image_augment(image_size),
         seed=FLAGS.seed)
     return train_config, input_config
 

@@ -1,6 +1,23 @@
-"""ns-export: a serving SavedModel (uint8 images or JPEG/PNG bytes in).
+"""ns-export: a serving SavedModel (uint8 images or encoded bytes in).
 
   ns-export --model_path=/tmp/student --out_dir=/tmp/export
+
+Both signatures apply ns-eval's preprocessing inside the graph, so served
+probabilities equal ns-eval's for the same file:
+
+  serve_bytes(image_bytes: string [N])  JPEG/PNG/GIF/BMP of any size:
+      decode (tf.io.decode_image, the file's own channels, CMYK -> RGB),
+      JPEG EXIF orientation applied (flips/quarter turns, as Pillow's
+      exif_transpose; not for PNG), then as serve_images.
+  serve_images(images: uint8 [N, H, W, C]), also serving_default: any H, W,
+      C = 1/2/3/4: channels to the model's (grey repeated, RGB -> grey by
+      tf.image.rgb_to_grayscale, alpha dropped); longer side <= 64 px: the
+      whole image, else the central size/(size+32) of the shorter side (at
+      least 1 px); resized bilinear with anti-aliasing, rounded to uint8.
+
+Outputs: probabilities, top_k_classes, top_k_scores, top_k_names and
+class_names. The crop numbers and class names are read from the model's
+folder (preprocess.json, class_names.json), not from flags.
 """
 
 from absl import app

@@ -35,7 +35,9 @@ class InputConfig:
       num_layers: RandAugment's N.
       magnitude: RandAugment's M on the paper's 0..10+ scale.
       flip: Random left-right flips (only for data sets that allow them).
-      small_images: Pad-and-crop path of small images (see preprocess).
+      small_images: RandAugment's small-image translate and cutout sizes
+        (an eighth of a side; see preprocess.uses_small_image_augment). The
+        crop itself follows each image's own size (see preprocess).
       shuffle_buffer: Elements in each shuffle buffer.
       seed: Seed of shuffling and augmentation; None for a random one.
     """
@@ -80,7 +82,6 @@ def _stream(dataset, config, per_replica_batch, input_context, augmenter,
     def crop(index, element):
         image = preprocess.train_image(
             element["image"], config.image_size, flip=config.flip,
-            small=config.small_images,
             seed=tf.stack([tf.constant(base_seed, tf.int64), index]))
         return {**element, "image": image}
 
@@ -111,8 +112,16 @@ def train_dataset_fn(labeled, config, unlabeled=None, num_classes=None):
       per-replica training stream.
 
     Raises:
-      ValueError: if the pseudo-labels are missing or of the wrong length.
+      ValueError: if the pseudo-labels are missing or of the wrong length,
+        or keras_cv's RandAugment is asked for 1-channel images.
     """
+    channels = labeled.element_spec["image"].shape[-1]
+    if config.augment == "keras_cv" and channels == 1:
+        # keras_cv's colour ops (RandomColorDegeneration ...) need RGB.
+        raise ValueError(
+            "Expected augment='randaugment' or 'none' for 1-channel images "
+            "(keras_cv's RandAugment needs RGB). Received: "
+            "augment='keras_cv', channels=1")
     if config.unlabel_ratio > 0:
         if unlabeled is None:
             raise ValueError("Expected pseudo-labeled data when "
@@ -147,21 +156,24 @@ def train_dataset_fn(labeled, config, unlabeled=None, num_classes=None):
     return dataset_fn
 
 
-def eval_dataset(dataset, image_size, batch_size, *, small_images):
+def eval_dataset(dataset, image_size, batch_size, *, channels=None,
+                 recipe=None):
     """Batched, clean evaluation images (the last batch may be smaller).
 
     Args:
-      dataset: Unbatched {"image": uint8, ...} dataset.
+      dataset: Unbatched {"image": uint8 [H, W, C], ...} dataset.
       image_size: The model's input side.
       batch_size: Images per batch.
-      small_images: Resize instead of centre-cropping.
+      channels: The model's input channels (None keeps the source's).
+      recipe: The model's `preprocess.Recipe` (default: the default one).
 
     Returns:
-      A dataset of {"image": float32 [b, S, S, C], ...} batches.
+      A dataset of {"image": float32 [b, S, S, C], ...} batches, each image
+      through `preprocess.eval_image`.
     """
     def clean(element):
         image = preprocess.eval_image(element["image"], image_size,
-                                      small=small_images)
+                                      channels, recipe)
         return {**element, "image": tf.cast(image, tf.float32)}
 
     return dataset.map(clean, num_parallel_calls=AUTOTUNE).batch(

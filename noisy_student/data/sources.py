@@ -3,8 +3,11 @@
     tfds:NAME[:SPLIT]   a TensorFlow Datasets builder, e.g. tfds:svhn_cropped:train
                         or tfds:cifar10:train[:4000]; `data_dir` may be gs://.
     folder:PATH         one sub-folder per class holding JPEG/PNG/GIF/BMP files
-                        (sorted folder names give the label ids); an unlabeled
-                        folder may hold its images at any depth.
+                        (sorted folder names give the label ids and the class
+                        names); an unlabeled folder may hold its images at any
+                        depth. Files are decoded upright (JPEG EXIF
+                        orientation) by `preprocess.decode_image`, as the
+                        SavedModel's serve_bytes does.
     npz:PATH            arrays `x` (uint8, NHWC or NHW) and `y` (integers).
     idx:DIR[:SPLIT]     MNIST-format files (train-images-idx3-ubyte.gz, ...),
                         as Debian's dataset-fashion-mnist installs under
@@ -26,6 +29,8 @@ import os
 from absl import logging
 import numpy as np
 import tensorflow as tf
+
+from noisy_student.data import preprocess
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
 DIGITS_TEST_SIZE = 360
@@ -76,6 +81,8 @@ class ImageSource:
       image_shape: (H, W, C) when every image has that shape, else None.
       allows_flip: Whether a horizontal flip keeps the labels valid.
       spec: The spec string it was loaded from.
+      class_names: Names of the classes in label order, when the source has
+        them (a folder's sorted sub-folder names, a TFDS label's names).
     """
     dataset: tf.data.Dataset
     num_examples: int | None
@@ -83,6 +90,7 @@ class ImageSource:
     image_shape: tuple | None
     allows_flip: bool
     spec: str
+    class_names: tuple | None = None
 
 
 def parse_spec(spec):
@@ -151,7 +159,8 @@ def load_source(spec, *, labeled=True, subset=None, channels=None,
         ds = _folder_dataset(files, labels if labeled else None, channels,
                              skip_corrupt)
         return ImageSource(ds, len(files), n_classes if labeled else None,
-                           None, _allows_flip(path), spec)
+                           None, _allows_flip(path), spec,
+                           tuple(class_names) if labeled else None)
     if kind == "npz":
         x, y = _read_npz(path, need_labels)
     elif kind == "idx":
@@ -213,12 +222,7 @@ def _check_labels(spec, y, num_classes):
 
 def _convert_channels(image, channels):
     """Repeats grey to 3 channels or converts colour to grey."""
-    have = image.shape[-1]
-    if channels is None or have == channels:
-        return image
-    if have == 1:
-        return tf.repeat(image, channels, axis=-1)
-    return tf.image.rgb_to_grayscale(image[..., :3])
+    return preprocess.to_channels(image, channels)
 
 
 def _array_source(spec, x, y, labeled, subset, channels, num_classes,
@@ -362,9 +366,11 @@ def _image_files(folder):
 
 def _folder_dataset(files, labels, channels, skip_corrupt):
     def decode(element):
-        data = tf.io.read_file(element["path"])
-        image = tf.io.decode_image(data, channels=channels or 3,
-                                   expand_animations=False)
+        # The serving signature decodes bytes with the same function:
+        # EXIF orientation applied, channels converted the same way.
+        image = preprocess.decode_image(tf.io.read_file(element["path"]),
+                                        channels=channels or 3)
+        image.set_shape([None, None, channels or 3])
         out = {"image": image}
         if "label" in element:
             out["label"] = element["label"]
@@ -426,5 +432,9 @@ def _load_tfds(spec, name, split, need_labels, labeled, subset, channels,
     if subset is not None:
         count = int(keep.sum())
     logging.info("Loaded %s (%s examples)", spec, count)
+    names = None
+    if labeled and label_feature is not None and getattr(
+            label_feature, "names", None):
+        names = tuple(label_feature.names)
     return ImageSource(ds, count, num_classes if labeled else None, fixed,
-                       _allows_flip(name), spec)
+                       _allows_flip(name), spec, names)

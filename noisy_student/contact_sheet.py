@@ -1,0 +1,65 @@
+"""Contact sheets: grids of images with captions, as PNG bytes.
+
+Used where a person would rather look than read: the select stage's most
+and least confident kept images of each class, and ns-eval's most confident
+mistakes. Drawn with matplotlib's object API (no pyplot state, safe in any
+thread), each image with nearest-neighbour pixels so small images stay
+sharp.
+"""
+
+import io
+
+import numpy as np
+
+
+def contact_sheet_png(rows, title=None, dpi=100):
+    """A grid of captioned images, one labelled row per entry of `rows`.
+
+    Args:
+      rows: A list of (row_label str, [(image, caption str), ...]); images
+        are uint8 [H, W, C] with C 1 or 3 (any sizes). Rows may have
+        different lengths (empty cells stay blank).
+      title: Optional title of the sheet.
+      dpi: Resolution of the PNG.
+
+    Returns:
+      PNG bytes.
+
+    Raises:
+      ValueError: for no rows or no image at all.
+    """
+    from matplotlib import figure  # pylint: disable=g-import-not-at-top
+    from matplotlib.backends import backend_agg  # pylint: disable=g-import-not-at-top
+    if not rows or not any(cells for _, cells in rows):
+        raise ValueError("Expected at least one image for a contact sheet. "
+                         f"Received: {len(rows)} rows without images")
+    num_cols = max(len(cells) for _, cells in rows)
+    fig = figure.Figure(figsize=(1.3 * num_cols + 1.4, 1.45 * len(rows)
+                                 + (0.4 if title else 0.0)))
+    backend_agg.FigureCanvasAgg(fig)
+    axes = np.asarray(fig.subplots(len(rows), num_cols, squeeze=False))
+    for r, (label, cells) in enumerate(rows):
+        for c in range(num_cols):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+            if c < len(cells):
+                image, caption = cells[c]
+                image = np.asarray(image)
+                if image.ndim == 3 and image.shape[-1] == 1:
+                    ax.imshow(image[..., 0], cmap="gray", vmin=0, vmax=255,
+                              interpolation="nearest")
+                else:
+                    ax.imshow(image[..., :3], interpolation="nearest")
+                ax.set_title(caption, fontsize=7)
+            if c == 0:
+                ax.set_ylabel(label, fontsize=8, rotation=0, ha="right",
+                              va="center")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()

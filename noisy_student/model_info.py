@@ -1,0 +1,51 @@
+"""Facts recorded beside a trained model: its class names.
+
+A training run writes `class_names.json` (a JSON list of strings, in label
+order) into its model_dir when its labeled source names its classes (a
+folder source's sorted sub-folder names, a TFDS label's names). ns-eval puts
+them in results.json and on the confusion matrix; ns-export puts them in the
+SavedModel (`class_names` output). The preprocessing recipe is recorded the
+same way (`noisy_student.data.preprocess.write_recipe`).
+"""
+
+import os
+
+import tensorflow as tf
+
+from noisy_student import io_utils
+
+CLASS_NAMES_FILE = "class_names.json"
+
+
+def write_class_names(folder, class_names):
+    """Writes folder/class_names.json (atomically); nothing for None."""
+    if class_names is None:
+        return
+    io_utils.write_json(f"{str(folder).rstrip('/')}/{CLASS_NAMES_FILE}",
+                        [str(name) for name in class_names])
+
+
+def read_class_names(model_path):
+    """The class names recorded with a model, or None.
+
+    Args:
+      model_path: A model_dir, a SavedModel folder or a .keras file (its
+        folder is searched). Local or gs://.
+
+    Returns:
+      A tuple of strings, or None when none were recorded.
+
+    Raises:
+      ValueError: if the file is not a list of strings.
+    """
+    path = str(model_path).rstrip("/")
+    folder = path if tf.io.gfile.isdir(path) else os.path.dirname(path)
+    names_path = f"{folder}/{CLASS_NAMES_FILE}" if folder else CLASS_NAMES_FILE
+    if not tf.io.gfile.exists(names_path):
+        return None
+    names = io_utils.read_json(names_path)
+    if not isinstance(names, list) or not all(
+            isinstance(n, str) for n in names):
+        raise ValueError(f"Expected a JSON list of class names. Received: "
+                         f"{names_path}: {names!r}")
+    return tuple(names)

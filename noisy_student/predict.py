@@ -3,8 +3,9 @@
 Step 2 of Noisy Student: the teacher (its EMA weights, `training=False`, no
 dropout, no stochastic depth, no augmentation) sees clean eval-preprocessed
 images at its own resolution, and its full probability vector is written for
-every image, with the ORIGINAL image (PNG) so the student can crop and augment
-it at the student's resolution. The record and file formats are documented in
+every image, with the ORIGINAL image (the source file's own bytes, or a PNG
+of an array source's image) so the student can crop and augment it at the
+student's resolution. The record and file formats are documented in
 `noisy_student.pseudo_labels`.
 
 Work splits over machines: the source is cut into blocks of `records_per_file`
@@ -209,7 +210,11 @@ def _input_pipeline(dataset, *, records_per_file, shard_index, num_shards,
         image = element["image"]
         pixels = tf.cast(preprocess(image), tf.float32)
         pixels = tf.ensure_shape(pixels, [image_size, image_size, channels])
-        return {"index": index, "png": tf.io.encode_png(image),
+        # The source's own file bytes when it has them (no re-encoding,
+        # no second copy of the data set); arrays are encoded as PNG.
+        encoded = (element["encoded"] if "encoded" in element
+                   else tf.io.encode_png(image))
+        return {"index": index, "encoded": encoded,
                 "pixels": pixels}
 
     dataset = dataset.map(prepare, num_parallel_calls=tf.data.AUTOTUNE,
@@ -354,7 +359,7 @@ def predict(teacher, dataset, out_dir, num_classes, batch_size=128,
             confidences = probs[np.arange(len(labels)), labels]
             # Serialising and writing happen in the sink's thread while this
             # one runs the teacher on the next batch.
-            sink.add(indices, batch["png"].numpy(), probs, labels,
+            sink.add(indices, batch["encoded"].numpy(), probs, labels,
                      confidences)
             written += len(indices)
             now = time.time()
@@ -401,7 +406,7 @@ class _BlockSink:
         self._block = None
         self.blocks_written = 0
 
-    def add(self, indices, pngs, probs, labels, confidences):
+    def add(self, indices, images, probs, labels, confidences):
         """Writes one batch (numpy arrays, one row per image)."""
         blocks = indices // self._per_file
         for block in np.unique(blocks):
@@ -415,7 +420,7 @@ class _BlockSink:
                                               self._num_classes,
                                               self._num_bins)
                 self._block = block
-            self._writer.write_batch(pngs[rows], probs[rows], labels[rows],
+            self._writer.write_batch(images[rows], probs[rows], labels[rows],
                                      confidences[rows], indices[rows])
 
     def finish(self):

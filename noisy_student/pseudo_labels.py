@@ -22,8 +22,15 @@ byte in them, does not depend on how many workers shared the work.
                                  holds the source's size (num_images).
 
 Each prediction record (tf.train.Example) has the features
-  image:       bytes   PNG encoding of the ORIGINAL uint8 [H, W, C] image, so
-                       the student can crop and augment at its own resolution.
+  image:       bytes   the ORIGINAL image, encoded, so the student can crop
+                       and augment at its own resolution: the source file's
+                       own bytes (JPEG, PNG, GIF, BMP) where the source has
+                       them (folder sources: no second copy of the data set,
+                       no re-encoding), else a PNG of the uint8 [H, W, C]
+                       array (npz, idx, digits, TFDS). Readers decode it with
+                       `preprocess.decode_image` to the stored `channels`,
+                       as the source did, so the student sees the teacher's
+                       pixels.
   probs:       bytes   the teacher's full probability vector, float16
                        little-endian, num_classes values.
   label:       int64   argmax of the probabilities.
@@ -63,6 +70,7 @@ import numpy as np
 import tensorflow as tf
 
 from noisy_student import io_utils
+from noisy_student.data import preprocess
 
 DEFAULT_NUM_BINS = 1000
 PREDICT_CONFIG = "predict_config.json"
@@ -138,11 +146,11 @@ def _float_feature(value):
     return tf.train.Feature(float_list=tf.train.FloatList(value=[float(value)]))
 
 
-def encode_prediction(image_png, probs, label, confidence, index):
+def encode_prediction(image, probs, label, confidence, index):
     """Serialises one prediction record.
 
     Args:
-      image_png: PNG bytes of the original image.
+      image: The original image, encoded (see the module docstring).
       probs: The probability vector (any float dtype; stored as float16).
       label: Argmax class.
       confidence: Top probability.
@@ -153,7 +161,7 @@ def encode_prediction(image_png, probs, label, confidence, index):
     """
     probs = np.asarray(probs, "<f2")
     example = tf.train.Example(features=tf.train.Features(feature={
-        "image": _bytes_feature(image_png),
+        "image": _bytes_feature(image),
         "probs": _bytes_feature(probs.tobytes()),
         "label": _int_feature(label),
         "confidence": _float_feature(confidence),
@@ -164,11 +172,11 @@ def encode_prediction(image_png, probs, label, confidence, index):
     return example.SerializeToString(deterministic=True)
 
 
-def encode_selected(image_png, target, label, confidence, index, copy=0):
+def encode_selected(image, target, label, confidence, index, copy=0):
     """Serialises one selected record (see the module docstring).
 
     Args:
-      image_png: PNG bytes of the original image.
+      image: The original image, encoded (see the module docstring).
       target: The training target vector (stored as float16).
       label: The teacher's argmax class.
       confidence: The teacher's top probability.
@@ -180,7 +188,7 @@ def encode_selected(image_png, target, label, confidence, index, copy=0):
     """
     target = np.asarray(target, "<f2")
     example = tf.train.Example(features=tf.train.Features(feature={
-        "image": _bytes_feature(image_png),
+        "image": _bytes_feature(image),
         "target": _bytes_feature(target.tobytes()),
         "label": _int_feature(label),
         "confidence": _float_feature(confidence),
@@ -241,21 +249,21 @@ class BlockWriter:
         # at most records_per_file ints, so memory stays bounded.
         self._cells = []
 
-    def write(self, image_png, probs, label, confidence, index):
+    def write(self, image, probs, label, confidence, index):
         """Appends one record (arguments as in `encode_prediction`)."""
         self._writer.write(
-            encode_prediction(image_png, probs, label, confidence, index))
+            encode_prediction(image, probs, label, confidence, index))
         self._cells.append(
             int(label) * self.num_bins
             + int(confidence_bins(confidence, self.num_bins)))
         self.num_records += 1
 
-    def write_batch(self, images_png, probs, labels, confidences, indices):
+    def write_batch(self, images, probs, labels, confidences, indices):
         """Appends a batch of records (numpy arrays, one row per record)."""
         probs16 = np.asarray(probs, "<f2")
         for row in range(len(indices)):
             self._writer.write(encode_prediction(
-                images_png[row], probs16[row], labels[row], confidences[row],
+                images[row], probs16[row], labels[row], confidences[row],
                 indices[row]))
         bins = confidence_bins(confidences, self.num_bins)
         self._cells.extend(
@@ -377,12 +385,22 @@ def check_predictions(pred_dir):
                 blocks=list(range(num_blocks)))
 
 
+def decode(data, channels=0):
+    """A record's image, uint8 [H, W, C]: decoded as the source decoded it.
+
+    `preprocess.decode_image` (any of JPEG/PNG/GIF/BMP, EXIF orientation,
+    channels converted to `channels`; 0 keeps the file's).
+    """
+    return preprocess.decode_image(data, channels=channels or None)
+
+
 def prediction_dataset(pred_dir, decode_image=True, channels=None):
     """Reads a prediction folder's records in index order.
 
     Args:
       pred_dir: A complete prediction folder.
-      decode_image: Decode the PNG to uint8 [H, W, C]; else keep the bytes.
+      decode_image: Decode the image to uint8 [H, W, C] (`decode`); else
+        keep the encoded bytes.
       channels: Channels to decode to; None: the source's (0 if unknown).
 
     Returns:
@@ -399,8 +417,7 @@ def prediction_dataset(pred_dir, decode_image=True, channels=None):
         features = tf.io.parse_single_example(serialized, PREDICTION_FEATURES)
         features["probs"] = decode_float16(features["probs"], num_classes)
         if decode_image:
-            features["image"] = tf.io.decode_png(features["image"],
-                                                 channels=channels)
+            features["image"] = decode(features["image"], channels)
         return features
 
     return tf.data.TFRecordDataset(files).map(
@@ -472,7 +489,7 @@ def selected_dataset(path, num_classes=None, channels=None, cycle_length=8,
         # float16 storage loses ~5e-4 relative; renormalising in float32
         # restores an exact probability vector (a no-op for one-hot).
         target = target / tf.reduce_sum(target, axis=-1, keepdims=True)
-        image = tf.io.decode_png(features["image"], channels=channels)
+        image = decode(features["image"], channels)
         return {"image": image, "target": target}
 
     dataset = tf.data.Dataset.from_tensor_slices(files)

@@ -343,8 +343,8 @@ class _Extremes:
                 side[int(c)] = sorted(entries, key=key)[:self.n]
 
 
-def _decode_png(data):
-    return tf.io.decode_png(data).numpy()
+def _decode(data):
+    return pl.decode(data).numpy()
 
 
 def write_contact_sheets(out_dir, extremes, class_names):
@@ -365,11 +365,11 @@ def write_contact_sheets(out_dir, extremes, class_names):
     for c in sorted(extremes.most):
         name = class_names[c] if class_names else str(c)
         rows = [(f"most\nconfident", [
-            (_decode_png(png), f"{conf:.3f}")
-            for conf, _, png in extremes.most[c]]),
+            (_decode(image), f"{conf:.3f}")
+            for conf, _, image in extremes.most[c]]),
                 (f"least\nconfident", [
-            (_decode_png(png), f"{conf:.3f}")
-            for conf, _, png in extremes.least[c]])]
+            (_decode(image), f"{conf:.3f}")
+            for conf, _, image in extremes.least[c]])]
         data = contact_sheet.contact_sheet_png(
             rows, title=f"class {c}: {name} (kept pseudo-labels, teacher "
             "confidence)")

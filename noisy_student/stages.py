@@ -73,8 +73,13 @@ class DataConfig:
     def labeled_source(self):
         return self._load(self.labeled, subset=self._subset("labeled"))
 
-    def unlabeled_source(self):
-        """The unlabeled images; never reads labels of a separate source."""
+    def unlabeled_source(self, keep_encoded=False):
+        """The unlabeled images; never reads labels of a separate source.
+
+        Args:
+          keep_encoded: Also yield folder files' own bytes ("encoded"), so
+            the prediction records keep them (see sources.load_source).
+        """
         if not self.unlabeled or (self.unlabeled == self.labeled
                                   and self.labels_per_class):
             if not self.labels_per_class:
@@ -82,8 +87,10 @@ class DataConfig:
                     "Expected an unlabeled source or labels_per_class > 0. "
                     "Received: unlabeled='' and labels_per_class=0")
             return self._load(self.labeled, labeled=False,
-                              subset=self._subset("unlabeled"))
-        return self._load(self.unlabeled, labeled=False)
+                              subset=self._subset("unlabeled"),
+                              keep_encoded=keep_encoded)
+        return self._load(self.unlabeled, labeled=False,
+                          keep_encoded=keep_encoded)
 
     def eval_source(self, part="test"):
         """The test source, or the held-out validation part."""
@@ -162,7 +169,7 @@ def run_train(train_config, input_config, data, model_dir, pseudo_dir=None,
 
 def run_predict(predict_config, data):
     """Labels (this worker's part of) the unlabeled images with a teacher."""
-    source = data.unlabeled_source()
+    source = data.unlabeled_source(keep_encoded=True)
     teacher = model_io.load_model(predict_config.teacher, what="teacher")
     size = predict_config.image_size or model_io.image_size(teacher)
     clean = predict_lib.default_preprocess(

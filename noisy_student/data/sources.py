@@ -121,7 +121,8 @@ def parse_spec(spec):
 
 
 def load_source(spec, *, labeled=True, subset=None, channels=None,
-                num_classes=None, data_dir=None, skip_corrupt=True):
+                num_classes=None, data_dir=None, skip_corrupt=True,
+                keep_encoded=False):
     """Loads the source named by `spec`.
 
     Args:
@@ -134,6 +135,9 @@ def load_source(spec, *, labeled=True, subset=None, channels=None,
       data_dir: TFDS data folder (local or gs://).
       skip_corrupt: Skip undecodable image files with a logged warning for
         each (True), or stop with an error (False).
+      keep_encoded: Folder sources also yield each file's bytes as
+        "encoded" (string []), for records that keep them instead of
+        re-encoding (the predict stage).
 
     Returns:
       An `ImageSource`.
@@ -157,7 +161,7 @@ def load_source(spec, *, labeled=True, subset=None, channels=None,
         n_classes = len(class_names) if need_labels else None
         _check_num_classes(spec, n_classes, num_classes)
         ds = _folder_dataset(files, labels if labeled else None, channels,
-                             skip_corrupt)
+                             skip_corrupt, keep_encoded)
         return ImageSource(ds, len(files), n_classes if labeled else None,
                            None, _allows_flip(path), spec,
                            tuple(class_names) if labeled else None)
@@ -364,14 +368,16 @@ def _image_files(folder):
     return sorted(found)
 
 
-def _folder_dataset(files, labels, channels, skip_corrupt):
+def _folder_dataset(files, labels, channels, skip_corrupt, keep_encoded=False):
     def decode(element):
         # The serving signature decodes bytes with the same function:
         # EXIF orientation applied, channels converted the same way.
-        image = preprocess.decode_image(tf.io.read_file(element["path"]),
-                                        channels=channels or 3)
+        data = tf.io.read_file(element["path"])
+        image = preprocess.decode_image(data, channels=channels or 3)
         image.set_shape([None, None, channels or 3])
         out = {"image": image}
+        if keep_encoded:
+            out["encoded"] = data
         if "label" in element:
             out["label"] = element["label"]
         return out

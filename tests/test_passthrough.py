@@ -1,0 +1,95 @@
+"""Prediction records keep a folder source's file bytes (no re-encoding)."""
+
+import os
+
+import numpy as np
+from PIL import Image
+import tensorflow as tf
+
+from noisy_student import efficientnet
+from noisy_student import predict as predict_lib
+from noisy_student import pseudo_labels as pl
+from noisy_student import select as select_lib
+from noisy_student.data import sources
+
+
+def make_folder(folder, count=24):
+    """JPEGs and PNGs of several sizes and modes; returns the sorted paths."""
+    rng = np.random.default_rng(0)
+    os.makedirs(folder)
+    for i in range(count):
+        size = (8 + i % 5 * 7, 10 + i % 3 * 9)
+        image = Image.fromarray(rng.integers(0, 256, size + (3,), np.uint8))
+        if i % 4 == 1:
+            image = image.convert("L")
+        if i % 4 == 2:
+            image = image.convert("RGBA")
+        ext = "png" if i % 2 else "jpg"
+        if ext == "jpg" and image.mode == "RGBA":
+            image = image.convert("RGB")
+        image.save(os.path.join(folder, f"img{i:03d}.{ext}"))
+    return sorted(os.path.join(folder, n) for n in os.listdir(folder))
+
+
+def teacher():
+    tf.keras.utils.set_random_seed(0)
+    return efficientnet.build_efficientnet(
+        width=0.25, depth=0.25, image_size=16, small_images=True,
+        num_classes=4)
+
+
+def run_predict(folder, out_dir, model, keep_encoded):
+    source = sources.load_source(f"folder:{folder}", labeled=False,
+                                 channels=3, keep_encoded=keep_encoded)
+    predict_lib.predict(model, source.dataset, out_dir, 4, batch_size=8,
+                        records_per_file=10)
+    return source
+
+
+def records(pred_dir, decode):
+    return list(pl.prediction_dataset(pred_dir, decode_image=decode)
+                .as_numpy_iterator())
+
+
+def test_records_hold_the_files_bytes_and_decode_to_the_same_pixels(
+        tmp_path):
+    files = make_folder(str(tmp_path / "unlabeled"))
+    source = run_predict(str(tmp_path / "unlabeled"), str(tmp_path / "pred"),
+                         teacher(), keep_encoded=True)
+    raw = records(str(tmp_path / "pred"), decode=False)
+    assert [r["index"] for r in raw] == list(range(len(files)))
+    for record, path in zip(raw, files):
+        with open(path, "rb") as f:
+            assert record["image"] == f.read()
+    decoded = records(str(tmp_path / "pred"), decode=True)
+    for record, element in zip(decoded, source.dataset.as_numpy_iterator()):
+        np.testing.assert_array_equal(record["image"], element["image"])
+
+
+def test_selection_over_file_bytes_equals_one_over_reencoded_images(
+        tmp_path):
+    make_folder(str(tmp_path / "unlabeled"))
+    model = teacher()
+    selections = []
+    for keep in (True, False):
+        pred_dir = str(tmp_path / f"pred{keep}")
+        run_predict(str(tmp_path / "unlabeled"), pred_dir, model, keep)
+        out_dir = str(tmp_path / f"select{keep}")
+        select_lib.select(pred_dir, out_dir, per_class=5, min_confidence=0.0)
+        files, _ = pl.selected_files(out_dir)
+        parsed = []
+        for record in tf.data.TFRecordDataset(files).as_numpy_iterator():
+            example = tf.train.Example.FromString(record)
+            feature = example.features.feature
+            parsed.append((
+                feature["index"].int64_list.value[0],
+                feature["copy"].int64_list.value[0],
+                feature["label"].int64_list.value[0],
+                feature["target"].bytes_list.value[0],
+                pl.decode(feature["image"].bytes_list.value[0], 3).numpy()
+                .tobytes()))
+        selections.append(sorted(parsed))
+    passthrough, reencoded = selections
+    assert len(passthrough) == len(reencoded) > 0
+    for a, b in zip(passthrough, reencoded):
+        assert a == b  # index, copy, label, target bytes and pixels

@@ -8,13 +8,19 @@
    (the SVHN recipe's teacher), 10 classes, random weights. Both are timed
    after a warm-up run, in alternating pairs; the ratio is the median of the
    per-pair ratios (robust to the load of a shared machine).
-2. Memory: the peak RSS (getrusage ru_maxrss) of a fresh subprocess that
+2. Pass-through at 224 px: a folder of JPEGs (made here, 256-320 px,
+   quality 90), EfficientNet-B0 at 224 px (standard strides): our stage
+   reading the folder (records keep each file's bytes) against
+   `model.predict` on the same decoded, eval-preprocessed images; and the
+   record bytes per image over the JPEG file's bytes.
+3. Memory: the peak RSS (getrusage ru_maxrss) of a fresh subprocess that
    labels N and then 10 N images (tiny EfficientNet, width = depth = 0.25,
    16x16, images generated on the fly from their index so that the source
    itself holds no memory); rss_growth_10x = peak(10 N) / peak(N).
 
 Run: python bench/predict.py   (about 2-3 minutes on 2 CPU cores)
 Last line: RESULT predict ratio_vs_model_predict=<x> rss_growth_10x=<y>
+  ratio_vs_model_predict_jpeg224=<z> bytes_ratio_jpeg224=<w>
 """
 
 import os
@@ -31,6 +37,7 @@ import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
 from noisy_student import efficientnet  # pylint: disable=g-import-not-at-top
 from noisy_student import predict as pr  # pylint: disable=g-import-not-at-top
+from noisy_student.data import sources  # pylint: disable=g-import-not-at-top
 
 SPEED_IMAGES = 1024
 BATCH_SIZE = 128
@@ -95,6 +102,81 @@ def speed():
     return float(np.median(ratios))
 
 
+JPEG_IMAGES = 160
+JPEG_BATCH = 32
+
+
+def _jpeg_folder(folder):
+    """JPEG_IMAGES smooth random images, 256-320 px; returns their bytes."""
+    rng = np.random.default_rng(1)
+    os.makedirs(f"{folder}/unlabeled")
+    total = 0
+    for i in range(JPEG_IMAGES):
+        h, w = rng.integers(256, 321, 2)
+        # Low-frequency content (upsampled noise) compresses like a photo.
+        small = rng.integers(0, 256, (h // 16, w // 16, 3)).astype(np.uint8)
+        image = tf.image.resize(small, [h, w], "bicubic")
+        data = tf.io.encode_jpeg(tf.cast(tf.clip_by_value(image, 0, 255),
+                                         tf.uint8), quality=90).numpy()
+        with open(f"{folder}/unlabeled/img{i:04d}.jpg", "wb") as f:
+            f.write(data)
+        total += len(data)
+    return total
+
+
+def jpeg224():
+    """(median ratio ours / model.predict, record bytes / JPEG bytes)."""
+    model = efficientnet.build_efficientnet("b0", num_classes=10)
+    with tempfile.TemporaryDirectory() as folder:
+        jpeg_bytes = _jpeg_folder(folder)
+        source = sources.load_source(f"folder:{folder}/unlabeled",
+                                     labeled=False, channels=3,
+                                     keep_encoded=True)
+        preprocess = pr.default_preprocess(224, 3)
+
+        def keras_predict():
+            batches = source.dataset.map(
+                lambda x: preprocess(x["image"]),
+                num_parallel_calls=tf.data.AUTOTUNE).batch(
+                    JPEG_BATCH).prefetch(tf.data.AUTOTUNE)
+            start = time.perf_counter()
+            logits = model.predict(batches, verbose=0)
+            assert logits.shape == (JPEG_IMAGES, 10)
+            return JPEG_IMAGES / (time.perf_counter() - start)
+
+        def ours(keep=None):
+            out_dir = tempfile.mkdtemp(dir=folder)
+            start = time.perf_counter()
+            summary = pr.predict(model, source.dataset, out_dir, 10,
+                                 batch_size=JPEG_BATCH, records_per_file=64)
+            rate = JPEG_IMAGES / (time.perf_counter() - start)
+            assert summary.images_written == JPEG_IMAGES
+            record_bytes = sum(
+                os.path.getsize(f"{out_dir}/{name}")
+                for name in os.listdir(out_dir) if name.endswith(".tfrecord"))
+            return rate, record_bytes
+
+        keras_predict()
+        _, record_bytes = ours()
+        keras_rates, our_rates = [], []
+        for pair in range(3):
+            if pair % 2:
+                our_rates.append(ours()[0])
+                keras_rates.append(keras_predict())
+            else:
+                keras_rates.append(keras_predict())
+                our_rates.append(ours()[0])
+    ratios = np.array(our_rates) / np.array(keras_rates)
+    print(f"jpeg 224 (B0, {JPEG_IMAGES} JPEGs of 256-320 px, batch "
+          f"{JPEG_BATCH}): model.predict img/s "
+          f"{' '.join(f'{r:.1f}' for r in keras_rates)}; ours (records "
+          f"written) {' '.join(f'{r:.1f}' for r in our_rates)}; ratio "
+          f"median {np.median(ratios):.2f}; records "
+          f"{record_bytes / JPEG_IMAGES:.0f} bytes per image vs JPEG "
+          f"{jpeg_bytes / JPEG_IMAGES:.0f}", flush=True)
+    return float(np.median(ratios)), record_bytes / jpeg_bytes
+
+
 def rss_child(num_images):
     """Labels `num_images` generated images; prints the peak RSS in MB."""
     model = efficientnet.build_efficientnet(
@@ -145,9 +227,12 @@ def main():
     start = time.time()
     growth = rss_growth()
     ratio = speed()
+    jpeg_ratio, bytes_ratio = jpeg224()
     print(f"total {time.time() - start:.0f} s", flush=True)
     print(f"RESULT predict ratio_vs_model_predict={ratio:.2f} "
-          f"rss_growth_10x={growth:.3f}")
+          f"rss_growth_10x={growth:.3f} "
+          f"ratio_vs_model_predict_jpeg224={jpeg_ratio:.2f} "
+          f"bytes_ratio_jpeg224={bytes_ratio:.3f}")
 
 
 if __name__ == "__main__":

@@ -391,6 +391,7 @@ def _plot(rounds):
         ax2.bar([c[0] + 0.2 for c in counts],
                 [c[1].get("total", 0) for c in counts], 0.4, label="total")
         ax2.legend()
+    ax2.set_xticks(xs)
     ax2.set_xlabel("round")
     ax2.set_ylabel("pseudo-labeled images")
     fig.tight_layout()

@@ -145,6 +145,12 @@ class _ServingModule(tf.Module):
                 "class_names": tf.identity(self.class_names)}
 
     def _serve_images(self, images):
+        channels = tf.shape(images)[-1]
+        check = tf.debugging.assert_less_equal(
+            channels, 4, message="Expected images with 1 (grey), 2 (grey + "
+            "alpha), 3 (RGB) or 4 (RGBA) channels")
+        with tf.control_dependencies([check]):
+            images = tf.identity(images)
         return self._outputs(self._map(self._eval_image, images))
 
     def _serve_bytes(self, image_bytes):

@@ -527,6 +527,7 @@ def select(pred_dir, out_dir, per_class=None, min_confidence=0.3,
         report["class_names"] = list(class_names)
         for row in report["per_class"]:
             row["name"] = class_names[row["class"]]
+    _warn_empty_classes(report, class_names)
     for row in report["per_class"]:
         # The source indices of the images on the contact sheet.
         for side, entries in (("most", extremes.most), ("least",
@@ -568,6 +569,29 @@ def run_select(config):
                   records_per_file=config.records_per_file)
 
 
+def _class_list(ids, class_names, limit=20):
+    """'3 (cat), 7 (dog) ...': ids with their names when known."""
+    shown = [f"{c} ({class_names[c]})" if class_names else str(c)
+             for c in ids[:limit]]
+    return ", ".join(shown) + (" ..." if len(ids) > limit else "")
+
+
+def _warn_empty_classes(report, class_names):
+    """Logs the classes the student will get no pseudo-label of."""
+    never = report["classes_never_predicted"]
+    low = [c for c in report["classes_without_confident_images"]
+           if c not in never]
+    if never:
+        logging.warning("select: the teacher predicts no image as %d "
+                        "classes: %s", len(never),
+                        _class_list(never, class_names))
+    if low:
+        logging.warning("select: %d classes have no image with confidence "
+                        ">= %s: %s", len(low),
+                        report["config"]["min_confidence"],
+                        _class_list(low, class_names))
+
+
 def _make_report(config, plan, kept_unique, kept_total, min_kept, info,
                  file_counts):
     """Every count of a selection, as a JSON-able dict."""
@@ -588,10 +612,7 @@ def _make_report(config, plan, kept_unique, kept_total, min_kept, info,
             "boundary_take": int(plan.boundary_take[c]),
         })
     without = [c for c in range(len(plan.predicted)) if plan.confident[c] == 0]
-    if without:
-        logging.warning("select: %d classes have no image with confidence >= "
-                        "%s: %s", len(without), config["min_confidence"],
-                        without[:20])
+    never = [c for c in without if plan.predicted[c] == 0]
     return {
         "config": config,
         "totals": {
@@ -607,6 +628,7 @@ def _make_report(config, plan, kept_unique, kept_total, min_kept, info,
             "records_per_file_max": int(file_counts.max()),
         },
         "classes_without_confident_images": without,
+        "classes_never_predicted": never,
         "per_class": classes,
     }
 
@@ -631,8 +653,11 @@ def _report_markdown(report):
     ]
     without = report["classes_without_confident_images"]
     if without:
-        lines.append(f"- **{len(without)} classes have no confident image**: "
-                     f"{without[:50]}{' ...' if len(without) > 50 else ''}")
+        names = report.get("class_names")
+        lines.append(f"- **{len(without)} classes have no confident image** "
+                     f"({len(report.get('classes_never_predicted', []))} of "
+                     "them never predicted): "
+                     f"{_class_list(without, names, 50)}")
     lines += ["", "| class | predicted | confident | threshold | kept unique "
               "| kept total | duplication |", "|---:|---:|---:|---:|---:|---:|"
               "---:|"]

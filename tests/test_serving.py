@@ -151,6 +151,14 @@ def test_serve_bytes_takes_any_size_in_one_request(tmp_path):
                                    by_bytes[i], atol=1e-5)
 
 
+def test_serve_images_refuses_more_than_four_channels(tmp_path):
+    loaded = tf.saved_model.load(export.export(tiny_model(3),
+                                               str(tmp_path / "served")))
+    pixels = tf.zeros([1, 20, 20, 5], tf.uint8)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="4 \\(RGBA\\)"):
+        loaded.signatures["serve_images"](images=pixels)
+
+
 # Fault 3: --channels=1 builds a 1-channel model.
 
 

@@ -92,11 +92,17 @@ class DataConfig:
         return self._load(self.unlabeled, labeled=False,
                           keep_encoded=keep_encoded)
 
-    def eval_source(self, part="test"):
-        """The test source, or the held-out validation part."""
+    def eval_source(self, part="test", class_names=None):
+        """The test source, or the held-out validation part.
+
+        Args:
+          part: "test" or "validation".
+          class_names: The model's classes: a test folder's sub-folders are
+            labelled by them (see sources.load_source).
+        """
         if part == "validation":
             return self._load(self.labeled, subset=self._subset("validation"))
-        return self._load(self.test)
+        return self._load(self.test, class_names=class_names)
 
 
 def write_stage_config(folder, **configs):
@@ -154,7 +160,7 @@ def run_train(train_config, input_config, data, model_dir, pseudo_dir=None,
         labeled.dataset, input_config, unlabeled, train_config.num_classes)
     part = "validation" if data.validation_size else "test"
     recipe = preprocess.DEFAULT_RECIPE
-    eval_ds = eval_batches(data.eval_source(part),
+    eval_ds = eval_batches(data.eval_source(part, labeled.class_names),
                            train_config.resolved_image_size,
                            channels=train_config.channels, recipe=recipe)
     tf.io.gfile.makedirs(model_dir)
@@ -204,10 +210,10 @@ def run_select(select_config):
 def run_eval(eval_config, data, part="test"):
     """Evaluates a trained model on the test (or validation) images."""
     model = model_io.load_model(eval_config.model_path)
-    source = data.eval_source(part)
+    model_names = model_info.read_class_names(eval_config.model_path)
+    source = data.eval_source(part, model_names)
     if not eval_config.class_names:
-        names = (model_info.read_class_names(eval_config.model_path)
-                 or source.class_names)
+        names = model_names or source.class_names
         if names:
             eval_config = dataclasses.replace(eval_config,
                                               class_names=tuple(names))

@@ -341,3 +341,25 @@ def test_run_from_before_the_channels_field_resumes_and_grey_is_refused(
     with pytest.raises(ValueError, match="channels"):
         train_lib.train(dataclasses.replace(more, channels=1, train_steps=3),
                         str(model_dir), dataset_fn)
+
+
+def test_eval_of_a_test_folder_with_some_classes_keeps_the_models_labels(
+        tmp_path):
+    """Review finding: a test folder holding only square/ and triangle/ was
+    labelled 0 and 1 (circle, square) against a circle/square/triangle
+    model."""
+    from noisy_student import model_info  # pylint: disable=g-import-not-at-top
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    tiny_model(3).save(str(model_dir / "model.keras"))
+    model_info.write_class_names(str(model_dir), CLASSES)
+    for name in ("square", "triangle"):
+        (tmp_path / "test" / name).mkdir(parents=True)
+        Image.fromarray(tp.smooth(20, 20)).save(
+            tmp_path / "test" / name / "a.png")
+    config = evaluate.EvalConfig(model_path=str(model_dir),
+                                 output_dir=str(tmp_path / "eval"),
+                                 num_classes=len(CLASSES))
+    stages.run_eval(config, stages.DataConfig(test=f"folder:{tmp_path}/test"))
+    labels = np.load(tmp_path / "eval" / "predictions.npz")["labels"]
+    assert labels.tolist() == [1, 2]

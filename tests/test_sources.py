@@ -232,3 +232,20 @@ def test_preprocessing_keeps_uint8_and_size():
         again = preprocess.train_image(image, 24, flip=True, seed=(0, 3))
         np.testing.assert_array_equal(
             again, preprocess.train_image(image, 24, flip=True, seed=(0, 3)))
+
+
+def test_test_folder_labels_follow_the_models_class_names(tmp_path):
+    """A test folder with some of the classes keeps the model's labels."""
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    for name in ("square", "triangle"):
+        os.makedirs(tmp_path / name)
+        Image.new("RGB", (8, 8)).save(tmp_path / name / "a.png")
+    known = ("circle", "square", "triangle")
+    source = sources.load_source(f"folder:{tmp_path}", class_names=known)
+    labels = [int(e["label"]) for e in source.dataset.as_numpy_iterator()]
+    assert labels == [1, 2]
+    assert source.num_classes == 3 and source.class_names == known
+    os.makedirs(tmp_path / "hexagon")
+    Image.new("RGB", (8, 8)).save(tmp_path / "hexagon" / "a.png")
+    with pytest.raises(ValueError, match="hexagon"):
+        sources.load_source(f"folder:{tmp_path}", class_names=known)

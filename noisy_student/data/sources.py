@@ -122,7 +122,7 @@ def parse_spec(spec):
 
 def load_source(spec, *, labeled=True, subset=None, channels=None,
                 num_classes=None, data_dir=None, skip_corrupt=True,
-                keep_encoded=False):
+                keep_encoded=False, class_names=None):
     """Loads the source named by `spec`.
 
     Args:
@@ -138,6 +138,11 @@ def load_source(spec, *, labeled=True, subset=None, channels=None,
       keep_encoded: Folder sources also yield each file's bytes as
         "encoded" (string []), for records that keep them instead of
         re-encoding (the predict stage).
+      class_names: The model's classes, in label order, for a folder source
+        scored against a trained model (a test set): each sub-folder is
+        labelled by its name's position here, so a folder holding some of
+        the classes keeps their labels; a sub-folder of another name is an
+        error. None numbers the sorted sub-folders (a training set).
 
     Returns:
       An `ImageSource`.
@@ -153,7 +158,8 @@ def load_source(spec, *, labeled=True, subset=None, channels=None,
         return _load_tfds(spec, path, split, need_labels, labeled, subset,
                           channels, data_dir)
     if kind == "folder":
-        files, labels, class_names = _list_folder(path, need_labels)
+        files, labels, class_names = _list_folder(path, need_labels,
+                                                  class_names)
         if subset is not None:
             keep = subset_mask(labels, subset)
             files = [f for f, k in zip(files, keep) if k]
@@ -338,7 +344,7 @@ def _read_idx(folder, split, need_labels):
     return x, y
 
 
-def _list_folder(path, need_labels):
+def _list_folder(path, need_labels, known_classes=None):
     if not tf.io.gfile.isdir(path):
         raise FileNotFoundError(f"Expected a folder of images. Received: "
                                 f"path={path}")
@@ -346,10 +352,21 @@ def _list_folder(path, need_labels):
     if need_labels:
         class_names = sorted(d.rstrip("/") for d in tf.io.gfile.listdir(path)
                              if tf.io.gfile.isdir(os.path.join(path, d)))
-        for label, name in enumerate(class_names):
+        index = {name: i for i, name in enumerate(class_names)}
+        if known_classes is not None:
+            unknown = [n for n in class_names if n not in known_classes]
+            if unknown:
+                raise ValueError(
+                    f"Expected sub-folders named after the model's classes "
+                    f"{list(known_classes)[:20]}. Received: path={path} with "
+                    f"sub-folders {unknown[:10]} that are none of them")
+            index = {name: list(known_classes).index(name)
+                     for name in class_names}
+            class_names = list(known_classes)
+        for name in sorted(index):
             found = _image_files(os.path.join(path, name))
             files += found
-            labels += [label] * len(found)
+            labels += [index[name]] * len(found)
     else:
         files = _image_files(path)
     if not files:

@@ -14,8 +14,15 @@ tpu) and leaves in `model_dir`:
                      `load_trained_model`).
 
 A restarted run resumes from the latest checkpoint and stops exactly at
-`train_steps` (the input pipeline restarts from its beginning: the iterator is
-not checkpointed, as a shuffle buffer of images would be too big).
+`train_steps`, and ends with the same weights as a run never stopped: the
+checkpoint holds every state the step changes (model, optimizer, EMA, step,
+and the seed states of dropout and stochastic depth), and the input resumes
+at the checkpoint's step. The iterator itself is not checkpointed (a shuffle
+buffer of images would be too big); instead a `train_dataset_fn` that takes
+a `start_step` argument is asked for its stream from that batch on (see
+noisy_student.data.pipeline: a seeded stream is a function of the step), and
+one that does not is skipped past its first `start_step` batches, which
+costs making them.
 
 The loop (per host):
   * `steps_per_loop` steps run inside one tf.function (a `tf.range` loop over
@@ -42,6 +49,7 @@ protection; keep `checkpoint_every` short enough.
 """
 
 import dataclasses
+import inspect
 import re
 import shutil
 import tempfile
@@ -472,6 +480,8 @@ def train(config, model_dir, train_dataset_fn, eval_dataset=None,
       model_dir: Output folder (local or gs://); resumed if it holds
         checkpoints.
       train_dataset_fn: `fn(tf.distribute.InputContext) -> tf.data.Dataset`
+        (or `fn(input_context, start_step=k)`, giving the stream from its
+        batch k on: a resumed run asks for that; see the module docstring)
         yielding *per-replica* batches, endlessly:
         {"labeled": {"image": [b, H, W, 3] float32/uint8 in [0, 255],
                      "label": [b] int},
@@ -589,7 +599,8 @@ class _Trainer:
                 **on_read)
             self.checkpoint = tf.train.Checkpoint(
                 model=self.model, optimizer=self.optimizer,
-                ema=self._ema_averages, step=self.step)
+                ema=self._ema_averages, step=self.step,
+                seeds=_seed_states(self.model))
             self._restore()
 
         self.train_iterator = iter(strategy.distribute_datasets_from_function(
@@ -650,7 +661,8 @@ class _Trainer:
                     tf.train.Checkpoint(model=self.model,
                                         optimizer=self.optimizer,
                                         ema=self._ema_averages,
-                                        step=self.step),
+                                        step=self.step,
+                                        seeds=_seed_states(self.model)),
                     checkpoint_dir=f"{self.model_dir}/{PREEMPTION_DIR}"))
         latest = tf.train.latest_checkpoint(self.checkpoint_dir)
         if latest and _checkpoint_step(latest) > int(self.step.numpy()):
@@ -665,9 +677,16 @@ class _Trainer:
 
     def _checked_dataset_fn(self, dataset_fn):
         config = self.config
+        start_step = self.start_step
+        takes_start = _takes_start_step(dataset_fn)
 
         def fn(input_context):
-            dataset = dataset_fn(input_context)
+            if takes_start:
+                dataset = dataset_fn(input_context, start_step=start_step)
+            else:
+                dataset = dataset_fn(input_context)
+                if start_step:
+                    dataset = dataset.skip(start_step)
             per_replica = input_context.get_per_replica_batch_size(
                 config.batch_size)
             _check_element_spec(dataset.element_spec, config, per_replica)
@@ -944,6 +963,25 @@ class _Trainer:
         if self._worker_temp_dir:
             shutil.rmtree(self._worker_temp_dir, ignore_errors=True)
             self._worker_temp_dir = None
+
+
+def _seed_states(model):
+    """The model's random-op states (Keras SeedGenerators of dropout and
+    stochastic depth): variables outside `model.weights`, advanced by every
+    training step, so a resumed run must restore them to draw the same masks.
+    """
+    weights = {id(w) for w in model.weights}
+    return [v for v in model.variables if id(v) not in weights]
+
+
+def _takes_start_step(dataset_fn):
+    """True if `dataset_fn` accepts a `start_step` keyword."""
+    try:
+        parameters = inspect.signature(dataset_fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return "start_step" in parameters or any(
+        p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters.values())
 
 
 def _check_element_spec(spec, config, per_replica):

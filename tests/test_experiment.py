@@ -46,7 +46,7 @@ def stage_times(workdir):
             for name, s in stages.items()}
 
 
-def check_outputs(workdir, iterations):
+def check_outputs(workdir, iterations, train_steps=20):
     """Every stage's outputs exist and the report agrees with them."""
     for r in range(iterations + 1):
         assert os.path.exists(f"{workdir}/round{r}/train/model.keras")
@@ -68,7 +68,7 @@ def check_outputs(workdir, iterations):
                             "results.json")
         assert entry["test_top1"] == pytest.approx(results["clean"]["top1"])
         assert 0.0 <= entry["test_top1"] <= 1.0
-        assert entry["train_steps"] == 20
+        assert entry["train_steps"] == train_steps
     for entry in report["rounds"][1:]:
         selection = read_json(f"{workdir}/round{entry['round']}/select/"
                               "report.json")
@@ -133,9 +133,38 @@ def _started(workdir, name):
     return "started_at" in stage and "finished_at" not in stage
 
 
+def _final_state(workdir):
+    """The last student's EMA weights and checkpoint, and the test top-1s."""
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    reader = tf.train.load_checkpoint(
+        tf.train.latest_checkpoint(f"{workdir}/round1/train/checkpoints"))
+    tensors = {name: reader.get_tensor(name)
+               for name in reader.get_variable_to_shape_map()
+               if name != "_CHECKPOINTABLE_OBJECT_GRAPH"
+               and not name.startswith("save_counter")}
+    import h5py  # pylint: disable=g-import-not-at-top
+    import zipfile  # pylint: disable=g-import-not-at-top
+    with zipfile.ZipFile(f"{workdir}/round1/train/model.keras") as archive:
+        with archive.open("model.weights.h5") as f, h5py.File(f) as h5:
+            ema = {}
+            h5.visititems(lambda n, d: ema.setdefault(
+                n, np.array(d)) if isinstance(d, h5py.Dataset) else None)
+    top1 = [r["test_top1"] for r in read_json(f"{workdir}/report.json")[
+        "rounds"]]
+    return tensors, ema, top1
+
+
 def test_pipeline_resumes_after_sigkill_in_prediction_and_training(tmp_path):
     workdir = str(tmp_path / "work")
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    # The same command, never interrupted.
+    # 60 steps: long enough after the first checkpoint to be killed in.
+    longer = ("--iterations=1", "--teacher_train_steps=60",
+              "--student_train_steps=60")
+    reference_dir = str(tmp_path / "uninterrupted")
+    reference = run_pipeline(reference_dir, *longer)
+    assert reference.returncode == 0, reference.stderr[-3000:]
 
     log_path = tmp_path / "log.txt"
 
@@ -143,13 +172,18 @@ def test_pipeline_resumes_after_sigkill_in_prediction_and_training(tmp_path):
         # Output goes to a file: an unread pipe could fill up and block.
         with open(log_path, "a") as log:
             return subprocess.Popen(
-                pipeline_command(workdir, "--iterations=1"), cwd=ROOT,
+                pipeline_command(workdir, *longer), cwd=ROOT,
                 env=env, stdout=log, stderr=subprocess.STDOUT)
 
     def files(folder):
         return os.listdir(folder) if os.path.isdir(folder) else []
 
     predict_dir = f"{workdir}/round1/predict"
+    # 0. Killed while the teacher trains, after its first checkpoint.
+    # (The "checkpoint" file is written once a checkpoint is complete.)
+    _kill_when(start(), lambda: _started(workdir, "round0/train") and (
+        os.path.exists(f"{workdir}/round0/train/checkpoints/checkpoint")),
+        log_path)
     # 1. Killed while predicting: some blocks written, the stage unfinished.
     _kill_when(start(), lambda: _started(workdir, "round1/predict") and any(
         n.endswith(".hist.npz") for n in files(predict_dir)), log_path)
@@ -157,21 +191,42 @@ def test_pipeline_resumes_after_sigkill_in_prediction_and_training(tmp_path):
     blocks = {n: os.path.getmtime(f"{predict_dir}/{n}")
               for n in os.listdir(predict_dir) if n.endswith(".hist.npz")}
     # 2. Killed while the student trains, after its first checkpoint.
-    checkpoints = f"{workdir}/round1/train/checkpoints"
-    _kill_when(start(), lambda: _started(workdir, "round1/train") and any(
-        n.startswith("ckpt") and n.endswith(".index")
-        for n in files(checkpoints)), log_path)
+    _kill_when(start(), lambda: _started(workdir, "round1/train") and (
+        os.path.exists(f"{workdir}/round1/train/checkpoints/checkpoint")),
+        log_path)
     # 3. The same command completes.
     process = start()
     assert process.wait(timeout=600) == 0, log_path.read_text()[-3000:]
-    check_outputs(workdir, 1)
+    check_outputs(workdir, 1, train_steps=60)
     times = stage_times(workdir)
     assert times["round0/train"] == teacher  # the teacher was not redone
     assert times["round1/predict"][1] == 2  # resumed once after the kill
     for name, mtime in blocks.items():  # finished blocks were kept
         assert os.path.getmtime(f"{predict_dir}/{name}") == mtime
     metrics = read_json(f"{workdir}/round1/train/metrics.json")
-    assert metrics["step"] == 20
+    assert metrics["step"] == 60
+    log = log_path.read_text()
+    # Both trainings were resumed from a checkpoint before their end.
+    resumed = [int(line.split()[3]) for line in log.splitlines()
+               if line.startswith("Resuming from step")]
+    assert len(resumed) == 2 and all(0 < s < 60 for s in resumed), resumed
+    # The killed and rerun pipeline is the uninterrupted one: same test
+    # top-1s, same final weights to the bit (same ops on the same data).
+    tensors, ema, top1 = _final_state(workdir)
+    ref_tensors, ref_ema, ref_top1 = _final_state(reference_dir)
+    assert top1 == ref_top1
+    assert tensors.keys() == ref_tensors.keys() and ema.keys() == (
+        ref_ema.keys())
+    for name in ref_tensors:
+        assert (tensors[name] == ref_tensors[name]).all(), name
+    for name in ref_ema:
+        assert (ema[name] == ref_ema[name]).all(), name
+    # "train s" counts every attempt, not only the last.
+    for name in ("round0/train", "round1/train"):
+        stage = read_json(f"{workdir}/manifest.json")["stages"][name]
+        assert stage["runs"] == 2
+        assert stage["seconds"] >= (
+            stage["finished_at"] - stage["started_at"] + 1.0)
 
 
 @pytest.fixture

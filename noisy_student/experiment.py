@@ -12,6 +12,7 @@ The final student is exported to `workdir/export/`. `workdir/manifest.json`
 records every stage with a fingerprint of its settings, so rerunning the same
 call after a kill continues where it stopped, and a call with changed
 settings fails (or, with overwrite, redoes the stages they change).
+One process at a time runs in a workdir (`workdir_lock`).
 """
 
 import dataclasses
@@ -29,6 +30,7 @@ from noisy_student import predict as predict_lib
 from noisy_student import select as select_lib
 from noisy_student import stages
 from noisy_student import train_lib
+from noisy_student import workdir_lock
 from noisy_student.data import pipeline
 
 
@@ -228,9 +230,17 @@ def _check_stages(manifest, steps):
 
 
 def run(config):
-    """Runs (or continues) the pipeline; returns the report dict."""
+    """Runs (or continues) the pipeline; returns the report dict.
+
+    Raises:
+      workdir_lock.WorkdirBusyError: if another process runs in the workdir.
+    """
     workdir = config.workdir.rstrip("/")
-    tf.io.gfile.makedirs(workdir)
+    with workdir_lock.WorkdirLock(workdir):
+        return _run(config, workdir)
+
+
+def _run(config, workdir):
     manifest = manifest_lib.Manifest(workdir, config.overwrite)
     steps = plan(config)
     _check_stages(manifest, steps)

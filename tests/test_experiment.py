@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -227,6 +228,38 @@ def test_pipeline_resumes_after_sigkill_in_prediction_and_training(tmp_path):
         assert stage["runs"] == 2
         assert stage["seconds"] >= (
             stage["finished_at"] - stage["started_at"] + 1.0)
+
+
+def test_second_pipeline_on_a_busy_workdir_exits_at_once(tmp_path):
+    workdir = str(tmp_path / "work")
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(pipeline_command(workdir, "--iterations=1"),
+                                 cwd=ROOT, env=env, stdout=log,
+                                 stderr=subprocess.STDOUT)
+    try:
+        _wait_for(lambda: _started(workdir, "round0/train"), first)
+        manifest = read_json(f"{workdir}/manifest.json")
+        second = run_pipeline(workdir, "--iterations=1")
+        assert second.returncode != 0
+        assert f"pid {first.pid}" in second.stderr, second.stderr[-3000:]
+        assert f"host {socket.gethostname()}" in second.stderr
+        assert "started 20" in second.stderr
+        # It wrote nothing: the first run's record is untouched.
+        assert read_json(f"{workdir}/manifest.json")["stages"][
+            "round0/train"] == manifest["stages"]["round0/train"]
+        assert first.poll() is None
+    finally:
+        first.kill()
+        first.wait()
+
+
+def _wait_for(condition, process, timeout=120):
+    start = time.time()
+    while not condition():
+        assert process.poll() is None, "the process ended early"
+        assert time.time() - start < timeout
+        time.sleep(0.05)
 
 
 @pytest.fixture

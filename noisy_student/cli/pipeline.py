@@ -14,6 +14,7 @@ from absl import flags
 from noisy_student import experiment
 from noisy_student import predict as predict_lib
 from noisy_student import select as select_lib
+from noisy_student import workdir_lock
 from noisy_student.cli import common
 
 FLAGS = flags.FLAGS
@@ -78,9 +79,11 @@ def experiment_config():
 def main(argv):
     del argv
     config = experiment_config()
-    experiment.check(config)  # A workdir of other settings fails here.
-    common.write_flags(FLAGS.workdir)
-    experiment.run(config)
+    # A second process on this workdir fails here, before it writes.
+    with workdir_lock.WorkdirLock(FLAGS.workdir):
+        experiment.check(config)  # A workdir of other settings fails here.
+        common.write_flags(FLAGS.workdir)
+        experiment.run(config)
 
 
 def run():

@@ -6,6 +6,7 @@
       --model_dir=/tmp/student
 """
 
+import contextlib
 import dataclasses
 
 from absl import app
@@ -13,6 +14,7 @@ from absl import flags
 
 from noisy_student import stages
 from noisy_student import strategy as strategy_lib
+from noisy_student import workdir_lock
 from noisy_student.cli import common
 
 FLAGS = flags.FLAGS
@@ -45,10 +47,15 @@ def main(argv):
     train_config = dataclasses.replace(train_config,
                                        init_from=FLAGS.init_from,
                                        freeze_blocks=FLAGS.freeze_blocks)
-    common.write_flags(FLAGS.model_dir)
-    metrics = stages.run_train(train_config, input_config, data,
-                               FLAGS.model_dir, FLAGS.pseudo_labels,
-                               strategy=strategy)
+    # One run per model_dir; the workers of one multi-worker run share it,
+    # so only the chief takes the lock.
+    lock = (workdir_lock.WorkdirLock(FLAGS.model_dir)
+            if strategy_lib.is_chief(strategy) else contextlib.nullcontext())
+    with lock:
+        common.write_flags(FLAGS.model_dir)
+        metrics = stages.run_train(train_config, input_config, data,
+                                   FLAGS.model_dir, FLAGS.pseudo_labels,
+                                   strategy=strategy)
     print(metrics)
 
 

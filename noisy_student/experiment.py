@@ -162,7 +162,7 @@ def plan(config):
             f"round{r}/train", train_fp, model_dir,
             lambda: _jsonable(stages.run_train(
                 train_config, input_config, config.data, model_dir,
-                pseudo_dir)), train_config))
+                pseudo_dir, log_prefix=f"[round{r}/train] ")), train_config))
         eval_config = evaluate.EvalConfig(
             model_path=model_dir, output_dir=f"{folder}/eval",
             num_classes=train_config.num_classes)
@@ -245,7 +245,9 @@ def _run(config, workdir):
     steps = plan(config)
     _check_stages(manifest, steps)
     results, rounds = {}, []
-    for stage in steps:
+    for number, stage in enumerate(steps, 1):
+        if not manifest.finished(stage.name, stage.fingerprint):
+            print(f"[stage {number}/{len(steps)}] {stage.name}", flush=True)
         results[stage.name] = manifest.run(stage.name, stage.fingerprint,
                                            stage.folder, stage.work,
                                            stage.redo_if_changed)
@@ -261,6 +263,10 @@ def _run(config, workdir):
             write_report(workdir, rounds)
     report = write_report(workdir, rounds)
     print_table(report)
+    print(f"Report: {workdir}/report.json (also report.md, report.png)",
+          flush=True)
+    if config.export:
+        print(f"SavedModel: {workdir}/export", flush=True)
     return report
 
 

@@ -472,7 +472,7 @@ def _model_path(model_dir):
 
 
 def train(config, model_dir, train_dataset_fn, eval_dataset=None,
-          strategy=None):
+          strategy=None, log_prefix=""):
     """Trains (or resumes) a teacher or a student; see the module docstring.
 
     Args:
@@ -496,6 +496,8 @@ def train(config, model_dir, train_dataset_fn, eval_dataset=None,
       strategy: An existing strategy; by default `make_strategy` of the
         config's (a multi-worker strategy must be made before other TF ops,
         so programs may make it first and pass it here).
+      log_prefix: Printed before every progress line (e.g. the pipeline's
+        "[round1/train] "), so a log of several stages says whose step it is.
 
     Returns:
       A dict of final metrics: step, start_step, loss (cross-entropy mean
@@ -517,6 +519,7 @@ def train(config, model_dir, train_dataset_fn, eval_dataset=None,
     try:
         trainer = _Trainer(config, str(model_dir).rstrip("/"), strategy,
                            train_dataset_fn, eval_dataset)
+        trainer.log_prefix = log_prefix
         return trainer.run()
     finally:
         if trainer is not None:
@@ -535,6 +538,7 @@ class _Trainer:
         self.is_chief = strategy_lib.is_chief(strategy)
         self.replicas = strategy.num_replicas_in_sync
         self.start_time = time.time()
+        self.log_prefix = ""
         if config.batch_size % self.replicas:
             raise ValueError(
                 f"Expected a batch_size divisible by the {self.replicas} "
@@ -780,8 +784,8 @@ class _Trainer:
         self.evals = self._previous_evals(step)
         self.last_window = {}
         if config.verbose and step:
-            print(f"Resuming from step {step} in {self.checkpoint_dir}",
-                  flush=True)
+            print(f"{self.log_prefix}Resuming from step {step} in "
+                  f"{self.checkpoint_dir}", flush=True)
         # Throughput and ETA count training time only, not checkpoints and
         # evaluations.
         window_seconds, window_steps = 0.0, 0
@@ -871,7 +875,7 @@ class _Trainer:
             eta = (self.config.train_steps - step) * seconds / window_steps
             unl = (f" unl {window['unlabeled_loss']:.4f}"
                    if window["unlabeled_loss"] is not None else "")
-            print(f"step {step}/{self.config.train_steps} loss "
+            print(f"{self.log_prefix}step {step}/{self.config.train_steps} loss "
                   f"{window['loss']:.4f} (lab {window['labeled_loss']:.4f}"
                   f"{unl}) acc {window['accuracy']:.3f} lr {lr:.5g} "
                   f"{rate:.1f} img/s eta {_format_seconds(eta)}", flush=True)
@@ -897,7 +901,8 @@ class _Trainer:
             _summary_scalar("top5", result["top5"])
         self.eval_writer.flush()
         if self.config.verbose:
-            print(f"eval step {step}: top1 {result['top1']:.4f} top5 "
+            print(f"{self.log_prefix}eval step {step}: top1 "
+                  f"{result['top1']:.4f} top5 "
                   f"{result['top5']:.4f} ({int(count)} images, EMA weights)",
                   flush=True)
         if self.is_chief:

@@ -3,11 +3,11 @@
   ns-export --model_path=/tmp/student --out_dir=/tmp/export
 """
 
-from absl import app
 from absl import flags
 
 from noisy_student import export as export_lib
 from noisy_student import stages
+from noisy_student.cli import common
 
 FLAGS = flags.FLAGS
 
@@ -32,7 +32,7 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    common.run_command(main, "ns-export")
 
 
 if __name__ == "__main__":

@@ -87,6 +87,13 @@ def test_pipeline_end_to_end_then_rerun_is_a_no_op(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     report = check_outputs(workdir, 2)
     assert "| 2 | student | w0.25-d0.25 |" in done.stdout
+    # Step lines say whose they are; the run ends saying where its results
+    # are; stages are counted.
+    assert "[round0/train] step 10/20" in done.stdout
+    assert "[round2/train] eval step 20" in done.stdout
+    assert "[stage 1/11] round0/train" in done.stdout
+    assert f"Report: {workdir}/report.json" in done.stdout
+    assert f"SavedModel: {workdir}/export" in done.stdout
     before = stage_times(workdir)
     assert len(before) == 2 + 2 * len(STAGES_PER_ROUND) + 1
     again = run_pipeline(workdir, "--iterations=2")
@@ -241,7 +248,7 @@ def test_second_pipeline_on_a_busy_workdir_exits_at_once(tmp_path):
         _wait_for(lambda: _started(workdir, "round0/train"), first)
         manifest = read_json(f"{workdir}/manifest.json")
         second = run_pipeline(workdir, "--iterations=1")
-        assert second.returncode != 0
+        assert second.returncode == 2
         assert f"pid {first.pid}" in second.stderr, second.stderr[-3000:]
         assert f"host {socket.gethostname()}" in second.stderr
         assert "started 20" in second.stderr
@@ -280,13 +287,34 @@ def parse(pipeline, tmp_path, *extra):
     (["--student_models=w0.25-d0.125"], "equal-or-larger"),
     (["--unlabel_ratio=0"], "unlabel_ratio=0"),
     (["--labeled=npz:/no/such/file.npz"], "/no/such/file.npz"),
-    (["--unlabeled=folder:/no/such/folder"], "/no/such/folder"),
+    (["--unlabeled=folder:/no/such/folder"],
+     "--unlabeled=folder:/no/such/folder"),
+    # Checked when the stage configs are built, not after the teacher.
+    (["--per_class=-5"], "per_class=-5"),
+    (["--min_confidence=1.5"], "min_confidence=1.5"),
+    (["--predict_batch_size=0"], "batch_size=0"),
 ])
 def test_bad_flags_fail_before_any_work(pipeline_flags, tmp_path, extra,
                                         message):
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         parse(pipeline_flags, tmp_path, *extra)
     assert not os.listdir(tmp_path)
+
+
+def test_test_set_with_more_classes_fails_before_any_work(pipeline_flags,
+                                                         tmp_path):
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "test.npz",
+             x=rng.integers(0, 256, (12, 8, 8), dtype=np.uint8),
+             y=np.arange(12) % 11)  # 11 classes; digits has 10.
+    workdir = tmp_path / "work"
+    flags.FLAGS.unparse_flags()
+    with pytest.raises(ValueError, match=r"--test=npz:.*\[0, 10\)"):
+        flags.FLAGS(["noisy-student", f"--workdir={workdir}", *TINY,
+                     f"--test=npz:{tmp_path}/test.npz"])
+        pipeline_flags.experiment_config()
+    assert not workdir.exists()
 
 
 def test_smaller_student_allowed_when_asked(pipeline_flags, tmp_path):

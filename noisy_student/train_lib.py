@@ -786,9 +786,11 @@ class _Trainer:
         if config.verbose and step:
             print(f"{self.log_prefix}Resuming from step {step} in "
                   f"{self.checkpoint_dir}", flush=True)
-        # Throughput and ETA count training time only, not checkpoints and
-        # evaluations.
-        window_seconds, window_steps = 0.0, 0
+        # Throughput and ETA count training time only, not checkpoints,
+        # evaluations, nor the first loop call, which traces the step
+        # function (seconds to minutes) and would inflate the first ETA.
+        window_seconds, window_steps, timed_steps = 0.0, 0, 0
+        traced = False
         while step < config.train_steps:
             num = self._steps_until_event(step)
             if self._handler is not None:
@@ -801,11 +803,14 @@ class _Trainer:
                              tf.constant(num, tf.int32))
             step += num
             self._check_finite(step)  # also waits for the loop to finish
-            window_seconds += time.time() - start
+            if traced:
+                window_seconds += time.time() - start
+                timed_steps += num
+            traced = True
             window_steps += num
             if step % config.log_every == 0 or step == config.train_steps:
-                self._log(step, window_steps, window_seconds)
-                window_seconds, window_steps = 0.0, 0
+                self._log(step, window_steps, window_seconds, timed_steps)
+                window_seconds, window_steps, timed_steps = 0.0, 0, 0
             if step == config.train_steps or (
                     config.checkpoint_every
                     and step % config.checkpoint_every == 0):
@@ -845,11 +850,14 @@ class _Trainer:
                 "saved). Lower base_lr, check the input for NaN/inf pixels, "
                 "or use precision=float32.")
 
-    def _log(self, step, window_steps, seconds):
+    def _log(self, step, window_steps, seconds, timed_steps):
+        """Logs the window's means; `seconds` timed `timed_steps` of its
+        `window_steps` (rate and ETA are unknown when none was timed)."""
         sums = dict(zip(_SUMS, self.sums.numpy().tolist()))
         self.sums.assign(tf.zeros([len(_SUMS)]))
         images = sums["n_labeled"] + sums["n_unlabeled"]
-        rate = images / max(seconds, 1e-9)
+        rate = (images * timed_steps / window_steps / max(seconds, 1e-9)
+                if timed_steps else None)
         lr = float(self.schedule(self.optimizer.iterations))
         # The L2 term is not part of the in-graph loss (see _replica_step_fn);
         # its value at this step is added here.
@@ -872,13 +880,17 @@ class _Trainer:
                     _summary_scalar(name, value)
         self.train_writer.flush()
         if self.config.verbose:
-            eta = (self.config.train_steps - step) * seconds / window_steps
+            if timed_steps:
+                eta = (self.config.train_steps - step) * seconds / timed_steps
+                speed = f"{rate:.1f} img/s eta {_format_seconds(eta)}"
+            else:
+                speed = "(tracing; speed at the next line)"
             unl = (f" unl {window['unlabeled_loss']:.4f}"
                    if window["unlabeled_loss"] is not None else "")
             print(f"{self.log_prefix}step {step}/{self.config.train_steps} loss "
                   f"{window['loss']:.4f} (lab {window['labeled_loss']:.4f}"
                   f"{unl}) acc {window['accuracy']:.3f} lr {lr:.5g} "
-                  f"{rate:.1f} img/s eta {_format_seconds(eta)}", flush=True)
+                  f"{speed}", flush=True)
 
     def _evaluate(self, step):
         self.eval_sums.assign(tf.zeros([3]))

@@ -572,3 +572,17 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, fail_at,
     assert resumed.keys() == reference.keys()
     # The dropout / stochastic-depth seed states are part of the state.
     assert any("seed" in name for name in reference)
+
+
+def test_speed_and_eta_leave_out_the_tracing_call(tmp_path, capsys):
+    config = _config(train_steps=6, steps_per_loop=2, log_every=2,
+                     checkpoint_every=0, verbose=True)
+    result = train_lib.train(config, str(tmp_path), _dataset_fn(config),
+                             log_prefix="[teacher] ")
+    lines = [l for l in capsys.readouterr().out.splitlines()
+             if "step" in l and "loss" in l]
+    assert len(lines) == 3
+    # The first window is all tracing: no speed or ETA measured from it.
+    assert lines[0].startswith("[teacher] step 2/6") and "tracing" in lines[0]
+    assert "img/s eta" in lines[1] and "img/s eta" in lines[2]
+    assert result["images_per_sec"] > 0

@@ -140,13 +140,25 @@ class WorkdirLock:
         holder = self._read()
         return bool(holder) and self._is_me(holder)
 
+    def _read_settled(self):
+        """The holder; an empty or partial file (its writer may be between
+        create and write) is read again for up to 2 s before it counts as
+        a dead writer's ({})."""
+        holder = self._read()
+        for _ in range(4):
+            if holder != {}:
+                break
+            time.sleep(0.5)
+            holder = self._read()
+        return holder
+
     def __enter__(self):
         tf.io.gfile.makedirs(self.folder)
         for _ in range(3):
             if self._create():
                 self._owned = True
                 return self
-            holder = self._read()
+            holder = self._read_settled()
             if holder is None:
                 continue  # Released meanwhile: try again.
             if self._is_me(holder):

@@ -96,3 +96,10 @@ def test_remote_file_system_lock(monkeypatch):
                 pass
     with workdir_lock.WorkdirLock(folder):
         pass
+
+
+def test_empty_lock_file_of_a_killed_writer_is_taken_over(tmp_path):
+    (tmp_path / "lock.json").write_text("")  # Killed between create and write.
+    with workdir_lock.WorkdirLock(tmp_path):
+        holder = json.loads((tmp_path / "lock.json").read_text())
+        assert holder["pid"] == os.getpid()

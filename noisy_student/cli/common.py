@@ -63,10 +63,12 @@ def check_writable_dir(folder, flag):
     naming `flag` (an unwritable or invalid output folder fails before any
     work, not with a raw TF error later)."""
     from noisy_student import io_utils  # pylint: disable=g-import-not-at-top
-    probe = f"{str(folder).rstrip('/')}/.write-test"
+    # A unique name: the workers of one ns-predict share --out_dir.
+    probe = io_utils.temp_path(f"{str(folder).rstrip('/')}/write-test")
     try:
         tf.io.gfile.makedirs(folder)
-        io_utils.atomic_write(probe, "")
+        with tf.io.gfile.GFile(probe, "w") as f:
+            f.write("")
         tf.io.gfile.remove(probe)
     except (tf.errors.OpError, OSError) as e:
         reason = getattr(e, "message", None) or str(e)

@@ -670,7 +670,16 @@ class _Trainer:
                     checkpoint_dir=f"{self.model_dir}/{PREEMPTION_DIR}"))
         latest = tf.train.latest_checkpoint(self.checkpoint_dir)
         if latest and _checkpoint_step(latest) > int(self.step.numpy()):
-            self.checkpoint.restore(latest).assert_existing_objects_matched()
+            checkpoint = self.checkpoint
+            if not _has_seed_states(latest):
+                # Written before the seed states were saved (or a model
+                # without random layers): resumable, with fresh noise.
+                logging.warning("%s holds no dropout/stochastic-depth seed "
+                                "states: they restart.", latest)
+                checkpoint = tf.train.Checkpoint(
+                    model=self.model, optimizer=self.optimizer,
+                    ema=self._ema_averages, step=self.step)
+            checkpoint.restore(latest).assert_existing_objects_matched()
             logging.info("Restored %s", latest)
         self.start_step = int(self.step.numpy())
         if self.start_step > self.config.train_steps:
@@ -989,6 +998,12 @@ def _seed_states(model):
     """
     weights = {id(w) for w in model.weights}
     return [v for v in model.variables if id(v) not in weights]
+
+
+def _has_seed_states(path):
+    """True if the checkpoint at `path` holds the seed states."""
+    names = tf.train.load_checkpoint(path).get_variable_to_shape_map()
+    return any(name.startswith("seeds/") for name in names)
 
 
 def _takes_start_step(dataset_fn):

@@ -586,3 +586,16 @@ def test_speed_and_eta_leave_out_the_tracing_call(tmp_path, capsys):
     assert lines[0].startswith("[teacher] step 2/6") and "tracing" in lines[0]
     assert "img/s eta" in lines[1] and "img/s eta" in lines[2]
     assert result["images_per_sec"] > 0
+
+
+def test_checkpoint_without_seed_states_still_resumes(tmp_path,
+                                                     monkeypatch):
+    # Checkpoints written before the seed states were saved.
+    config = _config(train_steps=4, checkpoint_every=2, steps_per_loop=2,
+                     log_every=2, dropout=0.3, keep_checkpoints=5)
+    with monkeypatch.context() as patch:
+        patch.setattr(train_lib, "_seed_states", lambda model: [])
+        train_lib.train(dataclasses.replace(config, train_steps=2),
+                        str(tmp_path), _dataset_fn(config))
+    result = train_lib.train(config, str(tmp_path), _dataset_fn(config))
+    assert result["start_step"] == 2 and result["step"] == 4

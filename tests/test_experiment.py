@@ -215,8 +215,8 @@ def test_pipeline_resumes_after_sigkill_in_prediction_and_training(tmp_path):
     assert metrics["step"] == 60
     log = log_path.read_text()
     # Both trainings were resumed from a checkpoint before their end.
-    resumed = [int(line.split()[3]) for line in log.splitlines()
-               if line.startswith("Resuming from step")]
+    resumed = [int(line.split("Resuming from step ")[1].split()[0])
+               for line in log.splitlines() if "Resuming from step" in line]
     assert len(resumed) == 2 and all(0 < s < 60 for s in resumed), resumed
     # The killed and rerun pipeline is the uninterrupted one: same test
     # top-1s, same final weights to the bit (same ops on the same data).

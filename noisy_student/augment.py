@@ -837,7 +837,8 @@ def make_augmenter_from_config(config: AugmentConfig,
 def augment_dataset(dataset: tf.data.Dataset, augmenter: Callable,
                     seed: Optional[int] = None, image_key: str = "image",
                     num_parallel_calls=tf.data.AUTOTUNE,
-                    deterministic: Optional[bool] = None) -> tf.data.Dataset:
+                    deterministic: Optional[bool] = None,
+                    start_index: int = 0) -> tf.data.Dataset:
     """Maps `augmenter` over the images of `dataset`, reproducibly if seeded.
 
     With `seed`, element i (counted from the start of `dataset`) is augmented
@@ -852,6 +853,8 @@ def augment_dataset(dataset: tf.data.Dataset, augmenter: Callable,
       image_key: Key of the image in dict elements.
       num_parallel_calls: Passed to `Dataset.map`.
       deterministic: Passed to `Dataset.map`.
+      start_index: Index i of the first element (a stream resumed after
+        start_index elements gets the seeds it would have got).
 
     Returns:
       The mapped dataset.
@@ -874,6 +877,6 @@ def augment_dataset(dataset: tf.data.Dataset, augmenter: Callable,
                                tf.int32)
         return augment(element, element_seed)
 
-    return dataset.enumerate().map(seeded,
+    return dataset.enumerate(start_index).map(seeded,
                                    num_parallel_calls=num_parallel_calls,
                                    deterministic=deterministic)

@@ -1042,6 +1042,38 @@ class EvalConfig:
     imagenet_a_dir: str = ""
     class_names: tuple = ()
 
+    def __post_init__(self):
+        # Checked when built: the pipeline builds every round's config
+        # before any work.
+        def fail(expected, name):
+            raise ValueError(f"Expected {expected}. Received: "
+                             f"{name}={getattr(self, name)!r}")
+
+        for name in ("batch_size", "top_k", "ece_bins", "pgd_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or value < 1:
+                fail(f"an integer {name} >= 1", name)
+        if self.num_classes is not None and not (
+                isinstance(self.num_classes, (int, np.integer))
+                and self.num_classes >= 2):
+            fail("None or num_classes >= 2", "num_classes")
+        if self.attack not in ("fgsm", "pgd"):
+            fail("attack in ['fgsm', 'pgd']", "attack")
+        unknown = [c for c in self.corruptions
+                   if c not in ns_corruptions.CORRUPTION_NAMES]
+        if unknown:
+            raise ValueError(
+                f"Expected corruptions among "
+                f"{list(ns_corruptions.CORRUPTION_NAMES)}. Received: "
+                f"{unknown}")
+        if any(s not in SEVERITIES for s in self.severities):
+            fail(f"severities in {SEVERITIES}", "severities")
+        if any(not e >= 0 for e in self.epsilons):
+            fail("epsilons >= 0 (pixels of [0, 255])", "epsilons")
+        if self.class_names and self.num_classes is not None and len(
+                self.class_names) != self.num_classes:
+            fail(f"{self.num_classes} class_names", "class_names")
+
 
 def run_evaluation(config, dataset=None, model=None, recipe=None):
     """Runs every evaluation the config asks for and writes results.json.

@@ -12,6 +12,7 @@ The final student is exported to `workdir/export/`. `workdir/manifest.json`
 records every stage with a fingerprint of its settings, so rerunning the same
 call after a kill continues where it stopped, and a call with changed
 settings fails (or, with overwrite, redoes the stages they change).
+One process at a time runs in a workdir (`workdir_lock`).
 """
 
 import dataclasses
@@ -31,6 +32,7 @@ from noisy_student import predict as predict_lib
 from noisy_student import select as select_lib
 from noisy_student import stages
 from noisy_student import train_lib
+from noisy_student import workdir_lock
 from noisy_student.data import pipeline
 
 
@@ -168,7 +170,7 @@ def plan(config):
             f"round{r}/train", train_fp, model_dir,
             lambda: _jsonable(stages.run_train(
                 train_config, input_config, config.data, model_dir,
-                pseudo_dir)), train_config))
+                pseudo_dir, log_prefix=f"[round{r}/train] ")), train_config))
         eval_config = evaluate.EvalConfig(
             model_path=model_dir, output_dir=f"{folder}/eval",
             num_classes=train_config.num_classes)
@@ -265,15 +267,25 @@ def _check_stages(manifest, steps):
 
 
 def run(config):
-    """Runs (or continues) the pipeline; returns the report dict."""
+    """Runs (or continues) the pipeline; returns the report dict.
+
+    Raises:
+      workdir_lock.WorkdirBusyError: if another process runs in the workdir.
+    """
     workdir = config.workdir.rstrip("/")
-    tf.io.gfile.makedirs(workdir)
+    with workdir_lock.WorkdirLock(workdir):
+        return _run(config, workdir)
+
+
+def _run(config, workdir):
     manifest = manifest_lib.Manifest(workdir, config.overwrite)
     steps = plan(config)
     _check_stages(manifest, steps)
     _check_inits(config)
     results, rounds = {}, []
-    for stage in steps:
+    for number, stage in enumerate(steps, 1):
+        if not manifest.finished(stage.name, stage.fingerprint):
+            print(f"[stage {number}/{len(steps)}] {stage.name}", flush=True)
         results[stage.name] = manifest.run(stage.name, stage.fingerprint,
                                            stage.folder, stage.work,
                                            stage.redo_if_changed)
@@ -289,6 +301,10 @@ def run(config):
             write_report(workdir, rounds, _class_names(workdir))
     report = write_report(workdir, rounds, _class_names(workdir))
     print_table(report)
+    print(f"Report: {workdir}/report.json (also report.md, report.png)",
+          flush=True)
+    if config.export:
+        print(f"SavedModel: {workdir}/export", flush=True)
     return report
 
 

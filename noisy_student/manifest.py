@@ -6,7 +6,8 @@ recorded fingerprint matches and which finished; it resumes one that started
 with the same fingerprint (the stage itself picks up its checkpoints or
 shards); and refuses, unless told to overwrite, a stage that was started or
 finished with a different fingerprint, since its files would mix two
-configurations.
+configurations. A stage's `seconds` sum all its attempts (`runs`), a killed
+one counted up to the last file it wrote.
 """
 
 import dataclasses
@@ -103,14 +104,37 @@ class Manifest:
             if tf.io.gfile.exists(folder):
                 tf.io.gfile.rmtree(folder)
         started = time.time()
+        resumed = bool(entry and entry["fingerprint"] == stage_fingerprint)
+        # Seconds of the earlier, killed attempts: each one counts up to the
+        # last file it wrote in the stage's folder (the time after that is
+        # unknown, and its work was lost anyway).
+        earlier = (entry.get("earlier_seconds", 0.0)
+                   + _attempt_seconds(entry["started_at"], folder)
+                   if resumed else 0.0)
         self.stages[name] = {"fingerprint": stage_fingerprint,
                              "started_at": started,
-                             "runs": entry.get("runs", 0) + 1 if entry and (
-                                 entry["fingerprint"] == stage_fingerprint)
+                             "earlier_seconds": round(earlier, 1),
+                             "runs": entry.get("runs", 0) + 1 if resumed
                              else 1}
         self._save()
         summary = fn()
-        self.stages[name].update(finished_at=time.time(), summary=summary,
-                                 seconds=round(time.time() - started, 1))
+        self.stages[name].update(
+            finished_at=time.time(), summary=summary,
+            seconds=round(earlier + time.time() - started, 1))
         self._save()
         return summary
+
+
+def _attempt_seconds(started_at, folder):
+    """Seconds from `started_at` to the newest file under `folder` (0 if
+    none is newer)."""
+    newest = started_at
+    if tf.io.gfile.exists(folder):
+        for root, _, files in tf.io.gfile.walk(folder):
+            for name in files:
+                try:
+                    stat = tf.io.gfile.stat(f"{root}/{name}")
+                except tf.errors.NotFoundError:  # Renamed meanwhile.
+                    continue
+                newest = max(newest, stat.mtime_nsec / 1e9)
+    return newest - started_at

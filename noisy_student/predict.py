@@ -68,6 +68,20 @@ class PredictConfig:
     image_size: int | None = None
     log_every_s: float = 30.0
 
+    def __post_init__(self):
+        # Checked when built: the pipeline builds every round's config
+        # before any work.
+        _check_args(self.num_classes, self.batch_size, self.shard_index,
+                    self.num_shards, self.records_per_file, self.num_bins)
+        if self.image_size is not None and not (
+                isinstance(self.image_size, (int, np.integer))
+                and self.image_size > 0):
+            raise ValueError("Expected None or an image_size > 0. Received: "
+                             f"image_size={self.image_size!r}")
+        if not self.log_every_s > 0:
+            raise ValueError("Expected log_every_s > 0. Received: "
+                             f"log_every_s={self.log_every_s!r}")
+
 
 @dataclasses.dataclass(frozen=True)
 class PredictSummary:
@@ -236,6 +250,8 @@ def _input_pipeline(dataset, *, records_per_file, shard_index, num_shards,
 
 # One traced function per teacher, so that repeated calls in one process
 # (several shards, a rerun) do not trace the model again (seconds for B0).
+# The function holds the teacher only weakly: a value that referred to its
+# key would keep every round's teacher (and its weights) alive.
 _PROBABILITY_FNS = weakref.WeakKeyDictionary()
 
 
@@ -243,9 +259,11 @@ def _probabilities_fn(teacher):
     """A tf.function (no XLA) mapping pixels to the teacher's probabilities."""
     fn = _PROBABILITY_FNS.get(teacher)
     if fn is None:
+        teacher_ref = weakref.ref(teacher)
+
         @tf.function(jit_compile=False)
         def fn(pixels):
-            logits = teacher(pixels, training=False)
+            logits = teacher_ref()(pixels, training=False)
             return tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1)
         _PROBABILITY_FNS[teacher] = fn
     return fn

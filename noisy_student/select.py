@@ -88,6 +88,12 @@ class SelectConfig:
     num_files: int | None = None
     records_per_file: int = 4096
 
+    def __post_init__(self):
+        # Checked when built, so the pipeline refuses a bad value before
+        # the teacher trains, not in the select stage hours later.
+        _check_args(self.per_class, self.min_confidence, self.label_type,
+                    self.temperature, self.num_files, self.records_per_file)
+
 
 @dataclasses.dataclass(frozen=True)
 class SelectionPlan:

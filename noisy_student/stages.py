@@ -65,13 +65,32 @@ class DataConfig:
         return sources.Subset(part, self.labels_per_class,
                               self.validation_size, self.split_seed)
 
-    def _load(self, spec, **kwargs):
-        return sources.load_source(spec, channels=self.channels,
-                                   data_dir=self.data_dir,
-                                   skip_corrupt=self.skip_corrupt, **kwargs)
+    def _load(self, field, **kwargs):
+        """Loads the source of `field`; its errors name the field (= flag)."""
+        spec = getattr(self, field)
+        if not spec:
+            raise ValueError(f"Expected a data source --{field}. Received: "
+                             f"--{field}={spec!r}")
+        try:
+            return sources.load_source(spec, channels=self.channels,
+                                       data_dir=self.data_dir,
+                                       skip_corrupt=self.skip_corrupt,
+                                       **kwargs)
+        except (ValueError, FileNotFoundError) as e:
+            raise type(e)(f"--{field}={spec}: {e}") from e
 
     def labeled_source(self):
-        return self._load(self.labeled, subset=self._subset("labeled"))
+        """The labeled images (their labels_per_class part, if set).
+
+        Raises:
+          ValueError: also for fewer than 2 classes.
+        """
+        source = self._load("labeled", subset=self._subset("labeled"))
+        if source.num_classes is not None and source.num_classes < 2:
+            raise ValueError(
+                f"Expected at least 2 classes in --labeled. Received: "
+                f"--labeled={self.labeled} with {source.num_classes}")
+        return source
 
     def unlabeled_source(self, keep_encoded=False):
         """The unlabeled images; never reads labels of a separate source.
@@ -86,23 +105,27 @@ class DataConfig:
                 raise ValueError(
                     "Expected an unlabeled source or labels_per_class > 0. "
                     "Received: unlabeled='' and labels_per_class=0")
-            return self._load(self.labeled, labeled=False,
+            return self._load("labeled", labeled=False,
                               subset=self._subset("unlabeled"),
                               keep_encoded=keep_encoded)
-        return self._load(self.unlabeled, labeled=False,
+        return self._load("unlabeled", labeled=False,
                           keep_encoded=keep_encoded)
 
-    def eval_source(self, part="test", class_names=None):
+    def eval_source(self, part="test", num_classes=None, class_names=None):
         """The test source, or the held-out validation part.
 
         Args:
           part: "test" or "validation".
+          num_classes: The model's class count: labels (or class folders)
+            beyond it are refused.
           class_names: The model's classes: a test folder's sub-folders are
             labelled by them (see sources.load_source).
         """
         if part == "validation":
-            return self._load(self.labeled, subset=self._subset("validation"))
-        return self._load(self.test, class_names=class_names)
+            return self._load("labeled", subset=self._subset("validation"),
+                              num_classes=num_classes)
+        return self._load("test", num_classes=num_classes,
+                          class_names=class_names)
 
 
 def write_stage_config(folder, **configs):
@@ -124,7 +147,7 @@ def eval_batches(source, image_size, batch_size=256, channels=None,
 
 
 def run_train(train_config, input_config, data, model_dir, pseudo_dir=None,
-              strategy=None):
+              strategy=None, log_prefix=""):
     """Trains a teacher, or a student when `pseudo_dir` holds a selection.
 
     Args:
@@ -135,6 +158,7 @@ def run_train(train_config, input_config, data, model_dir, pseudo_dir=None,
       model_dir: The run's folder (resumed when it holds checkpoints).
       pseudo_dir: A selection folder from `run_select`, for a student.
       strategy: An existing tf.distribute strategy (default: the config's).
+      log_prefix: Put before the progress lines (see train_lib.train).
 
     Returns:
       The final metrics of train_lib.train.
@@ -146,6 +170,11 @@ def run_train(train_config, input_config, data, model_dir, pseudo_dir=None,
             "Expected the same image_size, batch_size and unlabel_ratio for "
             f"the model and its input. Received: {train_config} and "
             f"{input_config}")
+    if pseudo_dir and not train_config.unlabel_ratio:
+        raise ValueError(
+            "Expected unlabel_ratio > 0 to train a student on pseudo-labels "
+            f"(pseudo_labels={pseudo_dir}). Received: unlabel_ratio="
+            f"{train_config.unlabel_ratio}, which would ignore them")
     labeled = data.labeled_source()
     if labeled.num_classes != train_config.num_classes:
         raise ValueError(
@@ -160,9 +189,13 @@ def run_train(train_config, input_config, data, model_dir, pseudo_dir=None,
         labeled.dataset, input_config, unlabeled, train_config.num_classes)
     part = "validation" if data.validation_size else "test"
     recipe = preprocess.DEFAULT_RECIPE
-    eval_ds = eval_batches(data.eval_source(part, labeled.class_names),
-                           train_config.resolved_image_size,
-                           channels=train_config.channels, recipe=recipe)
+    eval_ds = None  # No test set given (ns-train without --test).
+    if part == "validation" or data.test:
+        eval_ds = eval_batches(
+            data.eval_source(part, num_classes=train_config.num_classes,
+                             class_names=labeled.class_names),
+            train_config.resolved_image_size,
+            channels=train_config.channels, recipe=recipe)
     tf.io.gfile.makedirs(model_dir)
     write_stage_config(model_dir, train=train_config, input=input_config,
                        data=data, pseudo_dir=pseudo_dir)
@@ -170,7 +203,7 @@ def run_train(train_config, input_config, data, model_dir, pseudo_dir=None,
     preprocess.write_recipe(model_dir, recipe)
     model_info.write_class_names(model_dir, labeled.class_names)
     return train_lib.train(train_config, model_dir, dataset_fn, eval_ds,
-                           strategy=strategy)
+                           strategy=strategy, log_prefix=log_prefix)
 
 
 def run_predict(predict_config, data):
@@ -196,7 +229,8 @@ def run_predict(predict_config, data):
         shard_index=predict_config.shard_index,
         num_shards=predict_config.num_shards,
         records_per_file=predict_config.records_per_file, preprocess=clean,
-        image_size=size, num_bins=predict_config.num_bins)
+        image_size=size, num_bins=predict_config.num_bins,
+        log_every_s=predict_config.log_every_s)
     return dataclasses.asdict(summary)
 
 
@@ -211,7 +245,9 @@ def run_eval(eval_config, data, part="test"):
     """Evaluates a trained model on the test (or validation) images."""
     model = model_io.load_model(eval_config.model_path)
     model_names = model_info.read_class_names(eval_config.model_path)
-    source = data.eval_source(part, model_names)
+    source = data.eval_source(
+        part, num_classes=model_io.check_num_classes(
+            model, eval_config.num_classes), class_names=model_names)
     if not eval_config.class_names:
         names = model_names or source.class_names
         if names:

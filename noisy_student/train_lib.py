@@ -14,8 +14,19 @@ tpu) and leaves in `model_dir`:
                      `load_trained_model`).
 
 A restarted run resumes from the latest checkpoint and stops exactly at
-`train_steps` (the input pipeline restarts from its beginning: the iterator is
-not checkpointed, as a shuffle buffer of images would be too big).
+`train_steps`, and ends with the same weights as a run never stopped: the
+checkpoint holds every state the step changes (model, optimizer, EMA, step,
+and the seed states of dropout and stochastic depth), and the input resumes
+at the checkpoint's step. The iterator itself is not checkpointed (a shuffle
+buffer of images would be too big); instead a `train_dataset_fn` that takes
+a `start_step` argument is asked for its stream from that batch on (see
+noisy_student.data.pipeline: a seeded stream is a function of the step), and
+one that does not is skipped past its first `start_step` batches, which
+costs making them. Even the cheap skip reads the skipped images again (about
+35,000 in-memory digits images/s on the 2-core test machine; file sources
+decode them too), so resuming late in a very long run (ImageNet) takes
+minutes to hours; a per-epoch seeded shuffle that skips whole epochs without
+reading them would remove that cost.
 
 The loop (per host):
   * `steps_per_loop` steps run inside one tf.function (a `tf.range` loop over
@@ -42,6 +53,7 @@ protection; keep `checkpoint_every` short enough.
 """
 
 import dataclasses
+import inspect
 import re
 import shutil
 import tempfile
@@ -488,7 +500,7 @@ def _model_path(model_dir):
 
 
 def train(config, model_dir, train_dataset_fn, eval_dataset=None,
-          strategy=None):
+          strategy=None, log_prefix=""):
     """Trains (or resumes) a teacher or a student; see the module docstring.
 
     Args:
@@ -496,6 +508,8 @@ def train(config, model_dir, train_dataset_fn, eval_dataset=None,
       model_dir: Output folder (local or gs://); resumed if it holds
         checkpoints.
       train_dataset_fn: `fn(tf.distribute.InputContext) -> tf.data.Dataset`
+        (or `fn(input_context, start_step=k)`, giving the stream from its
+        batch k on: a resumed run asks for that; see the module docstring)
         yielding *per-replica* batches, endlessly:
         {"labeled": {"image": [b, H, W, 3] float32/uint8 in [0, 255],
                      "label": [b] int},
@@ -510,6 +524,8 @@ def train(config, model_dir, train_dataset_fn, eval_dataset=None,
       strategy: An existing strategy; by default `make_strategy` of the
         config's (a multi-worker strategy must be made before other TF ops,
         so programs may make it first and pass it here).
+      log_prefix: Printed before every progress line (e.g. the pipeline's
+        "[round1/train] "), so a log of several stages says whose step it is.
 
     Returns:
       A dict of final metrics: step, start_step, loss (cross-entropy mean
@@ -531,6 +547,7 @@ def train(config, model_dir, train_dataset_fn, eval_dataset=None,
     try:
         trainer = _Trainer(config, str(model_dir).rstrip("/"), strategy,
                            train_dataset_fn, eval_dataset)
+        trainer.log_prefix = log_prefix
         return trainer.run()
     finally:
         if trainer is not None:
@@ -549,6 +566,7 @@ class _Trainer:
         self.is_chief = strategy_lib.is_chief(strategy)
         self.replicas = strategy.num_replicas_in_sync
         self.start_time = time.time()
+        self.log_prefix = ""
         if config.batch_size % self.replicas:
             raise ValueError(
                 f"Expected a batch_size divisible by the {self.replicas} "
@@ -613,7 +631,8 @@ class _Trainer:
                 **on_read)
             self.checkpoint = tf.train.Checkpoint(
                 model=self.model, optimizer=self.optimizer,
-                ema=self._ema_averages, step=self.step)
+                ema=self._ema_averages, step=self.step,
+                seeds=_seed_states(self.model))
             self._restore()
 
         self.train_iterator = iter(strategy.distribute_datasets_from_function(
@@ -695,11 +714,21 @@ class _Trainer:
                     tf.train.Checkpoint(model=self.model,
                                         optimizer=self.optimizer,
                                         ema=self._ema_averages,
-                                        step=self.step),
+                                        step=self.step,
+                                        seeds=_seed_states(self.model)),
                     checkpoint_dir=f"{self.model_dir}/{PREEMPTION_DIR}"))
         latest = tf.train.latest_checkpoint(self.checkpoint_dir)
         if latest and _checkpoint_step(latest) > int(self.step.numpy()):
-            self.checkpoint.restore(latest).assert_existing_objects_matched()
+            checkpoint = self.checkpoint
+            if not _has_seed_states(latest):
+                # Written before the seed states were saved (or a model
+                # without random layers): resumable, with fresh noise.
+                logging.warning("%s holds no dropout/stochastic-depth seed "
+                                "states: they restart.", latest)
+                checkpoint = tf.train.Checkpoint(
+                    model=self.model, optimizer=self.optimizer,
+                    ema=self._ema_averages, step=self.step)
+            checkpoint.restore(latest).assert_existing_objects_matched()
             logging.info("Restored %s", latest)
         self.start_step = int(self.step.numpy())
         if self.start_step > self.config.train_steps:
@@ -710,9 +739,16 @@ class _Trainer:
 
     def _checked_dataset_fn(self, dataset_fn):
         config = self.config
+        start_step = self.start_step
+        takes_start = _takes_start_step(dataset_fn)
 
         def fn(input_context):
-            dataset = dataset_fn(input_context)
+            if takes_start:
+                dataset = dataset_fn(input_context, start_step=start_step)
+            else:
+                dataset = dataset_fn(input_context)
+                if start_step:
+                    dataset = dataset.skip(start_step)
             per_replica = input_context.get_per_replica_batch_size(
                 config.batch_size)
             _check_element_spec(dataset.element_spec, config, per_replica)
@@ -806,11 +842,14 @@ class _Trainer:
         self.evals = self._previous_evals(step)
         self.last_window = {}
         if config.verbose and step:
-            print(f"Resuming from step {step} in {self.checkpoint_dir}",
-                  flush=True)
-        # Throughput and ETA count training time only, not checkpoints and
-        # evaluations.
-        window_seconds, window_steps = 0.0, 0
+            print(f"{self.log_prefix}Resuming from step {step} in "
+                  f"{self.checkpoint_dir} (the input skips the {step} "
+                  "batches already trained on)", flush=True)
+        # Throughput and ETA count training time only, not checkpoints,
+        # evaluations, nor the first loop call, which traces the step
+        # function (seconds to minutes) and would inflate the first ETA.
+        window_seconds, window_steps, timed_steps = 0.0, 0, 0
+        traced = False
         while step < config.train_steps:
             num = self._steps_until_event(step)
             if self._handler is not None:
@@ -823,11 +862,14 @@ class _Trainer:
                              tf.constant(num, tf.int32))
             step += num
             self._check_finite(step)  # also waits for the loop to finish
-            window_seconds += time.time() - start
+            if traced:
+                window_seconds += time.time() - start
+                timed_steps += num
+            traced = True
             window_steps += num
             if step % config.log_every == 0 or step == config.train_steps:
-                self._log(step, window_steps, window_seconds)
-                window_seconds, window_steps = 0.0, 0
+                self._log(step, window_steps, window_seconds, timed_steps)
+                window_seconds, window_steps, timed_steps = 0.0, 0, 0
             if step == config.train_steps or (
                     config.checkpoint_every
                     and step % config.checkpoint_every == 0):
@@ -867,11 +909,14 @@ class _Trainer:
                 "saved). Lower base_lr, check the input for NaN/inf pixels, "
                 "or use precision=float32.")
 
-    def _log(self, step, window_steps, seconds):
+    def _log(self, step, window_steps, seconds, timed_steps):
+        """Logs the window's means; `seconds` timed `timed_steps` of its
+        `window_steps` (rate and ETA are unknown when none was timed)."""
         sums = dict(zip(_SUMS, self.sums.numpy().tolist()))
         self.sums.assign(tf.zeros([len(_SUMS)]))
         images = sums["n_labeled"] + sums["n_unlabeled"]
-        rate = images / max(seconds, 1e-9)
+        rate = (images * timed_steps / window_steps / max(seconds, 1e-9)
+                if timed_steps else None)
         lr = float(self.schedule(self.optimizer.iterations))
         # The L2 term is not part of the in-graph loss (see _replica_step_fn);
         # its value at this step is added here.
@@ -894,13 +939,17 @@ class _Trainer:
                     _summary_scalar(name, value)
         self.train_writer.flush()
         if self.config.verbose:
-            eta = (self.config.train_steps - step) * seconds / window_steps
+            if timed_steps:
+                eta = (self.config.train_steps - step) * seconds / timed_steps
+                speed = f"{rate:.1f} img/s eta {_format_seconds(eta)}"
+            else:
+                speed = "(tracing; speed at the next line)"
             unl = (f" unl {window['unlabeled_loss']:.4f}"
                    if window["unlabeled_loss"] is not None else "")
-            print(f"step {step}/{self.config.train_steps} loss "
+            print(f"{self.log_prefix}step {step}/{self.config.train_steps} loss "
                   f"{window['loss']:.4f} (lab {window['labeled_loss']:.4f}"
                   f"{unl}) acc {window['accuracy']:.3f} lr {lr:.5g} "
-                  f"{rate:.1f} img/s eta {_format_seconds(eta)}", flush=True)
+                  f"{speed}", flush=True)
 
     def _evaluate(self, step):
         self.eval_sums.assign(tf.zeros([3]))
@@ -923,7 +972,8 @@ class _Trainer:
             _summary_scalar("top5", result["top5"])
         self.eval_writer.flush()
         if self.config.verbose:
-            print(f"eval step {step}: top1 {result['top1']:.4f} top5 "
+            print(f"{self.log_prefix}eval step {step}: top1 "
+                  f"{result['top1']:.4f} top5 "
                   f"{result['top5']:.4f} ({int(count)} images, EMA weights)",
                   flush=True)
         if self.is_chief:
@@ -993,6 +1043,31 @@ class _Trainer:
         if self._worker_temp_dir:
             shutil.rmtree(self._worker_temp_dir, ignore_errors=True)
             self._worker_temp_dir = None
+
+
+def _seed_states(model):
+    """The model's random-op states (Keras SeedGenerators of dropout and
+    stochastic depth): variables outside `model.weights`, advanced by every
+    training step, so a resumed run must restore them to draw the same masks.
+    """
+    weights = {id(w) for w in model.weights}
+    return [v for v in model.variables if id(v) not in weights]
+
+
+def _has_seed_states(path):
+    """True if the checkpoint at `path` holds the seed states."""
+    names = tf.train.load_checkpoint(path).get_variable_to_shape_map()
+    return any(name.startswith("seeds/") for name in names)
+
+
+def _takes_start_step(dataset_fn):
+    """True if `dataset_fn` accepts a `start_step` keyword."""
+    try:
+        parameters = inspect.signature(dataset_fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return "start_step" in parameters or any(
+        p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters.values())
 
 
 def _check_element_spec(spec, config, per_replica):

@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -46,7 +47,7 @@ def stage_times(workdir):
             for name, s in stages.items()}
 
 
-def check_outputs(workdir, iterations):
+def check_outputs(workdir, iterations, train_steps=20):
     """Every stage's outputs exist and the report agrees with them."""
     for r in range(iterations + 1):
         assert os.path.exists(f"{workdir}/round{r}/train/model.keras")
@@ -68,7 +69,7 @@ def check_outputs(workdir, iterations):
                             "results.json")
         assert entry["test_top1"] == pytest.approx(results["clean"]["top1"])
         assert 0.0 <= entry["test_top1"] <= 1.0
-        assert entry["train_steps"] == 20
+        assert entry["train_steps"] == train_steps
     for entry in report["rounds"][1:]:
         selection = read_json(f"{workdir}/round{entry['round']}/select/"
                               "report.json")
@@ -86,6 +87,13 @@ def test_pipeline_end_to_end_then_rerun_is_a_no_op(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     report = check_outputs(workdir, 2)
     assert "| 2 | student | w0.25-d0.25 |" in done.stdout
+    # Step lines say whose they are; the run ends saying where its results
+    # are; stages are counted.
+    assert "[round0/train] step 10/20" in done.stdout
+    assert "[round2/train] eval step 20" in done.stdout
+    assert "[stage 1/11] round0/train" in done.stdout
+    assert f"Report: {workdir}/report.json" in done.stdout
+    assert f"SavedModel: {workdir}/export" in done.stdout
     before = stage_times(workdir)
     assert len(before) == 2 + 2 * len(STAGES_PER_ROUND) + 1
     again = run_pipeline(workdir, "--iterations=2")
@@ -133,9 +141,38 @@ def _started(workdir, name):
     return "started_at" in stage and "finished_at" not in stage
 
 
+def _final_state(workdir):
+    """The last student's EMA weights and checkpoint, and the test top-1s."""
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    reader = tf.train.load_checkpoint(
+        tf.train.latest_checkpoint(f"{workdir}/round1/train/checkpoints"))
+    tensors = {name: reader.get_tensor(name)
+               for name in reader.get_variable_to_shape_map()
+               if name != "_CHECKPOINTABLE_OBJECT_GRAPH"
+               and not name.startswith("save_counter")}
+    import h5py  # pylint: disable=g-import-not-at-top
+    import zipfile  # pylint: disable=g-import-not-at-top
+    with zipfile.ZipFile(f"{workdir}/round1/train/model.keras") as archive:
+        with archive.open("model.weights.h5") as f, h5py.File(f) as h5:
+            ema = {}
+            h5.visititems(lambda n, d: ema.setdefault(
+                n, np.array(d)) if isinstance(d, h5py.Dataset) else None)
+    top1 = [r["test_top1"] for r in read_json(f"{workdir}/report.json")[
+        "rounds"]]
+    return tensors, ema, top1
+
+
 def test_pipeline_resumes_after_sigkill_in_prediction_and_training(tmp_path):
     workdir = str(tmp_path / "work")
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    # The same command, never interrupted.
+    # 60 steps: long enough after the first checkpoint to be killed in.
+    longer = ("--iterations=1", "--teacher_train_steps=60",
+              "--student_train_steps=60")
+    reference_dir = str(tmp_path / "uninterrupted")
+    reference = run_pipeline(reference_dir, *longer)
+    assert reference.returncode == 0, reference.stderr[-3000:]
 
     log_path = tmp_path / "log.txt"
 
@@ -143,13 +180,18 @@ def test_pipeline_resumes_after_sigkill_in_prediction_and_training(tmp_path):
         # Output goes to a file: an unread pipe could fill up and block.
         with open(log_path, "a") as log:
             return subprocess.Popen(
-                pipeline_command(workdir, "--iterations=1"), cwd=ROOT,
+                pipeline_command(workdir, *longer), cwd=ROOT,
                 env=env, stdout=log, stderr=subprocess.STDOUT)
 
     def files(folder):
         return os.listdir(folder) if os.path.isdir(folder) else []
 
     predict_dir = f"{workdir}/round1/predict"
+    # 0. Killed while the teacher trains, after its first checkpoint.
+    # (The "checkpoint" file is written once a checkpoint is complete.)
+    _kill_when(start(), lambda: _started(workdir, "round0/train") and (
+        os.path.exists(f"{workdir}/round0/train/checkpoints/checkpoint")),
+        log_path)
     # 1. Killed while predicting: some blocks written, the stage unfinished.
     _kill_when(start(), lambda: _started(workdir, "round1/predict") and any(
         n.endswith(".hist.npz") for n in files(predict_dir)), log_path)
@@ -157,21 +199,74 @@ def test_pipeline_resumes_after_sigkill_in_prediction_and_training(tmp_path):
     blocks = {n: os.path.getmtime(f"{predict_dir}/{n}")
               for n in os.listdir(predict_dir) if n.endswith(".hist.npz")}
     # 2. Killed while the student trains, after its first checkpoint.
-    checkpoints = f"{workdir}/round1/train/checkpoints"
-    _kill_when(start(), lambda: _started(workdir, "round1/train") and any(
-        n.startswith("ckpt") and n.endswith(".index")
-        for n in files(checkpoints)), log_path)
+    _kill_when(start(), lambda: _started(workdir, "round1/train") and (
+        os.path.exists(f"{workdir}/round1/train/checkpoints/checkpoint")),
+        log_path)
     # 3. The same command completes.
     process = start()
     assert process.wait(timeout=600) == 0, log_path.read_text()[-3000:]
-    check_outputs(workdir, 1)
+    check_outputs(workdir, 1, train_steps=60)
     times = stage_times(workdir)
     assert times["round0/train"] == teacher  # the teacher was not redone
     assert times["round1/predict"][1] == 2  # resumed once after the kill
     for name, mtime in blocks.items():  # finished blocks were kept
         assert os.path.getmtime(f"{predict_dir}/{name}") == mtime
     metrics = read_json(f"{workdir}/round1/train/metrics.json")
-    assert metrics["step"] == 20
+    assert metrics["step"] == 60
+    log = log_path.read_text()
+    # Both trainings were resumed from a checkpoint before their end.
+    resumed = [int(line.split("Resuming from step ")[1].split()[0])
+               for line in log.splitlines() if "Resuming from step" in line]
+    assert len(resumed) == 2 and all(0 < s < 60 for s in resumed), resumed
+    # The killed and rerun pipeline is the uninterrupted one: same test
+    # top-1s, same final weights to the bit (same ops on the same data).
+    tensors, ema, top1 = _final_state(workdir)
+    ref_tensors, ref_ema, ref_top1 = _final_state(reference_dir)
+    assert top1 == ref_top1
+    assert tensors.keys() == ref_tensors.keys() and ema.keys() == (
+        ref_ema.keys())
+    for name in ref_tensors:
+        assert (tensors[name] == ref_tensors[name]).all(), name
+    for name in ref_ema:
+        assert (ema[name] == ref_ema[name]).all(), name
+    # "train s" counts every attempt, not only the last.
+    for name in ("round0/train", "round1/train"):
+        stage = read_json(f"{workdir}/manifest.json")["stages"][name]
+        assert stage["runs"] == 2
+        assert stage["seconds"] >= (
+            stage["finished_at"] - stage["started_at"] + 1.0)
+
+
+def test_second_pipeline_on_a_busy_workdir_exits_at_once(tmp_path):
+    workdir = str(tmp_path / "work")
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(pipeline_command(workdir, "--iterations=1"),
+                                 cwd=ROOT, env=env, stdout=log,
+                                 stderr=subprocess.STDOUT)
+    try:
+        _wait_for(lambda: _started(workdir, "round0/train"), first)
+        manifest = read_json(f"{workdir}/manifest.json")
+        second = run_pipeline(workdir, "--iterations=1")
+        assert second.returncode == 2
+        assert f"pid {first.pid}" in second.stderr, second.stderr[-3000:]
+        assert f"host {socket.gethostname()}" in second.stderr
+        assert "started 20" in second.stderr
+        # It wrote nothing: the first run's record is untouched.
+        assert read_json(f"{workdir}/manifest.json")["stages"][
+            "round0/train"] == manifest["stages"]["round0/train"]
+        assert first.poll() is None
+    finally:
+        first.kill()
+        first.wait()
+
+
+def _wait_for(condition, process, timeout=120):
+    start = time.time()
+    while not condition():
+        assert process.poll() is None, "the process ended early"
+        assert time.time() - start < timeout
+        time.sleep(0.05)
 
 
 @pytest.fixture
@@ -192,13 +287,34 @@ def parse(pipeline, tmp_path, *extra):
     (["--student_models=w0.25-d0.125"], "equal-or-larger"),
     (["--unlabel_ratio=0"], "unlabel_ratio=0"),
     (["--labeled=npz:/no/such/file.npz"], "/no/such/file.npz"),
-    (["--unlabeled=folder:/no/such/folder"], "/no/such/folder"),
+    (["--unlabeled=folder:/no/such/folder"],
+     "--unlabeled=folder:/no/such/folder"),
+    # Checked when the stage configs are built, not after the teacher.
+    (["--per_class=-5"], "per_class=-5"),
+    (["--min_confidence=1.5"], "min_confidence=1.5"),
+    (["--predict_batch_size=0"], "batch_size=0"),
 ])
 def test_bad_flags_fail_before_any_work(pipeline_flags, tmp_path, extra,
                                         message):
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         parse(pipeline_flags, tmp_path, *extra)
     assert not os.listdir(tmp_path)
+
+
+def test_test_set_with_more_classes_fails_before_any_work(pipeline_flags,
+                                                         tmp_path):
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "test.npz",
+             x=rng.integers(0, 256, (12, 8, 8), dtype=np.uint8),
+             y=np.arange(12) % 11)  # 11 classes; digits has 10.
+    workdir = tmp_path / "work"
+    flags.FLAGS.unparse_flags()
+    with pytest.raises(ValueError, match=r"--test=npz:.*\[0, 10\)"):
+        flags.FLAGS(["noisy-student", f"--workdir={workdir}", *TINY,
+                     f"--test=npz:{tmp_path}/test.npz"])
+        pipeline_flags.experiment_config()
+    assert not workdir.exists()
 
 
 def test_smaller_student_allowed_when_asked(pipeline_flags, tmp_path):

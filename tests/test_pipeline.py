@@ -90,3 +90,16 @@ def test_eval_dataset_keeps_every_image():
     ds = pipeline.eval_dataset(source.dataset, 16, 64)
     sizes = [b["image"].shape[0] for b in ds]
     assert sum(sizes) == 360 and sizes[-1] == 360 % 64
+
+
+def test_stream_from_start_step_equals_the_rest_of_the_stream():
+    labeled, pseudo = labeled_and_pseudo()
+    dataset_fn = pipeline.train_dataset_fn(labeled, config(), pseudo,
+                                           NUM_CLASSES)
+    whole = list(dataset_fn().take(5))
+    resumed = list(dataset_fn(start_step=3).take(2))
+    for expected, got in zip(whole[3:], resumed):
+        for key in ("labeled", "unlabeled"):
+            for field in expected[key]:
+                np.testing.assert_array_equal(got[key][field],
+                                              expected[key][field])

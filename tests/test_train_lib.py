@@ -485,3 +485,117 @@ def test_fused_batch_norm_matches_keras_batch_norm():
     # Inference uses the moving statistics, as Keras does.
     np.testing.assert_allclose(layers[1](x, training=False),
                                layers[0](x, training=False), rtol=1e-5)
+
+
+# ------------------------------------------------------------ resume equality --
+
+def _pipeline_dataset_fn(config, fail_at=None):
+    """The real input pipeline (digits, RandAugment, a student's two zipped
+    streams); with `fail_at`, fetching global batch `fail_at` raises, as if
+    the process died there."""
+    from noisy_student.data import pipeline  # pylint: disable=g-import-not-at-top
+    from noisy_student.data import sources  # pylint: disable=g-import-not-at-top
+    labeled = sources.load_source("digits:train", channels=3).dataset.take(96)
+    unlabeled = sources.load_source("digits:test", labeled=False,
+                                    channels=3).dataset.take(96)
+    pseudo = unlabeled.map(lambda d: {
+        "image": d["image"],
+        "target": tf.fill([config.num_classes], 1.0 / config.num_classes)})
+    input_config = pipeline.InputConfig(
+        image_size=config.image_size, batch_size=config.batch_size,
+        unlabel_ratio=config.unlabel_ratio, magnitude=5, shuffle_buffer=50,
+        seed=3)
+    inner = pipeline.train_dataset_fn(labeled, input_config, pseudo,
+                                      config.num_classes)
+    if fail_at is None:
+        return inner
+
+    def dataset_fn(input_context=None, start_step=0):
+        dataset = (inner(input_context, start_step=start_step) if start_step
+                   else inner(input_context))
+
+        def check(index, batch):
+            ok = tf.debugging.assert_less(
+                index, tf.constant(fail_at, tf.int64),
+                message="simulated crash")
+            with tf.control_dependencies([ok]):
+                return tf.nest.map_structure(tf.identity, batch)
+        return dataset.enumerate(start_step).map(check)
+    return dataset_fn
+
+
+def _checkpoint_tensors(model_dir):
+    """Every tensor of the latest checkpoint (model, optimizer, EMA, seeds)."""
+    reader = tf.train.load_checkpoint(
+        tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints")))
+    return {name: reader.get_tensor(name)
+            for name in reader.get_variable_to_shape_map()
+            if name != "_CHECKPOINTABLE_OBJECT_GRAPH"
+            and not name.startswith("save_counter")}
+
+
+# Noise on: RandAugment in the input, dropout and stochastic depth in the
+# model, so every random stream must resume where it stopped.
+NOISY_STUDENT = dict(train_steps=12, checkpoint_every=4, steps_per_loop=4,
+                     log_every=4, unlabel_ratio=1, dropout=0.3,
+                     stochastic_depth_rate=0.5, keep_checkpoints=10)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(tmp_path_factory):
+    config = _config(**NOISY_STUDENT)
+    reference_dir = str(tmp_path_factory.mktemp("uninterrupted"))
+    tf.config.optimizer.set_experimental_options(
+        {"disable_meta_optimizer": True})  # As _no_grappler.
+    train_lib.train(config, reference_dir, _pipeline_dataset_fn(config))
+    return reference_dir
+
+
+@pytest.mark.parametrize("fail_at", [8, 6], ids=["at_checkpoint",
+                                                  "mid_interval"])
+def test_resumed_run_equals_uninterrupted_run(tmp_path, fail_at,
+                                              uninterrupted_run):
+    config = _config(**NOISY_STUDENT)
+    reference_dir = uninterrupted_run
+    model_dir = str(tmp_path / "resumed")
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match="simulated crash"):
+        train_lib.train(config, model_dir,
+                        _pipeline_dataset_fn(config, fail_at=fail_at))
+    result = train_lib.train(config, model_dir, _pipeline_dataset_fn(config))
+    assert result["start_step"] == fail_at // 4 * 4
+    reference = _checkpoint_tensors(reference_dir)
+    resumed = _checkpoint_tensors(model_dir)
+    for name, value in reference.items():
+        # Exact: the same ops on the same data in the same order.
+        np.testing.assert_array_equal(resumed[name], value, err_msg=name)
+    assert resumed.keys() == reference.keys()
+    # The dropout / stochastic-depth seed states are part of the state.
+    assert any("seed" in name for name in reference)
+
+
+def test_speed_and_eta_leave_out_the_tracing_call(tmp_path, capsys):
+    config = _config(train_steps=6, steps_per_loop=2, log_every=2,
+                     checkpoint_every=0, verbose=True)
+    result = train_lib.train(config, str(tmp_path), _dataset_fn(config),
+                             log_prefix="[teacher] ")
+    lines = [l for l in capsys.readouterr().out.splitlines()
+             if "step" in l and "loss" in l]
+    assert len(lines) == 3
+    # The first window is all tracing: no speed or ETA measured from it.
+    assert lines[0].startswith("[teacher] step 2/6") and "tracing" in lines[0]
+    assert "img/s eta" in lines[1] and "img/s eta" in lines[2]
+    assert result["images_per_sec"] > 0
+
+
+def test_checkpoint_without_seed_states_still_resumes(tmp_path,
+                                                     monkeypatch):
+    # Checkpoints written before the seed states were saved.
+    config = _config(train_steps=4, checkpoint_every=2, steps_per_loop=2,
+                     log_every=2, dropout=0.3, keep_checkpoints=5)
+    with monkeypatch.context() as patch:
+        patch.setattr(train_lib, "_seed_states", lambda model: [])
+        train_lib.train(dataclasses.replace(config, train_steps=2),
+                        str(tmp_path), _dataset_fn(config))
+    result = train_lib.train(config, str(tmp_path), _dataset_fn(config))
+    assert result["start_step"] == 2 and result["step"] == 4

@@ -1,14 +1,20 @@
 """absl flags shared by the commands, and their conversion to configs.
 
-Each command calls the `define_*` functions it needs at import time, then in
-`main` turns FLAGS into frozen config dataclasses once with the `*_config`
-functions. Nothing below noisy_student/cli/ reads FLAGS.
+Each command calls the `define_*` functions it needs at import time, then
+`flags.adopt_module_key_flags(common)` so that its `--help` lists them (absl
+lists only a module's key flags there), and in `main` turns FLAGS
+into frozen config dataclasses once with the `*_config` functions; its
+`run()` is `run_command(main)`, which turns user errors into a message and
+exit status 2. Nothing below noisy_student/cli/ reads FLAGS.
 """
 
 import os
+import sys
 
+from absl import app
 from absl import flags
 from absl import logging
+import tensorflow as tf
 
 from noisy_student import checkpoints
 from noisy_student import efficientnet
@@ -20,17 +26,74 @@ from noisy_student import stages
 FLAGS = flags.FLAGS
 
 
-def define_data_flags():
+class UsageError(ValueError):
+    """A bad flag or input: reported as a message, exit status 2."""
+
+
+# Errors a user's flags or files cause: printed as one message (the
+# traceback only with --verbosity=1). Anything else is a bug and keeps its
+# traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError,
+               PermissionError, tf.errors.PermissionDeniedError,
+               tf.errors.NotFoundError)
+
+
+def _user_errors():
+    from noisy_student import workdir_lock  # pylint: disable=g-import-not-at-top
+    return USER_ERRORS + (workdir_lock.WorkdirBusyError,)
+
+
+def run_command(main, name):
+    """`app.run(main)`, with user errors printed as `name: error: message`
+    on stderr and exit status 2 (tracebacks with --verbosity=1 or more)."""
+    def guarded(argv):
+        try:
+            return main(argv)
+        except _user_errors() as e:
+            if FLAGS.verbosity >= 1:
+                raise
+            message = getattr(e, "message", None) or str(e)
+            print(f"{name}: error: {message}\n(--verbosity=1 shows the "
+                  "traceback)", file=sys.stderr, flush=True)
+            sys.exit(2)
+    app.run(guarded)
+
+
+def check_writable_dir(folder, flag):
+    """Creates `folder` and writes a file there, or raises UsageError
+    naming `flag` (an unwritable or invalid output folder fails before any
+    work, not with a raw TF error later)."""
+    from noisy_student import io_utils  # pylint: disable=g-import-not-at-top
+    # A unique name: the workers of one ns-predict share --out_dir.
+    probe = io_utils.temp_path(f"{str(folder).rstrip('/')}/write-test")
+    try:
+        tf.io.gfile.makedirs(folder)
+        with tf.io.gfile.GFile(probe, "w") as f:
+            f.write("")
+        tf.io.gfile.remove(probe)
+    except (tf.errors.OpError, OSError) as e:
+        reason = getattr(e, "message", None) or str(e)
+        raise UsageError(f"Expected a writable folder --{flag}. Received: "
+                         f"--{flag}={folder} ({reason})") from e
+
+
+def define_data_flags(demo=False):
+    """The data source flags; `demo`: default to the digits demo (only the
+    noisy-student command, which runs it); other commands have no default
+    source, so a missing --labeled/--test is named, not replaced by
+    digits."""
     flags.DEFINE_string(
-        "labeled", "digits:train",
+        "labeled", "digits:train" if demo else None,
         "Labeled training source: tfds:NAME[:SPLIT], folder:PATH, npz:PATH, "
-        "idx:DIR[:SPLIT] or digits[:SPLIT].")
+        "idx:DIR[:SPLIT] or digits[:SPLIT]. Labels must be 0..K-1, each "
+        "class with at least one image.")
     flags.DEFINE_string(
         "unlabeled", "",
         "Unlabeled source (any spec; labels never read). Empty: the rest of "
         "--labeled after --labels_per_class.")
-    flags.DEFINE_string("test", "digits:test",
-                        "Labeled source of the final evaluation.")
+    flags.DEFINE_string("test", "digits:test" if demo else None,
+                        "Labeled source of the final evaluation (its "
+                        "classes must be the model's).")
     flags.DEFINE_integer(
         "labels_per_class", 0,
         "Labels kept per class of --labeled (seeded by --split_seed); 0 keeps "
@@ -51,7 +114,8 @@ def define_data_flags():
 
 def data_config():
     return stages.DataConfig(
-        labeled=FLAGS.labeled, unlabeled=FLAGS.unlabeled, test=FLAGS.test,
+        labeled=FLAGS.labeled or "", unlabeled=FLAGS.unlabeled,
+        test=FLAGS.test or "",
         labels_per_class=FLAGS.labels_per_class,
         validation_size=FLAGS.validation_size, split_seed=FLAGS.split_seed,
         data_dir=FLAGS.data_dir, channels=FLAGS.channels,

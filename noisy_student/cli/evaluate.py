@@ -4,7 +4,6 @@
   ns-eval --model_path=... --corruptions=gaussian_noise,jpeg --epsilons=0,2,8
 """
 
-from absl import app
 from absl import flags
 
 from noisy_student import corruptions
@@ -30,6 +29,8 @@ flags.DEFINE_string("imagenet_c_dir", "", "TFDS data_dir holding "
                     "imagenet2012_corrupted (mCE vs AlexNet).")
 flags.DEFINE_string("imagenet_a_dir", "", "TFDS data_dir holding imagenet_a.")
 common.define_data_flags()
+# --help lists the shared flags too (absl shows only key flags).
+flags.adopt_module_key_flags(common)
 
 
 def main(argv):
@@ -48,7 +49,7 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    common.run_command(main, "ns-eval")
 
 
 if __name__ == "__main__":

@@ -20,11 +20,11 @@ class_names. The crop numbers and class names are read from the model's
 folder (preprocess.json, class_names.json), not from flags.
 """
 
-from absl import app
 from absl import flags
 
 from noisy_student import export as export_lib
 from noisy_student import stages
+from noisy_student.cli import common
 
 FLAGS = flags.FLAGS
 
@@ -49,7 +49,7 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    common.run_command(main, "ns-export")
 
 
 if __name__ == "__main__":

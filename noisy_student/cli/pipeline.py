@@ -8,12 +8,12 @@ continues where it stopped.
   noisy-student --flagfile=flags/digits.cfg --workdir=/tmp/ns-digits
 """
 
-from absl import app
 from absl import flags
 
 from noisy_student import experiment
 from noisy_student import predict as predict_lib
 from noisy_student import select as select_lib
+from noisy_student import workdir_lock
 from noisy_student.cli import common
 
 FLAGS = flags.FLAGS
@@ -45,12 +45,14 @@ flags.DEFINE_bool("export", True, "Export the final model as a SavedModel "
                   "to WORKDIR/export.")
 flags.DEFINE_bool("overwrite", False, "Redo stages whose settings changed "
                   "instead of failing.")
-common.define_data_flags()
+common.define_data_flags(demo=True)
 common.define_train_flags()
 common.define_role_flags("teacher_", "teacher", augment="randaugment")
 common.define_role_flags("student_", "student", model=False)
 common.define_predict_flags()
 common.define_select_flags()
+# --help lists the shared flags too (absl shows only key flags).
+flags.adopt_module_key_flags(common)
 
 
 def experiment_config():
@@ -70,6 +72,9 @@ def experiment_config():
         layout_from=layout)
     if FLAGS.iterations:
         data.unlabeled_source()  # Fails now, not after the teacher.
+    # A test (or validation) set the model cannot score fails now too.
+    data.eval_source("validation" if data.validation_size else "test",
+                     num_classes=labeled.num_classes)
     return experiment.ExperimentConfig(
         workdir=FLAGS.workdir, data=data, teacher=teacher,
         teacher_input=teacher_input, student=student,
@@ -91,13 +96,16 @@ def experiment_config():
 def main(argv):
     del argv
     config = experiment_config()
-    experiment.check(config)  # A workdir of other settings fails here.
-    common.write_flags(FLAGS.workdir)
-    experiment.run(config)
+    common.check_writable_dir(FLAGS.workdir, "workdir")
+    # A second process on this workdir fails here, before it writes.
+    with workdir_lock.WorkdirLock(FLAGS.workdir):
+        experiment.check(config)  # A workdir of other settings fails here.
+        common.write_flags(FLAGS.workdir)
+        experiment.run(config)
 
 
 def run():
-    app.run(main)
+    common.run_command(main, "noisy-student")
 
 
 if __name__ == "__main__":

@@ -5,11 +5,13 @@ Several machines share the work with --shard_index/--num_shards and the same
 
   ns-predict --teacher=/tmp/teacher --labeled=digits:train \
       --labels_per_class=10 --out_dir=/tmp/predict
+  ns-predict --teacher=/tmp/teacher --unlabeled=folder:/data/unlabeled \
+      --out_dir=/tmp/predict    # classes: the teacher's
 """
 
-from absl import app
 from absl import flags
 
+from noisy_student import model_io
 from noisy_student import predict as predict_lib
 from noisy_student import stages
 from noisy_student.cli import common
@@ -22,18 +24,28 @@ flags.DEFINE_string("teacher", None, "The teacher: a training model_dir "
 flags.DEFINE_string("out_dir", None, "The prediction folder, shared by all "
                     "workers.", required=True)
 flags.DEFINE_integer("num_classes", None, "Classes of the labeled set; "
-                     "default: read from --labeled.")
+                     "default: read from --labeled if given, else the "
+                     "teacher's outputs.")
 flags.DEFINE_integer("shard_index", 0, "This worker's index in "
                      "[0, --num_shards).")
 flags.DEFINE_integer("num_shards", 1, "Workers sharing the prediction.")
 common.define_data_flags()
 common.define_predict_flags()
+# --help lists the shared flags too (absl shows only key flags).
+flags.adopt_module_key_flags(common)
 
 
 def main(argv):
     del argv
     data = common.data_config()
-    num_classes = FLAGS.num_classes or data.labeled_source().num_classes
+    if FLAGS.num_classes:
+        num_classes = FLAGS.num_classes
+    elif data.labeled:
+        num_classes = data.labeled_source().num_classes
+    else:  # Nothing names the classes but the teacher.
+        num_classes = model_io.num_classes(
+            model_io.load_model(FLAGS.teacher, what="teacher"))
+    common.check_writable_dir(FLAGS.out_dir, "out_dir")
     config = predict_lib.PredictConfig(
         teacher=FLAGS.teacher, out_dir=FLAGS.out_dir, num_classes=num_classes,
         batch_size=FLAGS.predict_batch_size, shard_index=FLAGS.shard_index,
@@ -42,7 +54,7 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    common.run_command(main, "ns-predict")
 
 
 if __name__ == "__main__":

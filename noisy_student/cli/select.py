@@ -3,7 +3,6 @@
   ns-select --pred_dir=/tmp/predict --out_dir=/tmp/select --per_class=130000
 """
 
-from absl import app
 from absl import flags
 
 from noisy_student import select as select_lib
@@ -17,6 +16,8 @@ flags.DEFINE_string("pred_dir", None, "A finished prediction folder "
 flags.DEFINE_string("out_dir", None, "The selection folder to write.",
                     required=True)
 common.define_select_flags()
+# --help lists the shared flags too (absl shows only key flags).
+flags.adopt_module_key_flags(common)
 
 
 def main(argv):
@@ -29,7 +30,7 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    common.run_command(main, "ns-select")
 
 
 if __name__ == "__main__":

@@ -6,13 +6,14 @@
       --model_dir=/tmp/student
 """
 
+import contextlib
 import dataclasses
 
-from absl import app
 from absl import flags
 
 from noisy_student import stages
 from noisy_student import strategy as strategy_lib
+from noisy_student import workdir_lock
 from noisy_student.cli import common
 
 FLAGS = flags.FLAGS
@@ -34,29 +35,43 @@ flags.DEFINE_integer("freeze_blocks", 0,
 common.define_data_flags()
 common.define_train_flags()
 common.define_role_flags("", "model")
+# --help lists the shared flags too (absl shows only key flags).
+flags.adopt_module_key_flags(common)
 
 
 def main(argv):
     del argv
     # A multi-worker strategy must exist before any other TF op.
     strategy = strategy_lib.make_strategy(FLAGS.strategy, FLAGS.tpu)
+    if FLAGS.pseudo_labels and FLAGS.unlabel_ratio <= 0:
+        raise common.UsageError(
+            "Expected --unlabel_ratio > 0 with --pseudo_labels (a student "
+            "trains on both). Received: --unlabel_ratio="
+            f"{FLAGS.unlabel_ratio}, which would ignore --pseudo_labels="
+            f"{FLAGS.pseudo_labels}")
     data = common.data_config()
     labeled = data.labeled_source()
+    common.check_writable_dir(FLAGS.model_dir, "model_dir")
     ratio = FLAGS.unlabel_ratio if FLAGS.pseudo_labels else 0
     train_config, input_config = common.role_configs(
         "", FLAGS.model, labeled.num_classes, ratio, labeled,
         init_from=FLAGS.init_from)
     train_config = dataclasses.replace(train_config,
                                        freeze_blocks=FLAGS.freeze_blocks)
-    common.write_flags(FLAGS.model_dir)
-    metrics = stages.run_train(train_config, input_config, data,
-                               FLAGS.model_dir, FLAGS.pseudo_labels,
-                               strategy=strategy)
+    # One run per model_dir; the workers of one multi-worker run share it,
+    # so only the chief takes the lock.
+    lock = (workdir_lock.WorkdirLock(FLAGS.model_dir)
+            if strategy_lib.is_chief(strategy) else contextlib.nullcontext())
+    with lock:
+        common.write_flags(FLAGS.model_dir)
+        metrics = stages.run_train(train_config, input_config, data,
+                                   FLAGS.model_dir, FLAGS.pseudo_labels,
+                                   strategy=strategy)
     print(metrics)
 
 
 def run():
-    app.run(main)
+    common.run_command(main, "ns-train")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,13 @@ two streams are batched separately and zipped, so every batch holds exactly r
 unlabeled images per labeled one. Each stream runs shuffle -> repeat ->
 parallel map (crop, flip) -> batch (drop_remainder, static shapes) ->
 RandAugment on the whole batch -> prefetch.
+
+With a seed, batch k of a stream is a function of k alone: the shuffle order
+is seeded, and image i's crop and batch k's RandAugment take the stateless
+seeds [seed, i] and [seed, k]. A run resumed at step k asks for the stream
+from batch k (`start_step`): the skipped images are read and shuffled but not
+cropped or augmented, and the batches that follow are the ones an
+uninterrupted run would have got.
 """
 
 import dataclasses
@@ -63,8 +70,9 @@ class InputConfig:
 
 
 def _stream(dataset, config, per_replica_batch, input_context, augmenter,
-            salt):
-    """One shuffled, repeated, preprocessed, batched and augmented stream."""
+            salt, start_step=0):
+    """One shuffled, repeated, preprocessed, batched and augmented stream,
+    from its batch `start_step` on."""
     if input_context and input_context.num_input_pipelines > 1:
         dataset = dataset.shard(input_context.num_input_pipelines,
                                 input_context.input_pipeline_id)
@@ -85,12 +93,17 @@ def _stream(dataset, config, per_replica_batch, input_context, augmenter,
             seed=tf.stack([tf.constant(base_seed, tf.int64), index]))
         return {**element, "image": image}
 
-    dataset = dataset.enumerate().map(crop, num_parallel_calls=AUTOTUNE)
+    dataset = dataset.enumerate()
+    if start_step:
+        # Skipped before the crop: resuming costs reading, not augmenting.
+        dataset = dataset.skip(start_step * per_replica_batch)
+    dataset = dataset.map(crop, num_parallel_calls=AUTOTUNE)
     dataset = dataset.batch(per_replica_batch, drop_remainder=True)
     # Whole batches are augmented at once (the ops are vectorised); with a
     # seed, batch i gets the stateless seed [seed, i], so the stream does not
     # depend on thread timing.
-    dataset = augment.augment_dataset(dataset, augmenter, seed=seed)
+    dataset = augment.augment_dataset(dataset, augmenter, seed=seed,
+                                      start_index=start_step)
     return dataset.map(
         lambda batch: {**batch, "image": tf.cast(batch["image"], tf.float32)},
         num_parallel_calls=AUTOTUNE)
@@ -108,8 +121,11 @@ def train_dataset_fn(labeled, config, unlabeled=None, num_classes=None):
       num_classes: Length of the targets, checked against `unlabeled`.
 
     Returns:
-      A function of an optional tf.distribute.InputContext giving the
-      per-replica training stream.
+      `dataset_fn(input_context=None, start_step=0)`: the per-replica
+      training stream from its batch `start_step` on (what train_lib asks
+      for when it resumes from a checkpoint at that step). With
+      config.seed, the stream resumed at step k equals the uninterrupted
+      stream without its first k batches.
 
     Raises:
       ValueError: if the pseudo-labels are missing or of the wrong length,
@@ -133,7 +149,7 @@ def train_dataset_fn(labeled, config, unlabeled=None, num_classes=None):
                 f"Expected pseudo-label targets of length {num_classes}. "
                 f"Received: length {target_len}")
 
-    def dataset_fn(input_context=None):
+    def dataset_fn(input_context=None, start_step=0):
         batch = config.batch_size
         if input_context is not None:
             batch = input_context.get_per_replica_batch_size(batch)
@@ -146,11 +162,12 @@ def train_dataset_fn(labeled, config, unlabeled=None, num_classes=None):
             config.augment, num_layers=config.num_layers,
             magnitude=config.magnitude, seed=seed, **sizes)
         streams = {"labeled": _stream(labeled, config, batch, input_context,
-                                      augmenter, salt=1)}
+                                      augmenter, salt=1,
+                                      start_step=start_step)}
         if config.unlabel_ratio > 0:
             streams["unlabeled"] = _stream(
                 unlabeled, config, batch * config.unlabel_ratio,
-                input_context, augmenter, salt=2)
+                input_context, augmenter, salt=2, start_step=start_step)
         return tf.data.Dataset.zip(streams).prefetch(AUTOTUNE)
 
     return dataset_fn

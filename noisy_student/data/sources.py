@@ -156,12 +156,16 @@ def load_source(spec, *, labeled=True, subset=None, channels=None,
     need_labels = labeled or subset is not None
     if kind == "tfds":
         return _load_tfds(spec, path, split, need_labels, labeled, subset,
-                          channels, data_dir)
+                          channels, data_dir, num_classes)
     if kind == "folder":
-        files, labels, class_names = _list_folder(path, need_labels,
-                                                  class_names)
+        known = class_names
+        files, labels, class_names = _list_folder(path, need_labels, known)
+        if need_labels and known is None:
+            # A test set scored against a model may hold some of its
+            # classes; a training set must have images of every class.
+            _check_every_class_has_images(spec, labels, class_names)
         if subset is not None:
-            keep = subset_mask(labels, subset)
+            keep = subset_mask(labels, subset, len(class_names))
             files = [f for f, k in zip(files, keep) if k]
             labels = labels[keep]
         n_classes = len(class_names) if need_labels else None
@@ -181,21 +185,30 @@ def load_source(spec, *, labeled=True, subset=None, channels=None,
                          _allows_flip(kind + path))
 
 
-def subset_mask(labels, subset):
+def subset_mask(labels, subset, num_classes=None):
     """Boolean mask of the examples in `subset.part` for these labels.
 
     Every class contributes `subset.per_class` labeled examples, drawn with
     `subset.seed`; `subset.validation_size` of the others form the
     validation part; the unlabeled part is everything else.
 
+    Args:
+      labels: int array [N].
+      subset: A `Subset`.
+      num_classes: The source's class count; every class in
+        [0, num_classes) is checked (default: those with an example).
+
     Raises:
-      ValueError: if a class has fewer than `per_class` examples.
+      ValueError: if a class has fewer than `per_class` examples (a class
+        with none included).
     """
     labels = np.asarray(labels)
     rng = np.random.default_rng(subset.seed)
     order = rng.permutation(len(labels))
     labeled = np.zeros(len(labels), bool)
-    for c in np.unique(labels):
+    classes = (np.unique(labels) if num_classes is None
+               else range(num_classes))
+    for c in classes:
         members = order[labels[order] == c]
         if len(members) < subset.per_class:
             raise ValueError(
@@ -220,6 +233,31 @@ def _check_num_classes(spec, found, expected):
     if expected is not None and found is not None and found != expected:
         raise ValueError(
             f"Expected {expected} classes in {spec}. Received: {found} classes")
+
+
+def _check_every_class_has_images(spec, labels, class_names):
+    """Raises ValueError naming the class folders that hold no image."""
+    counts = np.bincount(labels, minlength=len(class_names))
+    empty = [name for name, n in zip(class_names, counts) if n == 0]
+    if empty:
+        raise ValueError(
+            f"Expected image files in every class folder of {spec}. "
+            f"Received: no image in {empty[:10]}"
+            + (f" and {len(empty) - 10} more" if len(empty) > 10 else ""))
+
+
+def _check_contiguous(spec, y):
+    """Raises ValueError unless the labels are 0..K-1, each with an image.
+
+    The class count of an array source is inferred as max label + 1, so a
+    gap (labels {0, 1, 7}) would silently train classes that have no image.
+    """
+    missing = np.setdiff1d(np.arange(int(y.max()) + 1), y)
+    if missing.size:
+        raise ValueError(
+            f"Expected labels 0..K-1 with at least one image each in {spec}. "
+            f"Received: labels {np.unique(y)[:20].tolist()}; no image of "
+            f"class {missing[:20].tolist()} (renumber the labels 0..K-1)")
 
 
 def _check_labels(spec, y, num_classes):
@@ -259,8 +297,10 @@ def _array_source(spec, x, y, labeled, subset, channels, num_classes,
     n_classes = None if y is None else int(y.max()) + 1
     if num_classes is not None and y is not None:
         n_classes = num_classes
+    elif y is not None and (labeled or subset is not None):
+        _check_contiguous(spec, y)
     if subset is not None:
-        keep = subset_mask(y, subset)
+        keep = subset_mask(y, subset, n_classes)
         x, y = x[keep], y[keep]
     out_channels = channels or x.shape[-1]
     if labeled:
@@ -411,7 +451,7 @@ def _folder_dataset(files, labels, channels, skip_corrupt, keep_encoded=False):
 
 
 def _load_tfds(spec, name, split, need_labels, labeled, subset, channels,
-               data_dir):
+               data_dir, expected_classes=None):
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     split = split or "train"
     try:
@@ -427,11 +467,12 @@ def _load_tfds(spec, name, split, need_labels, labeled, subset, channels,
         raise ValueError(f"Expected a 'label' feature in {spec}. Received: "
                          f"{list(info.features)}")
     num_classes = label_feature.num_classes if label_feature else None
+    _check_num_classes(spec, num_classes, expected_classes)
     if subset is not None:
         labels = np.fromiter(
             (int(l) for l in ds.map(lambda d: d["label"]).as_numpy_iterator()),
             np.int64)
-        keep = subset_mask(labels, subset)
+        keep = subset_mask(labels, subset, num_classes)
         mask = tf.constant(keep)
         ds = ds.enumerate().filter(lambda i, d: tf.gather(mask, i)).map(
             lambda i, d: d)

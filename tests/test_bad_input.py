@@ -1,0 +1,243 @@
+"""What bad input gets: a clear message before any work (issue 19).
+
+Each test names the class of bad input of README's "What bad input gets"
+table. The command-line tests run the real commands in subprocesses (exit
+status, no traceback, the message naming the flag).
+"""
+
+import gc
+import os
+import subprocess
+import sys
+import weakref
+
+import numpy as np
+from PIL import Image
+import pytest
+import tensorflow as tf
+
+from noisy_student import efficientnet
+from noisy_student import evaluate
+from noisy_student import predict as predict_lib
+from noisy_student import select as select_lib
+from noisy_student import stages
+from noisy_student import train_lib
+from noisy_student.data import pipeline
+from noisy_student.data import sources
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_npz(path, labels, size=8):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (len(labels), size, size), dtype=np.uint8)
+    np.savez(path, x=x, y=np.asarray(labels))
+    return f"npz:{path}"
+
+
+# ------------------------------------------------------------- labels ---
+
+def test_labels_with_a_gap_are_refused(tmp_path):
+    spec = write_npz(tmp_path / "gap.npz", [0, 1, 7, 0, 1, 7])
+    with pytest.raises(ValueError, match=r"no image of class \[2, 3, 4, 5, "
+                                         r"6\].*renumber"):
+        sources.load_source(spec)
+    # Named with the flag when loaded for a command.
+    with pytest.raises(ValueError, match="--labeled=npz:"):
+        stages.DataConfig(labeled=spec).labeled_source()
+
+
+def test_class_folder_without_images_is_refused(tmp_path):
+    for name in ("cat", "dog", "empty"):
+        os.makedirs(tmp_path / name)
+    for name in ("cat", "dog"):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(
+            tmp_path / name / "a.png")
+    with pytest.raises(ValueError, match=r"no image in \['empty'\]"):
+        sources.load_source(f"folder:{tmp_path}")
+
+
+def test_labels_per_class_checks_classes_without_images():
+    # Class 2 exists (num_classes=3, e.g. from TFDS) but has no image.
+    subset = sources.Subset("labeled", per_class=1)
+    with pytest.raises(ValueError, match="class 2 has 0"):
+        sources.subset_mask([0, 0, 1, 1], subset, num_classes=3)
+
+
+def test_one_class_names_the_flag(tmp_path):
+    spec = write_npz(tmp_path / "one.npz", [0, 0, 0])
+    with pytest.raises(ValueError, match=r"at least 2 classes in --labeled"):
+        stages.DataConfig(labeled=spec).labeled_source()
+
+
+def test_pseudo_labels_with_unlabel_ratio_0_are_refused(tmp_path):
+    config = train_lib.TrainConfig(width=0.25, depth=0.25, image_size=16,
+                                   warmup_steps=0, lr_schedule="constant")
+    input_config = pipeline.InputConfig(image_size=16, batch_size=128)
+    with pytest.raises(ValueError, match="unlabel_ratio > 0.*ignore them"):
+        stages.run_train(config, input_config, stages.DataConfig(),
+                         str(tmp_path / "run"), pseudo_dir=str(tmp_path))
+    assert not (tmp_path / "run").exists()
+
+
+def test_test_set_with_more_classes_than_the_model(tmp_path):
+    spec = write_npz(tmp_path / "eleven.npz", list(range(11)))
+    with pytest.raises(ValueError, match=r"--test=npz:.*\[0, 10\)"):
+        stages.DataConfig(test=spec).eval_source(num_classes=10)
+
+
+# ----------------------------------------------- configs when built ---
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(per_class=-5), "per_class=-5"),
+    (dict(min_confidence=1.5), "min_confidence=1.5"),
+    (dict(label_type="fuzzy"), "label_type='fuzzy'"),
+    (dict(temperature=0.0), "temperature=0.0"),
+])
+def test_select_config_is_checked_when_built(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        select_lib.SelectConfig(pred_dir="p", out_dir="o", **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(batch_size=0), "batch_size=0"),
+    (dict(shard_index=2, num_shards=2), "shard_index=2"),
+    (dict(num_classes=0), "num_classes=0"),
+    (dict(log_every_s=0), "log_every_s=0"),
+])
+def test_predict_config_is_checked_when_built(kwargs, message):
+    args = dict(teacher="t", out_dir="o", num_classes=10)
+    with pytest.raises(ValueError, match=message):
+        predict_lib.PredictConfig(**{**args, **kwargs})
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(batch_size=0), "batch_size=0"),
+    (dict(num_classes=1), "num_classes=1"),
+    (dict(attack="cw"), "attack='cw'"),
+    (dict(corruptions=("rain",)), "rain"),
+    (dict(severities=(6,)), "severities"),
+    (dict(epsilons=(-1.0,)), "epsilons"),
+])
+def test_eval_config_is_checked_when_built(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        evaluate.EvalConfig(**kwargs)
+
+
+def test_pipeline_predict_stage_honours_log_every_s(monkeypatch, tmp_path):
+    seen = {}
+
+    def fake_predict(*args, **kwargs):
+        seen.update(kwargs)
+        return predict_lib.PredictSummary(0, 0, 0, 0, 0.0, 0.0)
+    monkeypatch.setattr(predict_lib, "predict", fake_predict)
+    model = efficientnet.build_efficientnet(
+        width=0.25, depth=0.25, image_size=16, small_images=True,
+        num_classes=10)
+    model.save(str(tmp_path / "model.keras"))
+    config = predict_lib.PredictConfig(
+        teacher=str(tmp_path), out_dir=str(tmp_path / "predict"),
+        num_classes=10, log_every_s=7.0)
+    stages.run_predict(config, stages.DataConfig(unlabeled="digits:test"))
+    assert seen["log_every_s"] == 7.0
+
+
+def test_predict_cache_does_not_keep_teachers_alive():
+    model = efficientnet.build_efficientnet(
+        width=0.25, depth=0.25, image_size=16, small_images=True,
+        num_classes=10)
+    fn = predict_lib._probabilities_fn(model)  # pylint: disable=protected-access
+    fn(tf.zeros([1, 16, 16, 3]))
+    alive = weakref.ref(model)
+    del model, fn
+    gc.collect()
+    assert alive() is None
+
+
+# --------------------------------------------------- the commands ---
+
+def _command(module, *args):
+    env = {k: v for k, v in os.environ.items()
+           if k != "TF_CPP_MIN_LOG_LEVEL"}  # The commands' own default.
+    env["PYTHONPATH"] = ROOT
+    return subprocess.Popen(
+        [sys.executable, "-m", f"noisy_student.cli.{module}", *args],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+
+
+def _finish(process):
+    out, err = process.communicate(timeout=300)
+    return process.returncode, out, err
+
+
+COMMAND_FLAGS = {
+    "train": ["--labeled", "--train_steps", "--batch_size", "--model"],
+    "predict": ["--unlabeled", "--predict_batch_size", "--records_per_file"],
+    "select": ["--per_class", "--min_confidence"],
+    "evaluate": ["--test", "--labeled"],
+    "pipeline": ["--labeled", "--teacher_train_steps", "--per_class",
+                 "--predict_batch_size"],
+    "export": ["--model_path", "--out_dir"],
+}
+
+
+def test_help_of_every_command_lists_its_flags():
+    processes = {m: _command(m, "--help") for m in COMMAND_FLAGS}
+    for module, process in processes.items():
+        _, out, _ = _finish(process)  # absl's --help exits 1.
+        for flag in COMMAND_FLAGS[module]:
+            assert flag + ":" in out, (module, flag)
+        assert "--tf_" not in out  # Not the ~40 unrelated absl/TF flags.
+
+
+def test_user_errors_exit_2_with_a_message_naming_the_flag(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    tiny = ["--teacher_model=w0.25-d0.25", "--image_size=16",
+            "--labels_per_class=10"]
+    cases = {
+        "pseudo labels, ratio 0": (
+            _command("train", f"--model_dir={tmp_path}/t",
+                     "--labeled=digits:train", f"--pseudo_labels={tmp_path}",
+                     "--unlabel_ratio=0"),
+            "--unlabel_ratio > 0 with --pseudo_labels"),
+        "per_class": (
+            _command("pipeline", f"--workdir={tmp_path}/w1", *tiny,
+                     "--per_class=-5"), "per_class=-5"),
+        "min_confidence": (
+            _command("pipeline", f"--workdir={tmp_path}/w2", *tiny,
+                     "--min_confidence=1.5"), "min_confidence=1.5"),
+        "unwritable workdir": (
+            _command("pipeline", f"--workdir={blocker}/sub", *tiny),
+            "writable folder --workdir"),
+        "missing unlabeled folder": (
+            _command("pipeline", f"--workdir={tmp_path}/w3", *tiny,
+                     "--unlabeled=folder:/no/such/dir"),
+            "--unlabeled=folder:/no/such/dir"),
+        "no demo default": (
+            _command("predict", f"--teacher={tmp_path}/none",
+                     "--unlabeled=digits:test", f"--out_dir={tmp_path}/p"),
+            "Received: teacher="),
+    }
+    for name, (process, message) in cases.items():
+        code, _, err = _finish(process)
+        assert code == 2, (name, err[-2000:])
+        assert message in err, (name, err[-2000:])
+        assert "Traceback" not in err, name
+        # TF's C++ start-up lines are off by default.
+        assert "oneDNN" not in err and "absl::InitializeLog" not in err, err
+        assert "num_classes=10" not in err, name  # No demo default used.
+    assert not os.path.exists(tmp_path / "w1" / "manifest.json")
+
+
+def test_predict_takes_the_class_count_from_the_teacher(tmp_path):
+    model = efficientnet.build_efficientnet(
+        width=0.25, depth=0.25, image_size=16, small_images=True,
+        num_classes=7)
+    model.save(str(tmp_path / "model.keras"))
+    code, out, err = _finish(_command(
+        "predict", f"--teacher={tmp_path}", "--unlabeled=digits:test",
+        f"--out_dir={tmp_path}/p", "--records_per_file=400"))
+    assert code == 0, err[-3000:]
+    assert "'num_images': 360" in out

@@ -177,8 +177,10 @@ COMMAND_FLAGS = {
     "select": ["--per_class", "--min_confidence"],
     "evaluate": ["--test", "--labeled"],
     "pipeline": ["--labeled", "--teacher_train_steps", "--per_class",
-                 "--predict_batch_size"],
+                 "--predict_batch_size", "--teacher_init", "--student_init"],
     "export": ["--model_path", "--out_dir"],
+    "convert": ["--checkpoint", "--model", "--num_classes",
+                "--normalization"],
 }
 
 

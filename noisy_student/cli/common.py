@@ -33,8 +33,8 @@ class UsageError(ValueError):
 # Errors a user's flags or files cause: printed as one message (the
 # traceback only with --verbosity=1). Anything else is a bug and keeps its
 # traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError,
-               PermissionError, tf.errors.PermissionDeniedError,
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError,
+               NotADirectoryError, PermissionError, tf.errors.PermissionDeniedError,
                tf.errors.NotFoundError)
 
 

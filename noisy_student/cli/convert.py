@@ -18,10 +18,10 @@ noisy_student.layers` before `keras.saving.load_model` (it registers the
 model's custom layers).
 """
 
-from absl import app
 from absl import flags
 
 from noisy_student import checkpoints
+from noisy_student.cli import common
 
 FLAGS = flags.FLAGS
 
@@ -61,7 +61,7 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    common.run_command(main, "ns-convert")
 
 
 if __name__ == "__main__":

@@ -46,6 +46,20 @@ def write_json(path, obj):
     atomic_write(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def beside_model(model_path, name):
+    """The path of file `name` recorded with a model.
+
+    Args:
+      model_path: A model_dir or SavedModel folder, or a .keras file (its
+        folder is used). Local or gs://.
+      name: The file's name (e.g. class_names.json).
+    """
+    path = str(model_path).rstrip("/")
+    folder = path if tf.io.gfile.isdir(path) else path.rsplit("/", 1)[0] if (
+        "/" in path) else ""
+    return f"{folder}/{name}" if folder else name
+
+
 def read_json(path):
     """Reads a JSON file written by `write_json`.
 

@@ -8,7 +8,6 @@ SavedModel (`class_names` output). The preprocessing recipe is recorded the
 same way (`noisy_student.data.preprocess.write_recipe`).
 """
 
-import os
 
 import tensorflow as tf
 
@@ -38,9 +37,7 @@ def read_class_names(model_path):
     Raises:
       ValueError: if the file is not a list of strings.
     """
-    path = str(model_path).rstrip("/")
-    folder = path if tf.io.gfile.isdir(path) else os.path.dirname(path)
-    names_path = f"{folder}/{CLASS_NAMES_FILE}" if folder else CLASS_NAMES_FILE
+    names_path = io_utils.beside_model(model_path, CLASS_NAMES_FILE)
     if not tf.io.gfile.exists(names_path):
         return None
     names = io_utils.read_json(names_path)

@@ -376,11 +376,8 @@ def test_ns_convert_command(tmp_path):
 
 
 def run_pipeline(workdir, *extra):
-    from tests.test_experiment import pipeline_command  # pylint: disable=g-import-not-at-top
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    return subprocess.run(pipeline_command(workdir, *extra), cwd=ROOT,
-                          env=env, capture_output=True, text=True,
-                          timeout=600)
+    from tests import test_experiment  # pylint: disable=g-import-not-at-top
+    return test_experiment.run_pipeline(workdir, *extra)
 
 
 def test_pipeline_teacher_from_a_checkpoint_unchanged(tmp_path):

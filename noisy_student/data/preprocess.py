@@ -42,7 +42,6 @@ evaluation and export read them from the model, not from flags.
 """
 
 import dataclasses
-import os
 
 import tensorflow as tf
 
@@ -105,9 +104,7 @@ def read_recipe(model_path):
     Raises:
       ValueError: if the recorded file holds unknown or bad values.
     """
-    path = str(model_path).rstrip("/")
-    folder = path if tf.io.gfile.isdir(path) else os.path.dirname(path)
-    recipe_path = f"{folder}/{RECIPE_FILE}" if folder else RECIPE_FILE
+    recipe_path = io_utils.beside_model(model_path, RECIPE_FILE)
     if not tf.io.gfile.exists(recipe_path):
         return DEFAULT_RECIPE
     values = io_utils.read_json(recipe_path)

@@ -49,6 +49,31 @@ def _peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _keras_rate(model, dataset, preprocess, batch_size, count):
+    """img/s of model.predict over the same source and eval transform."""
+    batches = dataset.map(lambda x: preprocess(x["image"]),
+                          num_parallel_calls=tf.data.AUTOTUNE).batch(
+                              batch_size).prefetch(tf.data.AUTOTUNE)
+    start = time.perf_counter()
+    logits = model.predict(batches, verbose=0)
+    assert logits.shape[0] == count, logits.shape
+    return count / (time.perf_counter() - start)
+
+
+def _alternate(ours, keras, pairs):
+    """(our rates, Keras rates) of `pairs` pairs, taking turns going first
+    so that load drift on a shared machine favours neither side."""
+    our_rates, keras_rates = [], []
+    for pair in range(pairs):
+        if pair % 2:
+            our_rates.append(ours())
+            keras_rates.append(keras())
+        else:
+            keras_rates.append(keras())
+            our_rates.append(ours())
+    return our_rates, keras_rates
+
+
 def speed():
     """images/s of our stage and of model.predict on B0 at 32 px."""
     model = efficientnet.build_efficientnet(
@@ -59,13 +84,8 @@ def speed():
     preprocess = pr.default_preprocess(32)
 
     def keras_predict():
-        batches = source.map(lambda x: preprocess(x["image"]),
-                             num_parallel_calls=tf.data.AUTOTUNE).batch(
-                                 BATCH_SIZE).prefetch(tf.data.AUTOTUNE)
-        start = time.perf_counter()
-        logits = model.predict(batches, verbose=0)
-        assert logits.shape == (SPEED_IMAGES, 10)
-        return SPEED_IMAGES / (time.perf_counter() - start)
+        return _keras_rate(model, source, preprocess, BATCH_SIZE,
+                           SPEED_IMAGES)
 
     def ours():
         with tempfile.TemporaryDirectory() as out_dir:
@@ -79,16 +99,7 @@ def speed():
 
     keras_predict()  # Warm-up: traces and builds the predict function.
     ours()  # Warm-up: traces the teacher (cached per model).
-    keras_rates, our_rates = [], []
-    for pair in range(PAIRS):
-        # Alternate who goes first, so that load drift on a shared machine
-        # does not favour one side.
-        if pair % 2:
-            our_rates.append(ours())
-            keras_rates.append(keras_predict())
-        else:
-            keras_rates.append(keras_predict())
-            our_rates.append(ours())
+    our_rates, keras_rates = _alternate(ours, keras_predict, PAIRS)
     ratios = np.array(our_rates) / np.array(keras_rates)
     print(f"speed (B0 32px small-image, batch {BATCH_SIZE}, {SPEED_IMAGES} "
           f"images, load average {os.getloadavg()[0]:.1f}):\n"
@@ -135,16 +146,10 @@ def jpeg224():
         preprocess = pr.default_preprocess(224, 3)
 
         def keras_predict():
-            batches = source.dataset.map(
-                lambda x: preprocess(x["image"]),
-                num_parallel_calls=tf.data.AUTOTUNE).batch(
-                    JPEG_BATCH).prefetch(tf.data.AUTOTUNE)
-            start = time.perf_counter()
-            logits = model.predict(batches, verbose=0)
-            assert logits.shape == (JPEG_IMAGES, 10)
-            return JPEG_IMAGES / (time.perf_counter() - start)
+            return _keras_rate(model, source.dataset, preprocess,
+                               JPEG_BATCH, JPEG_IMAGES)
 
-        def ours(keep=None):
+        def ours():
             out_dir = tempfile.mkdtemp(dir=folder)
             start = time.perf_counter()
             summary = pr.predict(model, source.dataset, out_dir, 10,
@@ -158,14 +163,8 @@ def jpeg224():
 
         keras_predict()
         _, record_bytes = ours()
-        keras_rates, our_rates = [], []
-        for pair in range(3):
-            if pair % 2:
-                our_rates.append(ours()[0])
-                keras_rates.append(keras_predict())
-            else:
-                keras_rates.append(keras_predict())
-                our_rates.append(ours()[0])
+        our_rates, keras_rates = _alternate(lambda: ours()[0],
+                                            keras_predict, 3)
     ratios = np.array(our_rates) / np.array(keras_rates)
     print(f"jpeg 224 (B0, {JPEG_IMAGES} JPEGs of 256-320 px, batch "
           f"{JPEG_BATCH}): model.predict img/s "

@@ -151,7 +151,9 @@ def plan(config):
     work directory is checked against the configuration before any work.
     """
     workdir = config.workdir.rstrip("/")
-    data_fp = manifest_lib.fingerprint(config.data)
+    # Where the folder scans are written is no data setting.
+    data_fp = manifest_lib.fingerprint(_without_paths(config.data,
+                                                      "scan_dir"))
     steps = []
 
     def train_and_eval(r, train_config, input_config, pseudo_dir, upstream):

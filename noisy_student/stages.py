@@ -19,6 +19,7 @@ from noisy_student import predict as predict_lib
 from noisy_student import pseudo_labels
 from noisy_student import select as select_lib
 from noisy_student import train_lib
+from noisy_student.data import image_scan
 from noisy_student.data import pipeline
 from noisy_student.data import preprocess
 from noisy_student.data import sources
@@ -42,7 +43,13 @@ class DataConfig:
       split_seed: Seed of the labeled / validation / unlabeled split.
       data_dir: TFDS data folder (local or gs://).
       channels: Channels given to the model (grey sources are repeated).
-      skip_corrupt: Skip undecodable image files (warning) or fail.
+      skip_corrupt: Leave out the image files the decoder rejects (named
+        in the log and in scan_dir's skipped_images.json), or fail, naming
+        the first, before any work.
+      scan_dir: Where folder sources write their scan report and cache
+        (`image_scan.REPORT_FILE`): the command's output folder; None
+        scans without writing. Not a data setting: fingerprints leave it
+        out.
     """
     labeled: str = "digits:train"
     unlabeled: str = ""
@@ -53,6 +60,7 @@ class DataConfig:
     data_dir: str | None = None
     channels: int = 3
     skip_corrupt: bool = True
+    scan_dir: str | None = None
 
     def __post_init__(self):
         if self.labels_per_class < 0:
@@ -75,7 +83,10 @@ class DataConfig:
             return sources.load_source(spec, channels=self.channels,
                                        data_dir=self.data_dir,
                                        skip_corrupt=self.skip_corrupt,
-                                       **kwargs)
+                                       scan_dir=self.scan_dir, **kwargs)
+        except image_scan.UndecodableImagesError as e:
+            raise ValueError(
+                f"--{field}={spec}: {e.describe('--noskip_corrupt')}") from e
         except (ValueError, FileNotFoundError) as e:
             raise type(e)(f"--{field}={spec}: {e}") from e
 
@@ -103,8 +114,9 @@ class DataConfig:
                                   and self.labels_per_class):
             if not self.labels_per_class:
                 raise ValueError(
-                    "Expected an unlabeled source or labels_per_class > 0. "
-                    "Received: unlabeled='' and labels_per_class=0")
+                    "Expected an unlabeled source --unlabeled or "
+                    "--labels_per_class > 0 (the rest of --labeled). "
+                    "Received: --unlabeled='' and --labels_per_class=0")
             return self._load("labeled", labeled=False,
                               subset=self._subset("unlabeled"),
                               keep_encoded=keep_encoded)

@@ -53,7 +53,7 @@ def test_class_folder_without_images_is_refused(tmp_path):
     for name in ("cat", "dog"):
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(
             tmp_path / name / "a.png")
-    with pytest.raises(ValueError, match=r"no image in \['empty'\]"):
+    with pytest.raises(ValueError, match=r"no decodable image in \['empty'\]"):
         sources.load_source(f"folder:{tmp_path}")
 
 
@@ -187,7 +187,8 @@ COMMAND_FLAGS = {
 def test_help_of_every_command_lists_its_flags():
     processes = {m: _command(m, "--help") for m in COMMAND_FLAGS}
     for module, process in processes.items():
-        _, out, _ = _finish(process)  # absl's --help exits 1.
+        code, out, _ = _finish(process)
+        assert code == 0, module  # Help asked for is not an error.
         for flag in COMMAND_FLAGS[module]:
             assert flag + ":" in out, (module, flag)
         assert "--tf_" not in out  # Not the ~40 unrelated absl/TF flags.
@@ -196,6 +197,11 @@ def test_help_of_every_command_lists_its_flags():
 def test_user_errors_exit_2_with_a_message_naming_the_flag(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
+    corrupt = tmp_path / "corrupt"
+    for name in ("cat", "dog"):
+        os.makedirs(corrupt / name)
+        Image.new("RGB", (8, 8)).save(corrupt / name / "a.png")
+    (corrupt / "dog" / "b.jpg").write_bytes(b"")  # zero bytes
     tiny = ["--teacher_model=w0.25-d0.25", "--image_size=16",
             "--labels_per_class=10"]
     cases = {
@@ -221,16 +227,31 @@ def test_user_errors_exit_2_with_a_message_naming_the_flag(tmp_path):
             _command("predict", f"--teacher={tmp_path}/none",
                      "--unlabeled=digits:test", f"--out_dir={tmp_path}/p"),
             "Received: teacher="),
+        "no unlabeled source": (
+            _command("predict", f"--teacher={tmp_path}/none",
+                     "--labeled=digits:train", f"--out_dir={tmp_path}/p2"),
+            "Received: --unlabeled=''"),
+        "corrupt file, --noskip_corrupt": (
+            _command("train", f"--model_dir={tmp_path}/t2",
+                     f"--labeled=folder:{corrupt}", "--noskip_corrupt",
+                     "--model=w0.25-d0.25", "--image_size=16",
+                     "--train_steps=1"),
+            (f"{corrupt}/dog/b.jpg: empty file", "--noskip_corrupt")),
     }
-    for name, (process, message) in cases.items():
+    for name, (process, messages) in cases.items():
         code, _, err = _finish(process)
         assert code == 2, (name, err[-2000:])
-        assert message in err, (name, err[-2000:])
+        for message in (messages if isinstance(messages, tuple)
+                        else (messages,)):
+            assert message in err, (name, err[-2000:])
         assert "Traceback" not in err, name
         # TF's C++ start-up lines are off by default.
         assert "oneDNN" not in err and "absl::InitializeLog" not in err, err
         assert "num_classes=10" not in err, name  # No demo default used.
     assert not os.path.exists(tmp_path / "w1" / "manifest.json")
+    # Nothing trained; an output folder made for a failed command is gone.
+    assert os.listdir(tmp_path / "t2") == ["skipped_images.json"]
+    assert not os.path.exists(tmp_path / "p2")
 
 
 def test_predict_takes_the_class_count_from_the_teacher(tmp_path):

@@ -8,6 +8,7 @@ into frozen config dataclasses once with the `*_config` functions; its
 exit status 2. Nothing below noisy_student/cli/ reads FLAGS.
 """
 
+import contextlib
 import os
 import sys
 
@@ -43,9 +44,15 @@ def _user_errors():
     return USER_ERRORS + (workdir_lock.WorkdirBusyError,)
 
 
+# absl's help flags print the help and exit with status 1.
+HELP_ARGS = ("--help", "-help", "-h", "-?", "--helpshort", "-helpshort",
+             "--helpfull", "-helpfull", "--helpxml", "-helpxml")
+
+
 def run_command(main, name):
     """`app.run(main)`, with user errors printed as `name: error: message`
-    on stderr and exit status 2 (tracebacks with --verbosity=1 or more)."""
+    on stderr and exit status 2 (tracebacks with --verbosity=1 or more),
+    and help asked for (`--help`) exiting with status 0."""
     def guarded(argv):
         try:
             return main(argv)
@@ -56,7 +63,13 @@ def run_command(main, name):
             print(f"{name}: error: {message}\n(--verbosity=1 shows the "
                   "traceback)", file=sys.stderr, flush=True)
             sys.exit(2)
-    app.run(guarded)
+    try:
+        app.run(guarded)
+    except SystemExit as e:
+        # absl exits 1 after printing the help the user asked for.
+        if e.code == 1 and any(a in HELP_ARGS for a in sys.argv[1:]):
+            sys.exit(0)
+        raise
 
 
 def check_writable_dir(folder, flag):
@@ -75,6 +88,21 @@ def check_writable_dir(folder, flag):
         reason = getattr(e, "message", None) or str(e)
         raise UsageError(f"Expected a writable folder --{flag}. Received: "
                          f"--{flag}={folder} ({reason})") from e
+
+
+@contextlib.contextmanager
+def output_folder(folder, flag):
+    """Checks `folder` is writable (`check_writable_dir`) for the block;
+    if the block fails and the folder was made for it and is still empty,
+    removes it (a failed command leaves no empty --out_dir behind)."""
+    existed = tf.io.gfile.exists(folder)
+    check_writable_dir(folder, flag)
+    try:
+        yield
+    except BaseException:
+        if not existed and not tf.io.gfile.listdir(folder):
+            tf.io.gfile.rmtree(folder)
+        raise
 
 
 def define_data_flags(demo=False):
@@ -108,18 +136,23 @@ def define_data_flags(demo=False):
     flags.DEFINE_integer("channels", 3,
                          "Image channels given to the model (1 or 3).")
     flags.DEFINE_bool("skip_corrupt", True,
-                      "Skip undecodable image files with a warning; "
-                      "--noskip_corrupt stops at the first.")
+                      "Folder sources: leave out image files that do not "
+                      "decode (checked once before any work, named in the "
+                      "log and in OUTPUT_FOLDER/skipped_images.json, not "
+                      "counted); --noskip_corrupt fails before any work, "
+                      "naming the first.")
 
 
-def data_config():
+def data_config(scan_dir=None):
+    """The DataConfig of the data flags; `scan_dir`: the command's output
+    folder, where folder sources write skipped_images.json."""
     return stages.DataConfig(
         labeled=FLAGS.labeled or "", unlabeled=FLAGS.unlabeled,
         test=FLAGS.test or "",
         labels_per_class=FLAGS.labels_per_class,
         validation_size=FLAGS.validation_size, split_seed=FLAGS.split_seed,
         data_dir=FLAGS.data_dir, channels=FLAGS.channels,
-        skip_corrupt=FLAGS.skip_corrupt)
+        skip_corrupt=FLAGS.skip_corrupt, scan_dir=scan_dir)
 
 
 def define_role_flags(prefix, role, default_model="b0", steps=1000,

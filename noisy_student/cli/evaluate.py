@@ -43,7 +43,9 @@ def main(argv):
         attack=FLAGS.attack, pgd_steps=FLAGS.pgd_steps,
         imagenet_c_dir=FLAGS.imagenet_c_dir,
         imagenet_a_dir=FLAGS.imagenet_a_dir)
-    results = stages.run_eval(config, common.data_config(), FLAGS.part)
+    # Folder sources' scan reports go beside the results (if written).
+    data = common.data_config(scan_dir=FLAGS.output_dir or None)
+    results = stages.run_eval(config, data, FLAGS.part)
     print({k: v for k, v in results.get("clean", {}).items()
            if k in ("top1", "top5", "ece", "num_examples")})
 

@@ -57,7 +57,7 @@ flags.adopt_module_key_flags(common)
 
 def experiment_config():
     """Turns FLAGS into an ExperimentConfig (checks before any work)."""
-    data = common.data_config()
+    data = common.data_config(scan_dir=FLAGS.workdir)
     labeled = data.labeled_source()
     layout = FLAGS.teacher_init or FLAGS.student_init
     teacher, teacher_input = common.role_configs(
@@ -95,8 +95,9 @@ def experiment_config():
 
 def main(argv):
     del argv
-    config = experiment_config()
-    common.check_writable_dir(FLAGS.workdir, "workdir")
+    # Writable first: the sources' scan reports go into the workdir.
+    with common.output_folder(FLAGS.workdir, "workdir"):
+        config = experiment_config()
     # A second process on this workdir fails here, before it writes.
     with workdir_lock.WorkdirLock(FLAGS.workdir):
         experiment.check(config)  # A workdir of other settings fails here.

@@ -37,20 +37,24 @@ flags.adopt_module_key_flags(common)
 
 def main(argv):
     del argv
-    data = common.data_config()
-    if FLAGS.num_classes:
-        num_classes = FLAGS.num_classes
-    elif data.labeled:
-        num_classes = data.labeled_source().num_classes
-    else:  # Nothing names the classes but the teacher.
-        num_classes = model_io.num_classes(
-            model_io.load_model(FLAGS.teacher, what="teacher"))
-    common.check_writable_dir(FLAGS.out_dir, "out_dir")
-    config = predict_lib.PredictConfig(
-        teacher=FLAGS.teacher, out_dir=FLAGS.out_dir, num_classes=num_classes,
-        batch_size=FLAGS.predict_batch_size, shard_index=FLAGS.shard_index,
-        num_shards=FLAGS.num_shards, records_per_file=FLAGS.records_per_file)
-    print(stages.run_predict(config, data))
+    data = common.data_config(scan_dir=FLAGS.out_dir)
+    # Writable first: the sources' scan reports go into the out_dir, which
+    # is removed again if the command fails before writing anything there.
+    with common.output_folder(FLAGS.out_dir, "out_dir"):
+        if FLAGS.num_classes:
+            num_classes = FLAGS.num_classes
+        elif data.labeled:
+            num_classes = data.labeled_source().num_classes
+        else:  # Nothing names the classes but the teacher.
+            num_classes = model_io.num_classes(
+                model_io.load_model(FLAGS.teacher, what="teacher"))
+        config = predict_lib.PredictConfig(
+            teacher=FLAGS.teacher, out_dir=FLAGS.out_dir,
+            num_classes=num_classes, batch_size=FLAGS.predict_batch_size,
+            shard_index=FLAGS.shard_index, num_shards=FLAGS.num_shards,
+            records_per_file=FLAGS.records_per_file)
+        summary = stages.run_predict(config, data)
+    print(summary)
 
 
 def run():

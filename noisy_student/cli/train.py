@@ -49,13 +49,14 @@ def main(argv):
             "trains on both). Received: --unlabel_ratio="
             f"{FLAGS.unlabel_ratio}, which would ignore --pseudo_labels="
             f"{FLAGS.pseudo_labels}")
-    data = common.data_config()
-    labeled = data.labeled_source()
-    common.check_writable_dir(FLAGS.model_dir, "model_dir")
-    ratio = FLAGS.unlabel_ratio if FLAGS.pseudo_labels else 0
-    train_config, input_config = common.role_configs(
-        "", FLAGS.model, labeled.num_classes, ratio, labeled,
-        init_from=FLAGS.init_from)
+    data = common.data_config(scan_dir=FLAGS.model_dir)
+    # Writable first: the sources' scan reports go into the model_dir.
+    with common.output_folder(FLAGS.model_dir, "model_dir"):
+        labeled = data.labeled_source()
+        ratio = FLAGS.unlabel_ratio if FLAGS.pseudo_labels else 0
+        train_config, input_config = common.role_configs(
+            "", FLAGS.model, labeled.num_classes, ratio, labeled,
+            init_from=FLAGS.init_from)
     train_config = dataclasses.replace(train_config,
                                        freeze_blocks=FLAGS.freeze_blocks)
     # One run per model_dir; the workers of one multi-worker run share it,

@@ -2,12 +2,16 @@
 
     tfds:NAME[:SPLIT]   a TensorFlow Datasets builder, e.g. tfds:svhn_cropped:train
                         or tfds:cifar10:train[:4000]; `data_dir` may be gs://.
-    folder:PATH         one sub-folder per class holding JPEG/PNG/GIF/BMP files
-                        (sorted folder names give the label ids and the class
-                        names); an unlabeled folder may hold its images at any
-                        depth. Files are decoded upright (JPEG EXIF
-                        orientation) by `preprocess.decode_image`, as the
-                        SavedModel's serve_bytes does.
+    folder:PATH         one sub-folder per class holding JPEG, PNG, GIF, BMP,
+                        WebP or JPEG XL files (sorted folder names give the
+                        label ids and the class names); an unlabeled folder
+                        may hold its images at any depth. Files are decoded
+                        upright (JPEG EXIF orientation) by
+                        `preprocess.decode_image`, as the SavedModel's
+                        serve_bytes does. Every file is checked once before
+                        use (`image_scan`): undecodable ones are skipped,
+                        named in the log and in skipped_images.json, and not
+                        counted; other image types are listed as ignored.
     npz:PATH            arrays `x` (uint8, NHWC or NHW) and `y` (integers).
     idx:DIR[:SPLIT]     MNIST-format files (train-images-idx3-ubyte.gz, ...),
                         as Debian's dataset-fashion-mnist installs under
@@ -30,9 +34,10 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
+from noisy_student.data import image_scan
 from noisy_student.data import preprocess
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
+IMAGE_EXTENSIONS = image_scan.IMAGE_EXTENSIONS
 DIGITS_TEST_SIZE = 360
 DIGITS_SEED = 0
 # Data sets whose labels change under a horizontal flip (digits, house
@@ -83,6 +88,8 @@ class ImageSource:
       spec: The spec string it was loaded from.
       class_names: Names of the classes in label order, when the source has
         them (a folder's sorted sub-folder names, a TFDS label's names).
+      scan: A folder source's `image_scan.ScanResult` (what it decoded,
+        skipped and ignored), else None.
     """
     dataset: tf.data.Dataset
     num_examples: int | None
@@ -91,6 +98,7 @@ class ImageSource:
     allows_flip: bool
     spec: str
     class_names: tuple | None = None
+    scan: image_scan.ScanResult | None = None
 
 
 def parse_spec(spec):
@@ -122,7 +130,7 @@ def parse_spec(spec):
 
 def load_source(spec, *, labeled=True, subset=None, channels=None,
                 num_classes=None, data_dir=None, skip_corrupt=True,
-                keep_encoded=False, class_names=None):
+                keep_encoded=False, class_names=None, scan_dir=None):
     """Loads the source named by `spec`.
 
     Args:
@@ -133,8 +141,9 @@ def load_source(spec, *, labeled=True, subset=None, channels=None,
         colour ones converted to 1. None keeps the source's.
       num_classes: If given, labels must lie in [0, num_classes).
       data_dir: TFDS data folder (local or gs://).
-      skip_corrupt: Skip undecodable image files with a logged warning for
-        each (True), or stop with an error (False).
+      skip_corrupt: Folder sources: leave out the files the decoder
+        rejects, named in the log and in scan_dir's skipped_images.json
+        (True), or raise before any reading (False).
       keep_encoded: Folder sources also yield each file's bytes as
         "encoded" (string []), for records that keep them instead of
         re-encoding (the predict stage).
@@ -143,12 +152,17 @@ def load_source(spec, *, labeled=True, subset=None, channels=None,
         labelled by its name's position here, so a folder holding some of
         the classes keeps their labels; a sub-folder of another name is an
         error. None numbers the sorted sub-folders (a training set).
+      scan_dir: Folder of a folder source's scan report and cache
+        (`image_scan.REPORT_FILE`); None scans without writing.
 
     Returns:
-      An `ImageSource`.
+      An `ImageSource` whose num_examples counts only decodable files.
 
     Raises:
-      ValueError, FileNotFoundError: for bad specs, paths or contents.
+      image_scan.UndecodableImagesError: with skip_corrupt=False, naming
+        the first undecodable file.
+      ValueError, FileNotFoundError: for bad specs, paths or contents (a
+        folder or class folder with no decodable image included).
     """
     kind, path, split = parse_spec(spec)
     if channels not in (None, 1, 3):
@@ -159,7 +173,9 @@ def load_source(spec, *, labeled=True, subset=None, channels=None,
                           channels, data_dir, num_classes)
     if kind == "folder":
         known = class_names
-        files, labels, class_names = _list_folder(path, need_labels, known)
+        scan = image_scan.scan_folder(path, scan_dir)
+        _check_scan(spec, scan, skip_corrupt)
+        files, labels, class_names = _list_folder(scan, need_labels, known)
         if need_labels and known is None:
             # A test set scored against a model may hold some of its
             # classes; a training set must have images of every class.
@@ -171,10 +187,10 @@ def load_source(spec, *, labeled=True, subset=None, channels=None,
         n_classes = len(class_names) if need_labels else None
         _check_num_classes(spec, n_classes, num_classes)
         ds = _folder_dataset(files, labels if labeled else None, channels,
-                             skip_corrupt, keep_encoded)
+                             keep_encoded)
         return ImageSource(ds, len(files), n_classes if labeled else None,
                            None, _allows_flip(path), spec,
-                           tuple(class_names) if labeled else None)
+                           tuple(class_names) if labeled else None, scan)
     if kind == "npz":
         x, y = _read_npz(path, need_labels)
     elif kind == "idx":
@@ -235,14 +251,31 @@ def _check_num_classes(spec, found, expected):
             f"Expected {expected} classes in {spec}. Received: {found} classes")
 
 
+def _check_scan(spec, scan, skip_corrupt):
+    """Raises before any reading if the folder has nothing to read, or
+    (skip_corrupt False) any undecodable file."""
+    if not scan.decoded and not scan.skipped:
+        raise ValueError(
+            "Expected image files (" + ", ".join(IMAGE_EXTENSIONS) + ") "
+            f"in the folder. Received: path={scan.folder} with none"
+            + (f" ({len(scan.ignored)} of an unsupported type, e.g. "
+               f"{next(iter(scan.ignored))})" if scan.ignored else ""))
+    if scan.skipped and not skip_corrupt:
+        raise image_scan.UndecodableImagesError(scan)
+    if not scan.decoded:
+        raise ValueError(
+            f"Expected at least one decodable image in {spec}. Received: "
+            f"{scan.summary()}: " + "; ".join(scan.examples(3)))
+
+
 def _check_every_class_has_images(spec, labels, class_names):
-    """Raises ValueError naming the class folders that hold no image."""
+    """Raises ValueError naming the class folders with no decodable image."""
     counts = np.bincount(labels, minlength=len(class_names))
     empty = [name for name, n in zip(class_names, counts) if n == 0]
     if empty:
         raise ValueError(
-            f"Expected image files in every class folder of {spec}. "
-            f"Received: no image in {empty[:10]}"
+            f"Expected decodable image files in every class folder of "
+            f"{spec}. Received: no decodable image in {empty[:10]}"
             + (f" and {len(empty) - 10} more" if len(empty) > 10 else ""))
 
 
@@ -384,48 +417,48 @@ def _read_idx(folder, split, need_labels):
     return x, y
 
 
-def _list_folder(path, need_labels, known_classes=None):
-    if not tf.io.gfile.isdir(path):
-        raise FileNotFoundError(f"Expected a folder of images. Received: "
-                                f"path={path}")
-    files, labels, class_names = [], [], []
-    if need_labels:
-        class_names = sorted(d.rstrip("/") for d in tf.io.gfile.listdir(path)
-                             if tf.io.gfile.isdir(os.path.join(path, d)))
-        index = {name: i for i, name in enumerate(class_names)}
-        if known_classes is not None:
-            unknown = [n for n in class_names if n not in known_classes]
-            if unknown:
-                raise ValueError(
-                    f"Expected sub-folders named after the model's classes "
-                    f"{list(known_classes)[:20]}. Received: path={path} with "
-                    f"sub-folders {unknown[:10]} that are none of them")
-            index = {name: list(known_classes).index(name)
-                     for name in class_names}
-            class_names = list(known_classes)
-        for name in sorted(index):
-            found = _image_files(os.path.join(path, name))
-            files += found
-            labels += [index[name]] * len(found)
-    else:
-        files = _image_files(path)
+def _list_folder(scan, need_labels, known_classes=None):
+    """(files, labels, class names) of a scanned folder's decodable files.
+
+    Labeled: each file takes the label of the class sub-folder it is in (at
+    any depth below it), classes in sorted folder order, files sorted
+    within; files directly in the folder are not used. Unlabeled: every
+    decodable file, sorted.
+    """
+    path = scan.folder
+    if not need_labels:
+        return list(scan.decoded), np.asarray([], np.int32), []
+    class_names = sorted(d.rstrip("/") for d in tf.io.gfile.listdir(path)
+                         if tf.io.gfile.isdir(os.path.join(path, d)))
+    index = {name: i for i, name in enumerate(class_names)}
+    if known_classes is not None:
+        unknown = [n for n in class_names if n not in known_classes]
+        if unknown:
+            raise ValueError(
+                f"Expected sub-folders named after the model's classes "
+                f"{list(known_classes)[:20]}. Received: path={path} with "
+                f"sub-folders {unknown[:10]} that are none of them")
+        index = {name: list(known_classes).index(name)
+                 for name in class_names}
+        class_names = list(known_classes)
+    by_class = {name: [] for name in index}
+    for file in scan.decoded:
+        name, sep, _ = file[len(path) + 1:].partition("/")
+        if sep and name in by_class:
+            by_class[name].append(file)
+    files, labels = [], []
+    for name in sorted(index):
+        files += by_class[name]
+        labels += [index[name]] * len(by_class[name])
     if not files:
         raise ValueError(
-            "Expected image files (" + ", ".join(IMAGE_EXTENSIONS) + ") "
-            + ("in one sub-folder per class " if need_labels else "")
-            + f"of the folder. Received: path={path} with none")
+            "Expected decodable image files in one sub-folder per class of "
+            f"the folder. Received: path={path} with none")
     return files, np.asarray(labels, np.int32), class_names
 
 
-def _image_files(folder):
-    found = []
-    for root, _, names in tf.io.gfile.walk(folder):
-        found += [os.path.join(root, n) for n in names
-                  if n.lower().endswith(IMAGE_EXTENSIONS)]
-    return sorted(found)
-
-
-def _folder_dataset(files, labels, channels, skip_corrupt, keep_encoded=False):
+def _folder_dataset(files, labels, channels, keep_encoded=False):
+    """Reads and decodes `files`, all checked by the scan to decode."""
     def decode(element):
         # The serving signature decodes bytes with the same function:
         # EXIF orientation applied, channels converted the same way.
@@ -442,12 +475,11 @@ def _folder_dataset(files, labels, channels, skip_corrupt, keep_encoded=False):
     columns = {"path": tf.constant(files)}
     if labels is not None:
         columns["label"] = tf.constant(labels, tf.int32)
-    ds = tf.data.Dataset.from_tensor_slices(columns).map(
+    # No ignore_errors: every file was decoded by the scan, so a failure
+    # here means a file changed during the run, which must not pass
+    # silently (a rerun scans the changed listing again).
+    return tf.data.Dataset.from_tensor_slices(columns).map(
         decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    if skip_corrupt:
-        # Each skipped file is logged with its decoding error.
-        ds = ds.ignore_errors(log_warning=True)
-    return ds
 
 
 def _load_tfds(spec, name, split, need_labels, labeled, subset, channels,

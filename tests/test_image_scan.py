@@ -1,0 +1,181 @@
+"""Folder sources scan their files once and name every file they skip.
+
+Issue 19, fault 6: corrupt, truncated or zero-byte images were skipped with
+warnings that never named the file, the image count included them, and
+--noskip_corrupt failed inside the training loop. A folder source now checks
+every file with the pipeline's own decoder before any work, counts only the
+files it yields, logs and writes (WORKDIR/skipped_images.json) every file
+it skips, and reuses that scan on a rerun.
+"""
+
+import io
+import json
+import logging
+import os
+
+import numpy as np
+from PIL import Image
+import pytest
+import tensorflow as tf
+
+from noisy_student import stages
+from noisy_student.data import image_scan
+from noisy_student.data import preprocess
+from noisy_student.data import sources
+
+
+def _pixels(seed, height=10, width=12):
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3),
+                                                dtype=np.uint8)
+
+
+def _jpeg_bytes(seed):
+    buffer = io.BytesIO()
+    Image.fromarray(_pixels(seed)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def mixed_folder(tmp_path):
+    """cat: 2 good, a zero-byte .png, a truncated .jpg; dog: a good .png, a
+    text file named .jpg, a lossless .webp (decodable), a .tif (not)."""
+    root = tmp_path / "images"
+    for name in ("cat", "dog"):
+        (root / name).mkdir(parents=True)
+    Image.fromarray(_pixels(0)).save(root / "cat" / "a_good.png")
+    (root / "cat" / "b_good.jpg").write_bytes(_jpeg_bytes(1))
+    (root / "cat" / "c_empty.png").write_bytes(b"")
+    (root / "cat" / "d_truncated.jpg").write_bytes(_jpeg_bytes(2)[:300])
+    Image.fromarray(_pixels(3)).save(root / "dog" / "a_good.png")
+    (root / "dog" / "b_text.jpg").write_text("not an image\n")
+    Image.fromarray(_pixels(4)).save(root / "dog" / "c_photo.webp",
+                                     lossless=True)
+    Image.fromarray(_pixels(5)).save(root / "dog" / "d_scan.tif")
+    return root
+
+
+BAD = {"cat/c_empty.png": "empty file",
+       "cat/d_truncated.jpg": "Invalid JPEG data",
+       "dog/b_text.jpg": "Unknown image file format"}
+
+
+def test_count_is_the_decodable_files(mixed_folder):
+    source = sources.load_source(f"folder:{mixed_folder}", channels=3)
+    elements = list(source.dataset.as_numpy_iterator())
+    # 2 good cats, the good dog PNG and the WebP.
+    assert source.num_examples == len(elements) == 4
+    assert [int(e["label"]) for e in elements] == [0, 0, 1, 1]
+    unlabeled = sources.load_source(f"folder:{mixed_folder}", labeled=False)
+    assert unlabeled.num_examples == len(list(unlabeled.dataset)) == 4
+
+
+def test_webp_is_read_and_tif_reported_as_unsupported(mixed_folder):
+    source = sources.load_source(f"folder:{mixed_folder}", labeled=False)
+    images = [e["image"] for e in source.dataset.as_numpy_iterator()]
+    np.testing.assert_array_equal(images[-1], _pixels(4))  # lossless WebP
+    ignored = source.scan.ignored
+    assert list(ignored) == [f"{mixed_folder}/dog/d_scan.tif"]
+    assert "unsupported type" in ignored[f"{mixed_folder}/dog/d_scan.tif"]
+
+
+def test_skipped_files_are_logged_and_written_with_reasons(
+        mixed_folder, tmp_path, caplog):
+    caplog.set_level(logging.WARNING)
+    work = tmp_path / "work"
+    sources.load_source(f"folder:{mixed_folder}", scan_dir=str(work))
+    warnings = "\n".join(r.getMessage() for r in caplog.records
+                         if r.levelno == logging.WARNING)
+    assert f"folder:{mixed_folder}: 4 decoded, 3 skipped" in warnings
+    for name, reason in BAD.items():
+        assert f"{mixed_folder}/{name}: " in warnings, name
+    assert "d_scan.tif: ignored: unsupported type" in warnings
+    report = json.loads((work / image_scan.REPORT_FILE).read_text())
+    entry = report[str(mixed_folder)]
+    assert entry["decoded"] == 4
+    assert set(entry["skipped"]) == {f"{mixed_folder}/{n}" for n in BAD}
+    for name, reason in BAD.items():
+        assert reason in entry["skipped"][f"{mixed_folder}/{name}"], name
+    assert list(entry["ignored"]) == [f"{mixed_folder}/dog/d_scan.tif"]
+
+
+def test_noskip_corrupt_names_the_first_bad_file_before_any_reading(
+        mixed_folder):
+    with pytest.raises(ValueError, match=r"c_empty\.png: empty file") as e:
+        sources.load_source(f"folder:{mixed_folder}", skip_corrupt=False)
+    assert "and 2 more" in str(e.value)
+    data = stages.DataConfig(labeled=f"folder:{mixed_folder}",
+                             skip_corrupt=False)
+    with pytest.raises(ValueError, match=r"^--labeled=folder:") as e:
+        data.labeled_source()
+    assert "--noskip_corrupt" in str(e.value)
+    assert f"{mixed_folder}/cat/c_empty.png: empty file" in str(e.value)
+    assert "\n" not in str(e.value)  # One line.
+
+
+def test_folder_without_a_decodable_image_names_the_folder(tmp_path):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(b"")
+    (folder / "b.png").write_text("text")
+    data = stages.DataConfig(unlabeled=f"folder:{folder}")
+    with pytest.raises(ValueError, match=r"--unlabeled=folder:.*broken.*"
+                                         r"0 decoded, 2 skipped"):
+        data.unlabeled_source()
+
+
+def test_class_folder_with_only_bad_files_is_refused(mixed_folder):
+    (mixed_folder / "dog" / "a_good.png").unlink()
+    (mixed_folder / "dog" / "c_photo.webp").unlink()
+    with pytest.raises(ValueError, match=r"no decodable image in \['dog'\]"):
+        sources.load_source(f"folder:{mixed_folder}")
+
+
+def test_rerun_reuses_the_scan_until_a_file_changes(mixed_folder, tmp_path,
+                                                    monkeypatch):
+    work = str(tmp_path / "work")
+    spec = f"folder:{mixed_folder}"
+    first = sources.load_source(spec, scan_dir=work)
+    assert not first.scan.cached
+    image_scan.clear_memory_cache()  # As a new process would start.
+    checks = []
+    real = image_scan._decodable  # pylint: disable=protected-access
+
+    def counting(paths, *args, **kwargs):
+        checks.append(len(paths))
+        return real(paths, *args, **kwargs)
+    monkeypatch.setattr(image_scan, "_decodable", counting)
+    again = sources.load_source(spec, scan_dir=work)
+    assert again.scan.cached and not checks
+    assert again.num_examples == first.num_examples
+    # A changed file (new size and mtime) is a new listing: scanned again.
+    (mixed_folder / "cat" / "c_empty.png").write_bytes(
+        (mixed_folder / "cat" / "a_good.png").read_bytes())
+    image_scan.clear_memory_cache()
+    changed = sources.load_source(spec, scan_dir=work)
+    assert checks and not changed.scan.cached
+    assert changed.num_examples == 5
+
+
+def test_scan_logs_progress(mixed_folder, caplog):
+    caplog.set_level(logging.INFO)
+    image_scan.scan_folder(str(mixed_folder), log_every_s=0.0)
+    assert any("checked" in r.getMessage() and "of 7 files" in r.getMessage()
+               for r in caplog.records)
+
+
+@pytest.mark.parametrize("fmt, ext", [
+    ("PNG", ".png"), ("JPEG", ".jpg"), ("GIF", ".gif"), ("BMP", ".bmp"),
+    ("WEBP", ".webp"), ("TIFF", ".tif"), ("PPM", ".ppm"), ("ICO", ".ico"),
+    ("JPEG2000", ".jp2")])
+def test_folder_sources_read_exactly_what_serving_decodes(fmt, ext):
+    """serve_bytes decodes with preprocess.decode_image: a type it decodes
+    is read by folder sources, a type it cannot is reported as ignored."""
+    buffer = io.BytesIO()
+    Image.fromarray(_pixels(0, 16, 16)).save(buffer, fmt)
+    try:
+        preprocess.decode_image(tf.constant(buffer.getvalue()))
+        serving_decodes = True
+    except tf.errors.InvalidArgumentError:
+        serving_decodes = False
+    assert (ext in sources.IMAGE_EXTENSIONS) == serving_decodes
+    assert (ext in image_scan.UNSUPPORTED_EXTENSIONS) == (not serving_decodes)

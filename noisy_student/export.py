@@ -6,7 +6,7 @@ transform of ns-eval (`noisy_student.data.preprocess`, traced into the
 graph), so a served image gets the pixels ns-eval gives the same file:
 
 - `serve_bytes`: `image_bytes`, string [None], each an encoded JPEG, PNG,
-  GIF (first frame) or BMP of any size. Per image: decoded with
+  GIF (first frame), BMP, WebP or JPEG XL of any size. Per image: decoded with
   `tf.io.decode_image` in its own channels (CMYK JPEG -> RGB); a JPEG's
   EXIF orientation (tag 0x0112, 1-8) applied by flips and quarter turns as
   Pillow's `ImageOps.exif_transpose` (EXIF in PNG is not read); then as

@@ -24,7 +24,7 @@ byte in them, does not depend on how many workers shared the work.
 Each prediction record (tf.train.Example) has the features
   image:       bytes   the ORIGINAL image, encoded, so the student can crop
                        and augment at its own resolution: the source file's
-                       own bytes (JPEG, PNG, GIF, BMP) where the source has
+                       own bytes (JPEG, PNG, GIF, BMP, WebP) where the source has
                        them (folder sources: no second copy of the data set,
                        no re-encoding), else a PNG of the uint8 [H, W, C]
                        array (npz, idx, digits, TFDS). Readers decode it with
@@ -388,7 +388,7 @@ def check_predictions(pred_dir):
 def decode(data, channels=0):
     """A record's image, uint8 [H, W, C]: decoded as the source decoded it.
 
-    `preprocess.decode_image` (any of JPEG/PNG/GIF/BMP, EXIF orientation,
+    `preprocess.decode_image` (any of JPEG/PNG/GIF/BMP/WebP, EXIF orientation,
     channels converted to `channels`; 0 keeps the file's).
     """
     return preprocess.decode_image(data, channels=channels or None)

@@ -5,7 +5,7 @@
 Both signatures apply ns-eval's preprocessing inside the graph, so served
 probabilities equal ns-eval's for the same file:
 
-  serve_bytes(image_bytes: string [N])  JPEG/PNG/GIF/BMP of any size:
+  serve_bytes(image_bytes: string [N])  JPEG/PNG/GIF/BMP/WebP of any size:
       decode (tf.io.decode_image, the file's own channels, CMYK -> RGB),
       JPEG EXIF orientation applied (flips/quarter turns, as Pillow's
       exif_transpose; not for PNG), then as serve_images.

@@ -4,11 +4,12 @@ A folder source reads its files in every epoch of every stage. A file the
 decoder rejects (zero bytes, truncated, not an image) used to be dropped by
 tf.data with a warning that named no file, once per epoch, while the image
 count (and the epoch-based learning-rate schedule) still included it. Instead,
-`scan_folder` checks every file once, before any work, with the very function
-the training, evaluation and prediction inputs and the SavedModel's
-serve_bytes decode with (`preprocess.decode_image` on `tf.io.read_file`), so a
-file the scan accepts is one the pipeline decodes without error, and the
-source yields (and counts) only those.
+`scan_folder` checks every file once, before any work, with the decode op
+and arguments of the function the training, evaluation and prediction
+inputs and the SavedModel's serve_bytes decode with
+(`preprocess.decode_image`, whose other steps cannot fail), so a file the
+scan accepts is one the pipeline decodes without error, and the source
+yields (and counts) only those.
 
 The result is logged (`folder:PATH: N decoded, M skipped` at WARNING, with
 the first `SHOWN` files and their reasons) and written, all files listed,
@@ -26,7 +27,8 @@ The same file is the cache: its entry is reused while the folder's listing
 (every file's path, size and modification time; on gs:// and other remote
 file systems the paths only, since a stat costs a request per file) and the
 TensorFlow version are unchanged, so a rerun or a resumed run does not scan
-again. Within one process a folder is listed and scanned once.
+again; within one process a listing is scanned once (each load lists the
+folder again, so a changed folder is seen).
 
 Files with an image extension the decoder cannot read (TIFF, PPM, ICO,
 JPEG 2000, HEIC, ...: `UNSUPPORTED_EXTENSIONS`) are not read and are listed
@@ -68,7 +70,7 @@ SHOWN = 5  # Files named in the log; all of them are in REPORT_FILE.
 LOG_EVERY_S = 30.0
 _SCAN_VERSION = 1  # Bump when what the scan accepts changes.
 
-_SCANS = {}  # folder -> ScanResult, for this process (see clear_memory_cache)
+_SCANS = {}  # listing key -> ScanResult, this process's (clear_memory_cache)
 _LOGGED = set()  # keys whose summary this process has logged
 
 
@@ -153,18 +155,19 @@ def scan_folder(folder, report_dir=None, log_every_s=LOG_EVERY_S):
     if not tf.io.gfile.isdir(folder):
         raise FileNotFoundError(f"Expected a folder of images. Received: "
                                 f"path={folder}")
-    result = _SCANS.get((folder, report_dir))
+    images, ignored = _list(folder)
+    key = _listing_key(folder, images + list(ignored))
+    report = f"{str(report_dir).rstrip('/')}/{REPORT_FILE}" if (
+        report_dir) else None
+    result = _from_report(report, folder, key, images, ignored)
     if result is None:
-        images, ignored = _list(folder)
-        key = _listing_key(folder, images + list(ignored))
-        report = f"{str(report_dir).rstrip('/')}/{REPORT_FILE}" if (
-            report_dir) else None
-        result = _from_report(report, folder, key, images, ignored)
+        result = _SCANS.get(key)
         if result is None:
-            result = _scan(folder, key, images, ignored, report, log_every_s)
-            if report:
-                _write_entry(report, result)
-        _SCANS[(folder, report_dir)] = result
+            result = _scan(folder, key, images, ignored, log_every_s)
+        if report:
+            _write_entry(report, result)
+        result = dataclasses.replace(result, report=report)
+    _SCANS[key] = dataclasses.replace(result, cached=True)
     _log_summary(result)
     return result
 
@@ -241,7 +244,7 @@ def _write_entry(report, result):
     io_utils.write_json(report, entries)
 
 
-def _scan(folder, key, images, ignored, report, log_every_s):
+def _scan(folder, key, images, ignored, log_every_s):
     start = time.time()
     good = _decodable(images, log_every_s=log_every_s, folder=folder)
     skipped = {}
@@ -255,7 +258,7 @@ def _scan(folder, key, images, ignored, report, log_every_s):
     decoded = tuple(p for p in images if p in good)
     logging.info("Scanned folder:%s in %.1f s (%d files)", folder,
                  time.time() - start, len(images))
-    return ScanResult(folder, decoded, skipped, ignored, key, report=report)
+    return ScanResult(folder, decoded, skipped, ignored, key)
 
 
 def _decodable(paths, log_every_s=LOG_EVERY_S, folder=""):
@@ -268,7 +271,7 @@ def _decodable(paths, log_every_s=LOG_EVERY_S, folder=""):
         return set()
 
     def check(path):
-        image = preprocess.decode_image(tf.io.read_file(path))
+        image = _decode_op(tf.io.read_file(path))
         # Output the shape, which needs the decode to run (an unused
         # decode would be pruned from the graph).
         return path, tf.shape(image)
@@ -289,15 +292,24 @@ def _decodable(paths, log_every_s=LOG_EVERY_S, folder=""):
     return good
 
 
+def _decode_op(data):
+    """The decode op of `preprocess.decode_image`, with its arguments.
+
+    The rest of that function (EXIF orientation, channels) never fails on
+    a decoded image (its byte reader pads any header), so a file this
+    decodes is one the pipeline decodes; leaving it out keeps the scan
+    cheaper.
+    """
+    return tf.io.decode_image(data, **preprocess.DECODE_ARGS)
+
+
 def _reason(path):
     """Why `path` does not decode, one line; None if it does now."""
     try:
         data = tf.io.read_file(path)
         if not len(data.numpy()):
             return "empty file (0 bytes)"
-        # The decode op of preprocess.decode_image; its orientation step
-        # never fails, and is slow eagerly.
-        tf.io.decode_image(data, channels=0, expand_animations=False)
+        _decode_op(data)
     except tf.errors.OpError as e:
         return _clean(e.message)
     return None

@@ -9,7 +9,7 @@ same pixels everywhere, whatever the storage (folder, npz, TFDS, bytes).
 What happens to one image, in order:
 
 1. Decode (`decode_image`, files and serving bytes only): JPEG, PNG, GIF
-   (first frame) or BMP by `tf.io.decode_image`, in the file's own channels
+   (first frame), BMP, WebP or JPEG XL by `tf.io.decode_image`, in the file's own channels
    (grey 1, grey+alpha 2, RGB or palette 3, RGBA 4; CMYK JPEGs come out as
    RGB). A JPEG's EXIF orientation (tag 0x0112 of its APP1 segment, values
    1-8) is applied by flips and quarter turns, as Pillow's
@@ -55,6 +55,9 @@ RECIPE_FILE = "preprocess.json"
 _EXIF_SCAN_BYTES = 1 << 17
 _EXIF_MAX_ENTRIES = 64
 _ORIENTATION_TAG = 0x0112
+# The file's own channels, first frame of an animation (GIF, WebP): what
+# `decode_image` and the folder sources' scan (image_scan) decode with.
+DECODE_ARGS = {"channels": 0, "expand_animations": False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,7 +247,8 @@ def decode_image(data, channels=None):
     """Decodes an encoded image upright, uint8 [H, W, C].
 
     Args:
-      data: string [], a JPEG, PNG, GIF (first frame) or BMP of any size.
+      data: string [], a JPEG, PNG, GIF (first frame), BMP, WebP or
+        JPEG XL of any size.
       channels: 1 or 3 to convert to (see `to_channels`); None keeps the
         file's own (1-4).
 
@@ -254,7 +258,7 @@ def decode_image(data, channels=None):
     Raises:
       tf.errors.InvalidArgumentError (when run): undecodable data.
     """
-    image = tf.io.decode_image(data, channels=0, expand_animations=False)
+    image = tf.io.decode_image(data, **DECODE_ARGS)
     image = apply_orientation(image, exif_orientation(data))
     if channels:
         image = to_channels(image, channels)

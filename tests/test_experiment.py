@@ -338,3 +338,21 @@ def test_students_train_at_their_variants_resolution(pipeline_flags,
                                         "round2/train"]
     assert [s.config.image_size for s in trains] == [224, 240, 260]
     assert [s.config.variant for s in trains] == ["b0", "b1", "b2"]
+
+
+def test_folder_scans_go_to_the_workdir_and_change_no_fingerprint(
+        pipeline_flags, tmp_path):
+    """skipped_images.json lives in the workdir (issue 19, fault 6); where
+    it is written is not a data setting, so no stage's fingerprint moves."""
+    import dataclasses  # pylint: disable=g-import-not-at-top
+    from noisy_student import experiment  # pylint: disable=g-import-not-at-top
+    config = parse(pipeline_flags, tmp_path)
+    assert config.data.scan_dir == str(tmp_path)
+    moved = dataclasses.replace(config, data=dataclasses.replace(
+        config.data, scan_dir="/elsewhere"))
+    assert ([s.fingerprint for s in experiment.plan(config)]
+            == [s.fingerprint for s in experiment.plan(moved)])
+    changed = dataclasses.replace(config, data=dataclasses.replace(
+        config.data, skip_corrupt=False))
+    assert ([s.fingerprint for s in experiment.plan(config)]
+            != [s.fingerprint for s in experiment.plan(changed)])

@@ -21,7 +21,7 @@ ns-train's --model_dir, ns-predict's --out_dir, ns-eval's --output_dir):
                                 ...},
                     "ignored": {"/data/pets/dog/y.tif":
                                 "ignored: unsupported type .tif", ...},
-                    "decoder": "...", "scan_seconds": 12.3}}
+                    "decoder": "...", "scanned": "2026-11-30 20:40:00"}}
 
 The same file is the cache: its entry is reused while the folder's listing
 (every file's path, size and modification time; on gs:// and other remote

@@ -14,6 +14,16 @@ both sides (Keras: the global dtype policy and compile(jit_compile=...)), for
 accelerators; on this CPU keep the defaults (XLA is several times slower
 here).
 
+It also times the evidence study's student step (w0.5-d0.5, small-image
+strides, 32 px, 64 labeled + 128 unlabeled random images per step, soft
+targets; no RandAugment: the step alone), and, for each case, the fraction
+of this machine's fp32 matmul throughput the step achieves: FLOPs per
+trained image (3x the forward FLOPs TF's profiler counts, a multiply-add
+being 2 FLOPs; the backward pass costing twice the forward is the usual
+estimate, e.g. Kaplan et al. 2020, "Scaling laws", section 2.1) times
+images/s, over the best GFLOP/s of a 1024x1024 fp32 matmul measured in the
+same run.
+
 Optionally (--diagnose) it also times our loop at 32 px without the EMA, with
 one step per tf.function call, and with Keras' own RMSprop instead of the
 fused kernel, to show where time goes.
@@ -21,6 +31,7 @@ fused kernel, to show where time goes.
     python bench/train_step.py [--diagnose] [--precision=P] [--jit_compile]
 
 Last line: RESULT train ratio_vs_keras_fit_32=<x> ratio_vs_keras_fit_64=<y>
+study_model_img_s=<z> peak_fraction_32=<f>
 """
 
 import argparse
@@ -55,6 +66,9 @@ def trainable_params(model):
     return int(sum(np.prod(w.shape) for w in model.trainable_weights))
 
 
+STUDY = dict(width=0.5, depth=0.5, small_images=True, unlabel_ratio=2)
+
+
 def our_config(size, **overrides):
     values = dict(variant="b0", image_size=size, small_images=False,
                   num_classes=CLASSES, batch_size=BATCH,
@@ -79,17 +93,29 @@ def _logged(logdir, tag):
 
 
 def time_ours(size, **overrides):
-    """Best img/s over `train`'s log windows after the first (it traces)."""
+    """Best img/s over `train`'s log windows after the first (it traces).
+
+    Images are labeled + unlabeled ones (a student, unlabel_ratio > 0, gets
+    random soft targets for its unlabeled part).
+    """
     config = our_config(size, **overrides)
     images, labels = random_data(size)
+    ratio = config.unlabel_ratio
+    targets = tf.nn.softmax(tf.random.stateless_normal(
+        [len(images), CLASSES], seed=[0, 1]))
 
     def dataset_fn(input_context):
-        dataset = tf.data.Dataset.from_tensor_slices(
-            {"image": images, "label": labels}).repeat()
-        dataset = dataset.batch(
-            input_context.get_per_replica_batch_size(BATCH),
-            drop_remainder=True)
-        return dataset.map(lambda b: {"labeled": b}).prefetch(2)
+        per_replica = input_context.get_per_replica_batch_size(BATCH)
+        labeled = tf.data.Dataset.from_tensor_slices(
+            {"image": images, "label": labels}).repeat().batch(
+                per_replica, drop_remainder=True)
+        if not ratio:
+            return labeled.map(lambda b: {"labeled": b}).prefetch(2)
+        unlabeled = tf.data.Dataset.from_tensor_slices(
+            {"image": images, "target": targets}).repeat().batch(
+                per_replica * ratio, drop_remainder=True)
+        return tf.data.Dataset.zip(labeled, unlabeled).map(
+            lambda a, b: {"labeled": a, "unlabeled": b}).prefetch(2)
 
     with tempfile.TemporaryDirectory() as model_dir:
         train_lib.train(config, model_dir, dataset_fn)
@@ -97,6 +123,33 @@ def time_ours(size, **overrides):
                         "images_per_sec")
     return max(rate for step, rate in rates.items()
                if step > config.log_every)
+
+
+def forward_flops(model, size):
+    """FLOPs of one image's inference pass, as TF's profiler counts them."""
+    from tensorflow.python.framework import convert_to_constants  # pylint: disable=g-import-not-at-top
+    function = tf.function(lambda x: model(x, training=False))
+    graph = convert_to_constants.convert_variables_to_constants_v2(
+        function.get_concrete_function(
+            tf.TensorSpec([1, size, size, 3], tf.float32))).graph
+    options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
+    options["output"] = "none"
+    return tf.compat.v1.profiler.profile(graph, options=options
+                                         ).total_float_ops
+
+
+def matmul_flops_per_s(n=1024, repeats=20):
+    """Best fp32 FLOP/s of an n x n matmul on this machine (2 n^3 FLOPs)."""
+    a = tf.random.stateless_normal([n, n], seed=[1, 2])
+    b = tf.random.stateless_normal([n, n], seed=[3, 4])
+    matmul = tf.function(lambda: tf.reduce_sum(tf.matmul(a, b)))
+    matmul().numpy()  # Traces.
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul().numpy()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best
 
 
 class _EpochTimer(keras.callbacks.Callback):
@@ -154,21 +207,34 @@ def main():
     print(f"TF {tf.__version__}, Keras {keras.__version__}, "
           f"{os.cpu_count()} CPUs (shared with other jobs: load average "
           f"{os.getloadavg()[0]:.1f} at start)")
-    ratios = {}
+    ratios, fractions = {}, {}
+    peak = matmul_flops_per_s()
+    print(f"fp32 matmul 1024x1024: {peak / 1e9:.1f} GFLOP/s (best of 20)")
     for size in (32, 64):
         ours_model = train_lib.build_model(our_config(size))
         keras_rate, keras_model = time_keras_fit(size, **setting)
         ours_params = trainable_params(ours_model)
         keras_params = trainable_params(keras_model)
         assert ours_params == keras_params, (ours_params, keras_params)
+        step_flops = 3 * forward_flops(ours_model, size)
         del ours_model, keras_model
         ours_rate = time_ours(size, **setting)
         ratios[size] = ours_rate / keras_rate
+        fractions[size] = step_flops * ours_rate / peak
         print(f"{size}x{size}, batch {BATCH}, {args.precision}"
               f"{', XLA' if args.jit_compile else ''}, {ours_params:,} trainable "
               f"params: ours {ours_rate:.1f} img/s, keras fit "
-              f"{keras_rate:.1f} img/s, ratio {ratios[size]:.2f}",
-              flush=True)
+              f"{keras_rate:.1f} img/s, ratio {ratios[size]:.2f}; "
+              f"{step_flops / 1e6:.1f} MFLOPs per trained image, "
+              f"{fractions[size]:.3f} of the matmul peak", flush=True)
+    study_config = our_config(32, **STUDY)
+    study_flops = 3 * forward_flops(train_lib.build_model(study_config), 32)
+    study_rate = time_ours(32, **STUDY, **setting)
+    print(f"study student (w0.5-d0.5, small-image strides, 32 px, 64 + 128 "
+          f"images per step): {study_rate:.1f} img/s, "
+          f"{study_flops / 1e6:.1f} MFLOPs per trained image, "
+          f"{study_flops * study_rate / peak:.3f} of the matmul peak",
+          flush=True)
     if args.diagnose:
         base = time_ours(32)
         print(f"diagnose 32x32: full recipe {base:.1f} img/s", flush=True)
@@ -184,7 +250,9 @@ def main():
               f"({rate / base:.2f}x)", flush=True)
     print(f"load average at end {os.getloadavg()[0]:.1f}")
     print(f"RESULT train ratio_vs_keras_fit_32={ratios[32]:.2f} "
-          f"ratio_vs_keras_fit_64={ratios[64]:.2f}")
+          f"ratio_vs_keras_fit_64={ratios[64]:.2f} "
+          f"study_model_img_s={study_rate:.1f} "
+          f"peak_fraction_32={fractions[32]:.3f}")
 
 
 if __name__ == "__main__":

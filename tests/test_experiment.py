@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -81,37 +82,55 @@ def check_outputs(workdir, iterations, train_steps=20):
     return report
 
 
-def test_pipeline_end_to_end_then_rerun_is_a_no_op(tmp_path):
-    workdir = str(tmp_path / "work")
-    done = run_pipeline(workdir, "--iterations=2")
+# The uninterrupted reference run: checked by the end-to-end test, grown by
+# one iteration there (in a copy), and compared with the killed and rerun
+# pipeline. 60 steps: long enough after the first checkpoint to be killed in.
+LONGER = ("--iterations=1", "--teacher_train_steps=60",
+          "--student_train_steps=60")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """(workdir, stdout) of the LONGER pipeline run once, never killed."""
+    workdir = str(tmp_path_factory.mktemp("uninterrupted") / "work")
+    done = run_pipeline(workdir, *LONGER)
     assert done.returncode == 0, done.stderr[-3000:]
-    report = check_outputs(workdir, 2)
-    assert "| 2 | student | w0.25-d0.25 |" in done.stdout
+    return workdir, done.stdout
+
+
+def test_pipeline_end_to_end_then_rerun_is_a_no_op(uninterrupted, tmp_path):
+    reference, stdout = uninterrupted
+    check_outputs(reference, 1, train_steps=60)
+    assert "| 1 | student | w0.25-d0.25 |" in stdout
     # Step lines say whose they are; the run ends saying where its results
     # are; stages are counted.
-    assert "[round0/train] step 10/20" in done.stdout
-    assert "[round2/train] eval step 20" in done.stdout
-    assert "[stage 1/11] round0/train" in done.stdout
-    assert f"Report: {workdir}/report.json" in done.stdout
-    assert f"SavedModel: {workdir}/export" in done.stdout
+    assert "[round0/train] step 10/60" in stdout
+    assert "[round1/train] eval step 60" in stdout
+    assert "[stage 1/7] round0/train" in stdout
+    assert f"Report: {reference}/report.json" in stdout
+    assert f"SavedModel: {reference}/export" in stdout
+    # A copied workdir is the same run (nothing in it names its folder).
+    workdir = str(tmp_path / "work")
+    shutil.copytree(reference, workdir)
     before = stage_times(workdir)
-    assert len(before) == 2 + 2 * len(STAGES_PER_ROUND) + 1
-    again = run_pipeline(workdir, "--iterations=2")
+    assert len(before) == 2 + len(STAGES_PER_ROUND) + 1
+    report = read_json(f"{workdir}/report.json")
+    again = run_pipeline(workdir, *LONGER)
     assert again.returncode == 0, again.stderr[-3000:]
     assert stage_times(workdir) == before  # nothing redone
     assert read_json(f"{workdir}/report.json")["rounds"] == report["rounds"]
     # Changed settings are refused before any work starts.
-    changed = run_pipeline(workdir, "--iterations=2",
-                           "--student_train_steps=30")
+    changed = run_pipeline(workdir, *LONGER, "--student_train_steps=30")
     assert changed.returncode != 0
     assert "round1/train" in changed.stderr and "--overwrite" in (
         changed.stderr)
     assert stage_times(workdir) == before
-    # One more iteration: rounds 0-2 are kept, round 3 added, the export
+    # One more iteration: rounds 0-1 are kept, round 2 added, the export
     # redone from it.
-    grown = run_pipeline(workdir, "--iterations=3")
+    grown = run_pipeline(workdir, *LONGER, "--iterations=2")
     assert grown.returncode == 0, grown.stderr[-3000:]
-    check_outputs(workdir, 3)
+    assert "[stage 7/11] round2/predict" in grown.stdout, grown.stdout[-3000:]
+    check_outputs(workdir, 2, train_steps=60)
     after = stage_times(workdir)
     assert {k: after[k] for k in before if k != "export"} == {
         k: v for k, v in before.items() if k != "export"}
@@ -163,16 +182,11 @@ def _final_state(workdir):
     return tensors, ema, top1
 
 
-def test_pipeline_resumes_after_sigkill_in_prediction_and_training(tmp_path):
+def test_pipeline_resumes_after_sigkill_in_prediction_and_training(
+        uninterrupted, tmp_path):
     workdir = str(tmp_path / "work")
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    # The same command, never interrupted.
-    # 60 steps: long enough after the first checkpoint to be killed in.
-    longer = ("--iterations=1", "--teacher_train_steps=60",
-              "--student_train_steps=60")
-    reference_dir = str(tmp_path / "uninterrupted")
-    reference = run_pipeline(reference_dir, *longer)
-    assert reference.returncode == 0, reference.stderr[-3000:]
+    reference_dir, _ = uninterrupted  # The same command, never interrupted.
 
     log_path = tmp_path / "log.txt"
 
@@ -180,7 +194,7 @@ def test_pipeline_resumes_after_sigkill_in_prediction_and_training(tmp_path):
         # Output goes to a file: an unread pipe could fill up and block.
         with open(log_path, "a") as log:
             return subprocess.Popen(
-                pipeline_command(workdir, *longer), cwd=ROOT,
+                pipeline_command(workdir, *LONGER), cwd=ROOT,
                 env=env, stdout=log, stderr=subprocess.STDOUT)
 
     def files(folder):

@@ -5,6 +5,7 @@ import os
 import numpy as np
 from PIL import Image
 import tensorflow as tf
+import tensorflow_datasets as tfds
 
 from noisy_student import efficientnet
 from noisy_student import predict as predict_lib
@@ -93,3 +94,65 @@ def test_selection_over_file_bytes_equals_one_over_reencoded_images(
     assert len(passthrough) == len(reencoded) > 0
     for a, b in zip(passthrough, reencoded):
         assert a == b  # index, copy, label, target bytes and pixels
+
+
+class NsPassthroughImages(tfds.core.GeneratorBasedBuilder):
+    """A tiny TFDS data set made here: JPEG-stored images of several sizes."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=(
+            tfds.features.FeaturesDict({
+                "image": tfds.features.Image(shape=(None, None, 3),
+                                             encoding_format="jpeg"),
+                "label": tfds.features.ClassLabel(num_classes=4)})))
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+        rng = np.random.default_rng(0)
+        for i in range(20):
+            image = rng.integers(0, 256, (8 + i % 5 * 7, 10 + i % 3 * 9, 3),
+                                 dtype=np.uint8)
+            yield i, {"image": image, "label": i % 4}
+
+
+def test_tfds_records_hold_the_stored_bytes_and_the_teacher_sees_tfds_pixels(
+        tmp_path):
+    data_dir = str(tmp_path / "tfds")
+    NsPassthroughImages(data_dir=data_dir).download_and_prepare()
+    spec = "tfds:ns_passthrough_images:train"
+    stored = [d["image"] for d in tfds.builder(
+        "ns_passthrough_images", data_dir=data_dir).as_dataset(
+            split="train", shuffle_files=False,
+            decoders={"image": tfds.decode.SkipDecoding()}
+        ).as_numpy_iterator()]
+    tfds_pixels = [d["image"] for d in tfds.builder(
+        "ns_passthrough_images", data_dir=data_dir).as_dataset(
+            split="train", shuffle_files=False).as_numpy_iterator()]
+    model = teacher()
+    probs = {}
+    for keep in (True, False):
+        source = sources.load_source(spec, labeled=False, channels=3,
+                                     data_dir=data_dir, keep_encoded=keep)
+        elements = list(source.dataset.as_numpy_iterator())
+        # The teacher's input is TFDS's own decoding of the images.
+        for element, pixels in zip(elements, tfds_pixels, strict=True):
+            np.testing.assert_array_equal(element["image"], pixels)
+        pred_dir = str(tmp_path / f"pred{keep}")
+        predict_lib.predict(model, source.dataset, pred_dir, 4, batch_size=8,
+                            records_per_file=10)
+        raw = records(pred_dir, decode=False)
+        assert [r["index"] for r in raw] == list(range(len(stored)))
+        if keep:  # The stored JPEG bytes, not a PNG re-encoding.
+            assert [r["image"] for r in raw] == stored
+        else:
+            assert all(r["image"].startswith(b"\x89PNG") for r in raw)
+        for record, pixels in zip(records(pred_dir, decode=True),
+                                  tfds_pixels, strict=True):
+            np.testing.assert_array_equal(record["image"], pixels)
+        probs[keep] = np.stack([r["probs"] for r in raw])
+    np.testing.assert_array_equal(probs[True], probs[False])

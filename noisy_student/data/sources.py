@@ -145,8 +145,10 @@ def load_source(spec, *, labeled=True, subset=None, channels=None,
         rejects, named in the log and in scan_dir's skipped_images.json
         (True), or raise before any reading (False).
       keep_encoded: Folder sources also yield each file's bytes as
-        "encoded" (string []), for records that keep them instead of
-        re-encoding (the predict stage).
+        "encoded" (string []), and TFDS sources the bytes their Image
+        feature stores (read with skip-decoding and decoded here by
+        `preprocess.decode_image`, the records' own decoder), for records
+        that keep them instead of re-encoding (the predict stage).
       class_names: The model's classes, in label order, for a folder source
         scored against a trained model (a test set): each sub-folder is
         labelled by its name's position here, so a folder holding some of
@@ -170,7 +172,7 @@ def load_source(spec, *, labeled=True, subset=None, channels=None,
     need_labels = labeled or subset is not None
     if kind == "tfds":
         return _load_tfds(spec, path, split, need_labels, labeled, subset,
-                          channels, data_dir, num_classes)
+                          channels, data_dir, num_classes, keep_encoded)
     if kind == "folder":
         known = class_names
         scan = image_scan.scan_folder(path, scan_dir)
@@ -483,17 +485,24 @@ def _folder_dataset(files, labels, channels, keep_encoded=False):
 
 
 def _load_tfds(spec, name, split, need_labels, labeled, subset, channels,
-               data_dir, expected_classes=None):
+               data_dir, expected_classes=None, keep_encoded=False):
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     split = split or "train"
     try:
         builder = tfds.builder(name, data_dir=data_dir)
-        ds = builder.as_dataset(split=split, shuffle_files=False)
+        info = builder.info
+        # Pass-through: the Image feature's stored bytes (PNG/JPEG) go into
+        # the prediction records as they are, decoded once below.
+        encoded = keep_encoded and isinstance(info.features["image"],
+                                              tfds.features.Image)
+        ds = builder.as_dataset(
+            split=split, shuffle_files=False,
+            decoders=({"image": tfds.decode.SkipDecoding()} if encoded
+                      else None))
     except Exception as e:  # TFDS raises many types; name the source.
         raise FileNotFoundError(
             f"Expected a prepared TFDS data set (run tfds build or give "
             f"data_dir). Received: spec={spec}, data_dir={data_dir}: {e}") from e
-    info = builder.info
     label_feature = info.features["label"] if "label" in info.features else None
     if need_labels and label_feature is None:
         raise ValueError(f"Expected a 'label' feature in {spec}. Received: "
@@ -509,9 +518,18 @@ def _load_tfds(spec, name, split, need_labels, labeled, subset, channels,
         ds = ds.enumerate().filter(lambda i, d: tf.gather(mask, i)).map(
             lambda i, d: d)
     out_channels = channels
+    stored_channels = info.features["image"].shape[-1]
 
     def select(d):
-        out = {"image": _convert_channels(d["image"], out_channels)}
+        image = d["image"]
+        out = {}
+        if encoded:
+            out["encoded"] = image
+            # The channels TFDS would decode to; the records' reader
+            # decodes the same bytes with the same function.
+            image = preprocess.decode_image(image, channels=stored_channels)
+            image.set_shape(info.features["image"].shape)
+        out["image"] = _convert_channels(image, out_channels)
         if labeled:
             out["label"] = tf.cast(d["label"], tf.int32)
         return out

@@ -151,59 +151,61 @@ def run_train(train_config, input_config, data, model_dir, pseudo_dir=None,
     """Trains a teacher, or a student when `pseudo_dir` holds a selection.
 
     Args:
-      train_config: A train_lib.TrainConfig.
+      train_config: A train_config.TrainConfig.
       input_config: A pipeline.InputConfig (its image_size and batch_size
         must match train_config's).
       data: A `DataConfig`.
       model_dir: The run's folder (resumed when it holds checkpoints).
       pseudo_dir: A selection folder from `run_select`, for a student.
       strategy: An existing tf.distribute strategy (default: the config's).
-      log_prefix: Put before the progress lines (see train_lib.train).
+      log_prefix: Put before the progress lines (see train_lib.train_and_evaluate).
 
     Returns:
-      The final metrics of train_lib.train.
+      The final metrics of train_lib.train_and_evaluate.
     """
-    if (input_config.image_size != train_config.image_size
-            or input_config.batch_size != train_config.batch_size
-            or input_config.unlabel_ratio != train_config.unlabel_ratio):
+    model, loop = train_config.model, train_config.loop
+    if (input_config.image_size != model.image_size
+            or input_config.batch_size != loop.batch_size
+            or input_config.unlabel_ratio != loop.unlabel_ratio):
         raise ValueError(
             "Expected the same image_size, batch_size and unlabel_ratio for "
             f"the model and its input. Received: {train_config} and "
             f"{input_config}")
-    if pseudo_dir and not train_config.unlabel_ratio:
+    if pseudo_dir and not loop.unlabel_ratio:
         raise ValueError(
             "Expected unlabel_ratio > 0 to train a student on pseudo-labels "
             f"(pseudo_labels={pseudo_dir}). Received: unlabel_ratio="
-            f"{train_config.unlabel_ratio}, which would ignore them")
+            f"{loop.unlabel_ratio}, which would ignore them")
     labeled = data.labeled_source()
-    if labeled.num_classes != train_config.num_classes:
+    if labeled.num_classes != model.num_classes:
         raise ValueError(
-            f"Expected {train_config.num_classes} classes in {data.labeled}. "
+            f"Expected {model.num_classes} classes in {data.labeled}. "
             f"Received: {labeled.num_classes}")
     unlabeled = None
     if pseudo_dir:
         unlabeled = pseudo_labels.selected_dataset(
-            pseudo_dir, num_classes=train_config.num_classes,
+            pseudo_dir, num_classes=model.num_classes,
             channels=data.channels)
     dataset_fn = pipeline.train_dataset_fn(
-        labeled.dataset, input_config, unlabeled, train_config.num_classes)
+        labeled.dataset, input_config, unlabeled, model.num_classes)
     part = "validation" if data.validation_size else "test"
     recipe = preprocess.DEFAULT_RECIPE
     eval_ds = None  # No test set given (ns-train without --test).
     if part == "validation" or data.test:
         eval_ds = eval_batches(
-            data.eval_source(part, num_classes=train_config.num_classes,
+            data.eval_source(part, num_classes=model.num_classes,
                              class_names=labeled.class_names),
-            train_config.resolved_image_size,
-            channels=train_config.channels, recipe=recipe)
+            model.resolved_image_size, channels=model.channels,
+            recipe=recipe)
     tf.io.gfile.makedirs(model_dir)
     write_stage_config(model_dir, train=train_config, input=input_config,
                        data=data, pseudo_dir=pseudo_dir)
     # What ns-eval, ns-predict and ns-export read back from the model_dir.
     preprocess.write_recipe(model_dir, recipe)
     model_info.write_class_names(model_dir, labeled.class_names)
-    return train_lib.train(train_config, model_dir, dataset_fn, eval_ds,
-                           strategy=strategy, log_prefix=log_prefix)
+    return train_lib.train_and_evaluate(train_config, model_dir, dataset_fn,
+                                        eval_ds, strategy=strategy,
+                                        log_prefix=log_prefix)
 
 
 def run_predict(predict_config, data):

@@ -21,7 +21,7 @@ from noisy_student import evaluate
 from noisy_student import predict as predict_lib
 from noisy_student import select as select_lib
 from noisy_student import stages
-from noisy_student import train_lib
+from noisy_student import train_config
 from noisy_student.data import pipeline
 from noisy_student.data import sources
 
@@ -71,7 +71,7 @@ def test_one_class_names_the_flag(tmp_path):
 
 
 def test_pseudo_labels_with_unlabel_ratio_0_are_refused(tmp_path):
-    config = train_lib.TrainConfig(width=0.25, depth=0.25, image_size=16,
+    config = train_config.TrainConfig.from_fields(width=0.25, depth=0.25, image_size=16,
                                    warmup_steps=0, lr_schedule="constant")
     input_config = pipeline.InputConfig(image_size=16, batch_size=128)
     with pytest.raises(ValueError, match="unlabel_ratio > 0.*ignore them"):

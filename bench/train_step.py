@@ -35,9 +35,9 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
 from noisy_student import optim  # pylint: disable=g-import-not-at-top
-from noisy_student import train_config
-from noisy_student import train_state
+from noisy_student import train_config  # pylint: disable=g-import-not-at-top
 from noisy_student import train_lib  # pylint: disable=g-import-not-at-top
+from noisy_student import train_state  # pylint: disable=g-import-not-at-top
 
 BATCH = 64
 CLASSES = 10

@@ -215,13 +215,13 @@ def plan(config):
             r, student, student_input, select_config.out_dir,
             (select_fp, config.init_student_from_teacher))
     if config.export:
-        export_dir = f"{workdir}/export"
+        # From the model_dir: its class names and recipe go along.
+        export_config = export_lib.ExportConfig(
+            model_path=teacher_dir, out_dir=f"{workdir}/export",
+            overwrite=True)
         steps.append(Stage(
-            "export", manifest_lib.fingerprint({}, fp), export_dir,
-            # From the model_dir: its class names and recipe go along.
-            lambda d=teacher_dir: export_lib.export_from_config(
-                export_lib.ExportConfig(model_path=d, out_dir=export_dir,
-                                        overwrite=True)),
+            "export", manifest_lib.fingerprint({}, fp), export_config.out_dir,
+            lambda: export_lib.export_from_config(export_config),
             # More iterations change what is exported, not how.
             redo_if_changed=True))
     return steps

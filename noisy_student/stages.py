@@ -43,6 +43,10 @@ class DataConfig:
       data_dir: TFDS data folder (local or gs://).
       channels: Channels given to the model (grey sources are repeated).
       skip_corrupt: Skip undecodable image files (warning) or fail.
+
+    Raises:
+      ValueError: for labels_per_class or validation_size < 0, or channels
+        other than 1 or 3.
     """
     labeled: str = "digits:train"
     unlabeled: str = ""
@@ -55,9 +59,15 @@ class DataConfig:
     skip_corrupt: bool = True
 
     def __post_init__(self):
-        if self.labels_per_class < 0:
-            raise ValueError("Expected labels_per_class >= 0. Received: "
-                             f"labels_per_class={self.labels_per_class}")
+        # Checked when built; the sources themselves are opened (and
+        # checked) by the commands before any work.
+        for name in ("labels_per_class", "validation_size"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"Expected {name} >= 0. Received: "
+                                 f"{name}={getattr(self, name)}")
+        if self.channels not in (1, 3):
+            raise ValueError("Expected channels 1 or 3. Received: "
+                             f"channels={self.channels}")
 
     def _subset(self, part):
         if not self.labels_per_class:
@@ -240,7 +250,7 @@ def run_select(select_config):
     """Filters and balances a finished prediction folder."""
     tf.io.gfile.makedirs(select_config.out_dir)
     write_stage_config(select_config.out_dir, select=select_config)
-    return select_lib.run_select(select_config)
+    return select_lib.select(select_config)
 
 
 def run_eval(eval_config, data, part="test"):

@@ -257,6 +257,7 @@ class _Window:
     timed_steps: int = 0
 
     def add(self, num, seconds):
+        """Counts `num` steps that took `seconds` (None: not timed)."""
         self.steps += num
         if seconds is not None:
             self.seconds += seconds

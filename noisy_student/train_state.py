@@ -307,8 +307,16 @@ def model_path(model_dir):
 
 
 def export_ema_model(state, config, model_dir):
-    """Writes the EMA weights (the weights if no EMA) as model.keras,
-    atomically, in a float32 model built fresh (Keras' own batch norm)."""
+    """Writes the EMA weights (the weights if no EMA) as model.keras.
+
+    The weights go into a float32 model built fresh (Keras' own batch norm,
+    not the fused training layer), saved under a temporary name and renamed.
+
+    Args:
+      state: The run's `TrainState`.
+      config: Its `train_config.TrainConfig` (builds the export model).
+      model_dir: The run's folder (or a .keras path), local or gs://.
+    """
     averages = state.ema.numpy_averages() if state.ema else {}
     values = [averages.get(id(v)) if id(v) in averages else v.numpy()
               for v in state.model.weights]

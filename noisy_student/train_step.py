@@ -145,9 +145,19 @@ def _add_train_sums(metrics, step, logits, loss, labeled_ce, unlabeled_ce,
 
 
 def make_train_loop(state, config, strategy, metrics):
-    """A tf.function `fn(iterator, start_step, num_steps)` that runs
-    `num_steps` (int32) steps from `start_step` (int64, 0-based) on the
-    distributed `iterator` and advances `state.step` by them."""
+    """The training loop function of one host (the TPU host-loop pattern).
+
+    Args:
+      state: A `train_state.TrainState`.
+      config: A `train_config.TrainConfig`.
+      strategy: The run's tf.distribute strategy.
+      metrics: The `Metrics` the steps add to.
+
+    Returns:
+      A tf.function `fn(iterator, start_step, num_steps)` that runs
+      `num_steps` (int32) steps from `start_step` (int64, 0-based) on the
+      distributed `iterator` and advances `state.step` by them.
+    """
     replica_step = make_replica_step(
         state, config, strategy.num_replicas_in_sync, metrics)
 
@@ -162,9 +172,20 @@ def make_train_loop(state, config, strategy, metrics):
 
 
 def make_eval_loop(model, num_classes, strategy, dataset, metrics):
-    """A tf.function `fn()` that adds top-1 / top-5 hits and the image count
-    of every batch {"image": [b, S, S, C], "label": [b]} of the distributed
-    `dataset` to `metrics.eval_sums` (top-5 is top-min(5, K))."""
+    """The evaluation loop function.
+
+    Args:
+      model: The model to evaluate (swap the EMA weights in first).
+      num_classes: K; top-5 is top-min(5, K).
+      strategy: The run's tf.distribute strategy.
+      dataset: A distributed finite dataset of batches
+        {"image": [b, S, S, C] in [0, 255], "label": [b] int}.
+      metrics: The `Metrics` whose eval_sums the loop adds to.
+
+    Returns:
+      A tf.function `fn()` that adds the top-1 hits, top-5 hits and image
+      count of every batch to `metrics.eval_sums`.
+    """
     k = min(5, num_classes)
 
     def eval_step(batch):

@@ -18,6 +18,7 @@ import tensorflow as tf
 
 from noisy_student import checkpoints
 from noisy_student import efficientnet
+from noisy_student import predict as predict_lib
 from noisy_student import train_config as train_config_lib
 from noisy_student.data import pipeline
 from noisy_student.data import preprocess
@@ -296,9 +297,9 @@ def role_configs(prefix, model_name, num_classes, unlabel_ratio, source,
 
 
 def define_predict_flags():
-    flags.DEFINE_integer("predict_batch_size", 256,
+    flags.DEFINE_integer("predict_batch_size", predict_lib.BATCH_SIZE,
                          "Images per teacher call when pseudo-labeling.")
-    flags.DEFINE_integer("records_per_file", 4096,
+    flags.DEFINE_integer("records_per_file", predict_lib.RECORDS_PER_FILE,
                          "Unlabeled images per prediction file (the unit of "
                          "resume and of --shard_index/--num_shards work).")
 
@@ -318,8 +319,10 @@ def define_select_flags():
     flags.DEFINE_float("temperature", 1.0,
                        "T of soft targets p^(1/T), renormalised (1 keeps the "
                        "teacher's; -> 0 approaches one-hot).")
-    flags.DEFINE_bool("balance", True,
-                      "Duplicate classes with fewer than K images up to K.")
+    flags.DEFINE_bool("duplicate", True,
+                      "Duplicate the images of classes with fewer than K up "
+                      "to K (the paper's balancing; --noduplicate keeps at "
+                      "most K per class, each once).")
     flags.DEFINE_integer("select_seed", 0,
                          "Seed of the duplicates' stochastic rounding.")
 
@@ -328,7 +331,7 @@ def select_kwargs():
     return dict(per_class=FLAGS.per_class or None,
                 min_confidence=FLAGS.min_confidence,
                 label_type=FLAGS.label_type, temperature=FLAGS.temperature,
-                duplicate=FLAGS.balance, seed=FLAGS.select_seed)
+                duplicate=FLAGS.duplicate, seed=FLAGS.select_seed)
 
 
 def write_flags(folder):

@@ -201,16 +201,7 @@ def plan(config):
             f"round{r}/select", select_fp, select_config.out_dir,
             lambda c=select_config: _jsonable(
                 stages.run_select(c)["totals"])))
-        student = with_model(config.student, config.student_model(r))
-        student_input = config.student_input
-        variant = student.model.variant
-        if config.student_resolution_from_model and variant:
-            size = efficientnet.get_variant(variant).resolution
-            student = student.replace(image_size=size)
-            student_input = dataclasses.replace(student_input,
-                                                image_size=size)
-        if config.init_student_from_teacher:
-            student = dataclasses.replace(student, init_from=teacher_dir)
+        student, student_input = _student_configs(config, r, teacher_dir)
         teacher_dir, fp = train_and_eval(
             r, student, student_input, select_config.out_dir,
             (select_fp, config.init_student_from_teacher))
@@ -225,6 +216,21 @@ def plan(config):
             # More iterations change what is exported, not how.
             redo_if_changed=True))
     return steps
+
+
+def _student_configs(config, r, teacher_dir):
+    """(TrainConfig, InputConfig) of round r's student (its model, its
+    resolution when student_resolution_from_model, its init)."""
+    student = with_model(config.student, config.student_model(r))
+    student_input = config.student_input
+    variant = student.model.variant
+    if config.student_resolution_from_model and variant:
+        size = efficientnet.get_variant(variant).resolution
+        student = student.replace(image_size=size)
+        student_input = dataclasses.replace(student_input, image_size=size)
+    if config.init_student_from_teacher:
+        student = dataclasses.replace(student, init_from=teacher_dir)
+    return student, student_input
 
 
 def check(config):

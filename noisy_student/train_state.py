@@ -35,10 +35,10 @@ from noisy_student import efficientnet
 from noisy_student import io_utils
 from noisy_student import layers
 from noisy_student import losses
+from noisy_student import model_io
 from noisy_student import optim
 from noisy_student import strategy as strategy_lib
 
-MODEL_FILE = "model.keras"
 CHECKPOINT_DIR = "checkpoints"
 PREEMPTION_DIR = "preemption"
 
@@ -298,14 +298,6 @@ def checkpoint_step(path):
     return int(reader.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE"))
 
 
-def model_path(model_dir):
-    """`model_dir/model.keras`, or `model_dir` itself if it ends in .keras."""
-    model_dir = str(model_dir)
-    if model_dir.endswith(".keras"):
-        return model_dir
-    return f"{model_dir.rstrip('/')}/{MODEL_FILE}"
-
-
 def export_ema_model(state, config, model_dir):
     """Writes the EMA weights (the weights if no EMA) as model.keras.
 
@@ -332,7 +324,7 @@ def export_ema_model(state, config, model_dir):
     source = state.model.get_layer(checkpoints.NORMALIZE)
     norm = export.get_layer(checkpoints.NORMALIZE)
     norm.mean, norm.stddev = source.mean, source.stddev
-    path = model_path(model_dir)
+    path = model_io.keras_path(model_dir)
     temp = io_utils.temp_path(path)
     keras.saving.save_model(export, temp)
     tf.io.gfile.rename(temp, path, overwrite=True)

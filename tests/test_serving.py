@@ -320,7 +320,9 @@ def test_folder_class_names_travel_from_training_to_serving(tmp_path):
 
 def test_run_from_before_the_channels_field_resumes_and_grey_is_refused(
         tmp_path):
-    """config.json of an older run has no "channels": it was 3."""
+    """config.json of an older run is flat (before the model / optimizer /
+    loop parts), names base_lr and dropout, and has no "channels": it was
+    3."""
     from tests import train_worker  # pylint: disable=g-import-not-at-top
     config = train_config.TrainConfig.from_fields(
         width=0.25, depth=0.25, num_classes=10, image_size=SIZE,
@@ -334,8 +336,12 @@ def test_run_from_before_the_channels_field_resumes_and_grey_is_refused(
     train_lib.train_and_evaluate(config, str(model_dir), dataset_fn)
     path = model_dir / "config.json"
     saved = json.loads(path.read_text())
-    del saved["model"]["channels"]
-    path.write_text(json.dumps(saved))
+    old = {**saved["model"], **saved["optimizer"], **saved["loop"],
+           "init_from": None, "freeze_blocks": 0}
+    old["base_lr"] = old.pop("base_learning_rate")
+    old["dropout"] = old.pop("dropout_rate")
+    del old["channels"]
+    path.write_text(json.dumps(old))
     more = config.replace(train_steps=2)
     result = train_lib.train_and_evaluate(more, str(model_dir), dataset_fn)
     assert result["start_step"] == 1 and result["step"] == 2

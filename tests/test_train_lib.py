@@ -239,7 +239,7 @@ def test_one_step_default_strategy_outputs(tmp_path):
     assert 0 <= result["eval_top1"] <= result["eval_top5"] <= 1
     assert result["learning_rate"] == pytest.approx(config.peak_lr)
     saved = json.loads((model_dir / "config.json").read_text())
-    assert saved["unlabel_ratio"] == 2 and saved["num_replicas"] == 1
+    assert saved["loop"]["unlabel_ratio"] == 2 and saved["num_replicas"] == 1
     metrics = json.loads((model_dir / "metrics.json").read_text())
     assert metrics["best"]["top1"] == result["best_eval_top1"]
     assert metrics["last"]["top5"] == result["eval_top5"]
@@ -414,6 +414,28 @@ def test_config_needs_images_per_epoch_for_epoch_schedules():
                      warmup_steps=None)
     assert config.resolved_warmup_steps == 500
     assert train_config.TrainConfig.from_dict(config.to_dict()) == config
+
+
+def test_config_parts_and_the_flat_config_json_of_older_runs():
+    config = _config(base_learning_rate=0.5, dropout_rate=0.3, seed=7)
+    # Each leaf field lives in one part; the model part is the builder's
+    # keyword arguments as they are.
+    assert config.model.dropout_rate == 0.3 and config.loop.seed == 7
+    assert config.optimizer.base_learning_rate == 0.5
+    assert config.peak_lr == 0.5 * 8 / 256
+    assert train_state.build_model(config).get_layer(
+        "top_dropout").rate == 0.3
+    # A tpu strategy turns synchronized batch norm on, as before.
+    assert not config.model.sync_batch_norm
+    assert _config(strategy="tpu", tpu="local").model.sync_batch_norm
+    with pytest.raises(TypeError, match="learning_rate"):
+        _config(learning_rate=0.5)
+    # config.json of runs made before the parts: flat, with base_lr and
+    # dropout.
+    flat = config.fields()
+    flat["base_lr"] = flat.pop("base_learning_rate")
+    flat["dropout"] = flat.pop("dropout_rate")
+    assert train_config.TrainConfig.from_dict(flat) == config
 
 
 def test_dataset_that_breaks_the_contract_is_rejected(tmp_path):

@@ -119,11 +119,28 @@ class ExperimentConfig:
 
 
 def with_model(train_config, name):
-    """`train_config` with the model called `name`."""
+    """`train_config` with the model called `name`.
+
+    Args:
+      train_config: A `train_config.TrainConfig`.
+      name: b0..b8, l2 or wW-dD (see `efficientnet.parse_model_name`).
+
+    Returns:
+      The TrainConfig (validated) with that variant / width / depth.
+    """
     variant, width, depth = efficientnet.parse_model_name(name)
     if variant:
         return train_config.replace(variant=variant, width=None, depth=None)
     return train_config.replace(variant=None, width=width, depth=depth)
+
+
+def _train_fingerprint_args(train_config):
+    """The train config's fingerprinted settings (all but init_from, which
+    counts by its files), under the names of the flat config that made
+    earlier work directories (see train_config.fingerprint_fields)."""
+    fields = train_config_lib.fingerprint_fields(train_config)
+    del fields["init_from"]
+    return fields
 
 
 def _without_paths(config, *fields):
@@ -163,7 +180,7 @@ def plan(config):
                    if init and not (r and config.init_student_from_teacher)
                    else None)
         train_fp = manifest_lib.fingerprint(
-            {"train": _without_paths(train_config, "init_from"),
+            {"train": _train_fingerprint_args(train_config),
              "input": input_config, "init": init_fp}, data_fp, *upstream)
         steps.append(Stage(
             f"round{r}/train", train_fp, model_dir,

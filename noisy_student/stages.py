@@ -151,6 +151,17 @@ def eval_batches(source, image_size, batch_size=256, channels=None,
 
     Every image through `preprocess.eval_image` (the eval transform of
     ns-eval and of the SavedModel), whatever the source's storage.
+
+    Args:
+      source: A labeled `sources.ImageSource`.
+      image_size: The model's input side in pixels.
+      batch_size: Images per batch (the last may be smaller).
+      channels: The model's input channels (None: the source's).
+      recipe: A `preprocess` crop recipe (None: the default).
+
+    Returns:
+      A dataset of {"image": float32 [b, S, S, C] in [0, 255],
+      "label": int [b]}.
     """
     return pipeline.eval_dataset(source.dataset, image_size, batch_size,
                                  channels=channels, recipe=recipe)
@@ -219,7 +230,15 @@ def run_train(train_config, input_config, data, model_dir, pseudo_dir=None,
 
 
 def run_predict(predict_config, data):
-    """Labels (this worker's part of) the unlabeled images with a teacher."""
+    """Labels (this worker's part of) the unlabeled images with a teacher.
+
+    Args:
+      predict_config: A `predict.PredictConfig` (validated when built).
+      data: The `DataConfig` whose unlabeled source is labeled.
+
+    Returns:
+      The `predict.PredictSummary` as a dict.
+    """
     source = data.unlabeled_source(keep_encoded=True)
     teacher = model_io.load_model(predict_config.teacher, what="teacher")
     size = predict_config.image_size or model_io.image_size(teacher)
@@ -247,14 +266,31 @@ def run_predict(predict_config, data):
 
 
 def run_select(select_config):
-    """Filters and balances a finished prediction folder."""
+    """Filters and balances a finished prediction folder.
+
+    Args:
+      select_config: A `select.SelectConfig` (validated when built).
+
+    Returns:
+      The selection report dict (see `select.select`).
+    """
     tf.io.gfile.makedirs(select_config.out_dir)
     write_stage_config(select_config.out_dir, select=select_config)
     return select_lib.select(select_config)
 
 
 def run_eval(eval_config, data, part="test"):
-    """Evaluates a trained model on the test (or validation) images."""
+    """Evaluates a trained model on the test (or validation) images.
+
+    Args:
+      eval_config: An `evaluate.EvalConfig` (its class names default to the
+        model's, then the source's).
+      data: The `DataConfig` of the test / validation source.
+      part: "test" or "validation".
+
+    Returns:
+      The results dict of `evaluate.run_evaluation`.
+    """
     model = model_io.load_model(eval_config.model_path)
     model_names = model_info.read_class_names(eval_config.model_path)
     source = data.eval_source(

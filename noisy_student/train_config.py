@@ -429,6 +429,29 @@ def flat_fields(values):
     return {k: v for k, v in flat.items() if k in names}
 
 
+def fingerprint_fields(config):
+    """The leaf fields as the flat config before the parts named them.
+
+    The pipeline's stage fingerprints hash these, so a work directory made
+    before the config had parts (and before `base_lr` and `dropout` took
+    their flags' names) keeps its fingerprints and resumes. A
+    sync_batch_norm equal to what the strategy implies is recorded as None,
+    as the flat config held it.
+
+    Args:
+      config: A `TrainConfig`.
+
+    Returns:
+      {old leaf field name: value}.
+    """
+    flat = config.fields()
+    if flat["sync_batch_norm"] == (flat["strategy"] == "tpu"):
+        flat["sync_batch_norm"] = None
+    for old, new in _OLD_NAMES.items():
+        flat[old] = flat.pop(new)
+    return flat
+
+
 def default_fields():
     """{leaf field name: default} of every part."""
     defaults = {f.name: f.default for cls in _PARTS.values()

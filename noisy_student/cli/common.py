@@ -19,6 +19,7 @@ import tensorflow as tf
 from noisy_student import checkpoints
 from noisy_student import efficientnet
 from noisy_student import predict as predict_lib
+from noisy_student import select as select_lib
 from noisy_student import train_config as train_config_lib
 from noisy_student.data import pipeline
 from noisy_student.data import preprocess
@@ -114,6 +115,7 @@ def define_data_flags(demo=False):
 
 
 def data_config():
+    """The `stages.DataConfig` of the data flags (validated)."""
     return stages.DataConfig(
         labeled=FLAGS.labeled or "", unlabeled=FLAGS.unlabeled,
         test=FLAGS.test or "",
@@ -213,6 +215,8 @@ def define_train_flags():
 
 
 def resolve_image_size(model_name):
+    """--image_size, else the resolution of `model_name`'s variant (B0's
+    224 for a wW-dD model)."""
     if FLAGS.image_size:
         return FLAGS.image_size
     variant, _, _ = efficientnet.parse_model_name(model_name)
@@ -297,6 +301,7 @@ def role_configs(prefix, model_name, num_classes, unlabel_ratio, source,
 
 
 def define_predict_flags():
+    """The flags of the predict stage (defaults: predict.py's)."""
     flags.DEFINE_integer("predict_batch_size", predict_lib.BATCH_SIZE,
                          "Images per teacher call when pseudo-labeling.")
     flags.DEFINE_integer("records_per_file", predict_lib.RECORDS_PER_FILE,
@@ -305,6 +310,7 @@ def define_predict_flags():
 
 
 def define_select_flags():
+    """The flags of the select stage (SelectConfig's fields)."""
     flags.DEFINE_integer(
         "per_class", None,
         "K: pseudo-labeled images kept per class, most confident first; "
@@ -327,11 +333,20 @@ def define_select_flags():
                          "Seed of the duplicates' stochastic rounding.")
 
 
-def select_kwargs():
-    return dict(per_class=FLAGS.per_class or None,
-                min_confidence=FLAGS.min_confidence,
-                label_type=FLAGS.label_type, temperature=FLAGS.temperature,
-                duplicate=FLAGS.duplicate, seed=FLAGS.select_seed)
+def select_config(pred_dir, out_dir):
+    """The select stage's `SelectConfig` from the flags (validated).
+
+    Args:
+      pred_dir: The prediction folder to select from ("" for the pipeline,
+        which sets it per round).
+      out_dir: The selection folder to write (likewise).
+    """
+    return select_lib.SelectConfig(
+        pred_dir=pred_dir, out_dir=out_dir,
+        per_class=FLAGS.per_class or None,
+        min_confidence=FLAGS.min_confidence, label_type=FLAGS.label_type,
+        temperature=FLAGS.temperature, duplicate=FLAGS.duplicate,
+        seed=FLAGS.select_seed)
 
 
 def write_flags(folder):

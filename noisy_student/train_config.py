@@ -419,9 +419,11 @@ def flat_fields(values):
       {leaf field name: value}, today's names, unknown keys dropped; not
       validated.
     """
-    flat = {k: v for k, v in values.items() if k not in _PARTS}
+    # A flat config.json holds "optimizer" as a name, a nested one as a part.
+    flat = {k: v for k, v in values.items() if not isinstance(v, dict)}
     for part in _PARTS:
-        flat.update(values.get(part) or {})
+        if isinstance(values.get(part), dict):
+            flat.update(values[part])
     for old, new in _OLD_NAMES.items():
         if old in flat:
             flat.setdefault(new, flat.pop(old))

@@ -17,10 +17,13 @@ TPU or CPU device on GCP"), so there the regular checkpoints are the
 protection; keep `checkpoint_every` short enough.
 
 Checkpoint timing stays ours (saves at multiples of `checkpoint_every`, see
-`train_lib`) rather than `tf.train.CheckpointManager`'s `checkpoint_interval`:
-that interval counts from the manager's first save in the process, so it
-would save at the first loop of a fresh run and, after a resume, at steps
-shifted by the resume step.
+`train_lib`) rather than `tf.train.CheckpointManager`'s `checkpoint_interval`
+(checked with TF 2.21): that interval counts from the last save the manager
+knows (its `last_checkpoint_step` argument, else none, so a fresh run would
+save at its first loop), which after a resume from a preemption checkpoint
+at step 137 would move every later save to 237, 337, ... instead of the
+multiples the loop stops at (its loops end at every `checkpoint_every`
+multiple anyway, for the logs and evaluations).
 """
 
 import dataclasses

@@ -179,7 +179,8 @@ def run_train(train_config, input_config, data, model_dir, pseudo_dir=None,
       model_dir: The run's folder (resumed when it holds checkpoints).
       pseudo_dir: A selection folder from `run_select`, for a student.
       strategy: An existing tf.distribute strategy (default: the config's).
-      log_prefix: Put before the progress lines (see train_lib.train_and_evaluate).
+      log_prefix: Put before the progress lines (see
+        train_lib.train_and_evaluate).
 
     Returns:
       The final metrics of train_lib.train_and_evaluate.

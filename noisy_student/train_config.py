@@ -190,7 +190,7 @@ class OptimizerConfig:
 
     @property
     def needs_epochs(self):
-        """True when the schedule is given in epochs (needs images_per_epoch)."""
+        """True when the schedule is in epochs (needs images_per_epoch)."""
         return ((self.warmup_steps is None and self.warmup_epochs > 0)
                 or self.lr_schedule == "exponential")
 

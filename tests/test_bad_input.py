@@ -71,8 +71,9 @@ def test_one_class_names_the_flag(tmp_path):
 
 
 def test_pseudo_labels_with_unlabel_ratio_0_are_refused(tmp_path):
-    config = train_config.TrainConfig.from_fields(width=0.25, depth=0.25, image_size=16,
-                                   warmup_steps=0, lr_schedule="constant")
+    config = train_config.TrainConfig.from_fields(
+        width=0.25, depth=0.25, image_size=16, warmup_steps=0,
+        lr_schedule="constant")
     input_config = pipeline.InputConfig(image_size=16, batch_size=128)
     with pytest.raises(ValueError, match="unlabel_ratio > 0.*ignore them"):
         stages.run_train(config, input_config, stages.DataConfig(),

@@ -122,8 +122,9 @@ def synthetic(tmp_path_factory):
 def test_balancing_exact_counts_thresholds_and_report(synthetic, tmp_path):
     pred_dir, _, labels, confidences = synthetic
     out_dir = str(tmp_path / "sel")
-    report = sel.select(sel.SelectConfig(pred_dir, out_dir, per_class=K, min_confidence=0.3,
-                        seed=3, num_files=4))
+    report = sel.select(sel.SelectConfig(
+        pred_dir, out_dir, per_class=K, min_confidence=0.3, seed=3,
+        num_files=4))
     per_class = report["per_class"]
     assert [r["confident"] for r in per_class] == [200, 20, 0, 50, 7]
     assert [r["kept_unique"] for r in per_class] == [50, 20, 0, 50, 7]
@@ -245,8 +246,8 @@ def test_targets_sum_to_one_and_temperature(synthetic, tmp_path):
     assert count == len(rows)
 
     hard_dir = str(tmp_path / "hard")
-    sel.select(sel.SelectConfig(pred_dir, hard_dir, per_class=K, label_type="hard",
-               num_files=1))
+    sel.select(sel.SelectConfig(pred_dir, hard_dir, per_class=K,
+                                label_type="hard", num_files=1))
     for r in read_selected(hard_dir):
         assert r["target"].tolist() == np.eye(NUM_CLASSES)[
             labels[r["index"]]].tolist()
@@ -273,7 +274,8 @@ def test_clear_errors(synthetic, tmp_path):
     pred_dir = synthetic[0]
     out_dir = str(tmp_path / "none")
     with pytest.raises(ValueError, match="min_confidence"):
-        sel.select(sel.SelectConfig(pred_dir, out_dir, per_class=K, min_confidence=0.99))
+        sel.select(sel.SelectConfig(pred_dir, out_dir, per_class=K,
+                                    min_confidence=0.99))
     assert not os.path.exists(os.path.join(out_dir, pl.SELECTION_FILE))
     with pytest.raises(ValueError, match="label_type"):
         sel.select(sel.SelectConfig(pred_dir, out_dir, label_type="soft-ish"))

@@ -619,7 +619,7 @@ def test_checkpoint_without_seed_states_still_resumes(tmp_path,
     config = _config(train_steps=4, checkpoint_every=2, steps_per_loop=2,
                      log_every=2, dropout_rate=0.3, keep_checkpoints=5)
     with monkeypatch.context() as patch:
-        patch.setattr(train_lib, "_seed_states", lambda model: [])
+        patch.setattr(train_state, "seed_states", lambda model: [])
         train_lib.train_and_evaluate(config.replace(train_steps=2),
                         str(tmp_path), _dataset_fn(config))
     result = train_lib.train_and_evaluate(config, str(tmp_path), _dataset_fn(config))

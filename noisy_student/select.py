@@ -37,6 +37,13 @@ every count (with the class names when the prediction folder records them,
 class_names.json), and contact_sheets/class-<id>.png shows, for each of the
 first MAX_CONTACT_SHEETS classes, its most and least confident kept images
 with the teacher's confidence: pseudo-label quality at a glance.
+
+Layout: `select(config)` and its small steps, then the histogram plan and
+the per-record math (hash-seeded copies, targets), then the report (JSON,
+Markdown, PNG) and contact sheets. The module is longer than the project's
+~500 lines because of that report; its PNG / Markdown writers are to move to
+the one shared report writer of issue 22 (kept here until that lands, so
+the two changes do not collide).
 """
 
 import dataclasses

@@ -107,9 +107,9 @@ def run_child(args):
     else:
         before = _peak_rss_mb()
         start = time.perf_counter()
-        report = select_lib.select(
+        report = select_lib.select(select_lib.SelectConfig(
             args.pred_dir, args.select_dir, per_class=args.per_class,
-            min_confidence=MIN_CONFIDENCE)
+            min_confidence=MIN_CONFIDENCE))
         result = {"per_class": report["per_class"],
                   "totals": report["totals"]}
     result.update(seconds=time.perf_counter() - start,

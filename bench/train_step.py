@@ -46,7 +46,9 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
 from noisy_student import optim  # pylint: disable=g-import-not-at-top
+from noisy_student import train_config  # pylint: disable=g-import-not-at-top
 from noisy_student import train_lib  # pylint: disable=g-import-not-at-top
+from noisy_student import train_state  # pylint: disable=g-import-not-at-top
 
 BATCH = 64
 CLASSES = 10
@@ -77,7 +79,7 @@ def our_config(size, **overrides):
                   log_every=WINDOW[size], steps_per_loop=WINDOW[size],
                   checkpoint_every=0, verbose=False)
     values.update(overrides)
-    return train_lib.TrainConfig(**values)
+    return train_config.TrainConfig.from_fields(**values)
 
 
 def _logged(logdir, tag):
@@ -118,11 +120,11 @@ def time_ours(size, **overrides):
             lambda a, b: {"labeled": a, "unlabeled": b}).prefetch(2)
 
     with tempfile.TemporaryDirectory() as model_dir:
-        train_lib.train(config, model_dir, dataset_fn)
+        train_lib.train_and_evaluate(config, model_dir, dataset_fn)
         rates = _logged(os.path.join(model_dir, "logs", "train"),
                         "images_per_sec")
     return max(rate for step, rate in rates.items()
-               if step > config.log_every)
+               if step > config.loop.log_every)
 
 
 def forward_flops(model, size):
@@ -167,7 +169,7 @@ def time_keras_fit(size, precision="float32", jit_compile=False):
     """Best img/s over model.fit's epochs of WINDOW steps after the first."""
     images, labels = random_data(size)
     previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy(train_lib.PRECISIONS[precision])
+    keras.mixed_precision.set_global_policy(train_config.PRECISIONS[precision])
     try:
         model = keras.applications.EfficientNetB0(
             weights=None, input_shape=(size, size, 3), classes=CLASSES)
@@ -200,7 +202,7 @@ def main():
     parser.add_argument("--diagnose", action="store_true",
                         help="also time variants of our loop at 32 px")
     parser.add_argument("--precision", default="float32",
-                        choices=sorted(train_lib.PRECISIONS))
+                        choices=sorted(train_config.PRECISIONS))
     parser.add_argument("--jit_compile", action="store_true")
     args = parser.parse_args()
     setting = dict(precision=args.precision, jit_compile=args.jit_compile)
@@ -211,7 +213,7 @@ def main():
     peak = matmul_flops_per_s()
     print(f"fp32 matmul 1024x1024: {peak / 1e9:.1f} GFLOP/s (best of 20)")
     for size in (32, 64):
-        ours_model = train_lib.build_model(our_config(size))
+        ours_model = train_state.build_model(our_config(size))
         keras_rate, keras_model = time_keras_fit(size, **setting)
         ours_params = trainable_params(ours_model)
         keras_params = trainable_params(keras_model)

@@ -19,6 +19,7 @@ or less), so a 32 px image still ends on a 4x4 map.
 
 import dataclasses
 import math
+import re
 import string
 
 import keras
@@ -165,6 +166,63 @@ def block_name(stage, index):
     letters = string.ascii_lowercase
     suffix = letters[index] if index < len(letters) else f"_{index}"
     return f"block{stage}{suffix}_"
+
+
+# A layer name's block prefix, as `block_name` writes it ("block2b_",
+# "block4_27_"), and the prefix of the stem's layers.
+_BLOCK_PREFIX = re.compile(r"^(block\d+(?:[a-z]|_\d+)_)")
+STEM_PREFIX = "stem_"
+
+
+def block_prefixes(model):
+    """The name prefixes of the model's MBConv blocks, in network order.
+
+    Args:
+      model: A model of `build_efficientnet` (its layer names).
+
+    Returns:
+      A list like ["block1a_", "block2a_", "block2b_", ...].
+    """
+    blocks = []
+    for layer in model.layers:
+        match = _BLOCK_PREFIX.match(layer.name)
+        if match and match.group(1) not in blocks:
+            blocks.append(match.group(1))
+    return blocks
+
+
+def freeze_blocks(model, num_blocks):
+    """Freezes the stem and the first `num_blocks` MBConv blocks.
+
+    FixRes-style fine-tuning at a larger resolution (the paper's L2 at
+    800 px, Section 3) trains only the later layers. Frozen batch norm uses
+    its moving statistics.
+
+    Args:
+      model: A model of `build_efficientnet`.
+      num_blocks: Blocks to freeze, in network order (block1a, block2a,
+        ...); 0 freezes nothing.
+
+    Returns:
+      The names of the frozen layers.
+
+    Raises:
+      ValueError: if the model has fewer blocks.
+    """
+    if num_blocks <= 0:
+        return []
+    blocks = block_prefixes(model)
+    if num_blocks > len(blocks):
+        raise ValueError(
+            f"Expected freeze_blocks <= {len(blocks)} (the model's blocks). "
+            f"Received: freeze_blocks={num_blocks}")
+    prefixes = (STEM_PREFIX,) + tuple(blocks[:num_blocks])
+    frozen = []
+    for layer in model.layers:
+        if layer.name.startswith(prefixes):
+            layer.trainable = False
+            frozen.append(layer.name)
+    return frozen
 
 
 def drop_rates(depth, base_rate=0.2):

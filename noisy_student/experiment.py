@@ -31,7 +31,8 @@ from noisy_student import model_info
 from noisy_student import predict as predict_lib
 from noisy_student import select as select_lib
 from noisy_student import stages
-from noisy_student import train_lib
+from noisy_student import train_config as train_config_lib
+from noisy_student import train_state
 from noisy_student import workdir_lock
 from noisy_student.data import pipeline
 
@@ -67,9 +68,9 @@ class ExperimentConfig:
     """
     workdir: str
     data: stages.DataConfig
-    teacher: train_lib.TrainConfig
+    teacher: train_config_lib.TrainConfig
     teacher_input: pipeline.InputConfig
-    student: train_lib.TrainConfig
+    student: train_config_lib.TrainConfig
     student_input: pipeline.InputConfig
     student_models: tuple = ()
     iterations: int = 2
@@ -85,16 +86,16 @@ class ExperimentConfig:
         if self.iterations < 0:
             raise ValueError("Expected iterations >= 0. Received: "
                              f"iterations={self.iterations}")
-        if self.student.unlabel_ratio <= 0 and self.iterations:
+        if self.student.loop.unlabel_ratio <= 0 and self.iterations:
             raise ValueError(
                 "Expected unlabel_ratio > 0 for the students. Received: "
-                f"unlabel_ratio={self.student.unlabel_ratio}")
+                f"unlabel_ratio={self.student.loop.unlabel_ratio}")
         if self.init_student_from_teacher and self.student.init_from:
             raise ValueError(
                 "Expected students started from their teacher or from a "
                 "checkpoint, not both. Received: init_student_from_teacher="
                 f"True, student_init={self.student.init_from}")
-        teacher = self.teacher.model_name
+        teacher = self.teacher.model.model_name
         for name in self.student_models:
             efficientnet.parse_model_name(name)
         previous = teacher
@@ -112,19 +113,34 @@ class ExperimentConfig:
     def student_model(self, round_index):
         """Model name of the student of round `round_index` (1-based)."""
         if not self.student_models:
-            return self.teacher.model_name
+            return self.teacher.model.model_name
         return self.student_models[min(round_index, len(
             self.student_models)) - 1]
 
 
 def with_model(train_config, name):
-    """`train_config` with the model called `name`."""
+    """`train_config` with the model called `name`.
+
+    Args:
+      train_config: A `train_config.TrainConfig`.
+      name: b0..b8, l2 or wW-dD (see `efficientnet.parse_model_name`).
+
+    Returns:
+      The TrainConfig (validated) with that variant / width / depth.
+    """
     variant, width, depth = efficientnet.parse_model_name(name)
     if variant:
-        return dataclasses.replace(train_config, variant=variant, width=None,
-                                   depth=None)
-    return dataclasses.replace(train_config, variant=None, width=width,
-                               depth=depth)
+        return train_config.replace(variant=variant, width=None, depth=None)
+    return train_config.replace(variant=None, width=width, depth=depth)
+
+
+def _train_fingerprint_args(train_config):
+    """The train config's fingerprinted settings (all but init_from, which
+    counts by its files), under the names of the flat config that made
+    earlier work directories (see train_config.fingerprint_fields)."""
+    fields = train_config_lib.fingerprint_fields(train_config)
+    del fields["init_from"]
+    return fields
 
 
 def _without_paths(config, *fields):
@@ -166,7 +182,7 @@ def plan(config):
                    if init and not (r and config.init_student_from_teacher)
                    else None)
         train_fp = manifest_lib.fingerprint(
-            {"train": _without_paths(train_config, "init_from"),
+            {"train": _train_fingerprint_args(train_config),
              "input": input_config, "init": init_fp}, data_fp, *upstream)
         steps.append(Stage(
             f"round{r}/train", train_fp, model_dir,
@@ -175,7 +191,7 @@ def plan(config):
                 pseudo_dir, log_prefix=f"[round{r}/train] ")), train_config))
         eval_config = evaluate.EvalConfig(
             model_path=model_dir, output_dir=f"{folder}/eval",
-            num_classes=train_config.num_classes)
+            num_classes=train_config.model.num_classes)
         steps.append(Stage(
             f"round{r}/eval", manifest_lib.fingerprint({}, train_fp),
             eval_config.output_dir,
@@ -188,7 +204,7 @@ def plan(config):
         folder = f"{workdir}/round{r}"
         predict_config = dataclasses.replace(
             config.predict, teacher=teacher_dir, out_dir=f"{folder}/predict",
-            num_classes=config.teacher.num_classes)
+            num_classes=config.teacher.model.num_classes)
         predict_fp = manifest_lib.fingerprint(
             _without_paths(predict_config, "teacher", "out_dir",
                            "log_every_s"), fp)
@@ -204,30 +220,36 @@ def plan(config):
             f"round{r}/select", select_fp, select_config.out_dir,
             lambda c=select_config: _jsonable(
                 stages.run_select(c)["totals"])))
-        student = with_model(config.student, config.student_model(r))
-        student_input = config.student_input
-        variant = student.variant
-        if config.student_resolution_from_model and variant:
-            size = efficientnet.get_variant(variant).resolution
-            student = dataclasses.replace(student, image_size=size)
-            student_input = dataclasses.replace(student_input,
-                                                image_size=size)
-        if config.init_student_from_teacher:
-            student = dataclasses.replace(student, init_from=teacher_dir)
+        student, student_input = _student_configs(config, r, teacher_dir)
         teacher_dir, fp = train_and_eval(
             r, student, student_input, select_config.out_dir,
             (select_fp, config.init_student_from_teacher))
     if config.export:
-        export_dir = f"{workdir}/export"
+        # From the model_dir: its class names and recipe go along.
+        export_config = export_lib.ExportConfig(
+            model_path=teacher_dir, out_dir=f"{workdir}/export",
+            overwrite=True)
         steps.append(Stage(
-            "export", manifest_lib.fingerprint({}, fp), export_dir,
-            # From the model_dir: its class names and recipe go along.
-            lambda d=teacher_dir: export_lib.export_from_config(
-                export_lib.ExportConfig(model_path=d, out_dir=export_dir,
-                                        overwrite=True)),
+            "export", manifest_lib.fingerprint({}, fp), export_config.out_dir,
+            lambda: export_lib.export_from_config(export_config),
             # More iterations change what is exported, not how.
             redo_if_changed=True))
     return steps
+
+
+def _student_configs(config, r, teacher_dir):
+    """(TrainConfig, InputConfig) of round r's student (its model, its
+    resolution when student_resolution_from_model, its init)."""
+    student = with_model(config.student, config.student_model(r))
+    student_input = config.student_input
+    variant = student.model.variant
+    if config.student_resolution_from_model and variant:
+        size = efficientnet.get_variant(variant).resolution
+        student = student.replace(image_size=size)
+        student_input = dataclasses.replace(student_input, image_size=size)
+    if config.init_student_from_teacher:
+        student = dataclasses.replace(student, init_from=teacher_dir)
+    return student, student_input
 
 
 def check(config):
@@ -248,14 +270,16 @@ def _check_inits(config):
     for role, train_config in roles:
         if not train_config.init_from:
             continue
+        name = train_config.model.model_name
         pretrained = checkpoints.read(
-            train_config.init_from, train_config.model_name,
+            train_config.init_from, name,
             what="teacher_init" if role == "teacher" else "student_init")
-        head = checkpoints.check(pretrained, train_lib.build_model(
-            train_config), train_config.model_name)
-        if train_config.train_steps == 0 and not head:
+        head = checkpoints.check(
+            pretrained, train_state.build_model(train_config), name)
+        if train_config.loop.train_steps == 0 and not head:
             raise ValueError(
-                f"Expected a checkpoint with a {train_config.num_classes}-"
+                f"Expected a checkpoint with a "
+                f"{train_config.model.num_classes}-"
                 "class head to use as the teacher unchanged; it has "
                 f"{pretrained.num_classes or 'no'} classes. Give "
                 "--teacher_train_steps > 0 to fine-tune a new head. "
@@ -296,7 +320,7 @@ def _run(config, workdir):
             index = int(r[len("round"):])
             rounds.append(_round_entry(
                 index, "teacher" if index == 0 else "student",
-                config.teacher.model_name if index == 0
+                config.teacher.model.model_name if index == 0
                 else config.student_model(index),
                 results[f"{r}/train"], results[stage.name], manifest,
                 results.get(f"{r}/select")))

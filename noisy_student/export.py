@@ -68,6 +68,9 @@ class ExportDirExistsError(FileExistsError, ValueError):
 class ExportConfig:
     """Arguments of `export_from_config` (the ns-export command).
 
+    Raises:
+      ValueError: for an empty path, image_size <= 0 or top_k < 1.
+
     Attributes:
       model_path: model.keras, a model_dir holding it, or a SavedModel.
       out_dir: SavedModel folder to create (local or gs://).
@@ -83,6 +86,20 @@ class ExportConfig:
     image_size: int | None = None
     top_k: int = 5
     tflite: bool = False
+
+    def __post_init__(self):
+        # Checked when built: the pipeline builds its export config before
+        # the teacher trains.
+        for name in ("model_path", "out_dir"):
+            if not getattr(self, name):
+                raise ValueError(f"Expected a path {name}. Received: "
+                                 f"{name}={getattr(self, name)!r}")
+        if self.image_size is not None and not self.image_size > 0:
+            raise ValueError("Expected None or an image_size > 0. Received: "
+                             f"image_size={self.image_size!r}")
+        if not self.top_k >= 1:
+            raise ValueError(f"Expected top_k >= 1. Received: "
+                             f"top_k={self.top_k}")
 
 
 class _ServingModule(tf.Module):

@@ -1,8 +1,9 @@
-"""Custom Keras layers used by the EfficientNet builder."""
+"""Custom Keras layers used by the EfficientNet builder and its training."""
 
 import keras
 from keras import ops
 import numpy as np
+import tensorflow as tf
 
 # ImageNet channel statistics on the [0, 255] pixel scale, as the official
 # EfficientNet code uses them. The model normalises inside, so an exported
@@ -198,3 +199,37 @@ def _tap_index(height, width, kernel_size, strides):
                     if 0 <= iy < height and 0 <= ix < width:
                         index[oy * out_w + ox, iy * width + ix] = ky * kw + kx
     return index, out_h, out_w
+
+
+@keras.saving.register_keras_serializable(package="noisy_student")
+class FusedBatchNormalization(keras.layers.BatchNormalization):
+    """keras.layers.BatchNormalization whose training step is one fused kernel.
+
+    Keras 3 computes batch norm in training as a dozen separate ops (moments,
+    rsqrt, scale, shift, and their gradients); TF's FusedBatchNormV3 does the
+    forward and the backward pass in one kernel each (oneDNN on CPU, cuDNN on
+    GPU, XLA on TPU). In A/B runs on this project's 2-core CPU it made a B0
+    training step about 1.1x (32 px) and 1.2-1.3x (64 px) faster. Same
+    arithmetic as Keras: batch statistics in float32, moving averages of the
+    batch mean and the *biased* batch variance. Inference, frozen layers, masks and
+    synchronized (cross-replica) batch norm use Keras' own code.
+    """
+
+    def call(self, inputs, training=None, mask=None):
+        axis = self.axis if self.axis >= 0 else len(inputs.shape) + self.axis
+        if (not training or not self.trainable or mask is not None
+                or self.synchronized or self.renorm or len(inputs.shape) != 4
+                or axis != 3 or not (self.scale and self.center)):
+            return super().call(inputs, training=training, mask=mask)
+        x = tf.cast(inputs, tf.float32)
+        outputs, mean, variance = tf.compat.v1.nn.fused_batch_norm(
+            x, tf.cast(self.gamma, tf.float32), tf.cast(self.beta, tf.float32),
+            epsilon=self.epsilon, data_format="NHWC", is_training=True)
+        # The kernel returns the unbiased variance; Keras averages the biased.
+        count = tf.cast(tf.reduce_prod(tf.shape(x)[:3]), tf.float32)
+        variance = variance * (count - 1.0) / count
+        self.moving_mean.assign(self.moving_mean * self.momentum
+                                + mean * (1.0 - self.momentum))
+        self.moving_variance.assign(self.moving_variance * self.momentum
+                                    + variance * (1.0 - self.momentum))
+        return tf.cast(outputs, self.compute_dtype)

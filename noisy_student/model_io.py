@@ -142,6 +142,15 @@ def load_model(path, what="model"):
         f"ns-convert first). Received: {what}={path}")
 
 
+def keras_path(path):
+    """Where a training run keeps its model: `path/model.keras`, or `path`
+    itself when it names a .keras file (local or gs://)."""
+    path = str(path)
+    if path.endswith(".keras"):
+        return path
+    return _join(path, KERAS_FILE)
+
+
 def _load_keras(path, what):
     try:
         return keras.saving.load_model(path, compile=False)

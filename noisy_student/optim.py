@@ -3,7 +3,8 @@
 Recipe (official EfficientNet code, tensorflow/tpu models/official/efficientnet
 utils.py / main.py, which google-research/noisystudent reuses):
 - RMSProp with rho 0.9, momentum 0.9, epsilon 1e-3;
-- learning rate `base_lr * batch_size / 256` (0.016 per 256 labeled images),
+- learning rate `base_learning_rate * batch_size / 256` (0.016 per 256
+  labeled images),
   linear warm-up over 5 epochs, then x0.97 every 2.4 epochs (staircase) or a
   cosine decay over the whole run;
 - an exponential moving average (EMA) of the weights, decay 0.9999, used for

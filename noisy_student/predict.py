@@ -39,6 +39,16 @@ from noisy_student import pseudo_labels as pl
 from noisy_student.data import preprocess as preprocess_lib
 
 
+# Images per prediction file (block), the one default of ns-predict,
+# noisy-student and PredictConfig: 4096 keeps an ImageNet-scale unlabeled set
+# (~130M images) at ~32k files while a preempted worker redoes at most one
+# block of work.
+RECORDS_PER_FILE = 4096
+# Images per teacher call, the one default of --predict_batch_size and
+# PredictConfig.
+BATCH_SIZE = 256
+
+
 @dataclasses.dataclass(frozen=True)
 class PredictConfig:
     """Settings of one prediction worker.
@@ -52,7 +62,8 @@ class PredictConfig:
       batch_size: Images per teacher call.
       shard_index: This worker's index, in [0, num_shards).
       num_shards: Number of workers sharing the work.
-      records_per_file: Images per output file (a block).
+      records_per_file: Images per output file (a block: the unit of resume
+        and of the work split between workers).
       num_bins: Bins over [0, 1] of the per-class confidence histograms.
       image_size: The teacher's input side; None reads it from the teacher.
       log_every_s: Seconds between progress lines.
@@ -60,10 +71,10 @@ class PredictConfig:
     teacher: str
     out_dir: str
     num_classes: int
-    batch_size: int = 128
+    batch_size: int = BATCH_SIZE
     shard_index: int = 0
     num_shards: int = 1
-    records_per_file: int = 1024
+    records_per_file: int = RECORDS_PER_FILE
     num_bins: int = pl.DEFAULT_NUM_BINS
     image_size: int | None = None
     log_every_s: float = 30.0
@@ -269,8 +280,8 @@ def _probabilities_fn(teacher):
     return fn
 
 
-def predict(teacher, dataset, out_dir, num_classes, batch_size=128,
-            shard_index=0, num_shards=1, records_per_file=1024,
+def predict(teacher, dataset, out_dir, num_classes, batch_size=BATCH_SIZE,
+            shard_index=0, num_shards=1, records_per_file=RECORDS_PER_FILE,
             preprocess=None, image_size=None, num_bins=pl.DEFAULT_NUM_BINS,
             log_every_s=30.0):
     """Labels this worker's part of the unlabeled set with the teacher.

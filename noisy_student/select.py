@@ -37,6 +37,13 @@ every count (with the class names when the prediction folder records them,
 class_names.json), and contact_sheets/class-<id>.png shows, for each of the
 first MAX_CONTACT_SHEETS classes, its most and least confident kept images
 with the teacher's confidence: pseudo-label quality at a glance.
+
+Layout: `select(config)` and its small steps, then the histogram plan and
+the per-record math (hash-seeded copies, targets), then the report (JSON,
+Markdown, PNG) and contact sheets. The module is longer than the project's
+~500 lines because of that report; its PNG / Markdown writers are to move to
+the one shared report writer of issue 22 (kept here until that lands, so
+the two changes do not collide).
 """
 
 import dataclasses
@@ -91,8 +98,29 @@ class SelectConfig:
     def __post_init__(self):
         # Checked when built, so the pipeline refuses a bad value before
         # the teacher trains, not in the select stage hours later.
-        _check_args(self.per_class, self.min_confidence, self.label_type,
-                    self.temperature, self.num_files, self.records_per_file)
+        per_class = self.per_class
+        if per_class is not None and (
+                not isinstance(per_class, (int, np.integer)) or per_class < 1):
+            raise ValueError(
+                "Expected per_class to be a positive integer or None. "
+                f"Received: per_class={per_class!r}")
+        if not 0.0 <= self.min_confidence < 1.0:
+            raise ValueError(
+                "Expected 0 <= min_confidence < 1. Received: "
+                f"min_confidence={self.min_confidence!r}")
+        if self.label_type not in LABEL_TYPES:
+            raise ValueError(
+                f"Expected label_type in {LABEL_TYPES}. Received: "
+                f"label_type={self.label_type!r}")
+        if not self.temperature > 0:
+            raise ValueError("Expected temperature > 0. Received: "
+                             f"temperature={self.temperature!r}")
+        if self.num_files is not None and self.num_files < 1:
+            raise ValueError("Expected num_files >= 1 or None. Received: "
+                             f"num_files={self.num_files}")
+        if self.records_per_file < 1:
+            raise ValueError("Expected records_per_file >= 1. Received: "
+                             f"records_per_file={self.records_per_file}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,33 +281,6 @@ def make_targets(probs, labels, label_type, temperature):
     return (weights / weights.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
-def _check_args(per_class, min_confidence, label_type, temperature,
-                num_files, records_per_file):
-    if per_class is not None and (not isinstance(per_class, (int, np.integer))
-                                  or per_class < 1):
-        raise ValueError(
-            "Expected per_class to be a positive integer or None. Received: "
-            f"per_class={per_class!r}")
-    if not 0.0 <= min_confidence < 1.0:
-        raise ValueError(
-            "Expected 0 <= min_confidence < 1. Received: "
-            f"min_confidence={min_confidence!r}")
-    if label_type not in LABEL_TYPES:
-        raise ValueError(
-            f"Expected label_type in {LABEL_TYPES}. Received: "
-            f"label_type={label_type!r}")
-    if not temperature > 0:
-        raise ValueError(
-            f"Expected temperature > 0. Received: temperature={temperature!r}")
-    if num_files is not None and num_files < 1:
-        raise ValueError(
-            f"Expected num_files >= 1 or None. Received: num_files={num_files}")
-    if records_per_file < 1:
-        raise ValueError(
-            "Expected records_per_file >= 1. Received: "
-            f"records_per_file={records_per_file}")
-
-
 def total_histogram(pred_dir, info):
     """Sums the histograms of all blocks of a complete prediction folder."""
     total = np.zeros((info["num_classes"], info["num_bins"]), np.int64)
@@ -385,121 +386,152 @@ def write_contact_sheets(out_dir, extremes, class_names):
     return written
 
 
-def select(pred_dir, out_dir, per_class=None, min_confidence=0.3,
-           label_type="soft", temperature=1.0, seed=0, num_classes=None,
-           duplicate=True, num_files=None, records_per_file=4096):
+def select(config, num_classes=None):
     """Filters and balances the predictions, writes the selected set.
 
     Args:
-      pred_dir: A complete prediction folder (from `predict`).
-      out_dir: The selection folder to write (a previous selection there is
-        replaced).
-      per_class: K, images kept per class; None keeps every confident image
-        once.
-      min_confidence: Images below this top probability are dropped.
-      label_type: "soft" or "hard" targets.
-      temperature: T of the soft targets (see the module docstring).
-      seed: Seed of the stochastic rounding of the copies.
+      config: A `SelectConfig` (validated when built).
       num_classes: Expected class count (checked against the predictions);
         None takes the predictions'.
-      duplicate: Duplicate classes with fewer than K images up to K.
-      num_files: Output files; None: about `records_per_file` records each.
-      records_per_file: Target records per output file.
 
     Returns:
       The report as a dict (also written to out_dir/report.json).
 
     Raises:
       ValueError: if every image is filtered out, for incomplete predictions
-        or a bad argument.
+        or another class count.
       FileNotFoundError: if pred_dir is not a prediction folder.
     """
     start = time.time()
-    _check_args(per_class, min_confidence, label_type, temperature,
-                num_files, records_per_file)
+    info, class_names, histogram = _read_predictions(config, num_classes)
+    plan = _plan(config, histogram, info)
+    num_files = config.num_files or _files_for(plan, config.records_per_file)
+    marker = _clear_selection(config.out_dir)
+    names = [pl.selected_name(i, num_files) for i in range(num_files)]
+    kept = _write_selection(config, plan, info, names)
+    if not np.array_equal(kept.unique, plan.kept_unique):
+        # The histograms and the records disagree: a corrupt folder.
+        raise ValueError(
+            f"Expected the records of {config.pred_dir} to match its "
+            f"histograms. Received: kept {kept.unique.tolist()} images per "
+            f"class, planned {plan.kept_unique.tolist()}")
+    # Files of an earlier selection with another file count are stale.
+    for name in tf.io.gfile.listdir(config.out_dir):
+        if pl.is_selected_file(name) and name not in names:
+            tf.io.gfile.remove(pl.join(config.out_dir, name))
+    report = _selection_report(config, plan, kept, info, num_files,
+                               class_names)
+    report["seconds"] = time.time() - start
+    _write_reports(config.out_dir, report, histogram, plan)
+    io_utils.write_json(marker, {
+        "num_classes": info["num_classes"], "channels": info.get("channels"),
+        "files": names,
+        "file_records": kept.file_counts.tolist(),
+        "num_records": int(kept.total.sum()),
+        "unique_images": int(kept.unique.sum()),
+        "label_type": config.label_type, "temperature": config.temperature})
+    logging.info("select: kept %d unique images, %d with copies, in %d files",
+                 kept.unique.sum(), kept.total.sum(), num_files)
+    return report
+
+
+def _read_predictions(config, num_classes):
+    """(info, class names or None, [K, num_bins] int64 histogram) of
+    config.pred_dir, checked complete and of `num_classes` classes."""
+    pred_dir = config.pred_dir
     info = pl.check_predictions(pred_dir)
     if num_classes is not None and num_classes != info["num_classes"]:
         raise ValueError(
             f"Expected num_classes={info['num_classes']} as in the "
             f"predictions of {pred_dir}. Received: num_classes={num_classes}")
-    num_classes = info["num_classes"]
     class_names = model_info.read_class_names(pred_dir)
-    if class_names is not None and len(class_names) != num_classes:
+    if class_names is not None and len(class_names) != info["num_classes"]:
         logging.warning("select: %d class names for %d classes in %s; "
-                        "showing ids", len(class_names), num_classes,
+                        "showing ids", len(class_names), info["num_classes"],
                         pred_dir)
         class_names = None
-    histogram = total_histogram(pred_dir, info)
-    plan = plan_selection(histogram, per_class, min_confidence, duplicate)
+    return info, class_names, total_histogram(pred_dir, info)
+
+
+def _plan(config, histogram, info):
+    """The `SelectionPlan`; raises ValueError if it keeps no image."""
+    plan = plan_selection(histogram, config.per_class, config.min_confidence,
+                          config.duplicate)
     if plan.kept_unique.sum() == 0:
         top = np.nonzero(histogram.sum(axis=0))[0]
         best = (top.max() + 1) / plan.num_bins if top.size else 0.0
         raise ValueError(
             "Expected at least one image with confidence >= min_confidence. "
-            f"Received: min_confidence={min_confidence} (effective "
+            f"Received: min_confidence={config.min_confidence} (effective "
             f"{plan.min_bin / plan.num_bins}); all {info['num_images']} "
             f"images are below it (highest confidence < {best:.3f})")
-    expected_total = float(plan.expected_total.sum())
-    if num_files is None:
-        num_files = int(min(MAX_OPEN_FILES, max(
-            1, math.ceil(expected_total / records_per_file))))
+    return plan
 
+
+def _files_for(plan, records_per_file):
+    """Output files for about `records_per_file` records each (at most
+    MAX_OPEN_FILES, since all are open at once)."""
+    expected_total = float(plan.expected_total.sum())
+    return int(min(MAX_OPEN_FILES, max(
+        1, math.ceil(expected_total / records_per_file))))
+
+
+def _clear_selection(out_dir):
+    """Creates out_dir, unmarks a previous selection there (a half-replaced
+    selection must not look finished) and removes temporary files; returns
+    the path of the marker (selection.json)."""
     tf.io.gfile.makedirs(out_dir)
-    # A half-replaced selection must not look finished.
     marker = pl.join(out_dir, pl.SELECTION_FILE)
     if tf.io.gfile.exists(marker):
         tf.io.gfile.remove(marker)
     for name in tf.io.gfile.listdir(out_dir):
         if io_utils.is_temp(name):
             tf.io.gfile.remove(pl.join(out_dir, name))
+    return marker
 
-    names = [pl.selected_name(i, num_files) for i in range(num_files)]
-    finals = [pl.join(out_dir, name) for name in names]
+
+@dataclasses.dataclass
+class _Kept:
+    """What a selection kept (arrays per class unless said otherwise).
+
+    Attributes:
+      unique: int64: images kept.
+      total: int64: records written, copies included.
+      min_confidence: float: lowest kept confidence (inf: none kept).
+      file_counts: int64 [num_files]: records per output file.
+      extremes: The `_Extremes` for the contact sheets.
+      taken_boundary: int64: images taken from the boundary bin so far.
+    """
+    unique: np.ndarray
+    total: np.ndarray
+    min_confidence: np.ndarray
+    file_counts: np.ndarray
+    extremes: "_Extremes"
+    taken_boundary: np.ndarray
+
+    @classmethod
+    def empty(cls, num_classes, num_files):
+        """Nothing kept yet, for `num_classes` classes and `num_files`
+        output files."""
+        return cls(np.zeros(num_classes, np.int64),
+                   np.zeros(num_classes, np.int64),
+                   np.full(num_classes, np.inf),
+                   np.zeros(num_files, np.int64),
+                   _Extremes(CONTACT_SHEET_IMAGES, MAX_CONTACT_SHEETS),
+                   np.zeros(num_classes, np.int64))
+
+
+def _write_selection(config, plan, info, names):
+    """Streams the prediction records once, in index order, and writes the
+    kept ones (with their copies) into the files `names` of out_dir, each
+    through a temporary name renamed at the end; returns the `_Kept`."""
+    finals = [pl.join(config.out_dir, name) for name in names]
     temps = [io_utils.temp_path(path) for path in finals]
     writers = [tf.io.TFRecordWriter(path) for path in temps]
-    taken_boundary = np.zeros(num_classes, np.int64)
-    kept_unique = np.zeros(num_classes, np.int64)
-    kept_total = np.zeros(num_classes, np.int64)
-    min_kept = np.full(num_classes, np.inf)
-    file_counts = np.zeros(num_files, np.int64)
-    extremes = _Extremes(CONTACT_SHEET_IMAGES, MAX_CONTACT_SHEETS)
+    kept = _Kept.empty(info["num_classes"], len(names))
     try:
-        for batch in _record_batches(pred_dir, info):
-            labels = batch["label"].astype(np.int64)
-            confidences = batch["confidence"]
-            indices = batch["index"]
-            bins = pl.confidence_bins(confidences, plan.num_bins)
-            keep = (bins >= plan.min_bin) & (bins >= plan.full_bin[labels])
-            # The boundary bin: the first `boundary_take` in index order.
-            for row in np.nonzero(bins == plan.boundary_bin[labels])[0]:
-                c = labels[row]
-                if taken_boundary[c] < plan.boundary_take[c]:
-                    taken_boundary[c] += 1
-                    keep[row] = True
-            rows = np.nonzero(keep)[0]
-            if not rows.size:
-                continue
-            labels, indices = labels[rows], indices[rows]
-            confidences = confidences[rows]
-            copies = stochastic_copies(plan.duplication[labels], indices,
-                                       seed)
-            targets = make_targets(batch["probs"][rows], labels, label_type,
-                                   temperature)
-            first_file = np.floor(hash_uniform(seed, indices, stream=1)
-                                  * num_files).astype(np.int64)
-            images = batch["image"]
-            for k, row in enumerate(rows):
-                for copy in range(copies[k]):
-                    record = pl.encode_selected(
-                        images[row], targets[k], labels[k], confidences[k],
-                        indices[k], copy)
-                    file_index = (first_file[k] + copy) % num_files
-                    writers[file_index].write(record)
-                    file_counts[file_index] += 1
-            extremes.add(labels, confidences, indices, images[rows])
-            np.add.at(kept_unique, labels, 1)
-            np.add.at(kept_total, labels, copies)
-            np.minimum.at(min_kept, labels, confidences)
+        for batch in _record_batches(config.pred_dir, info):
+            _write_batch(config, plan, batch, writers, kept)
         for writer in writers:
             writer.close()
         for temp, final in zip(temps, finals):
@@ -510,69 +542,90 @@ def select(pred_dir, out_dir, per_class=None, min_confidence=0.3,
             if tf.io.gfile.exists(temp):
                 tf.io.gfile.remove(temp)
         raise
-    if not np.array_equal(kept_unique, plan.kept_unique):
-        # The histograms and the records disagree: a corrupt folder.
-        raise ValueError(
-            f"Expected the records of {pred_dir} to match its histograms. "
-            f"Received: kept {kept_unique.tolist()} images per class, planned "
-            f"{plan.kept_unique.tolist()}")
-    # Files of an earlier selection with another file count are stale.
-    for name in tf.io.gfile.listdir(out_dir):
-        if pl.is_selected_file(name) and name not in names:
-            tf.io.gfile.remove(pl.join(out_dir, name))
+    return kept
 
-    config = {"pred_dir": pred_dir, "per_class": per_class,
-              "min_confidence": min_confidence,
-              "effective_min_confidence": plan.min_bin / plan.num_bins,
-              "label_type": label_type, "temperature": temperature,
-              "seed": seed, "duplicate": duplicate, "num_files": num_files,
-              "num_bins": plan.num_bins}
-    report = _make_report(config, plan, kept_unique, kept_total, min_kept,
-                          info, file_counts)
+
+def _kept_rows(plan, labels, bins, taken_boundary):
+    """Rows of a batch the plan keeps: above the class's full bin, plus the
+    first `boundary_take` of its boundary bin in index order."""
+    keep = (bins >= plan.min_bin) & (bins >= plan.full_bin[labels])
+    for row in np.nonzero(bins == plan.boundary_bin[labels])[0]:
+        c = labels[row]
+        if taken_boundary[c] < plan.boundary_take[c]:
+            taken_boundary[c] += 1
+            keep[row] = True
+    return np.nonzero(keep)[0]
+
+
+def _write_batch(config, plan, batch, writers, kept):
+    """Writes one batch's kept records and adds them to `kept`."""
+    labels = batch["label"].astype(np.int64)
+    bins = pl.confidence_bins(batch["confidence"], plan.num_bins)
+    rows = _kept_rows(plan, labels, bins, kept.taken_boundary)
+    if not rows.size:
+        return
+    labels, indices = labels[rows], batch["index"][rows]
+    confidences = batch["confidence"][rows]
+    copies = stochastic_copies(plan.duplication[labels], indices, config.seed)
+    targets = make_targets(batch["probs"][rows], labels, config.label_type,
+                           config.temperature)
+    num_files = len(writers)
+    first_file = np.floor(hash_uniform(config.seed, indices, stream=1)
+                          * num_files).astype(np.int64)
+    images = batch["image"]
+    for k, row in enumerate(rows):
+        for copy in range(copies[k]):
+            record = pl.encode_selected(images[row], targets[k], labels[k],
+                                        confidences[k], indices[k], copy)
+            file_index = (first_file[k] + copy) % num_files
+            writers[file_index].write(record)
+            kept.file_counts[file_index] += 1
+    kept.extremes.add(labels, confidences, indices, images[rows])
+    np.add.at(kept.unique, labels, 1)
+    np.add.at(kept.total, labels, copies)
+    np.minimum.at(kept.min_confidence, labels, confidences)
+
+
+def _selection_report(config, plan, kept, info, num_files, class_names):
+    """The report dict: settings, per-class counts, names, contact sheets."""
+    settings = {"pred_dir": config.pred_dir, "per_class": config.per_class,
+                "min_confidence": config.min_confidence,
+                "effective_min_confidence": plan.min_bin / plan.num_bins,
+                "label_type": config.label_type,
+                "temperature": config.temperature, "seed": config.seed,
+                "duplicate": config.duplicate, "num_files": num_files,
+                "num_bins": plan.num_bins}
+    report = _make_report(settings, plan, kept.unique, kept.total,
+                          kept.min_confidence, info, kept.file_counts)
     if class_names is not None:
         report["class_names"] = list(class_names)
         for row in report["per_class"]:
             row["name"] = class_names[row["class"]]
     _warn_empty_classes(report, class_names)
+    extremes = kept.extremes
     for row in report["per_class"]:
         # The source indices of the images on the contact sheet.
-        for side, entries in (("most", extremes.most), ("least",
-                                                        extremes.least)):
+        for side, entries in (("most", extremes.most),
+                              ("least", extremes.least)):
             if row["class"] in entries:
                 row[f"{side}_confident_indices"] = [
                     index for _, index, _ in entries[row["class"]]]
     try:
-        report["contact_sheets"] = write_contact_sheets(out_dir, extremes,
-                                                        class_names)
+        report["contact_sheets"] = write_contact_sheets(
+            config.out_dir, extremes, class_names)
     except Exception as e:  # pylint: disable=broad-except
         # Pictures are not worth failing a selection for.
         logging.warning("select: contact sheets not written: %s", e)
-    report["seconds"] = time.time() - start
+    return report
+
+
+def _write_reports(out_dir, report, histogram, plan):
+    """report.json, report.md and report.png in out_dir, atomically."""
     io_utils.write_json(pl.join(out_dir, "report.json"), report)
     io_utils.atomic_write(pl.join(out_dir, "report.md"),
                           _report_markdown(report))
     io_utils.atomic_write(pl.join(out_dir, "report.png"),
                           _report_png(report, histogram, plan))
-    io_utils.write_json(marker, {
-        "num_classes": num_classes, "channels": info.get("channels"),
-        "files": names,
-        "file_records": file_counts.tolist(),
-        "num_records": int(kept_total.sum()),
-        "unique_images": int(kept_unique.sum()),
-        "label_type": label_type, "temperature": temperature})
-    logging.info("select: kept %d unique images, %d with copies, in %d files",
-                 kept_unique.sum(), kept_total.sum(), num_files)
-    return report
-
-
-def run_select(config):
-    """Runs the select stage from a `SelectConfig`; returns the report."""
-    return select(config.pred_dir, config.out_dir, per_class=config.per_class,
-                  min_confidence=config.min_confidence,
-                  label_type=config.label_type,
-                  temperature=config.temperature, seed=config.seed,
-                  duplicate=config.duplicate, num_files=config.num_files,
-                  records_per_file=config.records_per_file)
 
 
 def _class_list(ids, class_names, limit=20):

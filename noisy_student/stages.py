@@ -50,6 +50,10 @@ class DataConfig:
         (`image_scan.REPORT_FILE`): the command's output folder; None
         scans without writing. Not a data setting: fingerprints leave it
         out.
+
+    Raises:
+      ValueError: for labels_per_class or validation_size < 0, or channels
+        other than 1 or 3.
     """
     labeled: str = "digits:train"
     unlabeled: str = ""
@@ -63,9 +67,15 @@ class DataConfig:
     scan_dir: str | None = None
 
     def __post_init__(self):
-        if self.labels_per_class < 0:
-            raise ValueError("Expected labels_per_class >= 0. Received: "
-                             f"labels_per_class={self.labels_per_class}")
+        # Checked when built; the sources themselves are opened (and
+        # checked) by the commands before any work.
+        for name in ("labels_per_class", "validation_size"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"Expected {name} >= 0. Received: "
+                                 f"{name}={getattr(self, name)}")
+        if self.channels not in (1, 3):
+            raise ValueError("Expected channels 1 or 3. Received: "
+                             f"channels={self.channels}")
 
     def _subset(self, part):
         if not self.labels_per_class:
@@ -153,6 +163,17 @@ def eval_batches(source, image_size, batch_size=256, channels=None,
 
     Every image through `preprocess.eval_image` (the eval transform of
     ns-eval and of the SavedModel), whatever the source's storage.
+
+    Args:
+      source: A labeled `sources.ImageSource`.
+      image_size: The model's input side in pixels.
+      batch_size: Images per batch (the last may be smaller).
+      channels: The model's input channels (None: the source's).
+      recipe: A `preprocess` crop recipe (None: the default).
+
+    Returns:
+      A dataset of {"image": float32 [b, S, S, C] in [0, 255],
+      "label": int [b]}.
     """
     return pipeline.eval_dataset(source.dataset, image_size, batch_size,
                                  channels=channels, recipe=recipe)
@@ -163,63 +184,74 @@ def run_train(train_config, input_config, data, model_dir, pseudo_dir=None,
     """Trains a teacher, or a student when `pseudo_dir` holds a selection.
 
     Args:
-      train_config: A train_lib.TrainConfig.
+      train_config: A train_config.TrainConfig.
       input_config: A pipeline.InputConfig (its image_size and batch_size
         must match train_config's).
       data: A `DataConfig`.
       model_dir: The run's folder (resumed when it holds checkpoints).
       pseudo_dir: A selection folder from `run_select`, for a student.
       strategy: An existing tf.distribute strategy (default: the config's).
-      log_prefix: Put before the progress lines (see train_lib.train).
+      log_prefix: Put before the progress lines (see
+        train_lib.train_and_evaluate).
 
     Returns:
-      The final metrics of train_lib.train.
+      The final metrics of train_lib.train_and_evaluate.
     """
-    if (input_config.image_size != train_config.image_size
-            or input_config.batch_size != train_config.batch_size
-            or input_config.unlabel_ratio != train_config.unlabel_ratio):
+    model, loop = train_config.model, train_config.loop
+    if (input_config.image_size != model.image_size
+            or input_config.batch_size != loop.batch_size
+            or input_config.unlabel_ratio != loop.unlabel_ratio):
         raise ValueError(
             "Expected the same image_size, batch_size and unlabel_ratio for "
             f"the model and its input. Received: {train_config} and "
             f"{input_config}")
-    if pseudo_dir and not train_config.unlabel_ratio:
+    if pseudo_dir and not loop.unlabel_ratio:
         raise ValueError(
             "Expected unlabel_ratio > 0 to train a student on pseudo-labels "
             f"(pseudo_labels={pseudo_dir}). Received: unlabel_ratio="
-            f"{train_config.unlabel_ratio}, which would ignore them")
+            f"{loop.unlabel_ratio}, which would ignore them")
     labeled = data.labeled_source()
-    if labeled.num_classes != train_config.num_classes:
+    if labeled.num_classes != model.num_classes:
         raise ValueError(
-            f"Expected {train_config.num_classes} classes in {data.labeled}. "
+            f"Expected {model.num_classes} classes in {data.labeled}. "
             f"Received: {labeled.num_classes}")
     unlabeled = None
     if pseudo_dir:
         unlabeled = pseudo_labels.selected_dataset(
-            pseudo_dir, num_classes=train_config.num_classes,
+            pseudo_dir, num_classes=model.num_classes,
             channels=data.channels)
     dataset_fn = pipeline.train_dataset_fn(
-        labeled.dataset, input_config, unlabeled, train_config.num_classes)
+        labeled.dataset, input_config, unlabeled, model.num_classes)
     part = "validation" if data.validation_size else "test"
     recipe = preprocess.DEFAULT_RECIPE
     eval_ds = None  # No test set given (ns-train without --test).
     if part == "validation" or data.test:
         eval_ds = eval_batches(
-            data.eval_source(part, num_classes=train_config.num_classes,
+            data.eval_source(part, num_classes=model.num_classes,
                              class_names=labeled.class_names),
-            train_config.resolved_image_size,
-            channels=train_config.channels, recipe=recipe)
+            model.resolved_image_size, channels=model.channels,
+            recipe=recipe)
     tf.io.gfile.makedirs(model_dir)
     write_stage_config(model_dir, train=train_config, input=input_config,
                        data=data, pseudo_dir=pseudo_dir)
     # What ns-eval, ns-predict and ns-export read back from the model_dir.
     preprocess.write_recipe(model_dir, recipe)
     model_info.write_class_names(model_dir, labeled.class_names)
-    return train_lib.train(train_config, model_dir, dataset_fn, eval_ds,
-                           strategy=strategy, log_prefix=log_prefix)
+    return train_lib.train_and_evaluate(train_config, model_dir, dataset_fn,
+                                        eval_ds, strategy=strategy,
+                                        log_prefix=log_prefix)
 
 
 def run_predict(predict_config, data):
-    """Labels (this worker's part of) the unlabeled images with a teacher."""
+    """Labels (this worker's part of) the unlabeled images with a teacher.
+
+    Args:
+      predict_config: A `predict.PredictConfig` (validated when built).
+      data: The `DataConfig` whose unlabeled source is labeled.
+
+    Returns:
+      The `predict.PredictSummary` as a dict.
+    """
     source = data.unlabeled_source(keep_encoded=True)
     teacher = model_io.load_model(predict_config.teacher, what="teacher")
     size = predict_config.image_size or model_io.image_size(teacher)
@@ -247,14 +279,31 @@ def run_predict(predict_config, data):
 
 
 def run_select(select_config):
-    """Filters and balances a finished prediction folder."""
+    """Filters and balances a finished prediction folder.
+
+    Args:
+      select_config: A `select.SelectConfig` (validated when built).
+
+    Returns:
+      The selection report dict (see `select.select`).
+    """
     tf.io.gfile.makedirs(select_config.out_dir)
     write_stage_config(select_config.out_dir, select=select_config)
-    return select_lib.run_select(select_config)
+    return select_lib.select(select_config)
 
 
 def run_eval(eval_config, data, part="test"):
-    """Evaluates a trained model on the test (or validation) images."""
+    """Evaluates a trained model on the test (or validation) images.
+
+    Args:
+      eval_config: An `evaluate.EvalConfig` (its class names default to the
+        model's, then the source's).
+      data: The `DataConfig` of the test / validation source.
+      part: "test" or "validation".
+
+    Returns:
+      The results dict of `evaluate.run_evaluation`.
+    """
     model = model_io.load_model(eval_config.model_path)
     model_names = model_info.read_class_names(eval_config.model_path)
     source = data.eval_source(

@@ -18,10 +18,11 @@ import tensorflow as tf
 
 from noisy_student import efficientnet
 from noisy_student import evaluate
+from noisy_student import export as export_lib
 from noisy_student import predict as predict_lib
 from noisy_student import select as select_lib
 from noisy_student import stages
-from noisy_student import train_lib
+from noisy_student import train_config
 from noisy_student.data import pipeline
 from noisy_student.data import sources
 
@@ -71,8 +72,9 @@ def test_one_class_names_the_flag(tmp_path):
 
 
 def test_pseudo_labels_with_unlabel_ratio_0_are_refused(tmp_path):
-    config = train_lib.TrainConfig(width=0.25, depth=0.25, image_size=16,
-                                   warmup_steps=0, lr_schedule="constant")
+    config = train_config.TrainConfig.from_fields(
+        width=0.25, depth=0.25, image_size=16, warmup_steps=0,
+        lr_schedule="constant")
     input_config = pipeline.InputConfig(image_size=16, batch_size=128)
     with pytest.raises(ValueError, match="unlabel_ratio > 0.*ignore them"):
         stages.run_train(config, input_config, stages.DataConfig(),
@@ -122,6 +124,27 @@ def test_predict_config_is_checked_when_built(kwargs, message):
 def test_eval_config_is_checked_when_built(kwargs, message):
     with pytest.raises(ValueError, match=message):
         evaluate.EvalConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(top_k=0), "top_k=0"),
+    (dict(image_size=-1), "image_size=-1"),
+    (dict(out_dir=""), "out_dir=''"),
+])
+def test_export_config_is_checked_when_built(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        export_lib.ExportConfig(**{"model_path": "m", "out_dir": "o",
+                                   **kwargs})
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(labels_per_class=-1), "labels_per_class=-1"),
+    (dict(validation_size=-3), "validation_size=-3"),
+    (dict(channels=2), "channels=2"),
+])
+def test_data_config_is_checked_when_built(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        stages.DataConfig(**kwargs)
 
 
 def test_pipeline_predict_stage_honours_log_every_s(monkeypatch, tmp_path):

@@ -461,6 +461,7 @@ def test_training_from_a_checkpoint_keeps_its_normalisation(tmp_path):
     """ns-train --init_from: the run's model.keras keeps the source's pixel
     scaling (AdvProp here); with train_steps=0 it is the source unchanged."""
     import train_worker  # pylint: disable=g-import-not-at-top
+    from noisy_student import train_config  # pylint: disable=g-import-not-at-top
     from noisy_student import train_lib  # pylint: disable=g-import-not-at-top
     tiny_tf1(str(tmp_path / "ckpt"))
     checkpoints.convert(str(tmp_path / "ckpt"), "w0.5-d0.5",
@@ -468,7 +469,7 @@ def test_training_from_a_checkpoint_keeps_its_normalisation(tmp_path):
                         normalization="advprop")
     source = ours(str(tmp_path / "advprop"))
     for steps in (0, 2):
-        config = train_lib.TrainConfig(
+        config = train_config.TrainConfig.from_fields(
             width=0.5, depth=0.5, image_size=32, num_classes=10,
             batch_size=8, warmup_steps=0, lr_schedule="constant",
             verbose=False, train_steps=steps, log_every=1,
@@ -476,17 +477,18 @@ def test_training_from_a_checkpoint_keeps_its_normalisation(tmp_path):
         images_, labels = train_worker.synthetic_data(
             num_images=16, image_size=32, num_classes=10)
         model_dir = str(tmp_path / f"run{steps}")
-        train_lib.train(config, model_dir, train_worker.make_dataset_fn(
-            images_, labels, 8, 10, 0, 0))
+        train_lib.train_and_evaluate(
+            config, model_dir,
+            train_worker.make_dataset_fn(images_, labels, 8, 10, 0, 0))
         trained = ours(model_dir)
         assert trained.get_layer("normalize").stddev == (127.5,) * 3
         same = [np.array_equal(a, b) for a, b in
                 zip(trained.get_weights(), source.get_weights(), strict=True)]
         assert all(same) == (steps == 0)
     with pytest.raises(ValueError, match="train_steps > 0"):
-        train_lib.TrainConfig(width=0.5, depth=0.5, image_size=32,
-                              train_steps=0, warmup_steps=0,
-                              lr_schedule="constant")
+        train_config.TrainConfig.from_fields(
+            width=0.5, depth=0.5, image_size=32, train_steps=0,
+            warmup_steps=0, lr_schedule="constant")
 
 
 def test_convert_refuses_bad_sizes_and_unreadable_files(tmp_path):

@@ -345,13 +345,13 @@ def test_students_train_at_their_variants_resolution(pipeline_flags,
                  "--teacher_model=b0", "--student_models=b1,b2",
                  "--teacher_train_steps=1", "--labels_per_class=10"])
     config = pipeline_flags.experiment_config()
-    assert config.teacher.image_size == 224
+    assert config.teacher.model.image_size == 224
     trains = [s for s in experiment.plan(config)
               if s.name.endswith("/train")]
     assert [s.name for s in trains] == ["round0/train", "round1/train",
                                         "round2/train"]
-    assert [s.config.image_size for s in trains] == [224, 240, 260]
-    assert [s.config.variant for s in trains] == ["b0", "b1", "b2"]
+    assert [s.config.model.image_size for s in trains] == [224, 240, 260]
+    assert [s.config.model.variant for s in trains] == ["b0", "b1", "b2"]
 
 
 def test_folder_scans_go_to_the_workdir_and_change_no_fingerprint(
@@ -370,3 +370,18 @@ def test_folder_scans_go_to_the_workdir_and_change_no_fingerprint(
         config.data, skip_corrupt=False))
     assert ([s.fingerprint for s in experiment.plan(config)]
             != [s.fingerprint for s in experiment.plan(changed)])
+
+
+def test_fingerprints_of_work_directories_made_before_the_config_had_parts(
+        pipeline_flags, tmp_path):
+    """A workdir made before the train config was nested (and base_lr /
+    dropout renamed) must resume: its stages keep their fingerprints. The
+    hashes are what the code before that change computed for TINY (they
+    change with flags/digits.cfg: recompute them with that code if it
+    changes)."""
+    from noisy_student import experiment  # pylint: disable=g-import-not-at-top
+    config = parse(pipeline_flags, tmp_path)
+    fingerprints = {s.name: s.fingerprint for s in experiment.plan(config)}
+    assert fingerprints["round0/train"] == "a8f0725830864a19"
+    assert fingerprints["round1/train"] == "144f933ab1c3effa"
+    assert fingerprints["round2/select"] == "94aff73c62d84850"

@@ -10,7 +10,8 @@ import tensorflow as tf
 from noisy_student import efficientnet
 from noisy_student import optim
 from noisy_student import strategy as strategy_lib
-from noisy_student import train_lib
+from noisy_student import train_config
+from noisy_student import train_state
 
 
 def _lr(schedule, step):
@@ -20,12 +21,12 @@ def _lr(schedule, step):
 def test_warmup_then_exponential_staircase():
     # 1,000 labeled images, batch 100: 10 steps per epoch; 5 warm-up epochs
     # are 50 steps, and x0.97 every 2.4 epochs is every 24 steps.
-    config = train_lib.TrainConfig(
+    config = train_config.TrainConfig.from_fields(
         width=0.25, depth=0.25, image_size=16, batch_size=100,
         images_per_epoch=1000, train_steps=500)
     peak = 0.016 * 100 / 256
     assert config.peak_lr == pytest.approx(peak)
-    schedule = train_lib.learning_rate_schedule(config)
+    schedule = train_state.learning_rate_schedule(config)
     assert _lr(schedule, 0) == pytest.approx(peak / 50, rel=1e-5)
     assert _lr(schedule, 24) == pytest.approx(peak * 25 / 50, rel=1e-5)
     assert _lr(schedule, 49) == pytest.approx(peak, rel=1e-5)
@@ -148,7 +149,7 @@ def test_ema_sources_are_weights_and_bn_statistics():
     assert len(sources) == len(model.trainable_variables) + 2 * len(
         [l for l in model.layers
          if isinstance(l, keras.layers.BatchNormalization)])
-    frozen = train_lib.freeze_blocks(model, 1)
+    frozen = efficientnet.freeze_blocks(model, 1)
     assert "stem_conv" in frozen and "block1a_dwconv" in frozen
     paths = [v.path for v in optim.ema_source_variables(model)]
     assert "stem_bn/moving_mean" not in paths

@@ -76,7 +76,8 @@ def test_selection_over_file_bytes_equals_one_over_reencoded_images(
         pred_dir = str(tmp_path / f"pred{keep}")
         run_predict(str(tmp_path / "unlabeled"), pred_dir, model, keep)
         out_dir = str(tmp_path / f"select{keep}")
-        select_lib.select(pred_dir, out_dir, per_class=5, min_confidence=0.0)
+        select_lib.select(select_lib.SelectConfig(
+            pred_dir, out_dir, per_class=5, min_confidence=0.0))
         files, _ = pl.selected_files(out_dir)
         parsed = []
         for record in tf.data.TFRecordDataset(files).as_numpy_iterator():

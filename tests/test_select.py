@@ -122,8 +122,9 @@ def synthetic(tmp_path_factory):
 def test_balancing_exact_counts_thresholds_and_report(synthetic, tmp_path):
     pred_dir, _, labels, confidences = synthetic
     out_dir = str(tmp_path / "sel")
-    report = sel.select(pred_dir, out_dir, per_class=K, min_confidence=0.3,
-                        seed=3, num_files=4)
+    report = sel.select(sel.SelectConfig(
+        pred_dir, out_dir, per_class=K, min_confidence=0.3, seed=3,
+        num_files=4))
     per_class = report["per_class"]
     assert [r["confident"] for r in per_class] == [200, 20, 0, 50, 7]
     assert [r["kept_unique"] for r in per_class] == [50, 20, 0, 50, 7]
@@ -221,7 +222,7 @@ def test_targets_sum_to_one_and_temperature(synthetic, tmp_path):
     probs16 = probs.astype(np.float16).astype(np.float32)
 
     out_dir = str(tmp_path / "soft")
-    sel.select(pred_dir, out_dir, per_class=K, num_files=2)
+    sel.select(sel.SelectConfig(pred_dir, out_dir, per_class=K, num_files=2))
     rows = read_selected(out_dir)
     for r in rows:
         # Stored float16 targets: sum to 1 within float16 tolerance, and
@@ -245,8 +246,8 @@ def test_targets_sum_to_one_and_temperature(synthetic, tmp_path):
     assert count == len(rows)
 
     hard_dir = str(tmp_path / "hard")
-    sel.select(pred_dir, hard_dir, per_class=K, label_type="hard",
-               num_files=1)
+    sel.select(sel.SelectConfig(pred_dir, hard_dir, per_class=K,
+                                label_type="hard", num_files=1))
     for r in read_selected(hard_dir):
         assert r["target"].tolist() == np.eye(NUM_CLASSES)[
             labels[r["index"]]].tolist()
@@ -273,16 +274,17 @@ def test_clear_errors(synthetic, tmp_path):
     pred_dir = synthetic[0]
     out_dir = str(tmp_path / "none")
     with pytest.raises(ValueError, match="min_confidence"):
-        sel.select(pred_dir, out_dir, per_class=K, min_confidence=0.99)
+        sel.select(sel.SelectConfig(pred_dir, out_dir, per_class=K,
+                                    min_confidence=0.99))
     assert not os.path.exists(os.path.join(out_dir, pl.SELECTION_FILE))
     with pytest.raises(ValueError, match="label_type"):
-        sel.select(pred_dir, out_dir, label_type="soft-ish")
+        sel.select(sel.SelectConfig(pred_dir, out_dir, label_type="soft-ish"))
     with pytest.raises(ValueError, match="temperature"):
-        sel.select(pred_dir, out_dir, temperature=0.0)
+        sel.select(sel.SelectConfig(pred_dir, out_dir, temperature=0.0))
     with pytest.raises(ValueError, match="num_classes"):
-        sel.select(pred_dir, out_dir, num_classes=7)
+        sel.select(sel.SelectConfig(pred_dir, out_dir), num_classes=7)
     with pytest.raises(FileNotFoundError, match="pred_dir"):
-        sel.select(str(tmp_path / "nowhere"), out_dir)
+        sel.select(sel.SelectConfig(str(tmp_path / "nowhere"), out_dir))
     with pytest.raises(FileNotFoundError, match="selection"):
         pl.selected_dataset(str(tmp_path))
 
@@ -291,16 +293,16 @@ def test_clear_errors(synthetic, tmp_path):
     write_predictions(partial, synthetic[1][:100], records_per_file=32)
     os.remove(os.path.join(partial, pl.histogram_name(2)))
     with pytest.raises(ValueError, match=r"missing blocks \[2\]"):
-        sel.select(partial, out_dir)
+        sel.select(sel.SelectConfig(partial, out_dir))
 
 
 def test_reselect_replaces_previous_selection(synthetic, tmp_path):
     pred_dir = synthetic[0]
     out_dir = str(tmp_path / "sel")
-    sel.select(pred_dir, out_dir, per_class=K, num_files=3)
+    sel.select(sel.SelectConfig(pred_dir, out_dir, per_class=K, num_files=3))
     # A leftover temporary file of a killed run is cleaned up.
     open(os.path.join(out_dir, io_utils.temp_path("selected-x")), "wb").close()
-    report = sel.run_select(sel.SelectConfig(
+    report = sel.select(sel.SelectConfig(
         pred_dir=pred_dir, out_dir=out_dir, per_class=10, num_files=2))
     assert [r["kept_unique"] for r in report["per_class"]] == [10, 10, 0, 10,
                                                                7]
@@ -336,7 +338,7 @@ def test_class_names_and_contact_sheets(tmp_path):
     write_predictions(pred_dir, _probs_for(labels, confidences, 3))
     names = ["circle", "square", "triangle"]
     io_utils.write_json(os.path.join(pred_dir, "class_names.json"), names)
-    report = sel.select(pred_dir, out_dir, min_confidence=0.3)
+    report = sel.select(sel.SelectConfig(pred_dir, out_dir, min_confidence=0.3))
     assert report["class_names"] == names
     with open(os.path.join(out_dir, "report.md")) as f:
         text = f.read()

@@ -22,6 +22,8 @@ from noisy_student import efficientnet
 from noisy_student import evaluate
 from noisy_student import export
 from noisy_student import stages
+from noisy_student import train_config
+from noisy_student import train_state
 from noisy_student import train_lib
 from noisy_student.data import pipeline
 from tests import test_preprocess as tp
@@ -179,14 +181,14 @@ def _parse(cli, tmp_path, *extra):
 
 def test_channels_flag_reaches_the_model(pipeline_flags, tmp_path):
     config = _parse(pipeline_flags, tmp_path, "--channels=1")
-    for train_config in (config.teacher, config.student):
-        model = train_lib.build_model(train_config)
+    for role in (config.teacher, config.student):
+        model = train_state.build_model(role)
         assert model.input_shape[-1] == 1
 
 
 def test_one_channel_model_trains_and_evaluates(tmp_path):
     """The crash of the report: eval of a --channels=1 run."""
-    config = train_lib.TrainConfig(
+    config = train_config.TrainConfig.from_fields(
         width=0.25, depth=0.25, num_classes=10, image_size=16,
         small_images=True, channels=1, batch_size=8, train_steps=2,
         warmup_steps=0, lr_schedule="constant", steps_per_loop=1,
@@ -274,7 +276,7 @@ def test_folder_class_names_travel_from_training_to_serving(tmp_path):
                 folder / name / f"{i}.png")
     data = stages.DataConfig(labeled=f"folder:{folder}",
                              test=f"folder:{folder}")
-    config = train_lib.TrainConfig(
+    config = train_config.TrainConfig.from_fields(
         width=0.25, depth=0.25, num_classes=3, image_size=SIZE,
         small_images=True, batch_size=4, train_steps=1, warmup_steps=0,
         lr_schedule="constant", steps_per_loop=1, log_every=1,
@@ -318,10 +320,11 @@ def test_folder_class_names_travel_from_training_to_serving(tmp_path):
 
 def test_run_from_before_the_channels_field_resumes_and_grey_is_refused(
         tmp_path):
-    """config.json of an older run has no "channels": it was 3."""
-    import dataclasses  # pylint: disable=g-import-not-at-top
+    """config.json of an older run is flat (before the model / optimizer /
+    loop parts), names base_lr and dropout, and has no "channels": it was
+    3."""
     from tests import train_worker  # pylint: disable=g-import-not-at-top
-    config = train_lib.TrainConfig(
+    config = train_config.TrainConfig.from_fields(
         width=0.25, depth=0.25, num_classes=10, image_size=SIZE,
         small_images=True, batch_size=8, train_steps=1, warmup_steps=0,
         lr_schedule="constant", steps_per_loop=1, log_every=1,
@@ -330,16 +333,20 @@ def test_run_from_before_the_channels_field_resumes_and_grey_is_refused(
         num_images=32, image_size=SIZE, num_classes=10)
     dataset_fn = train_worker.make_dataset_fn(images, labels, 8, 10, 0, 0)
     model_dir = tmp_path / "run"
-    train_lib.train(config, str(model_dir), dataset_fn)
+    train_lib.train_and_evaluate(config, str(model_dir), dataset_fn)
     path = model_dir / "config.json"
     saved = json.loads(path.read_text())
-    del saved["channels"]
-    path.write_text(json.dumps(saved))
-    more = dataclasses.replace(config, train_steps=2)
-    result = train_lib.train(more, str(model_dir), dataset_fn)
+    old = {**saved["model"], **saved["optimizer"], **saved["loop"],
+           "init_from": None, "freeze_blocks": 0}
+    old["base_lr"] = old.pop("base_learning_rate")
+    old["dropout"] = old.pop("dropout_rate")
+    del old["channels"]
+    path.write_text(json.dumps(old))
+    more = config.replace(train_steps=2)
+    result = train_lib.train_and_evaluate(more, str(model_dir), dataset_fn)
     assert result["start_step"] == 1 and result["step"] == 2
     with pytest.raises(ValueError, match="channels"):
-        train_lib.train(dataclasses.replace(more, channels=1, train_steps=3),
+        train_lib.train_and_evaluate(more.replace(channels=1, train_steps=3),
                         str(model_dir), dataset_fn)
 
 

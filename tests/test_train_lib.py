@@ -17,8 +17,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from noisy_student import model_io
 from noisy_student import strategy as strategy_lib
+from noisy_student import train_config
 from noisy_student import train_lib
+from noisy_student import train_state
 
 import train_worker  # pylint: disable=g-bad-import-order
 
@@ -29,22 +32,22 @@ TINY = dict(width=0.25, depth=0.25, image_size=16, small_images=True,
 
 
 def _config(**overrides):
-    return train_lib.TrainConfig(**{**TINY, **overrides})
+    return train_config.TrainConfig.from_fields(**{**TINY, **overrides})
 
 
 def _dataset_fn(config, delay_ms=0, num_images=64):
     images, labels = train_worker.synthetic_data(
-        num_images=num_images, image_size=config.resolved_image_size,
-        num_classes=config.num_classes)
+        num_images=num_images, image_size=config.model.resolved_image_size,
+        num_classes=config.model.num_classes)
     return train_worker.make_dataset_fn(
-        images, labels, config.batch_size, config.num_classes,
-        config.unlabel_ratio, delay_ms)
+        images, labels, config.loop.batch_size, config.model.num_classes,
+        config.loop.unlabel_ratio, delay_ms)
 
 
 def _eval_dataset(config, num_images=64):
     images, labels = train_worker.synthetic_data(
-        num_images=num_images, image_size=config.resolved_image_size,
-        num_classes=config.num_classes)
+        num_images=num_images, image_size=config.model.resolved_image_size,
+        num_classes=config.model.num_classes)
     return tf.data.Dataset.from_tensor_slices(
         {"image": images, "label": labels}).batch(16)
 
@@ -52,7 +55,7 @@ def _eval_dataset(config, num_images=64):
 def _save_initial_model(config, path):
     """Saves freshly initialised weights, so runs in different processes can
     start from the same point (init_from)."""
-    model = train_lib.build_model(config)
+    model = train_state.build_model(config)
     os.makedirs(path, exist_ok=True)
     keras.saving.save_model(model, os.path.join(path, "model.keras"))
     return [w.numpy() for w in model.weights]
@@ -60,7 +63,7 @@ def _save_initial_model(config, path):
 
 def _restored_model(config, model_dir):
     """The raw (not averaged) weights of the latest checkpoint, as a model."""
-    model = train_lib.build_model(config)
+    model = train_state.build_model(config)
     tf.train.Checkpoint(model=model).restore(tf.train.latest_checkpoint(
         os.path.join(model_dir, "checkpoints"))).expect_partial()
     return model
@@ -115,10 +118,10 @@ def _no_grappler(request):
 
 # A student, 2 steps, no random noise and synchronised batch norm: the same
 # global batch must give the same loss and weights on any strategy.
-DISTRIBUTED = dict(train_steps=2, unlabel_ratio=1, dropout=0.0,
+DISTRIBUTED = dict(train_steps=2, unlabel_ratio=1, dropout_rate=0.0,
                    stochastic_depth_rate=0.0, sync_batch_norm=True,
                    log_every=2, steps_per_loop=2, checkpoint_every=0,
-                   base_lr=0.5)
+                   base_learning_rate=0.5)
 
 
 @pytest.fixture(scope="module")
@@ -133,12 +136,12 @@ def distributed_setup(tmp_path_factory):
         if not cache:
             config = _config(**DISTRIBUTED, init_from=init_dir)
             model_dir = str(root / "single")
-            cache["result"] = train_lib.train(config, model_dir,
+            cache["result"] = train_lib.train_and_evaluate(config, model_dir,
                                               _dataset_fn(config))
             cache["weights"] = _checkpoint_weights(config, model_dir)
             cache["initial"] = {
                 w.path: w.numpy()
-                for w in train_lib.load_trained_model(init_dir).weights}
+                for w in model_io.load_model(init_dir).weights}
             cache["model_dir"] = model_dir
         return cache
     return root, init_dir, reference
@@ -203,7 +206,7 @@ def test_mirrored_two_replicas_match_single_process(distributed_setup,
     _, init_dir, reference = distributed_setup
     config = _config(**DISTRIBUTED, init_from=init_dir, strategy="mirrored")
     model_dir = str(tmp_path / "mirrored")
-    result = train_lib.train(config, model_dir, _dataset_fn(config))
+    result = train_lib.train_and_evaluate(config, model_dir, _dataset_fn(config))
     saved = json.loads((tmp_path / "mirrored" / "config.json").read_text())
     assert saved["num_replicas"] == 2
     _assert_same_run(result, _checkpoint_weights(config, model_dir),
@@ -217,7 +220,7 @@ def test_one_step_default_strategy_outputs(tmp_path):
                      eval_every=1)
     init_dir = str(tmp_path / "init")
     initial = _save_initial_model(config, init_dir)
-    config = dataclasses.replace(config, init_from=init_dir)
+    config = config.replace(init_from=init_dir)
     model_dir = tmp_path / "run"
     dataset_fn = _dataset_fn(config)
     seen_config = []
@@ -228,7 +231,7 @@ def test_one_step_default_strategy_outputs(tmp_path):
         return dataset_fn(input_context)
 
     previous_policy = keras.mixed_precision.global_policy().name
-    result = train_lib.train(config, str(model_dir), checking_dataset_fn,
+    result = train_lib.train_and_evaluate(config, str(model_dir), checking_dataset_fn,
                              eval_dataset=_eval_dataset(config))
     assert seen_config == [True]
     assert result["step"] == 1 and result["start_step"] == 0
@@ -236,7 +239,7 @@ def test_one_step_default_strategy_outputs(tmp_path):
     assert 0 <= result["eval_top1"] <= result["eval_top5"] <= 1
     assert result["learning_rate"] == pytest.approx(config.peak_lr)
     saved = json.loads((model_dir / "config.json").read_text())
-    assert saved["unlabel_ratio"] == 2 and saved["num_replicas"] == 1
+    assert saved["loop"]["unlabel_ratio"] == 2 and saved["num_replicas"] == 1
     metrics = json.loads((model_dir / "metrics.json").read_text())
     assert metrics["best"]["top1"] == result["best_eval_top1"]
     assert metrics["last"]["top5"] == result["eval_top5"]
@@ -249,7 +252,7 @@ def test_one_step_default_strategy_outputs(tmp_path):
     # warm-up) it is 2/11 * initial + 9/11 * trained weights.
     trained = _restored_model(config, str(model_dir)).get_layer("stem_conv")
     trained = trained.kernel.numpy()
-    model = train_lib.load_trained_model(str(model_dir))
+    model = model_io.load_model(str(model_dir))
     index = [w.path for w in model.weights].index("stem_conv/kernel")
     np.testing.assert_allclose(
         model.get_layer("stem_conv").kernel.numpy(),
@@ -259,10 +262,10 @@ def test_one_step_default_strategy_outputs(tmp_path):
 
 def test_tiny_model_overfits_small_labeled_set(tmp_path):
     config = _config(train_steps=100, log_every=20, steps_per_loop=20,
-                     base_lr=0.25, label_smoothing=0.0, dropout=0.0,
+                     base_learning_rate=0.25, label_smoothing=0.0, dropout_rate=0.0,
                      stochastic_depth_rate=0.0, bn_momentum=0.9,
                      checkpoint_every=0, verbose=True)
-    result = train_lib.train(config, str(tmp_path), _dataset_fn(
+    result = train_lib.train_and_evaluate(config, str(tmp_path), _dataset_fn(
         config, num_images=16), eval_dataset=_eval_dataset(config, 16))
     losses = _summaries(tmp_path / "logs" / "train", "loss")
     assert sorted(losses) == [20, 40, 60, 80, 100]
@@ -275,7 +278,7 @@ def test_tiny_model_overfits_small_labeled_set(tmp_path):
 
 def test_jit_compile_one_step(tmp_path):
     config = _config(train_steps=1, log_every=1, jit_compile=True)
-    result = train_lib.train(config, str(tmp_path), _dataset_fn(config))
+    result = train_lib.train_and_evaluate(config, str(tmp_path), _dataset_fn(config))
     assert result["step"] == 1 and np.isfinite(result["loss"])
 
 
@@ -294,7 +297,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
         return dataset_fn(input_context).enumerate().map(poison)
 
     with pytest.raises(FloatingPointError, match=r"at step 6 .*ckpt-4"):
-        train_lib.train(config, str(tmp_path), poisoned_fn)
+        train_lib.train_and_evaluate(config, str(tmp_path), poisoned_fn)
     checkpoints = tf.train.get_checkpoint_state(
         str(tmp_path / "checkpoints")).all_model_checkpoint_paths
     assert [int(p.rsplit("-", 1)[1]) for p in checkpoints] == [2, 4]
@@ -333,7 +336,7 @@ def test_kill_9_then_resume_finishes_at_configured_step(tmp_path):
     assert 5 <= killed_at < 40
     assert not (model_dir / "model.keras").exists()
 
-    result = train_lib.train(config, str(model_dir), _dataset_fn(config))
+    result = train_lib.train_and_evaluate(config, str(model_dir), _dataset_fn(config))
     assert result["start_step"] == killed_at
     assert result["step"] == 40
     state = tf.train.get_checkpoint_state(str(ckpt_dir))
@@ -344,9 +347,9 @@ def test_kill_9_then_resume_finishes_at_configured_step(tmp_path):
         reader = tf.train.load_checkpoint(path)
         assert int(reader.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE")) == \
             int(path.rsplit("-", 1)[1])
-    assert train_lib.load_trained_model(str(model_dir)).count_params() > 0
+    assert model_io.load_model(str(model_dir)).count_params() > 0
     # A rerun of a finished run trains no further.
-    again = train_lib.train(config, str(model_dir), _dataset_fn(config))
+    again = train_lib.train_and_evaluate(config, str(model_dir), _dataset_fn(config))
     assert again["start_step"] == again["step"] == 40
 
 
@@ -354,13 +357,13 @@ def test_student_init_from_teacher_and_freeze_blocks(tmp_path):
     # Any saved model serves as the teacher; these are fresh weights.
     teacher = _config()
     _save_initial_model(teacher, str(tmp_path / "teacher"))
-    teacher_model = train_lib.load_trained_model(str(tmp_path / "teacher"))
+    teacher_model = model_io.load_model(str(tmp_path / "teacher"))
     # FixRes-style: a larger resolution, early blocks frozen.
     student = _config(train_steps=2, log_every=2, image_size=24,
                       init_from=str(tmp_path / "teacher"), freeze_blocks=2,
-                      base_lr=0.5)
-    train_lib.train(student, str(tmp_path / "student"), _dataset_fn(student))
-    model = train_lib.load_trained_model(str(tmp_path / "student"))
+                      base_learning_rate=0.5)
+    train_lib.train_and_evaluate(student, str(tmp_path / "student"), _dataset_fn(student))
+    model = model_io.load_model(str(tmp_path / "student"))
     assert model.input_shape[1:3] == (24, 24)
     for name in ("stem_conv", "stem_bn", "block1a_dwconv", "block2a_bn"):
         for got, want in zip(model.get_layer(name).weights,
@@ -370,10 +373,10 @@ def test_student_init_from_teacher_and_freeze_blocks(tmp_path):
         assert not np.allclose(model.get_layer(name).weights[0].numpy(),
                                teacher_model.get_layer(name).weights[0].numpy())
     with pytest.raises(ValueError, match="freeze_blocks"):
-        train_lib.train(dataclasses.replace(student, freeze_blocks=99),
+        train_lib.train_and_evaluate(student.replace(freeze_blocks=99),
                         str(tmp_path / "bad"), _dataset_fn(student))
     with pytest.raises(FileNotFoundError, match="init_from"):
-        train_lib.train(dataclasses.replace(student, init_from=str(tmp_path)),
+        train_lib.train_and_evaluate(student.replace(init_from=str(tmp_path)),
                         str(tmp_path / "bad2"), _dataset_fn(student))
 
 
@@ -382,7 +385,7 @@ def test_student_init_from_teacher_and_freeze_blocks(tmp_path):
 def test_tpu_strategy_without_tpu_fails_fast(tmp_path):
     start = time.time()
     with pytest.raises(RuntimeError, match="Expected a reachable TPU"):
-        train_lib.train(_config(strategy="tpu", tpu="local"), str(tmp_path),
+        train_lib.train_and_evaluate(_config(strategy="tpu", tpu="local"), str(tmp_path),
                         lambda ctx: None)
     assert time.time() - start < 10
     with pytest.raises(ValueError, match="tpu"):
@@ -410,24 +413,46 @@ def test_config_needs_images_per_epoch_for_epoch_schedules():
     config = _config(lr_schedule="exponential", images_per_epoch=800,
                      warmup_steps=None)
     assert config.resolved_warmup_steps == 500
-    assert train_lib.TrainConfig.from_dict(config.to_dict()) == config
+    assert train_config.TrainConfig.from_dict(config.to_dict()) == config
+
+
+def test_config_parts_and_the_flat_config_json_of_older_runs():
+    config = _config(base_learning_rate=0.5, dropout_rate=0.3, seed=7)
+    # Each leaf field lives in one part; the model part is the builder's
+    # keyword arguments as they are.
+    assert config.model.dropout_rate == 0.3 and config.loop.seed == 7
+    assert config.optimizer.base_learning_rate == 0.5
+    assert config.peak_lr == 0.5 * 8 / 256
+    assert train_state.build_model(config).get_layer(
+        "top_dropout").rate == 0.3
+    # A tpu strategy turns synchronized batch norm on, as before.
+    assert not config.model.sync_batch_norm
+    assert _config(strategy="tpu", tpu="local").model.sync_batch_norm
+    with pytest.raises(TypeError, match="learning_rate"):
+        _config(learning_rate=0.5)
+    # config.json of runs made before the parts: flat, with base_lr and
+    # dropout.
+    flat = config.fields()
+    flat["base_lr"] = flat.pop("base_learning_rate")
+    flat["dropout"] = flat.pop("dropout_rate")
+    assert train_config.TrainConfig.from_dict(flat) == config
 
 
 def test_dataset_that_breaks_the_contract_is_rejected(tmp_path):
     teacher = _config(train_steps=1)
     with pytest.raises(ValueError, match="per-replica labeled batches of 16"):
-        train_lib.train(dataclasses.replace(teacher, batch_size=16),
+        train_lib.train_and_evaluate(teacher.replace(batch_size=16),
                         str(tmp_path / "a"), _dataset_fn(teacher))
     student = _config(train_steps=1, unlabel_ratio=1)
     with pytest.raises(ValueError, match="no \"unlabeled\" part"):
-        train_lib.train(teacher, str(tmp_path / "b"), _dataset_fn(student))
+        train_lib.train_and_evaluate(teacher, str(tmp_path / "b"), _dataset_fn(student))
     with pytest.raises(ValueError, match="an \"unlabeled\" part"):
-        train_lib.train(student, str(tmp_path / "c"), _dataset_fn(teacher))
+        train_lib.train_and_evaluate(student, str(tmp_path / "c"), _dataset_fn(teacher))
     with pytest.raises(ValueError, match="unlabel_ratio"):
-        train_lib.train(dataclasses.replace(student, unlabel_ratio=3),
+        train_lib.train_and_evaluate(student.replace(unlabel_ratio=3),
                         str(tmp_path / "d"), _dataset_fn(student))
-    with pytest.raises(FileNotFoundError, match="model_dir"):
-        train_lib.load_trained_model(str(tmp_path / "nothing"))
+    with pytest.raises(FileNotFoundError, match="Received: model=.*nothing"):
+        model_io.load_model(str(tmp_path / "nothing"))
 
 
 @pytest.mark.parametrize("precision", ["mixed_float16", "bfloat16"])
@@ -435,7 +460,7 @@ def test_mixed_precision_one_step(tmp_path, precision):
     config = _config(train_steps=1, log_every=1, unlabel_ratio=1,
                      precision=precision)
     previous_policy = keras.mixed_precision.global_policy().name
-    result = train_lib.train(config, str(tmp_path), _dataset_fn(config))
+    result = train_lib.train_and_evaluate(config, str(tmp_path), _dataset_fn(config))
     assert np.isfinite(result["loss"])
     assert keras.mixed_precision.global_policy().name == previous_policy
     reader = tf.train.load_checkpoint(
@@ -445,7 +470,7 @@ def test_mixed_precision_one_step(tmp_path, precision):
     assert any("dynamic_scale" in n for n in names) == (
         precision == "mixed_float16")
     # Variables stay float32; the export runs in float32.
-    model = train_lib.load_trained_model(str(tmp_path))
+    model = model_io.load_model(str(tmp_path))
     assert model.dtype_policy.name == "float32"
     assert all(w.dtype == "float32" for w in model.weights)
 
@@ -462,7 +487,7 @@ def test_fused_batch_norm_matches_keras_batch_norm():
         layer.gamma.assign(np.linspace(0.5, 2.0, 6))
         layer.beta.assign(np.linspace(-1.0, 1.0, 6))
         if fused:
-            assert train_lib.use_fused_batch_norm(
+            assert train_state.use_fused_batch_norm(
                 keras.Sequential([layer])) == 1
         layers.append(layer)
     results = []
@@ -500,13 +525,13 @@ def _pipeline_dataset_fn(config, fail_at=None):
                                     channels=3).dataset.take(96)
     pseudo = unlabeled.map(lambda d: {
         "image": d["image"],
-        "target": tf.fill([config.num_classes], 1.0 / config.num_classes)})
+        "target": tf.fill([config.model.num_classes], 1.0 / config.model.num_classes)})
     input_config = pipeline.InputConfig(
-        image_size=config.image_size, batch_size=config.batch_size,
-        unlabel_ratio=config.unlabel_ratio, magnitude=5, shuffle_buffer=50,
+        image_size=config.model.image_size, batch_size=config.loop.batch_size,
+        unlabel_ratio=config.loop.unlabel_ratio, magnitude=5, shuffle_buffer=50,
         seed=3)
     inner = pipeline.train_dataset_fn(labeled, input_config, pseudo,
-                                      config.num_classes)
+                                      config.model.num_classes)
     if fail_at is None:
         return inner
 
@@ -537,7 +562,7 @@ def _checkpoint_tensors(model_dir):
 # Noise on: RandAugment in the input, dropout and stochastic depth in the
 # model, so every random stream must resume where it stopped.
 NOISY_STUDENT = dict(train_steps=12, checkpoint_every=4, steps_per_loop=4,
-                     log_every=4, unlabel_ratio=1, dropout=0.3,
+                     log_every=4, unlabel_ratio=1, dropout_rate=0.3,
                      stochastic_depth_rate=0.5, keep_checkpoints=10)
 
 
@@ -547,7 +572,7 @@ def uninterrupted_run(tmp_path_factory):
     reference_dir = str(tmp_path_factory.mktemp("uninterrupted"))
     tf.config.optimizer.set_experimental_options(
         {"disable_meta_optimizer": True})  # As _no_grappler.
-    train_lib.train(config, reference_dir, _pipeline_dataset_fn(config))
+    train_lib.train_and_evaluate(config, reference_dir, _pipeline_dataset_fn(config))
     return reference_dir
 
 
@@ -560,9 +585,9 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, fail_at,
     model_dir = str(tmp_path / "resumed")
     with pytest.raises(tf.errors.InvalidArgumentError,
                        match="simulated crash"):
-        train_lib.train(config, model_dir,
+        train_lib.train_and_evaluate(config, model_dir,
                         _pipeline_dataset_fn(config, fail_at=fail_at))
-    result = train_lib.train(config, model_dir, _pipeline_dataset_fn(config))
+    result = train_lib.train_and_evaluate(config, model_dir, _pipeline_dataset_fn(config))
     assert result["start_step"] == fail_at // 4 * 4
     reference = _checkpoint_tensors(reference_dir)
     resumed = _checkpoint_tensors(model_dir)
@@ -577,7 +602,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, fail_at,
 def test_speed_and_eta_leave_out_the_tracing_call(tmp_path, capsys):
     config = _config(train_steps=6, steps_per_loop=2, log_every=2,
                      checkpoint_every=0, verbose=True)
-    result = train_lib.train(config, str(tmp_path), _dataset_fn(config),
+    result = train_lib.train_and_evaluate(config, str(tmp_path), _dataset_fn(config),
                              log_prefix="[teacher] ")
     lines = [l for l in capsys.readouterr().out.splitlines()
              if "step" in l and "loss" in l]
@@ -592,10 +617,10 @@ def test_checkpoint_without_seed_states_still_resumes(tmp_path,
                                                      monkeypatch):
     # Checkpoints written before the seed states were saved.
     config = _config(train_steps=4, checkpoint_every=2, steps_per_loop=2,
-                     log_every=2, dropout=0.3, keep_checkpoints=5)
+                     log_every=2, dropout_rate=0.3, keep_checkpoints=5)
     with monkeypatch.context() as patch:
-        patch.setattr(train_lib, "_seed_states", lambda model: [])
-        train_lib.train(dataclasses.replace(config, train_steps=2),
+        patch.setattr(train_state, "seed_states", lambda model: [])
+        train_lib.train_and_evaluate(config.replace(train_steps=2),
                         str(tmp_path), _dataset_fn(config))
-    result = train_lib.train(config, str(tmp_path), _dataset_fn(config))
+    result = train_lib.train_and_evaluate(config, str(tmp_path), _dataset_fn(config))
     assert result["start_step"] == 2 and result["step"] == 4

@@ -75,20 +75,21 @@ def main(argv):
     delay_ms = float(argv[4]) if len(argv) > 4 else 0.0
     # Imported here: a multi-worker strategy must exist before other TF ops.
     from noisy_student import strategy as strategy_lib  # pylint: disable=g-import-not-at-top
+    from noisy_student import train_config  # pylint: disable=g-import-not-at-top
     from noisy_student import train_lib  # pylint: disable=g-import-not-at-top
     with open(config_json, encoding="utf-8") as f:
-        config = train_lib.TrainConfig.from_dict(json.load(f))
-    strategy = strategy_lib.make_strategy(config.strategy, config.tpu)
+        config = train_config.TrainConfig.from_dict(json.load(f))
+    strategy = strategy_lib.make_strategy(config.loop.strategy, config.loop.tpu)
     if os.environ.get("NS_TEST_DISABLE_GRAPPLER"):
         # As the in-process tests do: tracing is the slow part of tiny runs.
         tf.config.optimizer.set_experimental_options(
             {"disable_meta_optimizer": True})
     images, labels = synthetic_data(
-        image_size=config.resolved_image_size, num_classes=config.num_classes)
-    dataset_fn = make_dataset_fn(images, labels, config.batch_size,
-                                 config.num_classes, config.unlabel_ratio,
+        image_size=config.model.resolved_image_size, num_classes=config.model.num_classes)
+    dataset_fn = make_dataset_fn(images, labels, config.loop.batch_size,
+                                 config.model.num_classes, config.loop.unlabel_ratio,
                                  delay_ms)
-    result = train_lib.train(config, model_dir, dataset_fn, strategy=strategy)
+    result = train_lib.train_and_evaluate(config, model_dir, dataset_fn, strategy=strategy)
     with open(result_json, "w", encoding="utf-8") as f:
         json.dump(result, f)
 

@@ -19,7 +19,9 @@ import tensorflow as tf
 
 from noisy_student import checkpoints
 from noisy_student import efficientnet
-from noisy_student import train_lib
+from noisy_student import predict as predict_lib
+from noisy_student import select as select_lib
+from noisy_student import train_config as train_config_lib
 from noisy_student.data import pipeline
 from noisy_student.data import preprocess
 from noisy_student import stages
@@ -144,8 +146,9 @@ def define_data_flags(demo=False):
 
 
 def data_config(scan_dir=None):
-    """The DataConfig of the data flags; `scan_dir`: the command's output
-    folder, where folder sources write skipped_images.json."""
+    """The `stages.DataConfig` of the data flags (validated); `scan_dir`:
+    the command's output folder, where folder sources write
+    skipped_images.json."""
     return stages.DataConfig(
         labeled=FLAGS.labeled or "", unlabeled=FLAGS.unlabeled,
         test=FLAGS.test or "",
@@ -174,7 +177,7 @@ def define_role_flags(prefix, role, default_model="b0", steps=1000,
                        "0..10 scale, > 10 allowed (paper: 27 for B7, 5 SVHN).")
     flags.DEFINE_integer(prefix + "num_layers", 2,
                          f"RandAugment ops per image N of the {role} (2).")
-    flags.DEFINE_float(prefix + "dropout", None,
+    flags.DEFINE_float(prefix + "dropout_rate", None,
                        f"Head dropout of the {role}; default: the variant's "
                        "(B0 0.2 ... B7 0.5).")
     flags.DEFINE_float(prefix + "stochastic_depth_rate", 0.2,
@@ -203,8 +206,9 @@ def define_train_flags():
                                                "adamw"],
                       "Optimizer (paper: RMSProp rho 0.9, momentum 0.9, "
                       "eps 1e-3).")
-    flags.DEFINE_float("learning_rate", 0.016,
-                       "Learning rate per 256 labeled images (paper: 0.016).")
+    flags.DEFINE_float("base_learning_rate", 0.016,
+                       "Learning rate per 256 labeled images, scaled to "
+                       "--batch_size (official code's flag: 0.016).")
     flags.DEFINE_float("warmup_epochs", 5.0, "Linear warm-up epochs (5).")
     flags.DEFINE_integer("warmup_steps", None,
                          "Warm-up in steps; overrides --warmup_epochs.")
@@ -244,6 +248,8 @@ def define_train_flags():
 
 
 def resolve_image_size(model_name):
+    """--image_size, else the resolution of `model_name`'s variant (B0's
+    224 for a wW-dD model)."""
     if FLAGS.image_size:
         return FLAGS.image_size
     variant, _, _ = efficientnet.parse_model_name(model_name)
@@ -251,7 +257,7 @@ def resolve_image_size(model_name):
 
 
 def role_configs(prefix, model_name, num_classes, unlabel_ratio, source,
-                 init_from=None, layout_from=None):
+                 init_from=None, layout_from=None, freeze_blocks=0):
     """(TrainConfig, InputConfig) of one role from the flags.
 
     Args:
@@ -264,6 +270,14 @@ def role_configs(prefix, model_name, num_classes, unlabel_ratio, source,
       layout_from: Pretrained weights whose stride layout sets the default
         of --small_images (ImageNet checkpoints: standard strides);
         default `init_from`.
+      freeze_blocks: MBConv blocks frozen (TrainConfig.freeze_blocks).
+
+    Returns:
+      (train_config.TrainConfig, pipeline.InputConfig), both validated.
+
+    Raises:
+      ValueError: for flags out of range (the message names the field,
+        which is the flag's name without the role prefix).
     """
     image_size = resolve_image_size(model_name)
     small = FLAGS.small_images
@@ -282,23 +296,32 @@ def role_configs(prefix, model_name, num_classes, unlabel_ratio, source,
     variant, width, depth = efficientnet.parse_model_name(model_name)
     if variant:
         width = depth = None
-    train_config = train_lib.TrainConfig(
-        variant=variant, width=width, depth=depth, num_classes=num_classes, image_size=image_size, small_images=small,
-        channels=FLAGS.channels, dropout=FLAGS[prefix + "dropout"].value,
-        stochastic_depth_rate=FLAGS[prefix + "stochastic_depth_rate"].value,
-        batch_size=batch_size, unlabel_ratio=unlabel_ratio,
-        images_per_epoch=source.num_examples,
-        train_steps=FLAGS[prefix + "train_steps"].value,
-        optimizer=FLAGS.optimizer, base_lr=FLAGS.learning_rate,
-        warmup_epochs=FLAGS.warmup_epochs, warmup_steps=FLAGS.warmup_steps,
-        lr_schedule=FLAGS.lr_schedule, lr_decay_epochs=FLAGS.lr_decay_epochs,
-        weight_decay=FLAGS.weight_decay,
-        label_smoothing=FLAGS.label_smoothing, ema_decay=FLAGS.ema_decay,
-        precision=FLAGS.precision, strategy=FLAGS.strategy, tpu=FLAGS.tpu,
-        steps_per_loop=FLAGS.steps_per_loop,
-        checkpoint_every=FLAGS.checkpoint_every, eval_every=FLAGS.eval_every,
-        log_every=FLAGS.log_every, jit_compile=FLAGS.jit_compile,
-        seed=FLAGS.seed, init_from=init_from)
+    train_config = train_config_lib.TrainConfig(
+        model=train_config_lib.ModelConfig(
+            variant=variant, width=width, depth=depth,
+            num_classes=num_classes, image_size=image_size,
+            small_images=small, channels=FLAGS.channels,
+            dropout_rate=FLAGS[prefix + "dropout_rate"].value,
+            stochastic_depth_rate=FLAGS[
+                prefix + "stochastic_depth_rate"].value),
+        optimizer=train_config_lib.OptimizerConfig(
+            optimizer=FLAGS.optimizer,
+            base_learning_rate=FLAGS.base_learning_rate,
+            warmup_epochs=FLAGS.warmup_epochs, warmup_steps=FLAGS.warmup_steps,
+            lr_schedule=FLAGS.lr_schedule,
+            lr_decay_epochs=FLAGS.lr_decay_epochs,
+            weight_decay=FLAGS.weight_decay,
+            label_smoothing=FLAGS.label_smoothing, ema_decay=FLAGS.ema_decay),
+        loop=train_config_lib.LoopConfig(
+            batch_size=batch_size, unlabel_ratio=unlabel_ratio,
+            images_per_epoch=source.num_examples,
+            train_steps=FLAGS[prefix + "train_steps"].value,
+            precision=FLAGS.precision, strategy=FLAGS.strategy, tpu=FLAGS.tpu,
+            steps_per_loop=FLAGS.steps_per_loop,
+            checkpoint_every=FLAGS.checkpoint_every,
+            eval_every=FLAGS.eval_every, log_every=FLAGS.log_every,
+            jit_compile=FLAGS.jit_compile, seed=FLAGS.seed),
+        init_from=init_from, freeze_blocks=freeze_blocks)
     flip = FLAGS.flip if FLAGS.flip is not None else source.allows_flip
     input_config = pipeline.InputConfig(
         image_size=image_size, batch_size=batch_size,
@@ -311,14 +334,16 @@ def role_configs(prefix, model_name, num_classes, unlabel_ratio, source,
 
 
 def define_predict_flags():
-    flags.DEFINE_integer("predict_batch_size", 256,
+    """The flags of the predict stage (defaults: predict.py's)."""
+    flags.DEFINE_integer("predict_batch_size", predict_lib.BATCH_SIZE,
                          "Images per teacher call when pseudo-labeling.")
-    flags.DEFINE_integer("records_per_file", 4096,
+    flags.DEFINE_integer("records_per_file", predict_lib.RECORDS_PER_FILE,
                          "Unlabeled images per prediction file (the unit of "
                          "resume and of --shard_index/--num_shards work).")
 
 
 def define_select_flags():
+    """The flags of the select stage (SelectConfig's fields)."""
     flags.DEFINE_integer(
         "per_class", None,
         "K: pseudo-labeled images kept per class, most confident first; "
@@ -333,17 +358,28 @@ def define_select_flags():
     flags.DEFINE_float("temperature", 1.0,
                        "T of soft targets p^(1/T), renormalised (1 keeps the "
                        "teacher's; -> 0 approaches one-hot).")
-    flags.DEFINE_bool("balance", True,
-                      "Duplicate classes with fewer than K images up to K.")
+    flags.DEFINE_bool("duplicate", True,
+                      "Duplicate the images of classes with fewer than K up "
+                      "to K (the paper's balancing; --noduplicate keeps at "
+                      "most K per class, each once).")
     flags.DEFINE_integer("select_seed", 0,
                          "Seed of the duplicates' stochastic rounding.")
 
 
-def select_kwargs():
-    return dict(per_class=FLAGS.per_class or None,
-                min_confidence=FLAGS.min_confidence,
-                label_type=FLAGS.label_type, temperature=FLAGS.temperature,
-                duplicate=FLAGS.balance, seed=FLAGS.select_seed)
+def select_config(pred_dir, out_dir):
+    """The select stage's `SelectConfig` from the flags (validated).
+
+    Args:
+      pred_dir: The prediction folder to select from ("" for the pipeline,
+        which sets it per round).
+      out_dir: The selection folder to write (likewise).
+    """
+    return select_lib.SelectConfig(
+        pred_dir=pred_dir, out_dir=out_dir,
+        per_class=FLAGS.per_class or None,
+        min_confidence=FLAGS.min_confidence, label_type=FLAGS.label_type,
+        temperature=FLAGS.temperature, duplicate=FLAGS.duplicate,
+        seed=FLAGS.select_seed)
 
 
 def write_flags(folder):

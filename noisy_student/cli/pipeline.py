@@ -12,7 +12,6 @@ from absl import flags
 
 from noisy_student import experiment
 from noisy_student import predict as predict_lib
-from noisy_student import select as select_lib
 from noisy_student import workdir_lock
 from noisy_student.cli import common
 
@@ -87,8 +86,7 @@ def experiment_config():
             teacher="", out_dir="", num_classes=labeled.num_classes,
             batch_size=FLAGS.predict_batch_size,
             records_per_file=FLAGS.records_per_file),
-        select=select_lib.SelectConfig(pred_dir="", out_dir="",
-                                       **common.select_kwargs()),
+        select=common.select_config(pred_dir="", out_dir=""),
         export=FLAGS.export, overwrite=FLAGS.overwrite,
         student_resolution_from_model=FLAGS.image_size is None)
 

@@ -5,7 +5,6 @@
 
 from absl import flags
 
-from noisy_student import select as select_lib
 from noisy_student import stages
 from noisy_student.cli import common
 
@@ -22,9 +21,7 @@ flags.adopt_module_key_flags(common)
 
 def main(argv):
     del argv
-    config = select_lib.SelectConfig(pred_dir=FLAGS.pred_dir,
-                                     out_dir=FLAGS.out_dir,
-                                     **common.select_kwargs())
+    config = common.select_config(FLAGS.pred_dir, FLAGS.out_dir)
     report = stages.run_select(config)
     print(report["totals"])
 

@@ -7,7 +7,6 @@
 """
 
 import contextlib
-import dataclasses
 
 from absl import flags
 
@@ -56,9 +55,7 @@ def main(argv):
         ratio = FLAGS.unlabel_ratio if FLAGS.pseudo_labels else 0
         train_config, input_config = common.role_configs(
             "", FLAGS.model, labeled.num_classes, ratio, labeled,
-            init_from=FLAGS.init_from)
-    train_config = dataclasses.replace(train_config,
-                                       freeze_blocks=FLAGS.freeze_blocks)
+            init_from=FLAGS.init_from, freeze_blocks=FLAGS.freeze_blocks)
     # One run per model_dir; the workers of one multi-worker run share it,
     # so only the chief takes the lock.
     lock = (workdir_lock.WorkdirLock(FLAGS.model_dir)

@@ -102,7 +102,7 @@ def time_ours(size, **overrides):
     """
     config = our_config(size, **overrides)
     images, labels = random_data(size)
-    ratio = config.unlabel_ratio
+    ratio = config.loop.unlabel_ratio
     targets = tf.nn.softmax(tf.random.stateless_normal(
         [len(images), CLASSES], seed=[0, 1]))
 

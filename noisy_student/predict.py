@@ -151,7 +151,7 @@ def _check_dataset(dataset):
 def _write_predict_config(out_dir, num_classes, records_per_file, num_bins,
                           channels):
     """Writes predict_config.json, or checks it against an existing one."""
-    path = pl.join(out_dir, pl.PREDICT_CONFIG)
+    path = io_utils.join(out_dir, pl.PREDICT_CONFIG)
     config = {"num_classes": int(num_classes),
               "records_per_file": int(records_per_file),
               "num_bins": int(num_bins),
@@ -181,7 +181,7 @@ def _clean_temp_files(out_dir, shard_index, num_shards):
             continue
         block = pl.block_of_name(name)
         if block is not None and block % num_shards == shard_index:
-            tf.io.gfile.remove(pl.join(out_dir, name))
+            tf.io.gfile.remove(io_utils.join(out_dir, name))
             removed += 1
     return removed
 
@@ -511,7 +511,7 @@ class _ThreadedSink:
 
 def _write_done(out_dir, shard_index, num_shards, num_images, written):
     io_utils.write_json(
-        pl.join(out_dir, pl.done_name(shard_index, num_shards)),
+        io_utils.join(out_dir, pl.done_name(shard_index, num_shards)),
         {"num_images": int(num_images), "images_written": int(written),
          "shard_index": shard_index, "num_shards": num_shards})
 

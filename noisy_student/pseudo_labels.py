@@ -111,9 +111,9 @@ def block_of_name(name):
     return int(match.group(1)) if match else None
 
 
-def join(folder, name):
-    """Joins a folder and a file name (local or gs://)."""
-    return f"{folder.rstrip('/')}/{name}"
+# Temporary: select.py (issue 22 part B's file) still calls `pl.join`; it
+# moves to `io_utils.join`, the one path joiner, with part B. Remove then.
+join = io_utils.join
 
 
 def confidence_bins(confidence, num_bins):
@@ -237,8 +237,8 @@ class BlockWriter:
     """
 
     def __init__(self, pred_dir, block, num_classes, num_bins):
-        self.path = join(pred_dir, records_name(block))
-        self.hist_path = join(pred_dir, histogram_name(block))
+        self.path = io_utils.join(pred_dir, records_name(block))
+        self.hist_path = io_utils.join(pred_dir, histogram_name(block))
         self.num_classes = num_classes
         self.num_bins = num_bins
         self.num_records = 0
@@ -346,7 +346,7 @@ def check_predictions(pred_dir):
       FileNotFoundError: if the folder or its config is missing.
       ValueError: if a worker has not finished or a block is missing.
     """
-    config_path = join(pred_dir, PREDICT_CONFIG)
+    config_path = io_utils.join(pred_dir, PREDICT_CONFIG)
     if not tf.io.gfile.exists(config_path):
         raise FileNotFoundError(
             "Expected a prediction folder written by predict (with "
@@ -357,7 +357,8 @@ def check_predictions(pred_dir):
     for name in tf.io.gfile.listdir(pred_dir):
         match = _DONE_RE.match(name)
         if match:
-            sizes.add(io_utils.read_json(join(pred_dir, name))["num_images"])
+            sizes.add(io_utils.read_json(
+                io_utils.join(pred_dir, name))["num_images"])
             num_shards.add(int(match.group(2)))
     if not sizes:
         raise ValueError(
@@ -408,7 +409,8 @@ def prediction_dataset(pred_dir, decode_image=True, channels=None):
       [num_classes], "label": int64, "confidence": float32, "index": int64}.
     """
     info = check_predictions(pred_dir)
-    files = [join(pred_dir, records_name(b)) for b in info["blocks"]]
+    files = [io_utils.join(pred_dir, records_name(b))
+             for b in info["blocks"]]
     num_classes = info["num_classes"]
     if channels is None:
         channels = info.get("channels") or 0
@@ -427,13 +429,13 @@ def prediction_dataset(pred_dir, decode_image=True, channels=None):
 def selected_files(path):
     """The record files of a selected set (a folder, a file or a glob)."""
     if tf.io.gfile.isdir(path):
-        info_path = join(path, SELECTION_FILE)
+        info_path = io_utils.join(path, SELECTION_FILE)
         if not tf.io.gfile.exists(info_path):
             raise FileNotFoundError(
                 "Expected a finished selection folder (with "
                 f"{SELECTION_FILE}). Received: path={path}")
         info = io_utils.read_json(info_path)
-        return [join(path, name) for name in info["files"]], info
+        return [io_utils.join(path, name) for name in info["files"]], info
     files = sorted(tf.io.gfile.glob(path))
     if not files:
         raise FileNotFoundError(

@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 from noisy_student import efficientnet
-from noisy_student import evaluate
+from noisy_student.evaluation import clean
 from noisy_student import export
 from noisy_student import model_io
 from noisy_student.data import preprocess
@@ -203,7 +203,7 @@ def test_load_model_serves_a_saved_model_like_keras(model, exported):
         model(images.astype(np.float32), training=False).numpy(), atol=1e-5)
     data = tf.data.Dataset.from_tensor_slices(
         {"image": images, "label": np.arange(3, dtype=np.int32)})
-    result = evaluate.evaluate_clean(loaded, data, num_classes=NUM_CLASSES)
+    result = clean.evaluate_clean(loaded, data, num_classes=NUM_CLASSES)
     assert result["num_examples"] == 3
 
 

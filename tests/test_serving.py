@@ -20,6 +20,7 @@ import tensorflow as tf
 
 from noisy_student import efficientnet
 from noisy_student import evaluate
+from noisy_student.evaluation import metrics
 from noisy_student import export
 from noisy_student import stages
 from noisy_student import train_lib
@@ -294,7 +295,7 @@ def test_folder_class_names_travel_from_training_to_serving(tmp_path):
     mistakes = results["clean"]["most_confident_mistakes"]
     predictions = np.load(eval_dir / "predictions.npz")
     wrong = predictions["predictions"] != predictions["labels"]
-    assert len(mistakes) == min(int(wrong.sum()), evaluate.NUM_MISTAKES_SHOWN)
+    assert len(mistakes) == min(int(wrong.sum()), metrics.NUM_MISTAKES_SHOWN)
     assert mistakes  # a one-step model gets some of 12 images wrong
     assert (eval_dir / "mistakes.png").stat().st_size > 0
     confidences = [m["confidence"] for m in mistakes]

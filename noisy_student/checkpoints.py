@@ -31,6 +31,11 @@ the path (local or gs://):
 and variable names, which are keras.applications' names), `apply` copies them
 into a model built by `noisy_student.efficientnet`, and `convert` writes the
 result as `model.keras`, loadable wherever a trained model is accepted.
+
+Size: the three readers share one variable-name map, one check (missing,
+extra, wrongly shaped variables) and one `apply`; kept together so that the
+name map is written once. A module per reader is the natural split when a
+fourth kind of source comes.
 """
 
 import dataclasses
@@ -585,6 +590,12 @@ def apply(pretrained, model, model_name="model", partial=False):
     Every weight but the head must fit (see `check`; with `partial`, the
     fitting layers are copied); the head is copied when its shape fits, and
     otherwise kept as initialised (a fresh head).
+
+    Args:
+      pretrained: `PretrainedWeights` from `read`.
+      model: A model built by `noisy_student.efficientnet`.
+      model_name: The model's name in messages (e.g. "b0", a flag's value).
+      partial: Copy the layers that fit instead of failing on the others.
 
     Returns:
       True if the head was copied.

@@ -116,7 +116,15 @@ class ExperimentConfig:
 
 
 def with_model(train_config, name):
-    """`train_config` with the model called `name`."""
+    """`train_config` with the model called `name`.
+
+    Args:
+      train_config: A `train_lib.TrainConfig`.
+      name: A model name: b0..b8, l2, or "w{width}-d{depth}".
+
+    Returns:
+      The config with variant, width and depth set for that model.
+    """
     variant, width, depth = efficientnet.parse_model_name(name)
     if variant:
         return dataclasses.replace(train_config, variant=variant, width=None,
@@ -201,16 +209,7 @@ def plan(config):
             f"round{r}/select", select_fp, select_config.out_dir,
             lambda c=select_config: report_lib.jsonable(
                 stages.run_select(c)["totals"])))
-        student = with_model(config.student, config.student_model(r))
-        student_input = config.student_input
-        variant = student.variant
-        if config.student_resolution_from_model and variant:
-            size = efficientnet.get_variant(variant).resolution
-            student = dataclasses.replace(student, image_size=size)
-            student_input = dataclasses.replace(student_input,
-                                                image_size=size)
-        if config.init_student_from_teacher:
-            student = dataclasses.replace(student, init_from=teacher_dir)
+        student, student_input = _student_configs(config, r, teacher_dir)
         teacher_dir, fp = train_and_eval(
             r, student, student_input, select_config.out_dir,
             (select_fp, config.init_student_from_teacher))
@@ -225,6 +224,31 @@ def plan(config):
             # More iterations change what is exported, not how.
             redo_if_changed=True))
     return steps
+
+
+def _student_configs(config, r, teacher_dir):
+    """The training and input configs of iteration r's student.
+
+    Args:
+      config: The `ExperimentConfig`.
+      r: The iteration (round), 1-based.
+      teacher_dir: The model_dir of the student's teacher.
+
+    Returns:
+      (TrainConfig, InputConfig) with the round's model, its resolution
+      when `student_resolution_from_model`, and the teacher's weights as
+      init_from when `init_student_from_teacher`.
+    """
+    student = with_model(config.student, config.student_model(r))
+    student_input = config.student_input
+    variant = student.variant
+    if config.student_resolution_from_model and variant:
+        size = efficientnet.get_variant(variant).resolution
+        student = dataclasses.replace(student, image_size=size)
+        student_input = dataclasses.replace(student_input, image_size=size)
+    if config.init_student_from_teacher:
+        student = dataclasses.replace(student, init_from=teacher_dir)
+    return student, student_input
 
 
 def check(config):

@@ -64,7 +64,12 @@ def atomic_write(path, data):
 
 
 def write_json(path, obj):
-    """Writes `obj` as indented JSON to `path` atomically."""
+    """Writes `obj` as indented, key-sorted JSON to `path` atomically.
+
+    Args:
+      path: Destination file, local or gs://.
+      obj: JSON types only (see `report.jsonable` for numpy values).
+    """
     atomic_write(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 

@@ -14,7 +14,12 @@ CLASS_NAMES_FILE = "class_names.json"
 
 
 def write_class_names(folder, class_names):
-    """Writes folder/class_names.json (atomically); nothing for None."""
+    """Writes folder/class_names.json (atomically); nothing for None.
+
+    Args:
+      folder: The model's folder, local or gs://.
+      class_names: Names in label order (written as strings), or None.
+    """
     if class_names is None:
         return
     io_utils.write_json(io_utils.join(folder, CLASS_NAMES_FILE),

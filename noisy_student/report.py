@@ -16,6 +16,7 @@ from collections.abc import Mapping
 
 from absl import logging
 import numpy as np
+import tensorflow as tf
 
 from noisy_student import io_utils
 
@@ -119,6 +120,32 @@ def write_png(path, draw, what=None):
         logging.warning("%s not written: %s", what or path.rsplit("/", 1)[-1],
                         error)
         return False
+
+
+def read_tensorboard_scalars(logdir, tag):
+    """The values of one scalar that a run wrote to TensorBoard.
+
+    Training writes its scalars (loss, learning rate, images/s ...) with
+    `tf.summary.scalar` into event files; this reads them back, e.g. for a
+    benchmark or a test.
+
+    Args:
+      logdir: A TensorBoard log folder (e.g. model_dir/logs/train), local
+        or gs://; every file in it is read as an event file.
+      tag: The scalar's name.
+
+    Returns:
+      {step (int): value (float)}; a later event of a step replaces an
+      earlier one.
+    """
+    values = {}
+    for name in sorted(tf.io.gfile.listdir(logdir)):
+        for event in tf.compat.v1.train.summary_iterator(
+                io_utils.join(logdir, name)):
+            for value in event.summary.value:
+                if value.tag == tag:
+                    values[event.step] = float(tf.make_ndarray(value.tensor))
+    return values
 
 
 def write_report(folder, name, value, markdown, draw=None):

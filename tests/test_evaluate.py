@@ -8,6 +8,8 @@ import keras
 
 from noisy_student import efficientnet
 from noisy_student import evaluate as E
+from noisy_student import io_utils
+from noisy_student import model_io
 from noisy_student.evaluation import adversarial
 from noisy_student.evaluation import clean
 from noisy_student.evaluation import imagenet_a
@@ -15,8 +17,7 @@ from noisy_student.evaluation import imagenet_c
 from noisy_student.evaluation import imagenet_p
 from noisy_student.evaluation import inference
 from noisy_student.evaluation import metrics
-from noisy_student import io_utils
-from noisy_student import model_io
+import weights  # pylint: disable=g-bad-import-order
 
 SIZE = 16
 
@@ -36,29 +37,8 @@ def _dataset(images, labels):
         {"image": images, "label": labels})
 
 
-def _redraw_weights(model, seed):
-    """Re-draws every kernel from a seeded numpy generator.
-
-    Same scales as the builder's initialisers (variance 2 / fan_out for
-    convolutions, 1 / (3 fan_out) for the head).
-
-    The tests' thresholds were set on these numpy-drawn weights, which stay
-    the same across Keras versions and initialiser changes.
-    """
-    rng = np.random.RandomState(seed)
-    for weight in model.weights:
-        if "kernel" in weight.path:
-            shape = tuple(weight.shape)
-            if len(shape) == 4:
-                std = np.sqrt(2.0 / (shape[0] * shape[1] * shape[3]))
-            else:
-                std = np.sqrt(1.0 / (3.0 * shape[-1]))
-            weight.assign(rng.normal(0.0, std, shape).astype(np.float32))
-    return model
-
-
 def _tiny_model(num_classes=10, size=SIZE, seed=0):
-    return _redraw_weights(efficientnet.build_efficientnet(
+    return weights.redraw_weights(efficientnet.build_efficientnet(
         width=0.25, depth=0.25, image_size=size, small_images=True,
         num_classes=num_classes, dropout_rate=0.0,
         stochastic_depth_rate=0.0, bn_momentum=0.9), seed)

@@ -163,13 +163,6 @@ def test_serve_images_refuses_more_than_four_channels(tmp_path):
 # Fault 3: --channels=1 builds a 1-channel model.
 
 
-@pytest.fixture
-def pipeline_flags():
-    from noisy_student.cli import pipeline as cli  # pylint: disable=g-import-not-at-top
-    yield cli
-    flags.FLAGS.unparse_flags()
-
-
 def _parse(cli, tmp_path, *extra):
     from tests import test_experiment  # pylint: disable=g-import-not-at-top
     flags.FLAGS.unparse_flags()

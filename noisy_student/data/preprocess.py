@@ -86,7 +86,12 @@ WHOLE_IMAGE_RECIPE = Recipe(small_image_max=2**31 - 1)
 
 
 def write_recipe(folder, recipe=DEFAULT_RECIPE):
-    """Writes folder/preprocess.json (atomically)."""
+    """Writes folder/preprocess.json (atomically).
+
+    Args:
+      folder: The model's folder, local or gs://.
+      recipe: The `Recipe` the model was trained with.
+    """
     io_utils.write_json(io_utils.join(folder, RECIPE_FILE),
                         dataclasses.asdict(recipe))
 

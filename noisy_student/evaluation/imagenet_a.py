@@ -53,13 +53,28 @@ def imagenet_a_predictions(logits):
 
 
 def imagenet_a_accuracy(logits, labels):
-    """Top-1 accuracy on ImageNet-A (labels are ImageNet-1k indices)."""
+    """Top-1 accuracy on ImageNet-A.
+
+    Args:
+      logits: float [N, 1000] ImageNet logits.
+      labels: int [N] ImageNet-1k class indices (as TFDS `imagenet_a`).
+
+    Returns:
+      The accuracy, a float in [0, 1].
+    """
     labels = np.asarray(labels, np.int64)
     return float(np.mean(imagenet_a_predictions(logits) == labels))
 
 
 def load_imagenet_a(data_dir, split="test"):
     """TFDS `imagenet_a` (download=False; fails fast when absent).
+
+    Args:
+      data_dir: TFDS data folder (local or gs://) holding the prepared set.
+      split: TFDS split ("test", the only one).
+
+    Returns:
+      A `tf.data.Dataset` of {"image": uint8 [H, W, 3], "label": int64 []}.
 
     Raises:
       FileNotFoundError: if the data set is not prepared in data_dir.

@@ -148,7 +148,15 @@ def relative_corruption_errors(errors, clean_error, baseline=None,
 
 
 def imagenet_c_config_name(corruption, severity):
-    """The TFDS config of one corruption and severity, e.g. `fog_3`."""
+    """The TFDS config of one corruption and severity.
+
+    Args:
+      corruption: A name of IMAGENET_C_CORRUPTIONS, e.g. "fog".
+      severity: 1..5.
+
+    Returns:
+      The config name of `imagenet2012_corrupted`, e.g. "fog_3".
+    """
     return f"{corruption}_{severity}"
 
 

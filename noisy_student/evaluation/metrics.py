@@ -19,7 +19,16 @@ NUM_MISTAKES_SHOWN = 16
 
 
 def check_labels(labels, num_classes, what="model"):
-    """Raises ValueError if a label is outside [0, num_classes)."""
+    """Checks that every label is a class of the model.
+
+    Args:
+      labels: int numpy array [N] (any integer dtype).
+      num_classes: The model's class count K.
+      what: What has K classes, for the message ("model", "teacher").
+
+    Raises:
+      ValueError: if a label is outside [0, K), naming the range found.
+    """
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(
             f"Expected labels in [0, {num_classes}) for a {what} with "
@@ -59,7 +68,16 @@ def top_k_accuracy(scores, labels, k=1):
 
 
 def confusion_matrix(labels, predictions, num_classes):
-    """Counts [K, K]: row = true class, column = predicted class."""
+    """The confusion matrix of integer predictions.
+
+    Args:
+      labels: int [N] true classes in [0, K).
+      predictions: int [N] predicted classes in [0, K).
+      num_classes: K.
+
+    Returns:
+      int64 counts [K, K]: row = true class, column = predicted class.
+    """
     matrix = np.zeros((num_classes, num_classes), np.int64)
     np.add.at(matrix, (np.asarray(labels, np.int64),
                        np.asarray(predictions, np.int64)), 1)
@@ -67,7 +85,16 @@ def confusion_matrix(labels, predictions, num_classes):
 
 
 def per_class_accuracy(labels, predictions, num_classes):
-    """Accuracy of each true class (None for classes absent from labels)."""
+    """Accuracy of each true class.
+
+    Args:
+      labels: As in `confusion_matrix`.
+      predictions: As in `confusion_matrix`.
+      num_classes: K.
+
+    Returns:
+      A list of K floats in [0, 1], None for a class absent from `labels`.
+    """
     matrix = confusion_matrix(labels, predictions, num_classes)
     totals = matrix.sum(axis=1)
     return [float(matrix[c, c] / totals[c]) if totals[c] else None
@@ -79,6 +106,16 @@ def calibration_bins(probabilities, labels, num_bins=ECE_BINS):
 
     Bin b covers confidences in (b / num_bins, (b + 1) / num_bins]; empty
     bins have accuracy and confidence 0.
+
+    Args:
+      probabilities: float [N, K] softmax outputs.
+      labels: int [N] true classes.
+      num_bins: Number of equal-width bins over (0, 1] (default 15, Guo et
+        al. 2017).
+
+    Returns:
+      (counts int64 [num_bins], accuracy float64 [num_bins], mean
+      confidence float64 [num_bins]).
     """
     probabilities = np.asarray(probabilities, np.float64)
     labels = np.asarray(labels, np.int64)
@@ -118,9 +155,21 @@ def classification_metrics(logits, labels, num_classes=None, top_k=5,
                            ece_bins=ECE_BINS):
     """Clean metrics from logits and labels (numpy).
 
+    Args:
+      logits: float [N, K].
+      labels: int [N] true classes.
+      num_classes: K (default: the logits' last axis); must equal it.
+      top_k: The k of the top-k accuracy (5, as the paper reports).
+      ece_bins: Bins of the expected calibration error (15).
+
     Returns:
-      A JSON-ready dict: num_examples, top1, top{k}, error, ece, ece_bins,
-      per_class_accuracy, confusion_matrix.
+      A JSON-ready dict: num_examples, num_classes, top1, top{k}, error
+      (1 - top1), ece, ece_bins, per_class_accuracy, confusion_matrix (all
+      accuracies and errors as fractions in [0, 1]).
+
+    Raises:
+      ValueError: if the logits do not have K classes or a label is outside
+        [0, K).
     """
     logits = np.asarray(logits)
     labels = np.asarray(labels, np.int64)

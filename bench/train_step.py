@@ -47,6 +47,7 @@ import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
 from noisy_student import optim  # pylint: disable=g-import-not-at-top
 from noisy_student import train_config  # pylint: disable=g-import-not-at-top
+from noisy_student import report  # pylint: disable=g-import-not-at-top
 from noisy_student import train_lib  # pylint: disable=g-import-not-at-top
 from noisy_student import train_state  # pylint: disable=g-import-not-at-top
 
@@ -82,18 +83,6 @@ def our_config(size, **overrides):
     return train_config.TrainConfig.from_fields(**values)
 
 
-def _logged(logdir, tag):
-    """{step: value} of a scalar `train` wrote to TensorBoard."""
-    values = {}
-    for name in os.listdir(logdir):
-        for event in tf.compat.v1.train.summary_iterator(
-                os.path.join(logdir, name)):
-            for value in event.summary.value:
-                if value.tag == tag:
-                    values[event.step] = float(tf.make_ndarray(value.tensor))
-    return values
-
-
 def time_ours(size, **overrides):
     """Best img/s over `train`'s log windows after the first (it traces).
 
@@ -121,8 +110,8 @@ def time_ours(size, **overrides):
 
     with tempfile.TemporaryDirectory() as model_dir:
         train_lib.train_and_evaluate(config, model_dir, dataset_fn)
-        rates = _logged(os.path.join(model_dir, "logs", "train"),
-                        "images_per_sec")
+        rates = report.read_tensorboard_scalars(
+            os.path.join(model_dir, "logs", "train"), "images_per_sec")
     return max(rate for step, rate in rates.items()
                if step > config.loop.log_every)
 

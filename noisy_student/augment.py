@@ -91,6 +91,11 @@ on its images and stitches the batch back (`tf.dynamic_stitch`):
 A single image (a per-image `dataset.map`) skips the partition and runs only
 its op's group, through `tf.switch_case`. Mapping over batches is faster:
 augment after `batch()` where the pipeline allows it.
+
+Size: the 16 ops, their level-to-argument table and the batched policy that
+picks among them read as one table, as the official `randaugment.py` keeps
+them; each op is a few lines, and a module per op group would scatter the
+table.
 """
 
 import dataclasses

@@ -2,14 +2,14 @@
 
 Used where a person would rather look than read: the select stage's most
 and least confident kept images of each class, and ns-eval's most confident
-mistakes. Drawn with matplotlib's object API (no pyplot state, safe in any
-thread), each image with nearest-neighbour pixels so small images stay
-sharp.
+mistakes. Drawn through `noisy_student.report` (matplotlib's object API, no
+pyplot state, safe in any thread), each image with nearest-neighbour pixels
+so small images stay sharp.
 """
 
-import io
-
 import numpy as np
+
+from noisy_student import report
 
 
 def contact_sheet_png(rows, title=None, dpi=100):
@@ -28,15 +28,12 @@ def contact_sheet_png(rows, title=None, dpi=100):
     Raises:
       ValueError: for no rows or no image at all.
     """
-    from matplotlib import figure  # pylint: disable=g-import-not-at-top
-    from matplotlib.backends import backend_agg  # pylint: disable=g-import-not-at-top
     if not rows or not any(cells for _, cells in rows):
         raise ValueError("Expected at least one image for a contact sheet. "
                          f"Received: {len(rows)} rows without images")
     num_cols = max(len(cells) for _, cells in rows)
-    fig = figure.Figure(figsize=(1.3 * num_cols + 1.4, 1.45 * len(rows)
-                                 + (0.4 if title else 0.0)))
-    backend_agg.FigureCanvasAgg(fig)
+    fig = report.new_figure(1.3 * num_cols + 1.4,
+                            1.45 * len(rows) + (0.4 if title else 0.0))
     axes = np.asarray(fig.subplots(len(rows), num_cols, squeeze=False))
     for r, (label, cells) in enumerate(rows):
         for c in range(num_cols):
@@ -59,7 +56,4 @@ def contact_sheet_png(rows, title=None, dpi=100):
                               va="center")
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi)
-    return buffer.getvalue()
+    return report.figure_png(fig, dpi)

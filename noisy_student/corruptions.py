@@ -4,7 +4,7 @@ ImageNet-C (Hendrycks & Dietterich, ICLR 2019) ships pre-corrupted ImageNet
 validation images. For other data sets (SVHN, CIFAR, digits, a folder of
 photos) this module applies the same kinds of corruption on the fly, so a small
 data set gets a "-C style" score (per-corruption error and the mean, see
-`noisy_student.evaluate.evaluate_corruptions`).
+`noisy_student.evaluation.imagenet_c.evaluate_corruptions`).
 
 Each corruption maps one image, uint8 (or float in [0, 255]) of shape
 [H, W, C], to a uint8 image of the same shape, runs eagerly and inside

@@ -138,7 +138,16 @@ def parse_model_name(name):
 
 
 def is_smaller(name, than):
-    """Whether model `name` is narrower or shallower than model `than`."""
+    """Whether model `name` is narrower or shallower than model `than`.
+
+    Args:
+      name: A model name (b0..b8, l2 or "w{width}-d{depth}").
+      than: Another model name.
+
+    Returns:
+      True if its width or its depth coefficient is smaller (the paper's
+      students are equal or larger in both).
+    """
     _, width, depth = parse_model_name(name)
     _, other_width, other_depth = parse_model_name(than)
     return width < other_width or depth < other_depth
@@ -147,7 +156,15 @@ def is_smaller(name, than):
 def round_filters(filters, width, divisor=8):
     """Scales a channel count by `width`, rounded to a multiple of `divisor`.
 
-    Never rounds down by more than 10%.
+    Never rounds down by more than 10% (the official `round_filters`).
+
+    Args:
+      filters: The B0 channel count.
+      width: Width coefficient.
+      divisor: The result is a multiple of it (8 in the official code).
+
+    Returns:
+      The scaled channel count, an int >= divisor.
     """
     scaled = filters * width
     rounded = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
@@ -157,12 +174,28 @@ def round_filters(filters, width, divisor=8):
 
 
 def round_repeats(repeats, depth):
-    """Scales a stage's block count by `depth`, rounded up."""
+    """Scales a stage's block count by `depth`, rounded up.
+
+    Args:
+      repeats: The B0 block count of the stage.
+      depth: Depth coefficient.
+
+    Returns:
+      ceil(depth * repeats), an int.
+    """
     return int(math.ceil(depth * repeats))
 
 
 def block_name(stage, index):
-    """Stable name prefix of block `index` (0-based) in `stage` (1-based)."""
+    """Stable name prefix of a block, as keras.applications names it.
+
+    Args:
+      stage: The stage, 1-based (1..7).
+      index: The block within the stage, 0-based (a, b, c ...).
+
+    Returns:
+      E.g. "block2b_" for stage 2, index 1.
+    """
     letters = string.ascii_lowercase
     suffix = letters[index] if index < len(letters) else f"_{index}"
     return f"block{stage}{suffix}_"
@@ -232,6 +265,13 @@ def drop_rates(depth, base_rate=0.2):
     rises linearly from 0, and the last block's is `base_rate * (n - 1) / n`,
     as in the official EfficientNet code. Blocks without an identity skip
     (the first of each stage) ignore their rate.
+
+    Args:
+      depth: Depth coefficient (sets the number of blocks n).
+      base_rate: The paper's stochastic-depth rate (0.2).
+
+    Returns:
+      A list of n floats in [0, base_rate).
     """
     total = sum(round_repeats(b.repeats, depth) for b in BLOCKS)
     return [base_rate * i / total for i in range(total)]
@@ -284,6 +324,43 @@ def build_efficientnet(variant=None, *, width=None, depth=None,
     Raises:
       ValueError: for an unknown variant or an argument out of range.
     """
+    width, depth, image_size, dropout_rate, name = _resolve_variant(
+        variant, width, depth, image_size, dropout_rate, name)
+    _check_args(width, depth, num_classes, image_size, dropout_rate,
+                stochastic_depth_rate)
+
+    def batch_norm(layer_name):
+        return keras.layers.BatchNormalization(
+            momentum=bn_momentum, epsilon=bn_epsilon,
+            synchronized=sync_batch_norm, name=layer_name)
+
+    inputs = keras.Input((image_size, image_size, channels), name="image")
+    x = _stem(inputs, width, channels, batch_norm)
+    x = _blocks(x, width, depth, small_images, stochastic_depth_rate,
+                batch_norm)
+    outputs = _head(x, width, num_classes, dropout_rate, batch_norm)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def _resolve_variant(variant, width, depth, image_size, dropout_rate, name):
+    """The variant's coefficients, with the given arguments taking priority.
+
+    Args:
+      variant: A name of VARIANTS, or None (then width and depth are
+        required; resolution 224 and dropout 0.2 are the defaults).
+      width: Width coefficient or None.
+      depth: Depth coefficient or None.
+      image_size: Input side in pixels or None.
+      dropout_rate: Dropout before the classifier or None.
+      name: Model name or None.
+
+    Returns:
+      (width, depth, image_size, dropout_rate, name), none of them None.
+
+    Raises:
+      ValueError: for no variant without both width and depth, or an
+        unknown variant.
+    """
     if variant is None:
         if width is None or depth is None:
             raise ValueError(
@@ -294,19 +371,26 @@ def build_efficientnet(variant=None, *, width=None, depth=None,
     else:
         spec = get_variant(variant)
         name = name or f"efficientnet-{str(variant).lower()}"
-    width = spec.width if width is None else width
-    depth = spec.depth if depth is None else depth
-    image_size = spec.resolution if image_size is None else image_size
-    dropout_rate = spec.dropout if dropout_rate is None else dropout_rate
-    _check_args(width, depth, num_classes, image_size, dropout_rate,
-                stochastic_depth_rate)
+    return (spec.width if width is None else width,
+            spec.depth if depth is None else depth,
+            spec.resolution if image_size is None else image_size,
+            spec.dropout if dropout_rate is None else dropout_rate,
+            name)
 
-    def batch_norm(layer_name):
-        return keras.layers.BatchNormalization(
-            momentum=bn_momentum, epsilon=bn_epsilon,
-            synchronized=sync_batch_norm, name=layer_name)
 
-    inputs = keras.Input((image_size, image_size, channels), name="image")
+def _stem(inputs, width, channels, batch_norm):
+    """In-model normalisation, then the stride-2 3x3 stem convolution.
+
+    Args:
+      inputs: float [B, S, S, channels] pixels in [0, 255].
+      width: Width coefficient (scales the stem's 32 filters).
+      channels: Input channels; a grey model normalises with the mean of
+        the ImageNet RGB statistics.
+      batch_norm: Function layer name -> BatchNormalization layer.
+
+    Returns:
+      The stem's activations [B, S/2, S/2, round_filters(32, width)].
+    """
     mean, stddev = ns_layers.IMAGENET_MEAN_RGB, ns_layers.IMAGENET_STDDEV_RGB
     if channels != 3:
         mean = (sum(mean) / 3,) * channels
@@ -317,8 +401,24 @@ def build_efficientnet(variant=None, *, width=None, depth=None,
         use_bias=False, kernel_initializer=conv_initializer(),
         name="stem_conv")(x)
     x = batch_norm("stem_bn")(x)
-    x = keras.layers.Activation("swish", name="stem_activation")(x)
+    return keras.layers.Activation("swish", name="stem_activation")(x)
 
+
+def _blocks(x, width, depth, small_images, stochastic_depth_rate,
+            batch_norm):
+    """The MBConv blocks of BLOCKS, scaled by width and depth.
+
+    Args:
+      x: The stem's activations.
+      width: Width coefficient.
+      depth: Depth coefficient.
+      small_images: Stride 1 in SMALL_IMAGE_STRIDE1_STAGES.
+      stochastic_depth_rate: Base rate; block i of n gets rate * i / n.
+      batch_norm: Function layer name -> BatchNormalization layer.
+
+    Returns:
+      The last block's activations.
+    """
     rates = iter(drop_rates(depth, stochastic_depth_rate))
     for stage, args in enumerate(BLOCKS):
         strides = args.strides
@@ -334,7 +434,22 @@ def build_efficientnet(variant=None, *, width=None, depth=None,
                 expand_ratio=args.expand_ratio, se_ratio=args.se_ratio,
                 drop_rate=next(rates), batch_norm=batch_norm,
                 prefix=block_name(stage + 1, index))
+    return x
 
+
+def _head(x, width, num_classes, dropout_rate, batch_norm):
+    """1x1 conv to 1280 * width filters, pooling, dropout, the classifier.
+
+    Args:
+      x: The last block's activations.
+      width: Width coefficient.
+      num_classes: Output classes K.
+      dropout_rate: Dropout before the classifier (none at 0).
+      batch_norm: Function layer name -> BatchNormalization layer.
+
+    Returns:
+      float32 logits [B, K].
+    """
     x = ns_layers.PointwiseConv2D(
         round_filters(TOP_FILTERS, width), use_bias=False,
         kernel_initializer=conv_initializer(), name="top_conv")(x)
@@ -345,10 +460,9 @@ def build_efficientnet(variant=None, *, width=None, depth=None,
         x = keras.layers.Dropout(dropout_rate, name="top_dropout")(x)
     # float32 logits keep the softmax and the loss stable under mixed
     # precision.
-    outputs = keras.layers.Dense(
+    return keras.layers.Dense(
         num_classes, kernel_initializer=dense_initializer(), dtype="float32",
         name="predictions")(x)
-    return keras.Model(inputs, outputs, name=name)
 
 
 def _mbconv_block(x, *, filters_in, filters_out, kernel_size, strides,

@@ -18,17 +18,15 @@ One process at a time runs in a workdir (`workdir_lock`).
 import dataclasses
 import time
 
-from absl import logging
-import tensorflow as tf
 
 from noisy_student import checkpoints
 from noisy_student import efficientnet
 from noisy_student import evaluate
 from noisy_student import export as export_lib
-from noisy_student import io_utils
 from noisy_student import manifest as manifest_lib
 from noisy_student import model_info
 from noisy_student import predict as predict_lib
+from noisy_student import report as report_lib
 from noisy_student import select as select_lib
 from noisy_student import stages
 from noisy_student import train_config as train_config_lib
@@ -186,7 +184,7 @@ def plan(config):
              "input": input_config, "init": init_fp}, data_fp, *upstream)
         steps.append(Stage(
             f"round{r}/train", train_fp, model_dir,
-            lambda: _jsonable(stages.run_train(
+            lambda: report_lib.jsonable(stages.run_train(
                 train_config, input_config, config.data, model_dir,
                 pseudo_dir, log_prefix=f"[round{r}/train] ")), train_config))
         eval_config = evaluate.EvalConfig(
@@ -195,7 +193,8 @@ def plan(config):
         steps.append(Stage(
             f"round{r}/eval", manifest_lib.fingerprint({}, train_fp),
             eval_config.output_dir,
-            lambda: _jsonable(stages.run_eval(eval_config, config.data))))
+            lambda: report_lib.jsonable(
+                stages.run_eval(eval_config, config.data))))
         return model_dir, train_fp
 
     teacher_dir, fp = train_and_eval(0, config.teacher, config.teacher_input,
@@ -218,7 +217,7 @@ def plan(config):
             _without_paths(select_config, "pred_dir", "out_dir"), predict_fp)
         steps.append(Stage(
             f"round{r}/select", select_fp, select_config.out_dir,
-            lambda c=select_config: _jsonable(
+            lambda c=select_config: report_lib.jsonable(
                 stages.run_select(c)["totals"])))
         student, student_input = _student_configs(config, r, teacher_dir)
         teacher_dir, fp = train_and_eval(
@@ -238,8 +237,18 @@ def plan(config):
 
 
 def _student_configs(config, r, teacher_dir):
-    """(TrainConfig, InputConfig) of round r's student (its model, its
-    resolution when student_resolution_from_model, its init)."""
+    """The training and input configs of iteration r's student.
+
+    Args:
+      config: The `ExperimentConfig`.
+      r: The iteration (round), 1-based.
+      teacher_dir: The model_dir of the student's teacher.
+
+    Returns:
+      (TrainConfig, InputConfig) with the round's model, its resolution
+      when `student_resolution_from_model`, and the teacher's weights as
+      init_from when `init_student_from_teacher`.
+    """
     student = with_model(config.student, config.student_model(r))
     student_input = config.student_input
     variant = student.model.variant
@@ -349,37 +358,26 @@ def _round_entry(r, role, name, metrics, results, manifest, selection):
     return entry
 
 
-def _jsonable(value):
-    """Plain JSON types: numpy scalars become floats, dataclasses dicts."""
-    if dataclasses.is_dataclass(value):
-        value = dataclasses.asdict(value)
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if hasattr(value, "item"):
-        return value.item()
-    return value
-
-
 def _class_names(workdir):
     """The class names the teacher's run recorded (None if it has none)."""
     return model_info.read_class_names(f"{workdir}/round0/train")
 
 
 def write_report(workdir, rounds, class_names=None):
-    """Writes report.json, report.md and report.png; returns the report."""
+    """Writes report.json, report.md and report.png; returns the report.
+
+    Args:
+      workdir: The run's folder, local or gs://.
+      rounds: One entry per evaluated round (see `_round_entry`).
+      class_names: Class names in label order, or None.
+    """
     report = {"rounds": rounds, "updated_at": time.strftime(
         "%Y-%m-%d %H:%M:%S")}
     if class_names:
         report["class_names"] = list(class_names)
         model_info.write_class_names(workdir, class_names)
-    io_utils.write_json(f"{workdir}/report.json", report)
-    io_utils.atomic_write(f"{workdir}/report.md", markdown_table(report))
-    try:
-        io_utils.atomic_write(f"{workdir}/report.png", _plot(rounds))
-    except Exception as e:  # A plot is not worth failing a run for.
-        logging.warning("report.png not written: %s", e)
+    report_lib.write_report(workdir, "report", report, markdown_table(report),
+                            lambda: _plot(rounds))
     return report
 
 
@@ -415,11 +413,9 @@ def print_table(report):
 
 
 def _plot(rounds):
-    import io  # pylint: disable=g-import-not-at-top
-    import matplotlib  # pylint: disable=g-import-not-at-top
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    """Test top-1 and pseudo-label counts per round, as PNG bytes."""
+    fig = report_lib.new_figure(9, 3.5)
+    ax1, ax2 = fig.subplots(1, 2)
     xs = [r["round"] for r in rounds]
     ax1.plot(xs, [r["test_top1"] or 0 for r in rounds], "o-")
     ax1.set_xlabel("round (0 = teacher)")
@@ -436,8 +432,4 @@ def _plot(rounds):
     ax2.set_xticks(xs)
     ax2.set_xlabel("round")
     ax2.set_ylabel("pseudo-labeled images")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90)
-    plt.close(fig)
-    return buffer.getvalue()
+    return report_lib.figure_png(fig, dpi=90)

@@ -13,6 +13,28 @@ import tensorflow as tf
 TEMP_MARKER = ".tmp-"
 
 
+def join(folder, *names):
+    """Joins a folder and names with "/", for local and gs:// paths alike.
+
+    `os.path.join` is not used: it would join with "\\" on Windows, which
+    breaks gs:// paths, and it drops the folder when a name starts with "/".
+
+    Args:
+      folder: A folder, local or gs:// (a trailing "/" is ignored); "" or
+        None gives the names alone, relative to the working folder.
+      *names: Path components below the folder, e.g. "eval", "results.json".
+
+    Returns:
+      The joined path as a str, e.g. join("gs://b/run/", "eval", "x.json")
+      == "gs://b/run/eval/x.json".
+    """
+    names = [str(n) for n in names]
+    if not folder:
+        return "/".join(names)
+    # rstrip leaves "" of the root "/", which the join turns back into "/".
+    return "/".join([str(folder).rstrip("/")] + names)
+
+
 def temp_path(path):
     """A unique temporary name in the same folder as `path`."""
     folder, name = path.rsplit("/", 1) if "/" in path else ("", path)
@@ -42,7 +64,12 @@ def atomic_write(path, data):
 
 
 def write_json(path, obj):
-    """Writes `obj` as indented JSON to `path` atomically."""
+    """Writes `obj` as indented, key-sorted JSON to `path` atomically.
+
+    Args:
+      path: Destination file, local or gs://.
+      obj: JSON types only (see `report.jsonable` for numpy values).
+    """
     atomic_write(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
@@ -57,7 +84,25 @@ def beside_model(model_path, name):
     path = str(model_path).rstrip("/")
     folder = path if tf.io.gfile.isdir(path) else path.rsplit("/", 1)[0] if (
         "/" in path) else ""
-    return f"{folder}/{name}" if folder else name
+    return join(folder, name)
+
+
+def read_beside_model(model_path, name):
+    """Reads the JSON file `name` recorded with a model, if there is one.
+
+    Args:
+      model_path: A model_dir or SavedModel folder, or a .keras file (its
+        folder is searched). Local or gs://.
+      name: The file's name (e.g. class_names.json).
+
+    Returns:
+      (path, value): the file's path (for error messages) and its parsed
+      JSON, or None when the file does not exist.
+    """
+    path = beside_model(model_path, name)
+    if not tf.io.gfile.exists(path):
+        return path, None
+    return path, read_json(path)
 
 
 def read_json(path):

@@ -12,8 +12,16 @@ IMAGENET_MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
 
+class _SameShape(keras.layers.Layer):
+    """A layer whose output has its input's shape (told to Keras directly,
+    so that Keras need not trace `call` to infer it)."""
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
 @keras.saving.register_keras_serializable(package="noisy_student")
-class StochasticDepth(keras.layers.Layer):
+class StochasticDepth(_SameShape):
     """Drops a residual branch for whole samples (Huang et al., 2016).
 
     At training time each sample's branch is kept with probability
@@ -46,15 +54,12 @@ class StochasticDepth(keras.layers.Layer):
                 mask_shape, seed=self.seed_generator, dtype="float32"))
         return inputs * ops.cast(mask / keep, inputs.dtype)
 
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
     def get_config(self):
         return {**super().get_config(), "rate": self.rate, "seed": self.seed}
 
 
 @keras.saving.register_keras_serializable(package="noisy_student")
-class PixelNormalization(keras.layers.Layer):
+class PixelNormalization(_SameShape):
     """Maps [0, 255] pixels to per-channel zero mean and unit variance.
 
     Args:
@@ -76,9 +81,6 @@ class PixelNormalization(keras.layers.Layer):
         mean = ops.convert_to_tensor(self.mean, dtype=inputs.dtype)
         stddev = ops.convert_to_tensor(self.stddev, dtype=inputs.dtype)
         return (inputs - mean) / stddev
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
 
     def get_config(self):
         return {**super().get_config(), "mean": self.mean, "stddev": self.stddev}

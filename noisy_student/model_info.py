@@ -8,19 +8,21 @@ SavedModel (`class_names` output). The preprocessing recipe is recorded the
 same way (`noisy_student.data.preprocess.write_recipe`).
 """
 
-
-import tensorflow as tf
-
 from noisy_student import io_utils
 
 CLASS_NAMES_FILE = "class_names.json"
 
 
 def write_class_names(folder, class_names):
-    """Writes folder/class_names.json (atomically); nothing for None."""
+    """Writes folder/class_names.json (atomically); nothing for None.
+
+    Args:
+      folder: The model's folder, local or gs://.
+      class_names: Names in label order (written as strings), or None.
+    """
     if class_names is None:
         return
-    io_utils.write_json(f"{str(folder).rstrip('/')}/{CLASS_NAMES_FILE}",
+    io_utils.write_json(io_utils.join(folder, CLASS_NAMES_FILE),
                         [str(name) for name in class_names])
 
 
@@ -37,10 +39,10 @@ def read_class_names(model_path):
     Raises:
       ValueError: if the file is not a list of strings.
     """
-    names_path = io_utils.beside_model(model_path, CLASS_NAMES_FILE)
-    if not tf.io.gfile.exists(names_path):
+    names_path, names = io_utils.read_beside_model(model_path,
+                                                   CLASS_NAMES_FILE)
+    if names is None:
         return None
-    names = io_utils.read_json(names_path)
     if not isinstance(names, list) or not all(
             isinstance(n, str) for n in names):
         raise ValueError(f"Expected a JSON list of class names. Received: "

@@ -24,8 +24,6 @@ batches and each batch is written out before the next one is kept.
 """
 
 import dataclasses
-import queue
-import threading
 import time
 import weakref
 
@@ -33,8 +31,8 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
-from noisy_student import io_utils
 from noisy_student import model_io
+from noisy_student import prediction_writer
 from noisy_student import pseudo_labels as pl
 from noisy_student.data import preprocess as preprocess_lib
 
@@ -159,44 +157,6 @@ def _check_dataset(dataset):
             "dataset (cardinality 0)")
 
 
-def _write_predict_config(out_dir, num_classes, records_per_file, num_bins,
-                          channels):
-    """Writes predict_config.json, or checks it against an existing one."""
-    path = pl.join(out_dir, pl.PREDICT_CONFIG)
-    config = {"num_classes": int(num_classes),
-              "records_per_file": int(records_per_file),
-              "num_bins": int(num_bins),
-              # Channels of the stored (original) images; None if unknown.
-              "channels": channels}
-    if tf.io.gfile.exists(path):
-        existing = io_utils.read_json(path)
-        for key, value in config.items():
-            if existing.get(key) != value:
-                raise ValueError(
-                    f"Expected {key}={existing.get(key)} as in the existing "
-                    f"predictions of {out_dir} (use another out_dir to start "
-                    f"afresh). Received: {key}={value}")
-        return
-    io_utils.write_json(path, config)
-
-
-def _clean_temp_files(out_dir, shard_index, num_shards):
-    """Deletes temporary leftovers of this worker's blocks only.
-
-    Other workers may be writing their own temporary files in the same
-    folder right now, so only names of this worker's blocks are touched.
-    """
-    removed = 0
-    for name in tf.io.gfile.listdir(out_dir):
-        if not io_utils.is_temp(name):
-            continue
-        block = pl.block_of_name(name)
-        if block is not None and block % num_shards == shard_index:
-            tf.io.gfile.remove(pl.join(out_dir, name))
-            removed += 1
-    return removed
-
-
 def _input_pipeline(dataset, *, records_per_file, shard_index, num_shards,
                     skip_blocks, preprocess, image_size, channels,
                     batch_size, seen):
@@ -316,6 +276,116 @@ def predict(teacher, dataset, out_dir, num_classes, batch_size=BATCH_SIZE,
     """
     _check_args(num_classes, batch_size, shard_index, num_shards,
                 records_per_file, num_bins)
+    teacher, recipe, image_size, channels = _load_teacher(
+        teacher, num_classes, image_size)
+    _check_dataset(dataset)
+    preprocess = preprocess or default_preprocess(image_size, channels,
+                                                  recipe)
+
+    complete = prediction_writer.prepare_out_dir(
+        out_dir, dataset, num_classes, records_per_file, num_bins,
+        shard_index, num_shards)
+    total, todo = _images_to_do(dataset, records_per_file, shard_index,
+                                num_shards, complete)
+    start = time.time()
+    if todo == 0:
+        # Everything of this worker is already there; no need to read.
+        prediction_writer.write_done(out_dir, shard_index, num_shards, total,
+                                     0)
+        return PredictSummary(total, 0, 0, len(complete), 0.0, 0.0)
+
+    seen = tf.Variable(0, dtype=tf.int64, trainable=False)
+    batches = _input_pipeline(
+        dataset, records_per_file=records_per_file, shard_index=shard_index,
+        num_shards=num_shards, skip_blocks=complete, preprocess=preprocess,
+        image_size=image_size, channels=channels, batch_size=batch_size,
+        seen=seen)
+
+    what = f"predict shard {shard_index}/{num_shards}"
+    logging.info("%s: %d of its blocks already complete, %s images to label",
+                 what, len(complete),
+                 todo if todo is not None else "an unknown number of")
+    progress = _progress_logger(what, todo, start, log_every_s)
+    sink = prediction_writer.ThreadedSink(prediction_writer.BlockSink(
+        out_dir, records_per_file, num_classes, num_bins))
+    written = _label_batches(batches, _probabilities_fn(teacher), sink,
+                             num_classes, progress)
+    blocks_written = sink.finish()
+    num_images = int(seen.numpy())
+    if num_images == 0:
+        raise ValueError(
+            "Expected a non-empty unlabeled dataset. Received: a dataset "
+            "that yielded no images")
+    prediction_writer.write_done(out_dir, shard_index, num_shards, num_images,
+                                 written)
+    return _summary(num_images, written, blocks_written, len(complete),
+                    time.time() - start, what)
+
+
+def _summary(num_images, written, blocks_written, blocks_skipped, seconds,
+             what):
+    """Logs the end of a worker's run and returns its `PredictSummary`.
+
+    Args:
+      num_images: Images in the whole unlabeled set.
+      written: Images labeled in this run.
+      blocks_written: Blocks completed in this run.
+      blocks_skipped: Blocks already complete before it.
+      seconds: Wall time of the labeling, in seconds.
+      what: The log prefix, e.g. "predict shard 0/4".
+
+    Returns:
+      The `PredictSummary`.
+    """
+    rate = written / seconds if seconds > 0 else 0.0
+    logging.info("%s done: %d images in %d files, %.1f images/s", what,
+                 written, blocks_written, rate)
+    return PredictSummary(num_images, written, blocks_written, blocks_skipped,
+                          seconds, rate)
+
+
+def _progress_logger(what, todo, start, log_every_s):
+    """A function written -> None that logs progress every log_every_s.
+
+    Args:
+      what: The prefix of each line, e.g. "predict shard 0/4".
+      todo: Images to label, or None when unknown.
+      start: time.time() when labeling started.
+      log_every_s: Seconds between lines.
+
+    Returns:
+      The function, to call with the images labeled so far.
+    """
+    last_log = [start]
+
+    def progress(written):
+        now = time.time()
+        if now - last_log[0] >= log_every_s:
+            last_log[0] = now
+            logging.info("%s: %d%s images, %.1f images/s", what, written,
+                         f"/{todo}" if todo is not None else "",
+                         written / (now - start))
+
+    return progress
+
+
+def _load_teacher(teacher, num_classes, image_size):
+    """The teacher model, its recipe, input side and channels.
+
+    Args:
+      teacher: A model, or a path for `model_io.load_model` (its recorded
+        preprocessing recipe is read too).
+      num_classes: The class count the teacher must output.
+      image_size: The teacher's input side, or None to read it from the
+        teacher.
+
+    Returns:
+      (model, recipe or None, image_size, channels).
+
+    Raises:
+      ValueError: for a teacher of another class count, or without a static
+        square input shape and no image_size.
+    """
     recipe = None
     if isinstance(teacher, str):
         recipe = preprocess_lib.read_recipe(teacher)
@@ -332,50 +402,53 @@ def predict(teacher, dataset, out_dir, num_classes, batch_size=BATCH_SIZE,
             "Expected image_size for a teacher without a static square "
             f"input shape. Received: image_size=None, teacher input shape="
             f"{getattr(teacher, 'input_shape', None)}")
-    channels = model_io.channels(teacher) or 3
-    _check_dataset(dataset)
-    preprocess = preprocess or default_preprocess(image_size, channels,
-                                                  recipe)
+    return teacher, recipe, image_size, model_io.channels(teacher) or 3
 
-    tf.io.gfile.makedirs(out_dir)
-    source_channels = dataset.element_spec["image"].shape[-1]
-    _write_predict_config(out_dir, num_classes, records_per_file, num_bins,
-                          source_channels)
-    removed = _clean_temp_files(out_dir, shard_index, num_shards)
-    if removed:
-        logging.info("predict: removed %d temporary leftovers", removed)
-    complete = {b for b in pl.complete_blocks(out_dir)
-                if b % num_shards == shard_index}
 
+def _images_to_do(dataset, records_per_file, shard_index, num_shards,
+                  complete):
+    """How many images this worker still has to label.
+
+    Args:
+      dataset: The unlabeled data set.
+      records_per_file: Images per block.
+      shard_index: This worker's index.
+      num_shards: Number of workers; worker i owns blocks b with
+        b % num_shards == i.
+      complete: Block numbers already complete.
+
+    Returns:
+      (total images or None, images left to label or None) when the data
+      set's cardinality is unknown.
+    """
     total = int(dataset.cardinality())
-    total = total if total >= 0 else None
-    todo = None
-    if total is not None:
-        num_blocks = -(-total // records_per_file)
-        mine = [b for b in range(num_blocks) if b % num_shards == shard_index]
-        todo = sum(min(records_per_file, total - b * records_per_file)
-                   for b in mine if b not in complete)
-    start = time.time()
-    if todo == 0:
-        # Everything of this worker is already there; no need to read.
-        _write_done(out_dir, shard_index, num_shards, total, 0)
-        return PredictSummary(total, 0, 0, len(complete), 0.0, 0.0)
+    if total < 0:
+        return None, None
+    num_blocks = -(-total // records_per_file)
+    mine = [b for b in range(num_blocks) if b % num_shards == shard_index]
+    todo = sum(min(records_per_file, total - b * records_per_file)
+               for b in mine if b not in complete)
+    return total, todo
 
-    seen = tf.Variable(0, dtype=tf.int64, trainable=False)
-    batches = _input_pipeline(
-        dataset, records_per_file=records_per_file, shard_index=shard_index,
-        num_shards=num_shards, skip_blocks=complete, preprocess=preprocess,
-        image_size=image_size, channels=channels, batch_size=batch_size,
-        seen=seen)
 
-    logging.info("predict shard %d/%d: %d of its blocks already complete, "
-                 "%s images to label", shard_index, num_shards, len(complete),
-                 todo if todo is not None else "an unknown number of")
-    probabilities = _probabilities_fn(teacher)
+def _label_batches(batches, probabilities, sink, num_classes, progress):
+    """Runs the teacher over the batches and hands the results to the sink.
+
+    Args:
+      batches: Batches of {"index", "pixels", "encoded"} (`_input_pipeline`).
+      probabilities: pixels -> float32 probabilities [B, K].
+      sink: A `prediction_writer.ThreadedSink`; aborted (temporary files removed) on any
+        exception, which is re-raised.
+      num_classes: K, checked against the teacher's output.
+      progress: Called with the number of images labeled so far.
+
+    Returns:
+      The number of images labeled.
+
+    Raises:
+      ValueError: if the teacher outputs another class count.
+    """
     written = 0
-    last_log = start
-    sink = _ThreadedSink(_BlockSink(out_dir, records_per_file, num_classes,
-                                    num_bins))
     try:
         for batch in batches:
             indices = batch["index"].numpy()
@@ -391,140 +464,11 @@ def predict(teacher, dataset, out_dir, num_classes, batch_size=BATCH_SIZE,
             sink.add(indices, batch["encoded"].numpy(), probs, labels,
                      confidences)
             written += len(indices)
-            now = time.time()
-            if now - last_log >= log_every_s:
-                last_log = now
-                logging.info(
-                    "predict shard %d/%d: %d%s images, %.1f images/s",
-                    shard_index, num_shards, written,
-                    f"/{todo}" if todo is not None else "",
-                    written / (now - start))
+            progress(written)
     except BaseException:
         sink.abort()
         raise
-    blocks_written = sink.finish()
-    num_images = int(seen.numpy())
-    if num_images == 0:
-        raise ValueError(
-            "Expected a non-empty unlabeled dataset. Received: a dataset "
-            "that yielded no images")
-    seconds = time.time() - start
-    _write_done(out_dir, shard_index, num_shards, num_images, written)
-    rate = written / seconds if seconds > 0 else 0.0
-    logging.info("predict shard %d/%d done: %d images in %d files, %.1f "
-                 "images/s", shard_index, num_shards, written, blocks_written,
-                 rate)
-    return PredictSummary(num_images, written, blocks_written, len(complete),
-                          seconds, rate)
-
-
-class _BlockSink:
-    """Writes batches of predictions into their blocks' files.
-
-    The filtered stream holds whole blocks in index order, so a batch is a
-    few runs of equal block numbers, and the arrival of a new block means
-    the previous one is complete.
-    """
-
-    def __init__(self, out_dir, records_per_file, num_classes, num_bins):
-        self._out_dir = out_dir
-        self._per_file = records_per_file
-        self._num_classes = num_classes
-        self._num_bins = num_bins
-        self._writer = None
-        self._block = None
-        self.blocks_written = 0
-
-    def add(self, indices, images, probs, labels, confidences):
-        """Writes one batch (numpy arrays, one row per image)."""
-        blocks = indices // self._per_file
-        for block in np.unique(blocks):
-            rows = blocks == block
-            if self._writer is not None and self._block != block:
-                self._writer.close()
-                self.blocks_written += 1
-                self._writer = None
-            if self._writer is None:
-                self._writer = pl.BlockWriter(self._out_dir, int(block),
-                                              self._num_classes,
-                                              self._num_bins)
-                self._block = block
-            self._writer.write_batch(images[rows], probs[rows], labels[rows],
-                                     confidences[rows], indices[rows])
-
-    def finish(self):
-        """Completes the last block (the stream has ended)."""
-        if self._writer is not None:
-            self._writer.close()
-            self.blocks_written += 1
-            self._writer = None
-
-    def abort(self):
-        """Drops the block in progress (it stays to do)."""
-        if self._writer is not None:
-            self._writer.abort()
-            self._writer = None
-
-
-class _ThreadedSink:
-    """Runs a `_BlockSink` in a background thread, a few batches behind.
-
-    The Python work of serialising records overlaps with the teacher's
-    computation (which releases the GIL). Errors of the thread surface in
-    the next `add` or in `finish`.
-    """
-
-    def __init__(self, sink, max_pending=4):
-        self._sink = sink
-        self._queue = queue.Queue(maxsize=max_pending)
-        self._error = None
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self):
-        while True:
-            command, args = self._queue.get()
-            if command == "add":
-                if self._error is None:
-                    try:
-                        self._sink.add(*args)
-                    except BaseException as e:  # pylint: disable=broad-except
-                        self._error = e
-                continue
-            try:
-                if command == "finish" and self._error is None:
-                    self._sink.finish()
-                else:
-                    self._sink.abort()
-            except BaseException as e:  # pylint: disable=broad-except
-                self._error = self._error or e
-            return
-
-    def add(self, *args):
-        if self._error is not None:
-            raise self._error
-        self._queue.put(("add", args))
-
-    def finish(self):
-        """Waits for the writes, completes the last block; blocks written."""
-        self._queue.put(("finish", None))
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._sink.blocks_written
-
-    def abort(self):
-        """Waits for the thread and drops the block in progress."""
-        if self._thread.is_alive():
-            self._queue.put(("abort", None))
-            self._thread.join()
-
-
-def _write_done(out_dir, shard_index, num_shards, num_images, written):
-    io_utils.write_json(
-        pl.join(out_dir, pl.done_name(shard_index, num_shards)),
-        {"num_images": int(num_images), "images_written": int(written),
-         "shard_index": shard_index, "num_shards": num_shards})
+    return written
 
 
 def run_predict(config, dataset, preprocess=None):

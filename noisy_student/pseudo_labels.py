@@ -61,6 +61,10 @@ its prediction record, plus
 
 The student's reader is `selected_dataset`; `prediction_dataset` reads the
 prediction records.
+
+Size: the record format is defined once: both folders' file names, the
+encoders, the block writer and the readers, so that the predict and select
+stages cannot disagree about a byte of it.
 """
 
 import io
@@ -92,12 +96,28 @@ def histogram_name(block):
 
 
 def done_name(shard_index, num_shards):
-    """File name of the marker a finished prediction worker writes."""
+    """File name of the marker a finished prediction worker writes.
+
+    Args:
+      shard_index: The worker's index.
+      num_shards: Number of workers.
+
+    Returns:
+      E.g. "done-00001-of-00004.json".
+    """
     return f"done-{shard_index:05d}-of-{num_shards:05d}.json"
 
 
 def selected_name(file_index, num_files):
-    """File name of one file of a selected set."""
+    """File name of one file of a selected set.
+
+    Args:
+      file_index: The file's index, 0-based.
+      num_files: Number of files of the set.
+
+    Returns:
+      E.g. "selected-00000-of-00016.tfrecord".
+    """
     return f"selected-{file_index:05d}-of-{num_files:05d}.tfrecord"
 
 
@@ -111,9 +131,9 @@ def block_of_name(name):
     return int(match.group(1)) if match else None
 
 
-def join(folder, name):
-    """Joins a folder and a file name (local or gs://)."""
-    return f"{folder.rstrip('/')}/{name}"
+# Temporary: select.py (issue 22 part B's file) still calls `pl.join`; it
+# moves to `io_utils.join`, the one path joiner, with part B. Remove then.
+join = io_utils.join
 
 
 def confidence_bins(confidence, num_bins):
@@ -159,17 +179,7 @@ def encode_prediction(image, probs, label, confidence, index):
     Returns:
       The serialised tf.train.Example (bytes).
     """
-    probs = np.asarray(probs, "<f2")
-    example = tf.train.Example(features=tf.train.Features(feature={
-        "image": _bytes_feature(image),
-        "probs": _bytes_feature(probs.tobytes()),
-        "label": _int_feature(label),
-        "confidence": _float_feature(confidence),
-        "index": _int_feature(index),
-    }))
-    # Deterministic: map fields in key order, so the bytes do not depend on
-    # the process (the kill-and-resume result is byte-identical).
-    return example.SerializeToString(deterministic=True)
+    return _serialize(image, "probs", probs, label, confidence, index)
 
 
 def encode_selected(image, target, label, confidence, index, copy=0):
@@ -186,40 +196,63 @@ def encode_selected(image, target, label, confidence, index, copy=0):
     Returns:
       The serialised tf.train.Example (bytes).
     """
-    target = np.asarray(target, "<f2")
-    example = tf.train.Example(features=tf.train.Features(feature={
+    return _serialize(image, "target", target, label, confidence, index,
+                      copy=copy)
+
+
+def _serialize(image, vector_key, vector, label, confidence, index, **ints):
+    """One tf.train.Example of either record kind, serialised.
+
+    Args:
+      image: Encoded image bytes.
+      vector_key: "probs" (prediction records) or "target" (selected ones).
+      vector: float [num_classes], stored as little-endian float16 bytes.
+      label: Argmax class.
+      confidence: Top probability.
+      index: Global index of the image.
+      **ints: Further int64 features (the selected records' "copy").
+
+    Returns:
+      The serialised example (bytes).
+    """
+    feature = {
         "image": _bytes_feature(image),
-        "target": _bytes_feature(target.tobytes()),
+        vector_key: _bytes_feature(np.asarray(vector, "<f2").tobytes()),
         "label": _int_feature(label),
         "confidence": _float_feature(confidence),
         "index": _int_feature(index),
-        "copy": _int_feature(copy),
-    }))
+    }
+    feature.update({key: _int_feature(value) for key, value in ints.items()})
+    example = tf.train.Example(features=tf.train.Features(feature=feature))
     # Deterministic: map fields in key order, so the bytes do not depend on
     # the process (the kill-and-resume result is byte-identical).
     return example.SerializeToString(deterministic=True)
 
 
-PREDICTION_FEATURES = {
+# The fields both record kinds have (see the module docstring).
+_COMMON_FEATURES = {
     "image": tf.io.FixedLenFeature([], tf.string),
-    "probs": tf.io.FixedLenFeature([], tf.string),
     "label": tf.io.FixedLenFeature([], tf.int64),
     "confidence": tf.io.FixedLenFeature([], tf.float32),
     "index": tf.io.FixedLenFeature([], tf.int64),
 }
-
-SELECTED_FEATURES = {
-    "image": tf.io.FixedLenFeature([], tf.string),
-    "target": tf.io.FixedLenFeature([], tf.string),
-    "label": tf.io.FixedLenFeature([], tf.int64),
-    "confidence": tf.io.FixedLenFeature([], tf.float32),
-    "index": tf.io.FixedLenFeature([], tf.int64),
-    "copy": tf.io.FixedLenFeature([], tf.int64),
-}
+PREDICTION_FEATURES = {**_COMMON_FEATURES,
+                       "probs": tf.io.FixedLenFeature([], tf.string)}
+SELECTED_FEATURES = {**_COMMON_FEATURES,
+                     "target": tf.io.FixedLenFeature([], tf.string),
+                     "copy": tf.io.FixedLenFeature([], tf.int64)}
 
 
 def decode_float16(raw, num_classes=None):
-    """Decodes float16 bytes (scalar or batch) to float32 [..., num_classes]."""
+    """Decodes float16 bytes (scalar or batch) to float32 [..., num_classes].
+
+    Args:
+      raw: string tensor, [] or [B], of little-endian float16 bytes.
+      num_classes: The vectors' length, for a static shape (None: dynamic).
+
+    Returns:
+      float32 [num_classes] or [B, num_classes].
+    """
     values = tf.cast(tf.io.decode_raw(raw, tf.float16, little_endian=True),
                      tf.float32)
     if num_classes is not None:
@@ -237,8 +270,8 @@ class BlockWriter:
     """
 
     def __init__(self, pred_dir, block, num_classes, num_bins):
-        self.path = join(pred_dir, records_name(block))
-        self.hist_path = join(pred_dir, histogram_name(block))
+        self.path = io_utils.join(pred_dir, records_name(block))
+        self.hist_path = io_utils.join(pred_dir, histogram_name(block))
         self.num_classes = num_classes
         self.num_bins = num_bins
         self.num_records = 0
@@ -291,7 +324,17 @@ class BlockWriter:
 
 def write_histogram(path, classes, bins, counts, num_classes, num_bins,
                     num_records):
-    """Writes a sparse confidence histogram (see the module docstring)."""
+    """Writes a sparse confidence histogram (see the module docstring).
+
+    Args:
+      path: Destination file, local or gs:// (written atomically).
+      classes: int [M] class of each non-empty cell.
+      bins: int [M] confidence bin of each non-empty cell.
+      counts: int [M] images in each cell.
+      num_classes: K.
+      num_bins: Bins over [0, 1].
+      num_records: Records of the block (the sum of counts).
+    """
     buffer = io.BytesIO()
     np.savez(buffer, classes=np.asarray(classes, np.int32),
              bins=np.asarray(bins, np.int32),
@@ -346,18 +389,16 @@ def check_predictions(pred_dir):
       FileNotFoundError: if the folder or its config is missing.
       ValueError: if a worker has not finished or a block is missing.
     """
-    config_path = join(pred_dir, PREDICT_CONFIG)
-    if not tf.io.gfile.exists(config_path):
-        raise FileNotFoundError(
-            "Expected a prediction folder written by predict (with "
-            f"{PREDICT_CONFIG}). Received: pred_dir={pred_dir}")
-    config = io_utils.read_json(config_path)
+    config = _read_folder_json(pred_dir, PREDICT_CONFIG,
+                               "a prediction folder written by predict",
+                               "pred_dir")
     sizes = set()
     num_shards = set()
     for name in tf.io.gfile.listdir(pred_dir):
         match = _DONE_RE.match(name)
         if match:
-            sizes.add(io_utils.read_json(join(pred_dir, name))["num_images"])
+            sizes.add(io_utils.read_json(
+                io_utils.join(pred_dir, name))["num_images"])
             num_shards.add(int(match.group(2)))
     if not sizes:
         raise ValueError(
@@ -390,6 +431,13 @@ def decode(data, channels=0):
 
     `preprocess.decode_image` (any of JPEG/PNG/GIF/BMP/WebP, EXIF orientation,
     channels converted to `channels`; 0 keeps the file's).
+
+    Args:
+      data: string tensor [] of the encoded image.
+      channels: 1 or 3 to convert to, 0 to keep the file's channels.
+
+    Returns:
+      uint8 [H, W, C].
     """
     return preprocess.decode_image(data, channels=channels or None)
 
@@ -408,7 +456,8 @@ def prediction_dataset(pred_dir, decode_image=True, channels=None):
       [num_classes], "label": int64, "confidence": float32, "index": int64}.
     """
     info = check_predictions(pred_dir)
-    files = [join(pred_dir, records_name(b)) for b in info["blocks"]]
+    files = [io_utils.join(pred_dir, records_name(b))
+             for b in info["blocks"]]
     num_classes = info["num_classes"]
     if channels is None:
         channels = info.get("channels") or 0
@@ -424,16 +473,34 @@ def prediction_dataset(pred_dir, decode_image=True, channels=None):
         parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
+def _read_folder_json(folder, name, expected, argument):
+    """The JSON file that marks a folder as written by a stage.
+
+    Args:
+      folder: The folder, local or gs://.
+      name: The marker's file name.
+      expected: What the folder should be, for the message.
+      argument: The argument (or flag) that named the folder.
+
+    Returns:
+      The parsed JSON.
+
+    Raises:
+      FileNotFoundError: naming the folder, if the marker is missing.
+    """
+    path = io_utils.join(folder, name)
+    if not tf.io.gfile.exists(path):
+        raise FileNotFoundError(f"Expected {expected} (with {name}). "
+                                f"Received: {argument}={folder}")
+    return io_utils.read_json(path)
+
+
 def selected_files(path):
     """The record files of a selected set (a folder, a file or a glob)."""
     if tf.io.gfile.isdir(path):
-        info_path = join(path, SELECTION_FILE)
-        if not tf.io.gfile.exists(info_path):
-            raise FileNotFoundError(
-                "Expected a finished selection folder (with "
-                f"{SELECTION_FILE}). Received: path={path}")
-        info = io_utils.read_json(info_path)
-        return [join(path, name) for name in info["files"]], info
+        info = _read_folder_json(path, SELECTION_FILE,
+                                 "a finished selection folder", "path")
+        return [io_utils.join(path, name) for name in info["files"]], info
     files = sorted(tf.io.gfile.glob(path))
     if not files:
         raise FileNotFoundError(

@@ -275,30 +275,28 @@ def test_errors_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match=r"(?s)model b3.*looks like a "
                        r"checkpoint of b0"):
         checkpoints.convert(str(tmp_path / "b0"), "b3", str(tmp_path / "o"))
+
+    def convert_fails(folder, names, match):
+        write_tf1(str(tmp_path / folder), names)
+        with pytest.raises(ValueError, match=match):
+            checkpoints.convert(str(tmp_path / folder), "b0",
+                                str(tmp_path / "o"))
+
     # Missing variables are listed by name.
     names = official_names(reference)
     del names["efficientnet-b0/blocks_3/conv2d_1/kernel"]
-    write_tf1(str(tmp_path / "missing"), names)
-    with pytest.raises(ValueError, match=r"1 variables missing, first: "
-                       r"block3a_project_conv/kernel"):
-        checkpoints.convert(str(tmp_path / "missing"), "b0",
-                            str(tmp_path / "o"))
+    convert_fails("missing", names, r"1 variables missing, first: "
+                  r"block3a_project_conv/kernel")
     # Extra variables are listed by name.
     names = official_names(reference)
     names["efficientnet-b0/blocks_3/conv2d_7/kernel"] = np.zeros([1], "f")
-    write_tf1(str(tmp_path / "extra"), names)
-    with pytest.raises(ValueError, match=r"not in the model, first: "
-                       r"efficientnet-b0/blocks_3/conv2d_7/kernel"):
-        checkpoints.convert(str(tmp_path / "extra"), "b0",
-                            str(tmp_path / "o"))
+    convert_fails("extra", names, r"not in the model, first: "
+                  r"efficientnet-b0/blocks_3/conv2d_7/kernel")
     # A wrong shape: name, expected, received.
     names = official_names(reference)
     names["efficientnet-b0/stem/conv2d/kernel"] = np.zeros([3, 3, 3, 8], "f")
-    write_tf1(str(tmp_path / "shape"), names)
-    with pytest.raises(ValueError, match=r"stem_conv/kernel: expected shape "
-                       r"\(3, 3, 3, 32\), received \(3, 3, 3, 8\)"):
-        checkpoints.convert(str(tmp_path / "shape"), "b0",
-                            str(tmp_path / "o"))
+    convert_fails("shape", names, r"stem_conv/kernel: expected shape "
+                  r"\(3, 3, 3, 32\), received \(3, 3, 3, 8\)")
     # Keras file of another variant: the variant it fits is named.
     save_keras_file(keras_reference("b0", 64), str(tmp_path / "b0.weights.h5"))
     with pytest.raises(ValueError, match="EfficientNetB0"):

@@ -74,17 +74,26 @@ def test_inside_tf_data_matches_eager(name, photos32):
         assert int(element["label"]) == i
 
 
+def _errors_by_severity(images, name, seed):
+    """Mean |corrupted - original| of `images` at severities 1..5.
+
+    Image i gets the stateless seed (seed, i).
+    """
+    errors = []
+    for severity in C.SEVERITIES:
+        out = np.stack([
+            C.corrupt(image, name, severity, seed=(seed, i)).numpy()
+            for i, image in enumerate(images)])
+        errors.append(np.abs(out.astype(np.float64) - images).mean())
+    return errors
+
+
 @pytest.mark.parametrize("size", [16, 32])
 def test_error_grows_with_severity_on_photos(size):
     """Mean |corrupted - original| strictly increases from severity 1 to 5."""
     images = _photos(size)
     for name in NAMES:
-        errors = []
-        for severity in C.SEVERITIES:
-            out = np.stack([
-                C.corrupt(image, name, severity, seed=(1, i)).numpy()
-                for i, image in enumerate(images)])
-            errors.append(np.abs(out.astype(np.float64) - images).mean())
+        errors = _errors_by_severity(images, name, seed=1)
         assert all(b > a for a, b in zip(errors, errors[1:])), (
             name, size, np.round(errors, 2))
 
@@ -92,12 +101,7 @@ def test_error_grows_with_severity_on_photos(size):
 def test_error_grows_with_severity_on_digits_32px():
     images = _digits(32)
     for name in NAMES:
-        errors = []
-        for severity in C.SEVERITIES:
-            out = np.stack([
-                C.corrupt(image, name, severity, seed=(2, i)).numpy()
-                for i, image in enumerate(images)])
-            errors.append(np.abs(out.astype(np.float64) - images).mean())
+        errors = _errors_by_severity(images, name, seed=2)
         assert all(b > a for a, b in zip(errors, errors[1:])), (
             name, np.round(errors, 2))
 

@@ -1,16 +1,23 @@
 """Tests of evaluation metrics, ImageNet-C/A/P arithmetic and adversarial
-accuracy (noisy_student/evaluate.py, noisy_student/adversarial.py)."""
+accuracy (noisy_student/evaluate.py and noisy_student/evaluation/)."""
 
 import numpy as np
 import pytest
 import tensorflow as tf
 import keras
 
-from noisy_student import adversarial
 from noisy_student import efficientnet
 from noisy_student import evaluate as E
 from noisy_student import io_utils
 from noisy_student import model_io
+from noisy_student.evaluation import adversarial
+from noisy_student.evaluation import clean
+from noisy_student.evaluation import imagenet_a
+from noisy_student.evaluation import imagenet_c
+from noisy_student.evaluation import imagenet_p
+from noisy_student.evaluation import inference
+from noisy_student.evaluation import metrics
+import weights  # pylint: disable=g-bad-import-order
 
 SIZE = 16
 
@@ -30,29 +37,8 @@ def _dataset(images, labels):
         {"image": images, "label": labels})
 
 
-def _redraw_weights(model, seed):
-    """Re-draws every kernel from a seeded numpy generator.
-
-    Same scales as the builder's initialisers (variance 2 / fan_out for
-    convolutions, 1 / (3 fan_out) for the head).
-
-    The tests' thresholds were set on these numpy-drawn weights, which stay
-    the same across Keras versions and initialiser changes.
-    """
-    rng = np.random.RandomState(seed)
-    for weight in model.weights:
-        if "kernel" in weight.path:
-            shape = tuple(weight.shape)
-            if len(shape) == 4:
-                std = np.sqrt(2.0 / (shape[0] * shape[1] * shape[3]))
-            else:
-                std = np.sqrt(1.0 / (3.0 * shape[-1]))
-            weight.assign(rng.normal(0.0, std, shape).astype(np.float32))
-    return model
-
-
 def _tiny_model(num_classes=10, size=SIZE, seed=0):
-    return _redraw_weights(efficientnet.build_efficientnet(
+    return weights.redraw_weights(efficientnet.build_efficientnet(
         width=0.25, depth=0.25, image_size=size, small_images=True,
         num_classes=num_classes, dropout_rate=0.0,
         stochastic_depth_rate=0.0, bn_momentum=0.9), seed)
@@ -92,14 +78,14 @@ def test_top_k_accuracy_on_hand_made_logits():
                        [0.0, 1.0, 2.0, 3.0],   # label 1: rank 3
                        [1.0, 1.0, 0.0, 0.0]])  # label 3: tied 3rd-4th
     labels = np.array([0, 1, 3])
-    assert E.top_k_accuracy(logits, labels, 1) == pytest.approx(1 / 3)
-    assert E.top_k_accuracy(logits, labels, 2) == pytest.approx(1 / 3)
-    assert E.top_k_accuracy(logits, labels, 3) == pytest.approx(1.0)
+    assert metrics.top_k_accuracy(logits, labels, 1) == pytest.approx(1 / 3)
+    assert metrics.top_k_accuracy(logits, labels, 2) == pytest.approx(1 / 3)
+    assert metrics.top_k_accuracy(logits, labels, 3) == pytest.approx(1.0)
     # Same tie rule as tf.math.in_top_k.
     for k in (1, 2, 3):
         expected = tf.reduce_mean(tf.cast(tf.math.in_top_k(
             labels, logits.astype(np.float32), k), tf.float32))
-        assert E.top_k_accuracy(logits, labels, k) == pytest.approx(
+        assert metrics.top_k_accuracy(logits, labels, k) == pytest.approx(
             float(expected))
 
 
@@ -109,24 +95,24 @@ def test_ece_on_hand_made_probabilities():
     labels = np.array([0, 1, 0, 0])
     # Bin of 0.95: accuracy 0.5; bin of 0.65: accuracy 1.0.
     expected = 0.5 * abs(0.5 - 0.95) + 0.5 * abs(1.0 - 0.65)
-    assert E.expected_calibration_error(probabilities, labels) == (
+    assert metrics.expected_calibration_error(probabilities, labels) == (
         pytest.approx(expected))
     # One bin: |mean accuracy - mean confidence|.
-    assert E.expected_calibration_error(probabilities, labels, 1) == (
+    assert metrics.expected_calibration_error(probabilities, labels, 1) == (
         pytest.approx(abs(0.75 - 0.8)))
     # Perfect confidence on correct answers: ECE 0.
-    assert E.expected_calibration_error(np.eye(3), np.arange(3)) == 0.0
-    counts, _, _ = E.calibration_bins(probabilities, labels, 15)
+    assert metrics.expected_calibration_error(np.eye(3), np.arange(3)) == 0.0
+    counts, _, _ = metrics.calibration_bins(probabilities, labels, 15)
     assert counts.sum() == 4 and counts[14] == 2 and counts[9] == 2
 
 
 def test_per_class_accuracy_and_confusion_matrix():
     labels = np.array([0, 0, 1, 1, 1, 2])
     predictions = np.array([0, 1, 1, 1, 0, 2])
-    matrix = E.confusion_matrix(labels, predictions, 4)
+    matrix = metrics.confusion_matrix(labels, predictions, 4)
     assert matrix.tolist() == [[1, 1, 0, 0], [1, 2, 0, 0], [0, 0, 1, 0],
                                [0, 0, 0, 0]]
-    accuracy = E.per_class_accuracy(labels, predictions, 4)
+    accuracy = metrics.per_class_accuracy(labels, predictions, 4)
     assert accuracy[:3] == pytest.approx([0.5, 2 / 3, 1.0])
     assert accuracy[3] is None
 
@@ -144,30 +130,32 @@ def test_alexnet_table_matches_published_per_corruption_ce():
         "fog": 0.819324, "brightness": 0.564592, "contrast": 0.853204,
         "elastic_transform": 0.646056, "pixelate": 0.717840,
         "jpeg_compression": 0.606500}
-    assert set(E.ALEXNET_IMAGENET_C_ERRORS) == set(E.IMAGENET_C_CORRUPTIONS)
+    alexnet = imagenet_c.ALEXNET_IMAGENET_C_ERRORS
+    assert set(alexnet) == set(imagenet_c.IMAGENET_C_CORRUPTIONS)
     for name, mean in published.items():
-        assert np.mean(E.ALEXNET_IMAGENET_C_ERRORS[name]) == pytest.approx(
-            mean, abs=1e-6), name
+        assert np.mean(alexnet[name]) == pytest.approx(mean, abs=1e-6), name
 
 
 def test_mce_arithmetic_on_known_tables():
-    alexnet = E.ALEXNET_IMAGENET_C_ERRORS
-    result = E.corruption_errors(alexnet)
+    alexnet = imagenet_c.ALEXNET_IMAGENET_C_ERRORS
+    result = imagenet_c.corruption_errors(alexnet)
     assert result["mce"] == pytest.approx(100.0)
     assert all(v == pytest.approx(100.0) for v in result["ce"].values())
-    relative = E.relative_corruption_errors(alexnet, E.ALEXNET_CLEAN_ERROR)
+    relative = imagenet_c.relative_corruption_errors(
+        alexnet, imagenet_c.ALEXNET_CLEAN_ERROR)
     assert relative["relative_mce"] == pytest.approx(100.0)
     # Half of AlexNet's error everywhere: mCE 50.
     half = {k: [e / 2 for e in v] for k, v in alexnet.items()}
-    assert E.corruption_errors(half)["mce"] == pytest.approx(50.0)
+    assert imagenet_c.corruption_errors(half)["mce"] == pytest.approx(50.0)
     # A hand-computed two-corruption table against a custom baseline.
     errors = {"a": [0.1, 0.2, 0.3, 0.4, 0.5], "b": [0.2] * 5}
     baseline = {"a": [0.3] * 5, "b": [0.4] * 5}
-    result = E.corruption_errors(errors, baseline)
+    result = imagenet_c.corruption_errors(errors, baseline)
     assert result["ce"]["a"] == pytest.approx(100 * 1.5 / 1.5)
     assert result["ce"]["b"] == pytest.approx(50.0)
     assert result["mce"] == pytest.approx(75.0)
-    relative = E.relative_corruption_errors(errors, 0.1, baseline, 0.2)
+    relative = imagenet_c.relative_corruption_errors(errors, 0.1, baseline,
+                                                     0.2)
     # a: sum(E - 0.1) = 1.0, sum(B - 0.2) = 0.5 -> 200; b: 0.5 / 1.0 -> 50.
     assert relative["relative_ce"]["a"] == pytest.approx(200.0)
     assert relative["relative_ce"]["b"] == pytest.approx(50.0)
@@ -175,10 +163,10 @@ def test_mce_arithmetic_on_known_tables():
 
 
 def test_mce_names_a_missing_corruption():
-    errors = dict(E.ALEXNET_IMAGENET_C_ERRORS)
+    errors = dict(imagenet_c.ALEXNET_IMAGENET_C_ERRORS)
     del errors["frost"]
     with pytest.raises(ValueError, match="frost"):
-        E.corruption_errors(errors)
+        imagenet_c.corruption_errors(errors)
 
 
 def test_imagenet_c_source_missing_a_corruption_fails_before_work():
@@ -187,19 +175,19 @@ def test_imagenet_c_source_missing_a_corruption_fails_before_work():
             raise AssertionError("evaluation must not start")
 
     tiny = _dataset(np.zeros((2, 8, 8, 3), np.uint8), np.zeros(2, np.int32))
-    source = {(name, s): tiny for name in E.IMAGENET_C_CORRUPTIONS
-              for s in E.SEVERITIES if (name, s) != ("fog", 3)}
+    source = {(name, s): tiny for name in imagenet_c.IMAGENET_C_CORRUPTIONS
+              for s in imagenet_c.SEVERITIES if (name, s) != ("fog", 3)}
     with pytest.raises(ValueError, match=r"'fog' at severity 3"):
-        E.evaluate_imagenet_c(NeverCalled(), source)
+        imagenet_c.evaluate_imagenet_c(NeverCalled(), source)
     nested = {"fog": {1: tiny}}
     with pytest.raises(ValueError, match="gaussian_noise"):
-        E.evaluate_imagenet_c(NeverCalled(), nested)
+        imagenet_c.evaluate_imagenet_c(NeverCalled(), nested)
 
 
 def test_imagenet_c_data_dir_without_the_data_fails_fast(tmp_path):
     with pytest.raises(FileNotFoundError,
                        match=r"gaussian_noise.*severity 1"):
-        E.load_imagenet_c(str(tmp_path))
+        imagenet_c.load_imagenet_c(str(tmp_path))
 
 
 def test_imagenet_c_evaluation_on_a_fake_source(digits, untrained):
@@ -207,12 +195,12 @@ def test_imagenet_c_evaluation_on_a_fake_source(digits, untrained):
     images, labels = digits["test"]
     data = _dataset(images[:16], labels[:16])
     # Two corruptions from a nested mapping, all five severities.
-    source = {"fog": {s: data for s in E.SEVERITIES},
-              "snow": {s: data.take(8) for s in E.SEVERITIES}}
-    result = E.evaluate_imagenet_c(model, source, corruptions=("fog", "snow"),
-                                   clean_error=0.5)
-    logits, _ = E.predict_logits(model, data)
-    expected = 1.0 - E.top_k_accuracy(logits, labels[:16], 1)
+    source = {"fog": {s: data for s in imagenet_c.SEVERITIES},
+              "snow": {s: data.take(8) for s in imagenet_c.SEVERITIES}}
+    result = imagenet_c.evaluate_imagenet_c(
+        model, source, corruptions=("fog", "snow"), clean_error=0.5)
+    logits, _ = inference.predict_logits(model, data)
+    expected = 1.0 - metrics.top_k_accuracy(logits, labels[:16], 1)
     assert result["errors"]["fog"] == pytest.approx([expected] * 5)
     assert set(result["ce"]) == {"fog", "snow"}
     assert result["mce"] == pytest.approx(np.mean(list(result["ce"].values())))
@@ -223,7 +211,7 @@ def test_imagenet_c_evaluation_on_a_fake_source(digits, untrained):
 
 
 def test_imagenet_a_class_indices():
-    indices = E.IMAGENET_A_CLASS_INDICES
+    indices = imagenet_a.IMAGENET_A_CLASS_INDICES
     assert len(indices) == 200 and len(set(indices)) == 200
     assert list(indices) == sorted(indices)
     assert 0 <= indices[0] and indices[-1] < 1000
@@ -240,20 +228,22 @@ def test_imagenet_a_accuracy_restricts_logits_to_its_classes():
     logits[1, 988] = 5.0         # best of the 200: 988 (label 11: wrong)
     logits[2, 11] = 1.0          # best of the 200: 11 (correct)
     labels = np.array([6, 11, 11])
-    assert E.imagenet_a_predictions(logits).tolist() == [6, 988, 11]
-    assert E.imagenet_a_accuracy(logits, labels) == pytest.approx(2 / 3)
+    assert imagenet_a.imagenet_a_predictions(logits).tolist() == [6, 988, 11]
+    accuracy = imagenet_a.imagenet_a_accuracy(logits, labels)
+    assert accuracy == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match="1000"):
-        E.imagenet_a_predictions(np.zeros((1, 10)))
+        imagenet_a.imagenet_a_predictions(np.zeros((1, 10)))
 
 
 def test_flip_probability_definition():
     predictions = np.array([[1, 2, 2, 2], [3, 3, 3, 3]])
     # Consecutive frames: 1 flip of 3, then 0 of 3.
-    assert E.flip_probability(predictions) == pytest.approx((1 / 3) / 2)
+    flip_probability = imagenet_p.flip_probability
+    assert flip_probability(predictions) == pytest.approx((1 / 3) / 2)
     # Noise: every frame against the first: 3 of 3, then 0 of 3.
-    assert E.flip_probability(predictions, noise=True) == pytest.approx(0.5)
+    assert flip_probability(predictions, noise=True) == pytest.approx(0.5)
     # step 2: sub-sequences [1, 2] and [2, 2] -> 1 flip of 2; then 0.
-    assert E.flip_probability(predictions, step=2) == pytest.approx(0.25)
+    assert flip_probability(predictions, step=2) == pytest.approx(0.25)
 
 
 def test_imagenet_p_on_constant_and_changing_sequences(untrained):
@@ -261,14 +251,14 @@ def test_imagenet_p_on_constant_and_changing_sequences(untrained):
     rng = np.random.RandomState(0)
     frame = rng.randint(0, 256, (2, 1, SIZE, SIZE, 3)).astype(np.uint8)
     constant = np.repeat(frame, 4, axis=1)
-    result = E.evaluate_imagenet_p(
+    result = imagenet_p.evaluate_imagenet_p(
         model, {"translate": constant, "gaussian_noise": constant},
         baseline_flip_probabilities={"translate": 0.5, "gaussian_noise": 0.5})
     assert result["flip_probability"] == {"translate": 0.0,
                                           "gaussian_noise": 0.0}
     assert result["mfr"] == 0.0
     with pytest.raises(ValueError, match="num_seq, frames"):
-        E.evaluate_imagenet_p(model, {"translate": constant[0]})
+        imagenet_p.evaluate_imagenet_p(model, {"translate": constant[0]})
 
 
 # ------------------------------------------------------------ clean + model
@@ -277,9 +267,9 @@ def test_imagenet_p_on_constant_and_changing_sequences(untrained):
 def test_clean_evaluation_of_a_trained_model(trained, digits, tmp_path):
     images, labels = digits["test"]
     png = str(tmp_path / "cm.png")
-    result = E.evaluate_clean(trained, _dataset(images, labels),
-                              num_classes=10, batch_size=50,
-                              confusion_png=png)
+    result = clean.evaluate_clean(trained, _dataset(images, labels),
+                                  num_classes=10, batch_size=50,
+                                  confusion_png=png)
     assert result["num_examples"] == len(labels)
     assert result["top1"] > 0.5            # well above chance (0.1)
     assert result["top5"] >= result["top1"]
@@ -297,13 +287,13 @@ def test_class_count_mismatch_is_a_clear_error(digits, untrained):
     data = _dataset(images[:8], labels[:8])
     model = untrained
     with pytest.raises(ValueError, match=r"10 classes.*num_classes=5"):
-        E.evaluate_clean(model, data, num_classes=5)
+        clean.evaluate_clean(model, data, num_classes=5)
     unlabeled = tf.data.Dataset.from_tensor_slices({"image": images[:4]})
     with pytest.raises(ValueError, match="labeled"):
-        E.evaluate_clean(model, unlabeled)
+        clean.evaluate_clean(model, unlabeled)
     small = _tiny_model(num_classes=5)
     with pytest.raises(ValueError, match=r"labels in \[0, 5\)"):
-        E.evaluate_clean(small, _dataset(images[:32], labels[:32]))
+        clean.evaluate_clean(small, _dataset(images[:32], labels[:32]))
     with pytest.raises(ValueError, match=r"labels in \[0, 5\)"):
         adversarial.adversarial_accuracy(
             small, _dataset(images[:32], labels[:32]), [0.0])
@@ -326,7 +316,8 @@ def test_load_model_from_file_dir_and_missing(tmp_path, untrained):
 def test_resizes_images_of_another_side(untrained):
     model = untrained
     images, labels = _digits(24)
-    logits, _ = E.predict_logits(model, _dataset(images[:8], labels[:8]))
+    logits, _ = inference.predict_logits(
+        model, _dataset(images[:8], labels[:8]))
     resized = tf.image.resize(images[:8].astype(np.float32), (SIZE, SIZE))
     np.testing.assert_allclose(logits, model(resized, training=False),
                                atol=1e-5)
@@ -351,7 +342,7 @@ def test_run_evaluation_writes_results_json(trained, digits, tmp_path):
 def test_corruption_evaluation_of_a_trained_model(trained, digits):
     images, labels = digits["test"]
     data = _dataset(images[:128], labels[:128])
-    result = E.evaluate_corruptions(
+    result = imagenet_c.evaluate_corruptions(
         trained, data, corruptions=("gaussian_noise", "defocus_blur"),
         num_classes=10, baseline_errors={"gaussian_noise": [0.5] * 5,
                                          "defocus_blur": [0.5] * 5})
@@ -365,8 +356,8 @@ def test_corruption_evaluation_of_a_trained_model(trained, digits):
         np.mean(list(result["mean_error"].values())))
     assert result["mce"] == pytest.approx(
         100 * result["mean_corruption_error"] / 0.5)
-    again = E.evaluate_corruptions(trained, data,
-                                   corruptions=("gaussian_noise",))
+    again = imagenet_c.evaluate_corruptions(trained, data,
+                                            corruptions=("gaussian_noise",))
     assert again["errors"]["gaussian_noise"] == (
         result["errors"]["gaussian_noise"])
 
@@ -377,14 +368,14 @@ def test_corruption_evaluation_of_a_trained_model(trained, digits):
 def test_fgsm_eps0_is_clean_and_accuracy_falls_with_eps(trained, digits):
     images, labels = digits["test"]
     data = _dataset(images, labels)
-    clean = E.evaluate_clean(trained, data)["top1"]
+    clean_top1 = clean.evaluate_clean(trained, data)["top1"]
     epsilons = [0.0, 1.0, 2.0, 4.0, 8.0]
     result = adversarial.adversarial_accuracy(trained, data, epsilons,
                                               batch_size=100)
     accuracy = [result["accuracy"][str(e)] for e in epsilons]
-    assert accuracy[0] == clean
+    assert accuracy[0] == clean_top1
     assert all(b <= a for a, b in zip(accuracy, accuracy[1:])), accuracy
-    assert accuracy[-1] < clean - 0.1      # the attack does something
+    assert accuracy[-1] < clean_top1 - 0.1      # the attack does something
     # The functional form agrees: eps 0 returns the images unchanged.
     x = images[:4].astype(np.float32)
     np.testing.assert_array_equal(

@@ -283,13 +283,6 @@ def _wait_for(condition, process, timeout=120):
         time.sleep(0.05)
 
 
-@pytest.fixture
-def pipeline_flags():
-    from noisy_student.cli import pipeline  # pylint: disable=g-import-not-at-top
-    yield pipeline
-    flags.FLAGS.unparse_flags()
-
-
 def parse(pipeline, tmp_path, *extra):
     flags.FLAGS.unparse_flags()
     flags.FLAGS(["noisy-student", f"--workdir={tmp_path}", *TINY, *extra])

@@ -11,35 +11,15 @@ import pytest
 import tensorflow as tf
 
 from noisy_student import efficientnet
-from noisy_student import evaluate
 from noisy_student import export
 from noisy_student import model_io
 from noisy_student.data import preprocess
+from noisy_student.evaluation import clean
+import weights  # pylint: disable=g-bad-import-order
 
 SIZE = 16
 NUM_CLASSES = 10
 HERE = pathlib.Path(__file__).resolve().parent
-
-
-def _redraw_weights(model, seed):
-    """Re-draws every kernel from a seeded numpy generator.
-
-    Same scales as the builder's initialisers (variance 2 / fan_out for
-    convolutions, 1 / (3 fan_out) for the head).
-
-    The tests' thresholds were set on these numpy-drawn weights, which stay
-    the same across Keras versions and initialiser changes.
-    """
-    rng = np.random.RandomState(seed)
-    for weight in model.weights:
-        if "kernel" in weight.path:
-            shape = tuple(weight.shape)
-            if len(shape) == 4:
-                std = np.sqrt(2.0 / (shape[0] * shape[1] * shape[3]))
-            else:
-                std = np.sqrt(1.0 / (3.0 * shape[-1]))
-            weight.assign(rng.normal(0.0, std, shape).astype(np.float32))
-    return model
 
 
 def _model():
@@ -53,7 +33,7 @@ def _model():
     model = efficientnet.build_efficientnet(
         width=0.25, depth=0.25, image_size=SIZE, small_images=True,
         num_classes=NUM_CLASSES)
-    _redraw_weights(model, 3)
+    weights.redraw_weights(model, 3)
     features = keras.Model(model.input, model.get_layer("avg_pool").output)
     pooled = features(_images(32, seed=5).astype(np.float32)).numpy()
     rng = np.random.RandomState(0)
@@ -203,7 +183,7 @@ def test_load_model_serves_a_saved_model_like_keras(model, exported):
         model(images.astype(np.float32), training=False).numpy(), atol=1e-5)
     data = tf.data.Dataset.from_tensor_slices(
         {"image": images, "label": np.arange(3, dtype=np.int32)})
-    result = evaluate.evaluate_clean(loaded, data, num_classes=NUM_CLASSES)
+    result = clean.evaluate_clean(loaded, data, num_classes=NUM_CLASSES)
     assert result["num_examples"] == 3
 
 

@@ -17,6 +17,7 @@ from noisy_student import export
 from noisy_student import io_utils
 from noisy_student import model_io
 from noisy_student import predict as pr
+from noisy_student import prediction_writer
 from noisy_student import pseudo_labels as pl
 
 _WORKER = os.path.join(os.path.dirname(__file__), "predict_worker.py")
@@ -180,6 +181,15 @@ def test_kill_9_and_resume(teacher, reference, tmp_path):
     assert _files(out_dir) == _files(reference[0])
 
 
+def _probs(pred_dir, take=None):
+    """float32 [N, K] probabilities of a prediction folder (its first
+    `take` records)."""
+    records = pl.prediction_dataset(pred_dir)
+    if take is not None:
+        records = records.take(take)
+    return np.stack([r["probs"].numpy() for r in records])
+
+
 def test_savedmodel_teacher(teacher, reference, tmp_path):
     export_dir = str(tmp_path / "export")
     teacher[1].export(export_dir, verbose=False)
@@ -191,10 +201,7 @@ def test_savedmodel_teacher(teacher, reference, tmp_path):
                               records_per_file=32)
     summary = pr.run_predict(config, worker.make_dataset(64))
     assert summary.images_written == 64 and summary.blocks_written == 2
-    ours = np.stack([r["probs"].numpy()
-                     for r in pl.prediction_dataset(out_dir)])
-    ref = np.stack([r["probs"].numpy()
-                    for r in pl.prediction_dataset(reference[0]).take(64)])
+    ours, ref = _probs(out_dir), _probs(reference[0], 64)
     np.testing.assert_allclose(ours, ref, atol=1e-3)
 
 
@@ -209,10 +216,7 @@ def test_teacher_exported_by_ns_export(teacher, reference, tmp_path):
     out_dir = str(tmp_path / "from_export")
     summary = _predict(export_dir, out_dir, num_images=64)
     assert summary.images_written == 64 and summary.blocks_written == 2
-    ours = np.stack([r["probs"].numpy()
-                     for r in pl.prediction_dataset(out_dir)])
-    ref = np.stack([r["probs"].numpy()
-                    for r in pl.prediction_dataset(reference[0]).take(64)])
+    ours, ref = _probs(out_dir), _probs(reference[0], 64)
     np.testing.assert_allclose(ours, ref, atol=1e-5)
 
 
@@ -258,13 +262,13 @@ def test_clear_errors(teacher, tmp_path):
 
 
 def test_writer_thread_errors_surface_and_leave_no_block(tmp_path):
-    class FailingSink(pr._BlockSink):  # pylint: disable=protected-access
+    class FailingSink(prediction_writer.BlockSink):
 
         def add(self, *args):
             super().add(*args)
             raise OSError("disk full")
 
-    sink = pr._ThreadedSink(FailingSink(  # pylint: disable=protected-access
+    sink = prediction_writer.ThreadedSink(FailingSink(
         str(tmp_path), 32, worker.NUM_CLASSES, 1000))
     probs = np.full((4, worker.NUM_CLASSES), 0.1, np.float32)
     pngs = np.array([b"png"] * 4, object)

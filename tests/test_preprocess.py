@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 
 from noisy_student import efficientnet
-from noisy_student import evaluate
+from noisy_student.evaluation import inference
 from noisy_student import predict as predict_lib
 from noisy_student import stages
 from noisy_student.data import pipeline
@@ -176,7 +176,7 @@ def test_library_defaults_use_the_one_eval_transform():
     model = _tiny_model(size=32)
     data = tf.data.Dataset.from_tensor_slices(
         {"image": image[None], "label": [0]})
-    logits, _ = evaluate.predict_logits(model, data)
+    logits, _ = inference.predict_logits(model, data)
     np.testing.assert_allclose(
         logits, model(expected[None], training=False).numpy(), atol=1e-6)
     batches = pipeline.eval_dataset(data, 32, 4)

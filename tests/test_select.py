@@ -38,10 +38,10 @@ def write_predictions(pred_dir, probs, records_per_file=64):
         writer.write_batch(pngs, probs[rows], labels[rows], confidences[rows],
                            rows)
         writer.close()
-    io_utils.write_json(pl.join(pred_dir, pl.PREDICT_CONFIG), {
+    io_utils.write_json(io_utils.join(pred_dir, pl.PREDICT_CONFIG), {
         "num_classes": probs.shape[1], "records_per_file": records_per_file,
         "num_bins": pl.DEFAULT_NUM_BINS, "channels": 1})
-    io_utils.write_json(pl.join(pred_dir, pl.done_name(0, 1)),
+    io_utils.write_json(io_utils.join(pred_dir, pl.done_name(0, 1)),
                         {"num_images": num})
     return labels, confidences
 

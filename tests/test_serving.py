@@ -20,6 +20,7 @@ import tensorflow as tf
 
 from noisy_student import efficientnet
 from noisy_student import evaluate
+from noisy_student.evaluation import metrics
 from noisy_student import export
 from noisy_student import stages
 from noisy_student import train_config
@@ -164,13 +165,6 @@ def test_serve_images_refuses_more_than_four_channels(tmp_path):
 # Fault 3: --channels=1 builds a 1-channel model.
 
 
-@pytest.fixture
-def pipeline_flags():
-    from noisy_student.cli import pipeline as cli  # pylint: disable=g-import-not-at-top
-    yield cli
-    flags.FLAGS.unparse_flags()
-
-
 def _parse(cli, tmp_path, *extra):
     from tests import test_experiment  # pylint: disable=g-import-not-at-top
     flags.FLAGS.unparse_flags()
@@ -296,7 +290,7 @@ def test_folder_class_names_travel_from_training_to_serving(tmp_path):
     mistakes = results["clean"]["most_confident_mistakes"]
     predictions = np.load(eval_dir / "predictions.npz")
     wrong = predictions["predictions"] != predictions["labels"]
-    assert len(mistakes) == min(int(wrong.sum()), evaluate.NUM_MISTAKES_SHOWN)
+    assert len(mistakes) == min(int(wrong.sum()), metrics.NUM_MISTAKES_SHOWN)
     assert mistakes  # a one-step model gets some of 12 images wrong
     assert (eval_dir / "mistakes.png").stat().st_size > 0
     confidences = [m["confidence"] for m in mistakes]

@@ -18,6 +18,7 @@ import pytest
 import tensorflow as tf
 
 from noisy_student import model_io
+from noisy_student import report
 from noisy_student import strategy as strategy_lib
 from noisy_student import train_config
 from noisy_student import train_lib
@@ -73,18 +74,6 @@ def _checkpoint_weights(config, model_dir):
     """{path: value} of the model's weights in the latest checkpoint."""
     return {w.path: w.numpy()
             for w in _restored_model(config, model_dir).weights}
-
-
-def _summaries(logdir, tag):
-    """{step: value} of a scalar in a TensorBoard log folder."""
-    values = {}
-    for name in os.listdir(logdir):
-        for event in tf.compat.v1.train.summary_iterator(
-                os.path.join(logdir, name)):
-            for value in event.summary.value:
-                if value.tag == tag:
-                    values[event.step] = float(tf.make_ndarray(value.tensor))
-    return values
 
 
 def _free_port():
@@ -267,7 +256,7 @@ def test_tiny_model_overfits_small_labeled_set(tmp_path):
                      checkpoint_every=0, verbose=True)
     result = train_lib.train_and_evaluate(config, str(tmp_path), _dataset_fn(
         config, num_images=16), eval_dataset=_eval_dataset(config, 16))
-    losses = _summaries(tmp_path / "logs" / "train", "loss")
+    losses = report.read_tensorboard_scalars(tmp_path / "logs" / "train", "loss")
     assert sorted(losses) == [20, 40, 60, 80, 100]
     assert losses[100] < 0.2 * losses[20]
     assert losses[100] == pytest.approx(result["loss"], rel=1e-5)

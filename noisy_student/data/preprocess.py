@@ -89,8 +89,13 @@ WHOLE_IMAGE_RECIPE = Recipe(small_image_max=2**31 - 1)
 
 
 def write_recipe(folder, recipe=DEFAULT_RECIPE):
-    """Writes folder/preprocess.json (atomically)."""
-    io_utils.write_json(f"{str(folder).rstrip('/')}/{RECIPE_FILE}",
+    """Writes folder/preprocess.json (atomically).
+
+    Args:
+      folder: The model's folder, local or gs://.
+      recipe: The `Recipe` the model was trained with.
+    """
+    io_utils.write_json(io_utils.join(folder, RECIPE_FILE),
                         dataclasses.asdict(recipe))
 
 
@@ -107,10 +112,9 @@ def read_recipe(model_path):
     Raises:
       ValueError: if the recorded file holds unknown or bad values.
     """
-    recipe_path = io_utils.beside_model(model_path, RECIPE_FILE)
-    if not tf.io.gfile.exists(recipe_path):
+    recipe_path, values = io_utils.read_beside_model(model_path, RECIPE_FILE)
+    if values is None:
         return DEFAULT_RECIPE
-    values = io_utils.read_json(recipe_path)
     names = {f.name for f in dataclasses.fields(Recipe)}
     if not isinstance(values, dict) or set(values) - names:
         raise ValueError(f"Expected a preprocessing recipe with keys "

@@ -23,7 +23,8 @@ import weakref
 import numpy as np
 import tensorflow as tf
 
-from noisy_student import evaluate as ns_evaluate
+from noisy_student.evaluation import inference
+from noisy_student.evaluation import metrics
 from noisy_student import model_io
 
 ATTACKS = ("fgsm", "pgd")
@@ -55,7 +56,7 @@ def _gradient_function(model):
     ref = weakref.ref(model)  # The cache must not keep the model alive.
     fn = tf.function(
         lambda x, y: _loss_gradient(ref(), x, y),
-        input_signature=[ns_evaluate.input_spec(model),
+        input_signature=[inference.input_spec(model),
                          tf.TensorSpec([None], tf.int32)])
     try:
         _GRADIENTS[model] = fn
@@ -140,7 +141,7 @@ def adversarial_accuracy(model, dataset, epsilons, *, attack="fgsm",
     """Top-1 accuracy under attack at each epsilon.
 
     Args:
-      model: A model (see `noisy_student.evaluate`).
+      model: A model (see `noisy_student.evaluation.inference`).
       dataset: Labeled `tf.data.Dataset` of {"image", "label"}.
       epsilons: Epsilons in pixels of the [0, 255] scale.
       attack: "fgsm" or "pgd".
@@ -171,15 +172,15 @@ def adversarial_accuracy(model, dataset, epsilons, *, attack="fgsm",
         _check_epsilon(epsilon)
     model_classes = model_io.check_num_classes(model, num_classes)
     if preprocess is None:
-        preprocess = ns_evaluate.default_preprocess(model)
+        preprocess = inference.default_preprocess(model)
     grad_fn = _gradient_function(model)
-    logits_fn = ns_evaluate.logits_function(model)
+    logits_fn = inference.logits_function(model)
     correct = np.zeros(len(epsilons))
     total = 0
     for index, batch in enumerate(
-            ns_evaluate.eval_batches(dataset, batch_size, preprocess)):
+            inference.eval_batches(dataset, batch_size, preprocess)):
         images, labels = batch["image"], batch["label"]
-        ns_evaluate.check_labels(labels.numpy(), model_classes)
+        metrics.check_labels(labels.numpy(), model_classes)
         if attack == "fgsm":
             # One gradient serves every epsilon.
             grad_sign = tf.sign(grad_fn(images, labels))

@@ -80,7 +80,8 @@ def test_webp_is_read_and_tif_reported_as_unsupported(mixed_folder):
 
 def test_skipped_files_are_logged_and_written_with_reasons(
         mixed_folder, tmp_path, caplog):
-    caplog.set_level(logging.WARNING)
+    # On absl's logger: parsed absl flags (other tests) set its level.
+    caplog.set_level(logging.WARNING, logger="absl")
     work = tmp_path / "work"
     sources.load_source(f"folder:{mixed_folder}", scan_dir=str(work))
     warnings = "\n".join(r.getMessage() for r in caplog.records
@@ -157,7 +158,7 @@ def test_rerun_reuses_the_scan_until_a_file_changes(mixed_folder, tmp_path,
 
 
 def test_scan_logs_progress(mixed_folder, caplog):
-    caplog.set_level(logging.INFO)
+    caplog.set_level(logging.INFO, logger="absl")
     image_scan.scan_folder(str(mixed_folder), log_every_s=0.0)
     assert any("4 of 7 files decoded so far" in r.getMessage()
                for r in caplog.records)

@@ -27,19 +27,17 @@ the rest into validation and unlabeled parts (the standard SSL protocol).
 """
 
 import dataclasses
-import gzip
 import os
 
 from absl import logging
 import numpy as np
 import tensorflow as tf
 
+from noisy_student.data import arrays
 from noisy_student.data import image_scan
 from noisy_student.data import preprocess
 
 IMAGE_EXTENSIONS = image_scan.IMAGE_EXTENSIONS
-DIGITS_TEST_SIZE = 360
-DIGITS_SEED = 0
 # Data sets whose labels change under a horizontal flip (digits, house
 # numbers, letters): training must not flip them.
 NO_FLIP_NAMES = ("digits", "mnist", "svhn", "emnist", "kmnist", "idx")
@@ -194,11 +192,11 @@ def load_source(spec, *, labeled=True, subset=None, channels=None,
                            None, _allows_flip(path), spec,
                            tuple(class_names) if labeled else None, scan)
     if kind == "npz":
-        x, y = _read_npz(path, need_labels)
+        x, y = arrays.read_npz(path, need_labels)
     elif kind == "idx":
-        x, y = _read_idx(path, split or "train", need_labels)
+        x, y = arrays.read_idx(path, split or "train", need_labels)
     else:
-        x, y = _digits(split or "train")
+        x, y = arrays.digits(split or "train")
     return _array_source(spec, x, y, labeled, subset, channels, num_classes,
                          _allows_flip(kind + path))
 
@@ -348,75 +346,6 @@ def _array_source(spec, x, y, labeled, subset, channels, num_classes,
                                                                out_channels)})
     return ImageSource(ds, len(x), n_classes if labeled else None,
                        x.shape[1:3] + (out_channels,), allows_flip, spec)
-
-
-def _digits(split):
-    from sklearn import datasets  # pylint: disable=g-import-not-at-top
-    if split not in ("train", "test", "all"):
-        raise ValueError("Expected a digits split train, test or all. "
-                         f"Received: split={split!r}")
-    digits = datasets.load_digits()
-    # Pixel values are 0..16; stretch them to the 0..255 range of images.
-    x = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
-    y = digits.target.astype(np.int32)
-    if split == "all":
-        return x, y
-    order = np.random.default_rng(DIGITS_SEED).permutation(len(x))
-    rows = order[:DIGITS_TEST_SIZE] if split == "test" else order[
-        DIGITS_TEST_SIZE:]
-    rows = np.sort(rows)
-    return x[rows], y[rows]
-
-
-def _read_npz(path, need_labels):
-    if not tf.io.gfile.exists(path):
-        raise FileNotFoundError(f"Expected an .npz file. Received: path={path}")
-    with tf.io.gfile.GFile(path, "rb") as f:
-        arrays = np.load(f)
-        if "x" not in arrays or (need_labels and "y" not in arrays):
-            wanted = "x and y" if need_labels else "x"
-            raise ValueError(f"Expected arrays {wanted} in {path}. Received: "
-                             f"{sorted(arrays.files)}")
-        return arrays["x"], arrays["y"] if need_labels else None
-
-
-def _read_idx_file(path):
-    """Reads one MNIST-format (IDX) file, gzipped or not."""
-    with tf.io.gfile.GFile(path, "rb") as f:
-        data = f.read()
-    if path.endswith(".gz"):
-        data = gzip.decompress(data)
-    if len(data) < 4 or data[:2] != b"\x00\x00" or data[2] != 0x08:
-        raise ValueError(f"Expected an IDX file of unsigned bytes. "
-                         f"Received: path={path}")
-    ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big")
-                  for i in range(ndim))
-    body = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
-    if body.size != int(np.prod(shape)):
-        raise ValueError(f"Expected {np.prod(shape)} values in {path}. "
-                         f"Received: {body.size} (truncated file?)")
-    return body.reshape(shape)
-
-
-def _read_idx(folder, split, need_labels):
-    prefix = {"train": "train", "test": "t10k"}.get(split)
-    if prefix is None:
-        raise ValueError(f"Expected an idx split train or test. Received: "
-                         f"split={split!r}")
-
-    def find(kind):
-        for name in (f"{prefix}-{kind}-ubyte.gz", f"{prefix}-{kind}-ubyte"):
-            path = os.path.join(folder, name)
-            if tf.io.gfile.exists(path):
-                return path
-        raise FileNotFoundError(
-            f"Expected {prefix}-{kind}-ubyte[.gz] in the idx folder. "
-            f"Received: path={folder}")
-
-    x = _read_idx_file(find("images-idx3"))
-    y = _read_idx_file(find("labels-idx1")).astype(np.int32) if need_labels else None
-    return x, y
 
 
 def _list_folder(scan, need_labels, known_classes=None):

@@ -15,6 +15,10 @@ Feature-map sides per stage (the output of stages 1..7) for a 32 px input:
   small_images=True:   16, 16, 16, 8, 8, 4, 4
 The small-image variant uses stride 1 in stages 2 and 3 (for inputs of 64 px
 or less), so a 32 px image still ends on a 4x4 map.
+
+Size: the block table, the builder and the layer names it gives are one
+idea; the names are read here too (`block_prefixes`, `freeze_blocks`,
+`stage_outputs`), so no other module re-derives them.
 """
 
 import dataclasses

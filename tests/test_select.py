@@ -13,6 +13,7 @@ import tensorflow as tf
 from noisy_student import io_utils
 from noisy_student import pseudo_labels as pl
 from noisy_student import select as sel
+from noisy_student import selection_report
 
 NUM_CLASSES = 5
 K = 50
@@ -351,9 +352,9 @@ def test_class_names_and_contact_sheets(tmp_path):
         by_most = sorted(members, key=lambda i: (-stored[i], i))
         by_least = sorted(members, key=lambda i: (stored[i], i))
         assert row["most_confident_indices"] == [
-            int(i) for i in by_most[:sel.CONTACT_SHEET_IMAGES]]
+            int(i) for i in by_most[:selection_report.CONTACT_SHEET_IMAGES]]
         assert row["least_confident_indices"] == [
-            int(i) for i in by_least[:sel.CONTACT_SHEET_IMAGES]]
+            int(i) for i in by_least[:selection_report.CONTACT_SHEET_IMAGES]]
         path = os.path.join(out_dir, "contact_sheets", f"class-{c:04d}.png")
         image = tf.io.decode_png(open(path, "rb").read())
         assert image.shape[0] > 100 and image.shape[1] > 100

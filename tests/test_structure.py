@@ -21,14 +21,6 @@ MAX_FUNCTION_LINES = 80
 # that starts with "Size:" (e.g. "Size: one table of the 16 ops ...").
 SIZE_REASON = re.compile(r"^\s*Size:\s*\S", re.MULTILINE)
 
-# Temporary, paths relative to noisy_student/. The training loop and the
-# select stage are being rewritten (issue 22 part B: module-level train
-# functions around a small state, select.select split), and data/sources.py
-# is being edited in parallel by another change of issue 22. Remove each
-# entry when its module meets the limits (the last test here says when).
-TEMPORARY_ALLOWLIST = {"train_lib.py", "select.py", "data/sources.py"}
-
-
 def _modules(root=PACKAGE):
     """{dotted module name: path} of every .py file under `root`."""
     modules = {}
@@ -141,13 +133,11 @@ def _functions(tree):
             yield node
 
 
-def oversized(root=PACKAGE, allow=frozenset()):
+def oversized(root=PACKAGE):
     """Modules over MAX_MODULE_LINES without a "Size:" reason, and
     functions over MAX_FUNCTION_LINES (decorators and docstring included)."""
     problems = []
     for name, path in _modules(root).items():
-        if path.relative_to(root).as_posix() in allow:
-            continue
         text = path.read_text()
         tree = ast.parse(text, str(path))
         lines = len(text.splitlines())
@@ -177,19 +167,11 @@ def test_the_size_check_sees_long_modules_and_functions(tmp_path):
 
 
 def test_modules_and_functions_are_small():
-    problems = oversized(allow=TEMPORARY_ALLOWLIST)
+    problems = oversized()
     assert not problems, (
         f"Expected modules <= {MAX_MODULE_LINES} lines (or a 'Size:' line "
         f"in the docstring) and functions <= {MAX_FUNCTION_LINES} lines. "
         "Received:\n" + "\n".join(problems))
-
-
-def test_the_temporary_allowlist_is_still_needed():
-    # An entry whose module already meets the limits must go.
-    for name in TEMPORARY_ALLOWLIST:
-        assert (PACKAGE / name).exists(), name
-        assert oversized(allow=TEMPORARY_ALLOWLIST - {name}), (
-            f"{name} meets the limits: remove it from TEMPORARY_ALLOWLIST")
 
 
 def _tracked_files():

@@ -376,7 +376,9 @@ def test_tpu_strategy_without_tpu_fails_fast(tmp_path):
     with pytest.raises(RuntimeError, match="Expected a reachable TPU"):
         train_lib.train_and_evaluate(_config(strategy="tpu", tpu="local"), str(tmp_path),
                         lambda ctx: None)
-    assert time.time() - start < 10
+    # Fast = no resolver retries (minutes); the bound leaves room for a
+    # loaded CI machine (37 s was seen under a load of 11 on 2 cores).
+    assert time.time() - start < 60
     with pytest.raises(ValueError, match="tpu"):
         strategy_lib.make_strategy("tpu")
     with pytest.raises(ValueError, match="tpu=None"):

@@ -30,6 +30,13 @@ def pipeline_command(workdir, *extra):
             f"--workdir={workdir}", *TINY, *extra]
 
 
+def _finished_block(name):
+    """A prediction block's histogram renamed into place (a killed run's
+    temporary file ends in .hist.npz too, and a rerun removes it)."""
+    from noisy_student import io_utils  # pylint: disable=g-import-not-at-top
+    return name.endswith(".hist.npz") and not io_utils.is_temp(name)
+
+
 def run_pipeline(workdir, *extra):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     return subprocess.run(pipeline_command(workdir, *extra), cwd=ROOT,
@@ -208,10 +215,10 @@ def test_pipeline_resumes_after_sigkill_in_prediction_and_training(
         log_path)
     # 1. Killed while predicting: some blocks written, the stage unfinished.
     _kill_when(start(), lambda: _started(workdir, "round1/predict") and any(
-        n.endswith(".hist.npz") for n in files(predict_dir)), log_path)
+        _finished_block(n) for n in files(predict_dir)), log_path)
     teacher = stage_times(workdir)["round0/train"]
     blocks = {n: os.path.getmtime(f"{predict_dir}/{n}")
-              for n in os.listdir(predict_dir) if n.endswith(".hist.npz")}
+              for n in os.listdir(predict_dir) if _finished_block(n)}
     # 2. Killed while the student trains, after its first checkpoint.
     _kill_when(start(), lambda: _started(workdir, "round1/train") and (
         os.path.exists(f"{workdir}/round1/train/checkpoints/checkpoint")),

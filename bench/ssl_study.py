@@ -28,12 +28,29 @@ A killed study resumes: rerun the same command (finished stages are skipped).
   python bench/ssl_study.py --workdir=/tmp/ns-study --runs=main,supervised
   python bench/ssl_study.py --workdir=/tmp/ns-study --report_only
 
+The tables are printed; they replace the ones in this checkout's
+BENCHMARKS.md (and README.md) only with --write_tables.
+
+--study=ablation runs the controlled ablation study instead (BENCHMARKS.md,
+"Where the gain comes from"): 250 labels of a seeded 7,000-image subset of
+the Fashion-MNIST train split, a converged teacher and four iteration-1
+students that cross soft / hard pseudo-labels with noise on / off, each for
+every seed of --seeds (`--seed` and `--split_seed` both set to it; work
+directories WORKDIR/s<seed>/<run>; flagfiles
+flags/fashion_mnist_ablation/<run>.cfg). It writes the subset, an .npz, to
+the path its flagfile reads (ABLATION_DATA) when missing, and reports each
+run's validation and test top-1 per seed, the mean and the seed range:
+
+  python bench/ssl_study.py --study=ablation --workdir=/tmp/ns-abl --seeds=0,1
+
 Needs Debian's dataset-fashion-mnist. Last line:
 RESULT ssl_study gap_closed_2=<x> no_noise_gain_fraction=<y>
+(ablation: RESULT ssl_study_ablation no_noise_share=<x> seeds=<n>)
 """
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -187,14 +204,14 @@ def table(out, teacher):
     return lines
 
 
-def replace_block(path, text):
-    """Rewrites what lies between the ssl_study markers of `path`."""
+def replace_block(path, text, marker="ssl_study"):
+    """Rewrites what lies between the `marker` markers of `path`."""
     with open(path) as f:
         content = f.read()
-    pattern = re.compile(r"(<!-- ssl_study:begin -->\n).*?(<!-- ssl_study:end -->)",
-                         re.S)
+    pattern = re.compile(rf"(<!-- {marker}:begin -->\n).*?"
+                         rf"(<!-- {marker}:end -->)", re.S)
     if not pattern.search(content):
-        raise SystemExit(f"Expected ssl_study markers in {path}.")
+        raise SystemExit(f"Expected {marker} markers in {path}.")
     content = pattern.sub(lambda m: m.group(1) + text + m.group(2), content)
     with open(path, "w") as f:
         f.write(content)
@@ -220,31 +237,258 @@ def report_text(workdir):
     return "\n".join(lines) + "\n", gap, gain
 
 
-def report(workdir):
-    """Prints the results block and writes it into BENCHMARKS and README."""
+def report(workdir, write_tables=False):
+    """Prints the results block; with `write_tables`, writes it into this
+    checkout's BENCHMARKS.md and README.md."""
     text, gap, gain = report_text(workdir)
     print(text)
-    for name in ("BENCHMARKS.md", "README.md"):
-        replace_block(os.path.join(REPO, name), text)
+    if write_tables:
+        for name in ("BENCHMARKS.md", "README.md"):
+            replace_block(os.path.join(REPO, name), text)
     return gap, gain
+
+
+# --------------------------------------------------------------------------
+# The controlled ablation study (--study=ablation).
+
+ABLATION_DATA = "/tmp/ns-abl-data/fashion_mnist_7000.npz"
+ABLATION_SUBSET_SIZE = 7000
+ABLATION_SUBSET_SEED = 0
+FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+# run: (flagfile, pseudo-labels, noised), main first (the others reuse its
+# teacher and predictions).
+ABLATION_RUNS = {
+    "main": ("flags/fashion_mnist_ablation/main.cfg", "soft", True),
+    "no_noise": ("flags/fashion_mnist_ablation/no_noise.cfg", "soft", False),
+    "hard_labels": ("flags/fashion_mnist_ablation/hard_labels.cfg", "hard",
+                    True),
+    "hard_no_noise": ("flags/fashion_mnist_ablation/hard_no_noise.cfg",
+                      "hard", False),
+}
+
+
+def write_subset(path=ABLATION_DATA, size=ABLATION_SUBSET_SIZE,
+                 seed=ABLATION_SUBSET_SEED):
+    """Writes `size` seeded images of Fashion-MNIST's train split as an npz
+    (arrays x uint8 [N, 28, 28], y int [N], in train order); a no-op when
+    the file exists. Atomic: a temporary name, then a rename."""
+    if os.path.exists(path):
+        return
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    sys.path.insert(0, REPO)
+    from noisy_student.data import sources  # pylint: disable=g-import-not-at-top
+    source = sources.load_source(f"idx:{FASHION_MNIST}:train", channels=1)
+    batch = next(source.dataset.batch(source.num_examples).as_numpy_iterator())
+    rows = np.sort(np.random.default_rng(seed).permutation(
+        source.num_examples)[:size])
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    temp = path + ".tmp.npz"
+    np.savez(temp, x=batch["image"][rows, ..., 0], y=batch["label"][rows])
+    os.replace(temp, path)
+
+
+def ablation_command(run, seed):
+    """The pipeline arguments of one ablation-study run at one seed."""
+    argv = [f"--flagfile={ABLATION_RUNS[run][0]}", f"--seed={seed}",
+            f"--split_seed={seed}"]
+    return argv + (["--overwrite"] if run != "main" else [])
+
+
+def run_ablation(workdir, run, seed):
+    """Runs (or resumes) one run of the ablation study in WORKDIR/s<seed>."""
+    seed_dir = os.path.join(workdir, f"s{seed}")
+    folder = os.path.join(seed_dir, run)
+    if run != "main":
+        seed_from_main(seed_dir, run)
+    argv = [sys.executable, "-m", "noisy_student.cli.pipeline",
+            f"--workdir={folder}"] + ablation_command(run, seed)
+    print(f"[ssl_study] s{seed}/{run}: {' '.join(argv[1:])}", flush=True)
+    os.makedirs(folder, exist_ok=True)
+    started = time.time()
+    # This checkout's package, not an installed one.
+    env = {**os.environ, "PYTHONPATH": REPO}
+    with open(os.path.join(folder, "study.log"), "a") as log:
+        subprocess.run(argv, cwd=REPO, check=True, stdout=log,
+                       stderr=subprocess.STDOUT, env=env)
+    print(f"[ssl_study] s{seed}/{run}: done in {time.time() - started:.0f} s",
+          flush=True)
+
+
+def last_validation(folder, index):
+    """Validation top-1 of round `index`'s model at its last step."""
+    try:
+        with open(os.path.join(folder, f"round{index}", "train",
+                               "metrics.json")) as f:
+            evals = json.load(f)["evals"]
+    except FileNotFoundError:
+        return None
+    return evals[-1]["top1"] if evals else None
+
+
+def ablation_scores(workdir, seeds):
+    """{(key, seed): (validation, test)}, key "teacher" or a run name; only
+    finished models."""
+    scores = {}
+    for seed in seeds:
+        for run in ABLATION_RUNS:
+            folder = os.path.join(workdir, f"s{seed}", run)
+            result = load(os.path.join(workdir, f"s{seed}"), run)
+            for r in result[0] if result else []:
+                key = "teacher" if r["round"] == 0 else run
+                if r["round"] > 1 or (key == "teacher" and run != "main"):
+                    continue
+                scores[(key, seed)] = (last_validation(folder, r["round"]),
+                                       r["test_top1"])
+    return scores
+
+
+def mean_and_range(values):
+    """(mean, max - min) of the values that are not None; None if none."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return sum(values) / len(values), max(values) - min(values)
+
+
+def ablation_gains(scores, seeds, part):
+    """{run: [gain over the same seed's teacher, per seed]} (part 0:
+    validation, 1: test), for seeds where both are finished."""
+    gains = {}
+    for run in ABLATION_RUNS:
+        for seed in seeds:
+            student, teacher = (scores.get((k, seed)) for k in
+                                (run, "teacher"))
+            if student and teacher and None not in (student[part],
+                                                    teacher[part]):
+                gains.setdefault(run, []).append(student[part] -
+                                                 teacher[part])
+    return gains
+
+
+def no_noise_share(gains):
+    """Mean gain of the no-noise student over the full method's; None where
+    missing or when the full method gains nothing."""
+    full, plain = gains.get("main"), gains.get("no_noise")
+    if not full or not plain or len(full) != len(plain):
+        return None
+    mean_full = sum(full) / len(full)
+    if mean_full <= 0:
+        return None
+    return (sum(plain) / len(plain)) / mean_full
+
+
+def _fmt(value, digits=4, sign=False):
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
+
+
+def ablation_report_text(workdir, seeds):
+    """(the ablation block, no-noise share on test, seeds finished)."""
+    scores = ablation_scores(workdir, seeds)
+    names = {"teacher": "teacher (250 labels)"}
+    for run, (_, labels, noised) in ABLATION_RUNS.items():
+        names[run] = (f"iteration 1, {labels} labels, "
+                      f"{'noised' if noised else 'no noise'}")
+    head = ["run"]
+    for seed in seeds:
+        head += [f"seed {seed} val", f"seed {seed} test"]
+    head += ["mean val", "mean test", "test range"]
+    lines = ["| " + " | ".join(head) + " |",
+             "|" + "---|" * len(head)]
+    for key in ["teacher"] + list(ABLATION_RUNS):
+        cells = [names[key]]
+        vals, tests = [], []
+        for seed in seeds:
+            val, test = scores.get((key, seed), (None, None))
+            vals.append(val)
+            tests.append(test)
+            cells += [_fmt(val, 3), _fmt(test)]
+        if all(v is None for v in tests):
+            continue
+        cells += [_fmt(mean_and_range(vals)[0], 3),
+                  _fmt(mean_and_range(tests)[0]),
+                  _fmt(mean_and_range(tests)[1])]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "| gain over the seed's teacher | per seed, test | "
+              "mean test | per seed, validation | mean validation |",
+              "|---|---|---|---|---|"]
+    test_gains = ablation_gains(scores, seeds, 1)
+    val_gains = ablation_gains(scores, seeds, 0)
+    for run in ABLATION_RUNS:
+        if run not in test_gains:
+            continue
+        t, v = test_gains[run], val_gains.get(run, [])
+        lines.append(
+            f"| {names[run]} | {', '.join(_fmt(g, sign=True) for g in t)} | "
+            f"{_fmt(sum(t) / len(t), sign=True)} | "
+            f"{', '.join(_fmt(g, 3, True) for g in v)} | "
+            f"{_fmt(sum(v) / len(v) if v else None, 3, True)} |")
+    share = no_noise_share(test_gains)
+    finished = sorted({seed for (key, seed) in scores if key == "main"})
+    lines += ["", "no-noise share: " + _fmt(share, 2) + " (test; validation: "
+              + _fmt(no_noise_share(val_gains), 2) + ")",
+              f"seeds: {len(finished)}"]
+    return "\n".join(lines) + "\n", share, len(finished)
+
+
+def ablation_main(args):
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    runs = [r for r in args.runs.split(",") if r] if args.runs else list(
+        ABLATION_RUNS)
+    unknown = sorted(set(runs) - set(ABLATION_RUNS))
+    if unknown:
+        raise SystemExit(f"Expected runs in {tuple(ABLATION_RUNS)}. "
+                         f"Received: --runs={args.runs}")
+    workdir = os.path.abspath(args.workdir)
+    if not args.report_only:
+        write_subset()
+        for seed in seeds:
+            for run in runs:
+                run_ablation(workdir, run, seed)
+    text, share, finished = ablation_report_text(workdir, seeds)
+    print(text)
+    if args.write_tables:
+        replace_block(os.path.join(REPO, "BENCHMARKS.md"), text,
+                      marker="ssl_study_ablation")
+    print(f"RESULT ssl_study_ablation no_noise_share={_fmt(share, 2)} "
+          f"seeds={finished}")
+    return 0
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--workdir", required=True)
-    parser.add_argument("--runs", default=",".join(RUNS),
-                        help=f"Comma-separated subset of {','.join(RUNS)}.")
+    parser.add_argument("--study", default="fashion_mnist_1000",
+                        choices=("fashion_mnist_1000", "ablation"),
+                        help="fashion_mnist_1000: the 1,000-label study "
+                        "(one seed); ablation: the 2x2 of soft/hard "
+                        "pseudo-labels and noise on/off, per seed.")
+    parser.add_argument("--workdir", required=True,
+                        help="Folder of the runs' work directories.")
+    parser.add_argument("--runs", default=None,
+                        help=f"Comma-separated subset of {','.join(RUNS)} "
+                        f"(ablation: {','.join(ABLATION_RUNS)}); default: "
+                        "all.")
+    parser.add_argument("--seeds", default="0,1",
+                        help="Comma-separated seeds of the ablation study "
+                        "(each run's --seed and --split_seed).")
     parser.add_argument("--report_only", action="store_true",
-                        help="Only rewrite the tables from finished runs.")
+                        help="Only print the tables from finished runs.")
+    parser.add_argument("--write_tables", action="store_true",
+                        help="Also write the tables into this checkout's "
+                        "BENCHMARKS.md (and README.md), between the "
+                        "ssl_study (ssl_study_ablation) markers.")
     args = parser.parse_args()
-    runs = [r for r in args.runs.split(",") if r]
+    if args.study == "ablation":
+        return ablation_main(args)
+    runs = [r for r in (args.runs or ",".join(RUNS)).split(",") if r]
     unknown = sorted(set(runs) - set(RUNS))
     if unknown:
         raise SystemExit(f"Expected runs in {RUNS}. Received: {unknown}")
     if not args.report_only:
         for run in runs:
             run_one(os.path.abspath(args.workdir), run)
-    gap, gain = report(os.path.abspath(args.workdir))
+    gap, gain = report(os.path.abspath(args.workdir), args.write_tables)
     fmt = lambda x: "nan" if x is None else f"{x:.2f}"  # noqa: E731
     print(f"RESULT ssl_study gap_closed_2={fmt(gap)} "
           f"no_noise_gain_fraction={fmt(gain)}")

@@ -120,3 +120,64 @@ def test_table_lists_fashion_runs_then_the_digits_demo(tmp_path):
     digits = lines[lines.index("| digits demo | test top-1 | train minutes |"):]
     assert digits[2:] == ["| digits teacher (100 labels) | 0.9000 | 1.0 |",
                           "| digits Noisy Student iteration 1 | 0.9300 | 1.0 |"]
+
+
+def fake_ablation_run(workdir, seed, run, tests, vals):
+    """A finished run of the ablation study: rounds 0 and 1 (tests), and
+    each round's validation curve ending at vals[i]."""
+    folder = workdir / f"s{seed}" / run
+    fake_run(workdir / f"s{seed}", run, tests)
+    for i, val in enumerate(vals):
+        (folder / f"round{i}" / "train").mkdir(parents=True)
+        (folder / f"round{i}" / "train" / "metrics.json").write_text(
+            json.dumps({"evals": [{"step": 1, "top1": 0.1},
+                                  {"step": 2, "top1": val}]}))
+    return folder
+
+
+def test_ablation_runs_have_flagfiles_and_set_both_seeds():
+    for run in study.ABLATION_RUNS:
+        argv = study.ablation_command(run, 3)
+        assert (REPO / argv[0].split("=", 1)[1]).is_file(), run
+        assert "--seed=3" in argv and "--split_seed=3" in argv
+        assert ("--overwrite" in argv) == (run != "main")
+
+
+def test_ablation_gains_are_per_seed_against_that_seeds_teacher(tmp_path):
+    fake_ablation_run(tmp_path, 0, "main", [0.70, 0.74], [0.71, 0.75])
+    fake_ablation_run(tmp_path, 0, "no_noise", [0.70, 0.71], [0.71, 0.72])
+    fake_ablation_run(tmp_path, 1, "main", [0.60, 0.66], [0.61, 0.66])
+    fake_ablation_run(tmp_path, 1, "no_noise", [0.60, 0.60], [0.61, 0.60])
+    scores = study.ablation_scores(str(tmp_path), [0, 1])
+    assert scores[("teacher", 1)] == (0.61, 0.60)  # Last validation eval.
+    assert scores[("no_noise", 0)] == (0.72, 0.71)
+    gains = study.ablation_gains(scores, [0, 1], 1)
+    assert gains["main"] == pytest.approx([0.04, 0.06])
+    assert gains["no_noise"] == pytest.approx([0.01, 0.0])
+    assert study.no_noise_share(gains) == pytest.approx(0.01 / 0.10)
+    text, share, seeds = study.ablation_report_text(str(tmp_path), [0, 1])
+    assert seeds == 2 and share == pytest.approx(0.1)
+    assert "no-noise share: 0.10" in text and "seeds: 2" in text
+    assert ("| iteration 1, soft labels, noised | 0.750 | 0.7400 | 0.660 | "
+            "0.6600 | 0.705 | 0.7000 | 0.0800 |") in text
+
+
+def test_ablation_share_is_none_when_the_method_gains_nothing(tmp_path):
+    fake_ablation_run(tmp_path, 0, "main", [0.70, 0.69], [0.71, 0.70])
+    fake_ablation_run(tmp_path, 0, "no_noise", [0.70, 0.71], [0.71, 0.72])
+    gains = study.ablation_gains(study.ablation_scores(str(tmp_path), [0]),
+                                 [0], 1)
+    assert study.no_noise_share(gains) is None
+
+
+def test_tables_are_written_only_when_asked(tmp_path, monkeypatch):
+    fake_run(tmp_path, "main", [0.80, 0.84])
+    written = []
+    monkeypatch.setattr(study, "replace_block",
+                        lambda path, text, marker="ssl_study":
+                        written.append(path))
+    study.report(str(tmp_path))
+    assert not written
+    study.report(str(tmp_path), write_tables=True)
+    assert sorted(p.rsplit("/", 1)[1] for p in written) == [
+        "BENCHMARKS.md", "README.md"]

@@ -347,7 +347,8 @@ def mean_and_range(values):
     values = [v for v in values if v is not None]
     if not values:
         return None, None
-    return sum(values) / len(values), max(values) - min(values)
+    spread = max(values) - min(values) if len(values) > 1 else None
+    return sum(values) / len(values), spread
 
 
 def ablation_gains(scores, seeds, part):
@@ -365,10 +366,17 @@ def ablation_gains(scores, seeds, part):
     return gains
 
 
-def no_noise_share(gains):
-    """Mean gain of the no-noise student over the full method's; None where
-    missing or when the full method gains nothing."""
-    full, plain = gains.get("main"), gains.get("no_noise")
+# The noised run of each label type and its no-noise ablation.
+NOISE_PAIRS = {"soft": ("main", "no_noise"),
+               "hard": ("hard_labels", "hard_no_noise")}
+
+
+def no_noise_share(gains, label_type="soft"):
+    """Mean gain of the no-noise student over the noised one's, with
+    `label_type` pseudo-labels; None where missing or when the noised
+    student gains nothing."""
+    noised, plain = NOISE_PAIRS[label_type]
+    full, plain = gains.get(noised), gains.get(plain)
     if not full or not plain or len(full) != len(plain):
         return None
     mean_full = sum(full) / len(full)
@@ -424,12 +432,28 @@ def ablation_report_text(workdir, seeds):
             f"{_fmt(sum(t) / len(t), sign=True)} | "
             f"{', '.join(_fmt(g, 3, True) for g in v)} | "
             f"{_fmt(sum(v) / len(v) if v else None, 3, True)} |")
-    share = no_noise_share(test_gains)
+    label_type = chosen_label_type(val_gains)
+    share = no_noise_share(test_gains, label_type)
     finished = sorted({seed for (key, seed) in scores if key == "main"})
-    lines += ["", "no-noise share: " + _fmt(share, 2) + " (test; validation: "
-              + _fmt(no_noise_share(val_gains), 2) + ")",
-              f"seeds: {len(finished)}"]
+    lines += ["", f"configuration (the noised student's label type with "
+              f"the higher mean validation gain): {label_type} labels",
+              "no-noise share: " + _fmt(share, 2)]
+    for kind in NOISE_PAIRS:
+        lines.append(f"no-noise share, {kind} labels: test "
+                     f"{_fmt(no_noise_share(test_gains, kind), 2)}, "
+                     f"validation {_fmt(no_noise_share(val_gains, kind), 2)}")
+    lines.append(f"seeds: {len(finished)}")
     return "\n".join(lines) + "\n", share, len(finished)
+
+
+def chosen_label_type(val_gains):
+    """"soft" or "hard": the noised student with the higher mean validation
+    gain (the validation slice makes the choice; soft on a tie or when
+    missing)."""
+    mean = lambda v: sum(v) / len(v) if v else float("-inf")  # noqa: E731
+    soft, hard = (mean(val_gains.get(NOISE_PAIRS[k][0], []))
+                  for k in ("soft", "hard"))
+    return "hard" if hard > soft else "soft"
 
 
 def ablation_main(args):

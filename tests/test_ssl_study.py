@@ -155,9 +155,11 @@ def test_ablation_gains_are_per_seed_against_that_seeds_teacher(tmp_path):
     assert gains["main"] == pytest.approx([0.04, 0.06])
     assert gains["no_noise"] == pytest.approx([0.01, 0.0])
     assert study.no_noise_share(gains) == pytest.approx(0.01 / 0.10)
+    assert study.no_noise_share(gains, "hard") is None  # Not run.
     text, share, seeds = study.ablation_report_text(str(tmp_path), [0, 1])
     assert seeds == 2 and share == pytest.approx(0.1)
     assert "no-noise share: 0.10" in text and "seeds: 2" in text
+    assert ": soft labels" in text
     assert ("| iteration 1, soft labels, noised | 0.750 | 0.7400 | 0.660 | "
             "0.6600 | 0.705 | 0.7000 | 0.0800 |") in text
 
@@ -181,3 +183,17 @@ def test_tables_are_written_only_when_asked(tmp_path, monkeypatch):
     study.report(str(tmp_path), write_tables=True)
     assert sorted(p.rsplit("/", 1)[1] for p in written) == [
         "BENCHMARKS.md", "README.md"]
+
+
+def test_ablation_configuration_is_chosen_on_validation(tmp_path):
+    # Hard labels win on validation, soft on test: validation decides.
+    fake_ablation_run(tmp_path, 0, "main", [0.70, 0.76], [0.70, 0.72])
+    fake_ablation_run(tmp_path, 0, "hard_labels", [0.70, 0.72], [0.70, 0.75])
+    fake_ablation_run(tmp_path, 0, "hard_no_noise", [0.70, 0.71],
+                      [0.70, 0.70])
+    text, share, _ = study.ablation_report_text(str(tmp_path), [0])
+    assert ": hard labels" in text
+    assert share == pytest.approx(0.01 / 0.02)
+    # One seed: a mean but no range.
+    assert "| teacher (250 labels) | 0.700 | 0.7000 | 0.700 | 0.7000 | - |" \
+        in text

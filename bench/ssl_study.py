@@ -33,8 +33,10 @@ BENCHMARKS.md (and README.md) only with --write_tables.
 
 --study=ablation runs the controlled ablation study instead (BENCHMARKS.md,
 "Where the gain comes from"): 250 labels of a seeded 7,000-image subset of
-the Fashion-MNIST train split, a converged teacher and four iteration-1
-students that cross soft / hard pseudo-labels with noise on / off, each for
+the Fashion-MNIST train split, a teacher, four iteration-1 students that
+cross soft / hard pseudo-labels with noise on / off, and a control (the
+teacher trained on as long as a student, labels only: ns-train, ns-eval;
+flags/fashion_mnist_ablation/labels_only.cfg), each for
 every seed of --seeds (`--seed` and `--split_seed` both set to it; work
 directories WORKDIR/s<seed>/<run>; flagfiles
 flags/fashion_mnist_ablation/<run>.cfg). It writes the subset, an .npz, to
@@ -314,6 +316,51 @@ def run_ablation(workdir, run, seed):
           flush=True)
 
 
+CONTROL = "labels_only"
+CONTROL_FLAGFILE = "flags/fashion_mnist_ablation/labels_only.cfg"
+
+
+def run_control(workdir, seed):
+    """The labels-only control at one seed: ns-train from the seed's
+    teacher (resumed when rerun), then ns-eval on test (once)."""
+    seed_dir = os.path.join(workdir, f"s{seed}")
+    folder = os.path.join(seed_dir, CONTROL)
+    teacher = os.path.join(seed_dir, "main", "round0", "train")
+    if not os.path.exists(os.path.join(teacher, "model.keras")):
+        raise SystemExit(f"Expected the teacher {teacher} before the "
+                         f"{CONTROL} control; run --runs=main first.")
+    os.makedirs(folder, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": REPO}
+    commands = [[sys.executable, "-m", "noisy_student.cli.train",
+                 f"--flagfile={CONTROL_FLAGFILE}", f"--init_from={teacher}",
+                 f"--model_dir={folder}", f"--seed={seed}",
+                 f"--split_seed={seed}"]]
+    if not os.path.exists(os.path.join(folder, "eval", "results.json")):
+        commands.append([sys.executable, "-m", "noisy_student.cli.evaluate",
+                         f"--model_path={folder}",
+                         f"--test=idx:{FASHION_MNIST}:test",
+                         f"--output_dir={os.path.join(folder, 'eval')}"])
+    with open(os.path.join(folder, "study.log"), "a") as log:
+        for argv in commands:
+            print(f"[ssl_study] s{seed}/{CONTROL}: {' '.join(argv[1:])}",
+                  flush=True)
+            subprocess.run(argv, cwd=REPO, check=True, stdout=log,
+                           stderr=subprocess.STDOUT, env=env)
+
+
+def control_scores(workdir, seed):
+    """(validation, test) of the seed's finished control, or None."""
+    folder = os.path.join(workdir, f"s{seed}", CONTROL)
+    try:
+        with open(os.path.join(folder, "metrics.json")) as f:
+            evals = json.load(f)["evals"]
+        with open(os.path.join(folder, "eval", "results.json")) as f:
+            test = json.load(f)["clean"]["top1"]
+    except (FileNotFoundError, KeyError):
+        return None
+    return (evals[-1]["top1"] if evals else None), test
+
+
 def last_validation(folder, index):
     """Validation top-1 of round `index`'s model at its last step."""
     try:
@@ -339,6 +386,9 @@ def ablation_scores(workdir, seeds):
                     continue
                 scores[(key, seed)] = (last_validation(folder, r["round"]),
                                        r["test_top1"])
+        control = control_scores(workdir, seed)
+        if control:
+            scores[(CONTROL, seed)] = control
     return scores
 
 
@@ -355,7 +405,7 @@ def ablation_gains(scores, seeds, part):
     """{run: [gain over the same seed's teacher, per seed]} (part 0:
     validation, 1: test), for seeds where both are finished."""
     gains = {}
-    for run in ABLATION_RUNS:
+    for run in list(ABLATION_RUNS) + [CONTROL]:
         for seed in seeds:
             student, teacher = (scores.get((k, seed)) for k in
                                 (run, "teacher"))
@@ -394,7 +444,8 @@ def _fmt(value, digits=4, sign=False):
 def ablation_report_text(workdir, seeds):
     """(the ablation block, no-noise share on test, seeds finished)."""
     scores = ablation_scores(workdir, seeds)
-    names = {"teacher": "teacher (250 labels)"}
+    names = {"teacher": "teacher (250 labels)",
+             CONTROL: "control: the teacher trained on, labels only"}
     for run, (_, labels, noised) in ABLATION_RUNS.items():
         names[run] = (f"iteration 1, {labels} labels, "
                       f"{'noised' if noised else 'no noise'}")
@@ -404,7 +455,7 @@ def ablation_report_text(workdir, seeds):
     head += ["mean val", "mean test", "test range"]
     lines = ["| " + " | ".join(head) + " |",
              "|" + "---|" * len(head)]
-    for key in ["teacher"] + list(ABLATION_RUNS):
+    for key in ["teacher"] + list(ABLATION_RUNS) + [CONTROL]:
         cells = [names[key]]
         vals, tests = [], []
         for seed in seeds:
@@ -423,7 +474,7 @@ def ablation_report_text(workdir, seeds):
               "|---|---|---|---|---|"]
     test_gains = ablation_gains(scores, seeds, 1)
     val_gains = ablation_gains(scores, seeds, 0)
-    for run in ABLATION_RUNS:
+    for run in list(ABLATION_RUNS) + [CONTROL]:
         if run not in test_gains:
             continue
         t, v = test_gains[run], val_gains.get(run, [])
@@ -458,18 +509,22 @@ def chosen_label_type(val_gains):
 
 def ablation_main(args):
     seeds = [int(s) for s in args.seeds.split(",") if s]
+    known = tuple(ABLATION_RUNS) + (CONTROL,)
     runs = [r for r in args.runs.split(",") if r] if args.runs else list(
-        ABLATION_RUNS)
-    unknown = sorted(set(runs) - set(ABLATION_RUNS))
+        known)
+    unknown = sorted(set(runs) - set(known))
     if unknown:
-        raise SystemExit(f"Expected runs in {tuple(ABLATION_RUNS)}. "
+        raise SystemExit(f"Expected runs in {known}. "
                          f"Received: --runs={args.runs}")
     workdir = os.path.abspath(args.workdir)
     if not args.report_only:
         write_subset()
         for seed in seeds:
             for run in runs:
-                run_ablation(workdir, run, seed)
+                if run == CONTROL:
+                    run_control(workdir, seed)
+                else:
+                    run_ablation(workdir, run, seed)
     text, share, finished = ablation_report_text(workdir, seeds)
     print(text)
     if args.write_tables:

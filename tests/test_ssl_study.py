@@ -197,3 +197,17 @@ def test_ablation_configuration_is_chosen_on_validation(tmp_path):
     # One seed: a mean but no range.
     assert "| teacher (250 labels) | 0.700 | 0.7000 | 0.700 | 0.7000 | - |" \
         in text
+
+
+def test_ablation_control_is_scored_from_its_metrics_and_eval(tmp_path):
+    fake_ablation_run(tmp_path, 0, "main", [0.70, 0.74], [0.71, 0.75])
+    control = tmp_path / "s0" / "labels_only"
+    (control / "eval").mkdir(parents=True)
+    (control / "metrics.json").write_text(json.dumps(
+        {"evals": [{"step": 600, "top1": 0.73}]}))
+    (control / "eval" / "results.json").write_text(json.dumps(
+        {"clean": {"top1": 0.72}}))
+    scores = study.ablation_scores(str(tmp_path), [0])
+    assert scores[("labels_only", 0)] == (0.73, 0.72)
+    gains = study.ablation_gains(scores, [0], 1)
+    assert gains["labels_only"] == pytest.approx([0.02])

@@ -17,7 +17,10 @@ flags/fashion_mnist_1000.cfg; digits: flags/digits.cfg):
   init_from_teacher  iteration 1 started from the teacher's weights;
   supervised         the teacher's model and recipe on all 60,000 labels,
                      trained on as many images as one student sees;
-  digits             the README's demo, flags/digits.cfg.
+  digits             the README's demo, flags/digits.cfg (seed 0, the
+                     README's command);
+  digits_s1, _s2     the same command with --seed=1 and 2: the table gives
+                     the mean and range over the seeds beside seed 0.
 
 Ablations reuse the main run's teacher and iteration-1 pseudo-labels: their
 work directory starts as a copy of main's round 0 and round 1 predict/select
@@ -62,7 +65,8 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ABLATIONS = ("no_noise", "hard_labels", "no_filter", "init_from_teacher")
-RUNS = ("main",) + ABLATIONS + ("supervised", "digits")
+DIGITS_SEEDS = ("digits_s1", "digits_s2")
+RUNS = ("main",) + ABLATIONS + ("supervised", "digits") + DIGITS_SEEDS
 FLAGFILES = {"main": "flags/fashion_mnist_1000.cfg",
              "digits": "flags/digits.cfg"}
 # Stages an ablation takes from the main run.
@@ -72,6 +76,8 @@ SHARED_STAGES = ("round0/train", "round0/eval", "round1/predict",
 
 def command(run):
     """The noisy-student arguments of one run."""
+    if run in DIGITS_SEEDS:
+        return ["--flagfile=flags/digits.cfg", f"--seed={run[len('digits_s'):]}"]
     flagfile = FLAGFILES.get(run, f"flags/fashion_mnist_1000/{run}.cfg")
     # Ablations redo the stages their flags change in a copy of main's.
     return [f"--flagfile={flagfile}"] + (
@@ -190,7 +196,22 @@ def summary(out):
     return gap_closed(out, 2), gain
 
 
-def table(out, teacher):
+def digits_seed_scores(workdir):
+    """{round: [test top-1 of seed 0, 1, ...]} of the digits runs that
+    finished (seed 0: the run "digits"); {} without another seed."""
+    scores = {}
+    for run in ("digits",) + DIGITS_SEEDS:
+        result = load(workdir, run)
+        for r in result[0] if result else []:
+            scores.setdefault(r["round"], []).append(r["test_top1"])
+    if max((len(v) for v in scores.values()), default=0) < 2:
+        return {}
+    return scores
+
+
+def table(out, teacher, digits_seeds=None):
+    """The results table lines; `digits_seeds` (digits_seed_scores) adds
+    the mean and range over the digits seeds beside seed 0."""
     lines = ["| run | test top-1 | vs teacher | train minutes |",
              "|---|---|---|---|"]
     for key, (name, top1, mins) in out.items():
@@ -198,11 +219,24 @@ def table(out, teacher):
             continue
         delta = "" if teacher is None else f"{top1 - teacher:+.4f}"
         lines.append(f"| {name} | {top1:.4f} | {delta} | {mins:.1f} |")
-    digits = [v for k, v in out.items() if k.startswith("digits")]
-    if digits:
+    digits = [(k, v) for k, v in out.items() if k.startswith("digits")]
+    if digits and digits_seeds:
+        count = max(len(v) for v in digits_seeds.values())
+        lines += ["", f"| digits demo | test top-1, seed 0 | mean over "
+                  f"{count} seeds (--seed) | range | train minutes, seed 0 |",
+                  "|---|---|---|---|---|"]
+        for key, (n, t, m) in digits:
+            seeds = digits_seeds.get(int(key[len("digits"):]), [])
+            mean = sum(seeds) / len(seeds) if seeds else None
+            spread = max(seeds) - min(seeds) if len(seeds) > 1 else None
+            lines.append(f"| {n} | {t:.4f} | "
+                         f"{'-' if mean is None else f'{mean:.4f}'} | "
+                         f"{'-' if spread is None else f'{spread:.4f}'} | "
+                         f"{m:.1f} |")
+    elif digits:
         lines += ["", "| digits demo | test top-1 | train minutes |",
                   "|---|---|---|"]
-        lines += [f"| {n} | {t:.4f} | {m:.1f} |" for n, t, m in digits]
+        lines += [f"| {n} | {t:.4f} | {m:.1f} |" for _, (n, t, m) in digits]
     return lines
 
 
@@ -224,7 +258,7 @@ def report_text(workdir):
     out = rows(workdir)
     gap, gain = summary(out)
     teacher = out.get("main0", (0, None))[1]
-    lines = table(out, teacher)
+    lines = table(out, teacher, digits_seed_scores(workdir))
     lines.append("")
     iterations = sorted(int(k[4:]) for k in out if k.startswith("main"))
     for i in [i for i in iterations if i > 0] or [2]:

@@ -211,3 +211,18 @@ def test_ablation_control_is_scored_from_its_metrics_and_eval(tmp_path):
     assert scores[("labels_only", 0)] == (0.73, 0.72)
     gains = study.ablation_gains(scores, [0], 1)
     assert gains["labels_only"] == pytest.approx([0.02])
+
+
+def test_digits_table_gives_the_seeds_mean_and_range(tmp_path):
+    fake_run(tmp_path, "digits", [0.90, 0.93, 0.95])
+    fake_run(tmp_path, "digits_s1", [0.92, 0.91, 0.96])
+    fake_run(tmp_path, "digits_s2", [0.94, 0.95, 0.94])
+    assert study.command("digits_s2") == ["--flagfile=flags/digits.cfg",
+                                          "--seed=2"]
+    seeds = study.digits_seed_scores(str(tmp_path))
+    assert seeds[0] == [0.90, 0.92, 0.94]
+    lines = study.table(study.rows(str(tmp_path)), None, seeds)
+    assert lines[-5].startswith("| digits demo | test top-1, seed 0 | "
+                                "mean over 3 seeds (--seed) | range |")
+    assert lines[-2] == ("| digits Noisy Student iteration 1 | 0.9300 | "
+                         "0.9300 | 0.0400 | 1.0 |")

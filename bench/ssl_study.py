@@ -527,8 +527,29 @@ def ablation_report_text(workdir, seeds):
         lines.append(f"no-noise share, {kind} labels: test "
                      f"{_fmt(no_noise_share(test_gains, kind), 2)}, "
                      f"validation {_fmt(no_noise_share(val_gains, kind), 2)}")
+    for kind in NOISE_PAIRS:
+        for part, gains in (("test", test_gains), ("validation", val_gains)):
+            effect = noise_effect(gains, kind)
+            if effect:
+                agree = ("same sign at every seed" if len(effect) > 1 and (
+                    all(e > 0 for e in effect) or all(e < 0 for e in effect))
+                         else "signs differ" if len(effect) > 1 else
+                         "one seed")
+                lines.append(
+                    f"noise effect (noised minus no noise), {kind} labels, "
+                    f"{part}: {', '.join(_fmt(e, sign=True) for e in effect)}"
+                    f" ({agree})")
     lines.append(f"seeds: {len(finished)}")
     return "\n".join(lines) + "\n", share, len(finished)
+
+
+def noise_effect(gains, label_type):
+    """[noised gain - no-noise gain, per seed] of one label type (paired:
+    the same seed's teacher and pseudo-labels); [] where missing."""
+    noised, plain = (gains.get(k, []) for k in NOISE_PAIRS[label_type])
+    if len(noised) != len(plain):
+        return []
+    return [a - b for a, b in zip(noised, plain)]
 
 
 def chosen_label_type(val_gains):

@@ -160,6 +160,8 @@ def test_ablation_gains_are_per_seed_against_that_seeds_teacher(tmp_path):
     assert seeds == 2 and share == pytest.approx(0.1)
     assert "no-noise share: 0.10" in text and "seeds: 2" in text
     assert ": soft labels" in text
+    assert ("noise effect (noised minus no noise), soft labels, test: "
+            "+0.0300, +0.0600 (same sign at every seed)") in text
     assert ("| iteration 1, soft labels, noised | 0.750 | 0.7400 | 0.660 | "
             "0.6600 | 0.705 | 0.7000 | 0.0800 |") in text
 

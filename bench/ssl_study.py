@@ -455,18 +455,26 @@ NOISE_PAIRS = {"soft": ("main", "no_noise"),
                "hard": ("hard_labels", "hard_no_noise")}
 
 
-def no_noise_share(gains, label_type="soft"):
+def no_noise_share(gains, label_type="soft", baseline=None):
     """Mean gain of the no-noise student over the noised one's, with
     `label_type` pseudo-labels; None where missing or when the noised
-    student gains nothing."""
+    student gains nothing. Gains are over the teacher, or over the
+    `baseline` run (e.g. the labels-only control) when given."""
     noised, plain = NOISE_PAIRS[label_type]
     full, plain = gains.get(noised), gains.get(plain)
     if not full or not plain or len(full) != len(plain):
         return None
-    mean_full = sum(full) / len(full)
+    mean = lambda v: sum(v) / len(v)  # noqa: E731
+    offset = 0.0
+    if baseline is not None:
+        base = gains.get(baseline)
+        if not base or len(base) != len(full):
+            return None
+        offset = mean(base)
+    mean_full = mean(full) - offset
     if mean_full <= 0:
         return None
-    return (sum(plain) / len(plain)) / mean_full
+    return (mean(plain) - offset) / mean_full
 
 
 def _fmt(value, digits=4, sign=False):
@@ -527,6 +535,11 @@ def ablation_report_text(workdir, seeds):
         lines.append(f"no-noise share, {kind} labels: test "
                      f"{_fmt(no_noise_share(test_gains, kind), 2)}, "
                      f"validation {_fmt(no_noise_share(val_gains, kind), 2)}")
+    for kind in NOISE_PAIRS:
+        lines.append(
+            f"no-noise share over the labels-only control, {kind} labels: "
+            f"test {_fmt(no_noise_share(test_gains, kind, CONTROL), 2)}, "
+            f"validation {_fmt(no_noise_share(val_gains, kind, CONTROL), 2)}")
     for kind in NOISE_PAIRS:
         for part, gains in (("test", test_gains), ("validation", val_gains)):
             effect = noise_effect(gains, kind)

@@ -213,6 +213,10 @@ def test_ablation_control_is_scored_from_its_metrics_and_eval(tmp_path):
     assert scores[("labels_only", 0)] == (0.73, 0.72)
     gains = study.ablation_gains(scores, [0], 1)
     assert gains["labels_only"] == pytest.approx([0.02])
+    gains["no_noise"] = [0.025]
+    # Over the control: (0.025 - 0.02) / (0.04 - 0.02).
+    assert study.no_noise_share(gains, "soft", "labels_only") == \
+        pytest.approx(0.25)
 
 
 def test_digits_table_gives_the_seeds_mean_and_range(tmp_path):

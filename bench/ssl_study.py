@@ -300,6 +300,8 @@ ABLATION_RUNS = {
                     True),
     "hard_no_noise": ("flags/fashion_mnist_ablation/hard_no_noise.cfg",
                       "hard", False),
+    # Noise strength: RandAugment M=10 instead of 5.
+    "hard_m10": ("flags/fashion_mnist_ablation/hard_m10.cfg", "hard", True),
 }
 
 
@@ -490,7 +492,9 @@ def ablation_report_text(workdir, seeds):
              CONTROL: "control: the teacher trained on, labels only"}
     for run, (_, labels, noised) in ABLATION_RUNS.items():
         names[run] = (f"iteration 1, {labels} labels, "
-                      f"{'noised' if noised else 'no noise'}")
+                      f"{'noised' if noised else 'no noise'}"
+                      + (", RandAugment M=10" if run.endswith("_m10")
+                         else ""))
     head = ["run"]
     for seed in seeds:
         head += [f"seed {seed} val", f"seed {seed} test"]

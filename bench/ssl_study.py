@@ -37,7 +37,8 @@ BENCHMARKS.md (and README.md) only with --write_tables.
 --study=ablation runs the controlled ablation study instead (BENCHMARKS.md,
 "Where the gain comes from"): 250 labels of a seeded 7,000-image subset of
 the Fashion-MNIST train split, a teacher, four iteration-1 students that
-cross soft / hard pseudo-labels with noise on / off, and a control (the
+cross soft / hard pseudo-labels with noise on / off, one with hard labels
+and RandAugment M=10 (hard_m10), and a control (the
 teacher trained on as long as a student, labels only: ns-train, ns-eval;
 flags/fashion_mnist_ablation/labels_only.cfg), each for
 every seed of --seeds (`--seed` and `--split_seed` both set to it; work

@@ -17,7 +17,10 @@ flags/fashion_mnist_1000.cfg; digits: flags/digits.cfg):
   init_from_teacher  iteration 1 started from the teacher's weights;
   supervised         the teacher's model and recipe on all 60,000 labels,
                      trained on as many images as one student sees;
-  digits             the README's demo, flags/digits.cfg.
+  digits             the README's demo, flags/digits.cfg (seed 0, the
+                     README's command);
+  digits_s1, _s2     the same command with --seed=1 and 2: the table gives
+                     the mean and range over the seeds beside seed 0.
 
 Ablations reuse the main run's teacher and iteration-1 pseudo-labels: their
 work directory starts as a copy of main's round 0 and round 1 predict/select
@@ -28,12 +31,32 @@ A killed study resumes: rerun the same command (finished stages are skipped).
   python bench/ssl_study.py --workdir=/tmp/ns-study --runs=main,supervised
   python bench/ssl_study.py --workdir=/tmp/ns-study --report_only
 
+The tables are printed; they replace the ones in this checkout's
+BENCHMARKS.md (and README.md) only with --write_tables.
+
+--study=ablation runs the controlled ablation study instead (BENCHMARKS.md,
+"Where the gain comes from"): 250 labels of a seeded 7,000-image subset of
+the Fashion-MNIST train split, a teacher, four iteration-1 students that
+cross soft / hard pseudo-labels with noise on / off, one with hard labels
+and RandAugment M=10 (hard_m10), and a control (the
+teacher trained on as long as a student, labels only: ns-train, ns-eval;
+flags/fashion_mnist_ablation/labels_only.cfg), each for
+every seed of --seeds (`--seed` and `--split_seed` both set to it; work
+directories WORKDIR/s<seed>/<run>; flagfiles
+flags/fashion_mnist_ablation/<run>.cfg). It writes the subset, an .npz, to
+the path its flagfile reads (ABLATION_DATA) when missing, and reports each
+run's validation and test top-1 per seed, the mean and the seed range:
+
+  python bench/ssl_study.py --study=ablation --workdir=/tmp/ns-abl --seeds=0,1
+
 Needs Debian's dataset-fashion-mnist. Last line:
 RESULT ssl_study gap_closed_2=<x> no_noise_gain_fraction=<y>
+(ablation: RESULT ssl_study_ablation no_noise_share=<x> seeds=<n>)
 """
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -43,7 +66,8 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ABLATIONS = ("no_noise", "hard_labels", "no_filter", "init_from_teacher")
-RUNS = ("main",) + ABLATIONS + ("supervised", "digits")
+DIGITS_SEEDS = ("digits_s1", "digits_s2")
+RUNS = ("main",) + ABLATIONS + ("supervised", "digits") + DIGITS_SEEDS
 FLAGFILES = {"main": "flags/fashion_mnist_1000.cfg",
              "digits": "flags/digits.cfg"}
 # Stages an ablation takes from the main run.
@@ -53,6 +77,8 @@ SHARED_STAGES = ("round0/train", "round0/eval", "round1/predict",
 
 def command(run):
     """The noisy-student arguments of one run."""
+    if run in DIGITS_SEEDS:
+        return ["--flagfile=flags/digits.cfg", f"--seed={run[len('digits_s'):]}"]
     flagfile = FLAGFILES.get(run, f"flags/fashion_mnist_1000/{run}.cfg")
     # Ablations redo the stages their flags change in a copy of main's.
     return [f"--flagfile={flagfile}"] + (
@@ -171,7 +197,22 @@ def summary(out):
     return gap_closed(out, 2), gain
 
 
-def table(out, teacher):
+def digits_seed_scores(workdir):
+    """{round: [test top-1 of seed 0, 1, ...]} of the digits runs that
+    finished (seed 0: the run "digits"); {} without another seed."""
+    scores = {}
+    for run in ("digits",) + DIGITS_SEEDS:
+        result = load(workdir, run)
+        for r in result[0] if result else []:
+            scores.setdefault(r["round"], []).append(r["test_top1"])
+    if max((len(v) for v in scores.values()), default=0) < 2:
+        return {}
+    return scores
+
+
+def table(out, teacher, digits_seeds=None):
+    """The results table lines; `digits_seeds` (digits_seed_scores) adds
+    the mean and range over the digits seeds beside seed 0."""
     lines = ["| run | test top-1 | vs teacher | train minutes |",
              "|---|---|---|---|"]
     for key, (name, top1, mins) in out.items():
@@ -179,22 +220,35 @@ def table(out, teacher):
             continue
         delta = "" if teacher is None else f"{top1 - teacher:+.4f}"
         lines.append(f"| {name} | {top1:.4f} | {delta} | {mins:.1f} |")
-    digits = [v for k, v in out.items() if k.startswith("digits")]
-    if digits:
+    digits = [(k, v) for k, v in out.items() if k.startswith("digits")]
+    if digits and digits_seeds:
+        count = max(len(v) for v in digits_seeds.values())
+        lines += ["", f"| digits demo | test top-1, seed 0 | mean over "
+                  f"{count} seeds (--seed) | range | train minutes, seed 0 |",
+                  "|---|---|---|---|---|"]
+        for key, (n, t, m) in digits:
+            seeds = digits_seeds.get(int(key[len("digits"):]), [])
+            mean = sum(seeds) / len(seeds) if seeds else None
+            spread = max(seeds) - min(seeds) if len(seeds) > 1 else None
+            lines.append(f"| {n} | {t:.4f} | "
+                         f"{'-' if mean is None else f'{mean:.4f}'} | "
+                         f"{'-' if spread is None else f'{spread:.4f}'} | "
+                         f"{m:.1f} |")
+    elif digits:
         lines += ["", "| digits demo | test top-1 | train minutes |",
                   "|---|---|---|"]
-        lines += [f"| {n} | {t:.4f} | {m:.1f} |" for n, t, m in digits]
+        lines += [f"| {n} | {t:.4f} | {m:.1f} |" for _, (n, t, m) in digits]
     return lines
 
 
-def replace_block(path, text):
-    """Rewrites what lies between the ssl_study markers of `path`."""
+def replace_block(path, text, marker="ssl_study"):
+    """Rewrites what lies between the `marker` markers of `path`."""
     with open(path) as f:
         content = f.read()
-    pattern = re.compile(r"(<!-- ssl_study:begin -->\n).*?(<!-- ssl_study:end -->)",
-                         re.S)
+    pattern = re.compile(rf"(<!-- {marker}:begin -->\n).*?"
+                         rf"(<!-- {marker}:end -->)", re.S)
     if not pattern.search(content):
-        raise SystemExit(f"Expected ssl_study markers in {path}.")
+        raise SystemExit(f"Expected {marker} markers in {path}.")
     content = pattern.sub(lambda m: m.group(1) + text + m.group(2), content)
     with open(path, "w") as f:
         f.write(content)
@@ -205,7 +259,7 @@ def report_text(workdir):
     out = rows(workdir)
     gap, gain = summary(out)
     teacher = out.get("main0", (0, None))[1]
-    lines = table(out, teacher)
+    lines = table(out, teacher, digits_seed_scores(workdir))
     lines.append("")
     iterations = sorted(int(k[4:]) for k in out if k.startswith("main"))
     for i in [i for i in iterations if i > 0] or [2]:
@@ -220,31 +274,373 @@ def report_text(workdir):
     return "\n".join(lines) + "\n", gap, gain
 
 
-def report(workdir):
-    """Prints the results block and writes it into BENCHMARKS and README."""
+def report(workdir, write_tables=False):
+    """Prints the results block; with `write_tables`, writes it into this
+    checkout's BENCHMARKS.md and README.md."""
     text, gap, gain = report_text(workdir)
     print(text)
-    for name in ("BENCHMARKS.md", "README.md"):
-        replace_block(os.path.join(REPO, name), text)
+    if write_tables:
+        for name in ("BENCHMARKS.md", "README.md"):
+            replace_block(os.path.join(REPO, name), text)
     return gap, gain
+
+
+# --------------------------------------------------------------------------
+# The controlled ablation study (--study=ablation).
+
+ABLATION_DATA = "/tmp/ns-abl-data/fashion_mnist_7000.npz"
+ABLATION_SUBSET_SIZE = 7000
+ABLATION_SUBSET_SEED = 0
+FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+# run: (flagfile, pseudo-labels, noised), main first (the others reuse its
+# teacher and predictions).
+ABLATION_RUNS = {
+    "main": ("flags/fashion_mnist_ablation/main.cfg", "soft", True),
+    "no_noise": ("flags/fashion_mnist_ablation/no_noise.cfg", "soft", False),
+    "hard_labels": ("flags/fashion_mnist_ablation/hard_labels.cfg", "hard",
+                    True),
+    "hard_no_noise": ("flags/fashion_mnist_ablation/hard_no_noise.cfg",
+                      "hard", False),
+    # Noise strength: RandAugment M=10 instead of 5.
+    "hard_m10": ("flags/fashion_mnist_ablation/hard_m10.cfg", "hard", True),
+}
+
+
+def write_subset(path=ABLATION_DATA, size=ABLATION_SUBSET_SIZE,
+                 seed=ABLATION_SUBSET_SEED):
+    """Writes `size` seeded images of Fashion-MNIST's train split as an npz
+    (arrays x uint8 [N, 28, 28], y int [N], in train order); a no-op when
+    the file exists. Atomic: a temporary name, then a rename."""
+    if os.path.exists(path):
+        return
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    sys.path.insert(0, REPO)
+    from noisy_student.data import sources  # pylint: disable=g-import-not-at-top
+    source = sources.load_source(f"idx:{FASHION_MNIST}:train", channels=1)
+    batch = next(source.dataset.batch(source.num_examples).as_numpy_iterator())
+    rows = np.sort(np.random.default_rng(seed).permutation(
+        source.num_examples)[:size])
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    temp = path + ".tmp.npz"
+    np.savez(temp, x=batch["image"][rows, ..., 0], y=batch["label"][rows])
+    os.replace(temp, path)
+
+
+def ablation_command(run, seed):
+    """The pipeline arguments of one ablation-study run at one seed."""
+    argv = [f"--flagfile={ABLATION_RUNS[run][0]}", f"--seed={seed}",
+            f"--split_seed={seed}"]
+    return argv + (["--overwrite"] if run != "main" else [])
+
+
+def run_ablation(workdir, run, seed):
+    """Runs (or resumes) one run of the ablation study in WORKDIR/s<seed>."""
+    seed_dir = os.path.join(workdir, f"s{seed}")
+    folder = os.path.join(seed_dir, run)
+    if run != "main":
+        seed_from_main(seed_dir, run)
+    argv = [sys.executable, "-m", "noisy_student.cli.pipeline",
+            f"--workdir={folder}"] + ablation_command(run, seed)
+    print(f"[ssl_study] s{seed}/{run}: {' '.join(argv[1:])}", flush=True)
+    os.makedirs(folder, exist_ok=True)
+    started = time.time()
+    # This checkout's package, not an installed one.
+    env = {**os.environ, "PYTHONPATH": REPO}
+    with open(os.path.join(folder, "study.log"), "a") as log:
+        subprocess.run(argv, cwd=REPO, check=True, stdout=log,
+                       stderr=subprocess.STDOUT, env=env)
+    print(f"[ssl_study] s{seed}/{run}: done in {time.time() - started:.0f} s",
+          flush=True)
+
+
+CONTROL = "labels_only"
+CONTROL_FLAGFILE = "flags/fashion_mnist_ablation/labels_only.cfg"
+
+
+def run_control(workdir, seed):
+    """The labels-only control at one seed: ns-train from the seed's
+    teacher (resumed when rerun), then ns-eval on test (once)."""
+    seed_dir = os.path.join(workdir, f"s{seed}")
+    folder = os.path.join(seed_dir, CONTROL)
+    teacher = os.path.join(seed_dir, "main", "round0", "train")
+    if not os.path.exists(os.path.join(teacher, "model.keras")):
+        raise SystemExit(f"Expected the teacher {teacher} before the "
+                         f"{CONTROL} control; run --runs=main first.")
+    os.makedirs(folder, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": REPO}
+    commands = [[sys.executable, "-m", "noisy_student.cli.train",
+                 f"--flagfile={CONTROL_FLAGFILE}", f"--init_from={teacher}",
+                 f"--model_dir={folder}", f"--seed={seed}",
+                 f"--split_seed={seed}"]]
+    if not os.path.exists(os.path.join(folder, "eval", "results.json")):
+        commands.append([sys.executable, "-m", "noisy_student.cli.evaluate",
+                         f"--model_path={folder}",
+                         f"--test=idx:{FASHION_MNIST}:test",
+                         f"--output_dir={os.path.join(folder, 'eval')}"])
+    with open(os.path.join(folder, "study.log"), "a") as log:
+        for argv in commands:
+            print(f"[ssl_study] s{seed}/{CONTROL}: {' '.join(argv[1:])}",
+                  flush=True)
+            subprocess.run(argv, cwd=REPO, check=True, stdout=log,
+                           stderr=subprocess.STDOUT, env=env)
+
+
+def control_scores(workdir, seed):
+    """(validation, test) of the seed's finished control, or None."""
+    folder = os.path.join(workdir, f"s{seed}", CONTROL)
+    try:
+        with open(os.path.join(folder, "metrics.json")) as f:
+            evals = json.load(f)["evals"]
+        with open(os.path.join(folder, "eval", "results.json")) as f:
+            test = json.load(f)["clean"]["top1"]
+    except (FileNotFoundError, KeyError):
+        return None
+    return (evals[-1]["top1"] if evals else None), test
+
+
+def last_validation(folder, index):
+    """Validation top-1 of round `index`'s model at its last step."""
+    try:
+        with open(os.path.join(folder, f"round{index}", "train",
+                               "metrics.json")) as f:
+            evals = json.load(f)["evals"]
+    except FileNotFoundError:
+        return None
+    return evals[-1]["top1"] if evals else None
+
+
+def ablation_scores(workdir, seeds):
+    """{(key, seed): (validation, test)}, key "teacher" or a run name; only
+    finished models."""
+    scores = {}
+    for seed in seeds:
+        for run in ABLATION_RUNS:
+            folder = os.path.join(workdir, f"s{seed}", run)
+            result = load(os.path.join(workdir, f"s{seed}"), run)
+            for r in result[0] if result else []:
+                key = "teacher" if r["round"] == 0 else run
+                if r["round"] > 1 or (key == "teacher" and run != "main"):
+                    continue
+                scores[(key, seed)] = (last_validation(folder, r["round"]),
+                                       r["test_top1"])
+        control = control_scores(workdir, seed)
+        if control:
+            scores[(CONTROL, seed)] = control
+    return scores
+
+
+def mean_and_range(values):
+    """(mean, max - min) of the values that are not None; None if none."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    spread = max(values) - min(values) if len(values) > 1 else None
+    return sum(values) / len(values), spread
+
+
+def ablation_gains(scores, seeds, part):
+    """{run: [gain over the same seed's teacher, per seed]} (part 0:
+    validation, 1: test), for seeds where both are finished."""
+    gains = {}
+    for run in list(ABLATION_RUNS) + [CONTROL]:
+        for seed in seeds:
+            student, teacher = (scores.get((k, seed)) for k in
+                                (run, "teacher"))
+            if student and teacher and None not in (student[part],
+                                                    teacher[part]):
+                gains.setdefault(run, []).append(student[part] -
+                                                 teacher[part])
+    return gains
+
+
+# The noised run of each label type and its no-noise ablation.
+NOISE_PAIRS = {"soft": ("main", "no_noise"),
+               "hard": ("hard_labels", "hard_no_noise")}
+
+
+def no_noise_share(gains, label_type="soft", baseline=None):
+    """Mean gain of the no-noise student over the noised one's, with
+    `label_type` pseudo-labels; None where missing or when the noised
+    student gains nothing. Gains are over the teacher, or over the
+    `baseline` run (e.g. the labels-only control) when given."""
+    noised, plain = NOISE_PAIRS[label_type]
+    full, plain = gains.get(noised), gains.get(plain)
+    if not full or not plain or len(full) != len(plain):
+        return None
+    mean = lambda v: sum(v) / len(v)  # noqa: E731
+    offset = 0.0
+    if baseline is not None:
+        base = gains.get(baseline)
+        if not base or len(base) != len(full):
+            return None
+        offset = mean(base)
+    mean_full = mean(full) - offset
+    if mean_full <= 0:
+        return None
+    return (mean(plain) - offset) / mean_full
+
+
+def _fmt(value, digits=4, sign=False):
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
+
+
+def ablation_report_text(workdir, seeds):
+    """(the ablation block, no-noise share on test, seeds finished)."""
+    scores = ablation_scores(workdir, seeds)
+    names = {"teacher": "teacher (250 labels)",
+             CONTROL: "control: the teacher trained on, labels only"}
+    for run, (_, labels, noised) in ABLATION_RUNS.items():
+        names[run] = (f"iteration 1, {labels} labels, "
+                      f"{'noised' if noised else 'no noise'}"
+                      + (", RandAugment M=10" if run.endswith("_m10")
+                         else ""))
+    head = ["run"]
+    for seed in seeds:
+        head += [f"seed {seed} val", f"seed {seed} test"]
+    head += ["mean val", "mean test", "test range"]
+    lines = ["| " + " | ".join(head) + " |",
+             "|" + "---|" * len(head)]
+    for key in ["teacher"] + list(ABLATION_RUNS) + [CONTROL]:
+        cells = [names[key]]
+        vals, tests = [], []
+        for seed in seeds:
+            val, test = scores.get((key, seed), (None, None))
+            vals.append(val)
+            tests.append(test)
+            cells += [_fmt(val, 3), _fmt(test)]
+        if all(v is None for v in tests):
+            continue
+        cells += [_fmt(mean_and_range(vals)[0], 3),
+                  _fmt(mean_and_range(tests)[0]),
+                  _fmt(mean_and_range(tests)[1])]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "| gain over the seed's teacher | per seed, test | "
+              "mean test | per seed, validation | mean validation |",
+              "|---|---|---|---|---|"]
+    test_gains = ablation_gains(scores, seeds, 1)
+    val_gains = ablation_gains(scores, seeds, 0)
+    for run in list(ABLATION_RUNS) + [CONTROL]:
+        if run not in test_gains:
+            continue
+        t, v = test_gains[run], val_gains.get(run, [])
+        lines.append(
+            f"| {names[run]} | {', '.join(_fmt(g, sign=True) for g in t)} | "
+            f"{_fmt(sum(t) / len(t), sign=True)} | "
+            f"{', '.join(_fmt(g, 3, True) for g in v)} | "
+            f"{_fmt(sum(v) / len(v) if v else None, 3, True)} |")
+    label_type = chosen_label_type(val_gains)
+    share = no_noise_share(test_gains, label_type)
+    finished = sorted({seed for (key, seed) in scores if key == "main"})
+    lines += ["", f"configuration (the noised student's label type with "
+              f"the higher mean validation gain): {label_type} labels",
+              "no-noise share: " + _fmt(share, 2)]
+    for kind in NOISE_PAIRS:
+        lines.append(f"no-noise share, {kind} labels: test "
+                     f"{_fmt(no_noise_share(test_gains, kind), 2)}, "
+                     f"validation {_fmt(no_noise_share(val_gains, kind), 2)}")
+    for kind in NOISE_PAIRS:
+        lines.append(
+            f"no-noise share over the labels-only control, {kind} labels: "
+            f"test {_fmt(no_noise_share(test_gains, kind, CONTROL), 2)}, "
+            f"validation {_fmt(no_noise_share(val_gains, kind, CONTROL), 2)}")
+    for kind in NOISE_PAIRS:
+        for part, gains in (("test", test_gains), ("validation", val_gains)):
+            effect = noise_effect(gains, kind)
+            if effect:
+                agree = ("same sign at every seed" if len(effect) > 1 and (
+                    all(e > 0 for e in effect) or all(e < 0 for e in effect))
+                         else "signs differ" if len(effect) > 1 else
+                         "one seed")
+                lines.append(
+                    f"noise effect (noised minus no noise), {kind} labels, "
+                    f"{part}: {', '.join(_fmt(e, sign=True) for e in effect)}"
+                    f" ({agree})")
+    lines.append(f"seeds: {len(finished)}")
+    return "\n".join(lines) + "\n", share, len(finished)
+
+
+def noise_effect(gains, label_type):
+    """[noised gain - no-noise gain, per seed] of one label type (paired:
+    the same seed's teacher and pseudo-labels); [] where missing."""
+    noised, plain = (gains.get(k, []) for k in NOISE_PAIRS[label_type])
+    if len(noised) != len(plain):
+        return []
+    return [a - b for a, b in zip(noised, plain)]
+
+
+def chosen_label_type(val_gains):
+    """"soft" or "hard": the noised student with the higher mean validation
+    gain (the validation slice makes the choice; soft on a tie or when
+    missing)."""
+    mean = lambda v: sum(v) / len(v) if v else float("-inf")  # noqa: E731
+    soft, hard = (mean(val_gains.get(NOISE_PAIRS[k][0], []))
+                  for k in ("soft", "hard"))
+    return "hard" if hard > soft else "soft"
+
+
+def ablation_main(args):
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    known = tuple(ABLATION_RUNS) + (CONTROL,)
+    runs = [r for r in args.runs.split(",") if r] if args.runs else list(
+        known)
+    unknown = sorted(set(runs) - set(known))
+    if unknown:
+        raise SystemExit(f"Expected runs in {known}. "
+                         f"Received: --runs={args.runs}")
+    workdir = os.path.abspath(args.workdir)
+    if not args.report_only:
+        write_subset()
+        for seed in seeds:
+            for run in runs:
+                if run == CONTROL:
+                    run_control(workdir, seed)
+                else:
+                    run_ablation(workdir, run, seed)
+    text, share, finished = ablation_report_text(workdir, seeds)
+    print(text)
+    if args.write_tables:
+        replace_block(os.path.join(REPO, "BENCHMARKS.md"), text,
+                      marker="ssl_study_ablation")
+    print(f"RESULT ssl_study_ablation no_noise_share={_fmt(share, 2)} "
+          f"seeds={finished}")
+    return 0
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--workdir", required=True)
-    parser.add_argument("--runs", default=",".join(RUNS),
-                        help=f"Comma-separated subset of {','.join(RUNS)}.")
+    parser.add_argument("--study", default="fashion_mnist_1000",
+                        choices=("fashion_mnist_1000", "ablation"),
+                        help="fashion_mnist_1000: the 1,000-label study "
+                        "(one seed); ablation: the 2x2 of soft/hard "
+                        "pseudo-labels and noise on/off, per seed.")
+    parser.add_argument("--workdir", required=True,
+                        help="Folder of the runs' work directories.")
+    parser.add_argument("--runs", default=None,
+                        help=f"Comma-separated subset of {','.join(RUNS)} "
+                        f"(ablation: {','.join(ABLATION_RUNS)}); default: "
+                        "all.")
+    parser.add_argument("--seeds", default="0,1",
+                        help="Comma-separated seeds of the ablation study "
+                        "(each run's --seed and --split_seed).")
     parser.add_argument("--report_only", action="store_true",
-                        help="Only rewrite the tables from finished runs.")
+                        help="Only print the tables from finished runs.")
+    parser.add_argument("--write_tables", action="store_true",
+                        help="Also write the tables into this checkout's "
+                        "BENCHMARKS.md (and README.md), between the "
+                        "ssl_study (ssl_study_ablation) markers.")
     args = parser.parse_args()
-    runs = [r for r in args.runs.split(",") if r]
+    if args.study == "ablation":
+        return ablation_main(args)
+    runs = [r for r in (args.runs or ",".join(RUNS)).split(",") if r]
     unknown = sorted(set(runs) - set(RUNS))
     if unknown:
         raise SystemExit(f"Expected runs in {RUNS}. Received: {unknown}")
     if not args.report_only:
         for run in runs:
             run_one(os.path.abspath(args.workdir), run)
-    gap, gain = report(os.path.abspath(args.workdir))
+    gap, gain = report(os.path.abspath(args.workdir), args.write_tables)
     fmt = lambda x: "nan" if x is None else f"{x:.2f}"  # noqa: E731
     print(f"RESULT ssl_study gap_closed_2={fmt(gap)} "
           f"no_noise_gain_fraction={fmt(gain)}")

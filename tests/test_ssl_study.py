@@ -120,3 +120,115 @@ def test_table_lists_fashion_runs_then_the_digits_demo(tmp_path):
     digits = lines[lines.index("| digits demo | test top-1 | train minutes |"):]
     assert digits[2:] == ["| digits teacher (100 labels) | 0.9000 | 1.0 |",
                           "| digits Noisy Student iteration 1 | 0.9300 | 1.0 |"]
+
+
+def fake_ablation_run(workdir, seed, run, tests, vals):
+    """A finished run of the ablation study: rounds 0 and 1 (tests), and
+    each round's validation curve ending at vals[i]."""
+    folder = workdir / f"s{seed}" / run
+    fake_run(workdir / f"s{seed}", run, tests)
+    for i, val in enumerate(vals):
+        (folder / f"round{i}" / "train").mkdir(parents=True)
+        (folder / f"round{i}" / "train" / "metrics.json").write_text(
+            json.dumps({"evals": [{"step": 1, "top1": 0.1},
+                                  {"step": 2, "top1": val}]}))
+    return folder
+
+
+def test_ablation_runs_have_flagfiles_and_set_both_seeds():
+    for run in study.ABLATION_RUNS:
+        argv = study.ablation_command(run, 3)
+        assert (REPO / argv[0].split("=", 1)[1]).is_file(), run
+        assert "--seed=3" in argv and "--split_seed=3" in argv
+        assert ("--overwrite" in argv) == (run != "main")
+
+
+def test_ablation_gains_are_per_seed_against_that_seeds_teacher(tmp_path):
+    fake_ablation_run(tmp_path, 0, "main", [0.70, 0.74], [0.71, 0.75])
+    fake_ablation_run(tmp_path, 0, "no_noise", [0.70, 0.71], [0.71, 0.72])
+    fake_ablation_run(tmp_path, 1, "main", [0.60, 0.66], [0.61, 0.66])
+    fake_ablation_run(tmp_path, 1, "no_noise", [0.60, 0.60], [0.61, 0.60])
+    scores = study.ablation_scores(str(tmp_path), [0, 1])
+    assert scores[("teacher", 1)] == (0.61, 0.60)  # Last validation eval.
+    assert scores[("no_noise", 0)] == (0.72, 0.71)
+    gains = study.ablation_gains(scores, [0, 1], 1)
+    assert gains["main"] == pytest.approx([0.04, 0.06])
+    assert gains["no_noise"] == pytest.approx([0.01, 0.0])
+    assert study.no_noise_share(gains) == pytest.approx(0.01 / 0.10)
+    assert study.no_noise_share(gains, "hard") is None  # Not run.
+    text, share, seeds = study.ablation_report_text(str(tmp_path), [0, 1])
+    assert seeds == 2 and share == pytest.approx(0.1)
+    assert "no-noise share: 0.10" in text and "seeds: 2" in text
+    assert ": soft labels" in text
+    assert ("noise effect (noised minus no noise), soft labels, test: "
+            "+0.0300, +0.0600 (same sign at every seed)") in text
+    assert ("| iteration 1, soft labels, noised | 0.750 | 0.7400 | 0.660 | "
+            "0.6600 | 0.705 | 0.7000 | 0.0800 |") in text
+
+
+def test_ablation_share_is_none_when_the_method_gains_nothing(tmp_path):
+    fake_ablation_run(tmp_path, 0, "main", [0.70, 0.69], [0.71, 0.70])
+    fake_ablation_run(tmp_path, 0, "no_noise", [0.70, 0.71], [0.71, 0.72])
+    gains = study.ablation_gains(study.ablation_scores(str(tmp_path), [0]),
+                                 [0], 1)
+    assert study.no_noise_share(gains) is None
+
+
+def test_tables_are_written_only_when_asked(tmp_path, monkeypatch):
+    fake_run(tmp_path, "main", [0.80, 0.84])
+    written = []
+    monkeypatch.setattr(study, "replace_block",
+                        lambda path, text, marker="ssl_study":
+                        written.append(path))
+    study.report(str(tmp_path))
+    assert not written
+    study.report(str(tmp_path), write_tables=True)
+    assert sorted(p.rsplit("/", 1)[1] for p in written) == [
+        "BENCHMARKS.md", "README.md"]
+
+
+def test_ablation_configuration_is_chosen_on_validation(tmp_path):
+    # Hard labels win on validation, soft on test: validation decides.
+    fake_ablation_run(tmp_path, 0, "main", [0.70, 0.76], [0.70, 0.72])
+    fake_ablation_run(tmp_path, 0, "hard_labels", [0.70, 0.72], [0.70, 0.75])
+    fake_ablation_run(tmp_path, 0, "hard_no_noise", [0.70, 0.71],
+                      [0.70, 0.70])
+    text, share, _ = study.ablation_report_text(str(tmp_path), [0])
+    assert ": hard labels" in text
+    assert share == pytest.approx(0.01 / 0.02)
+    # One seed: a mean but no range.
+    assert "| teacher (250 labels) | 0.700 | 0.7000 | 0.700 | 0.7000 | - |" \
+        in text
+
+
+def test_ablation_control_is_scored_from_its_metrics_and_eval(tmp_path):
+    fake_ablation_run(tmp_path, 0, "main", [0.70, 0.74], [0.71, 0.75])
+    control = tmp_path / "s0" / "labels_only"
+    (control / "eval").mkdir(parents=True)
+    (control / "metrics.json").write_text(json.dumps(
+        {"evals": [{"step": 600, "top1": 0.73}]}))
+    (control / "eval" / "results.json").write_text(json.dumps(
+        {"clean": {"top1": 0.72}}))
+    scores = study.ablation_scores(str(tmp_path), [0])
+    assert scores[("labels_only", 0)] == (0.73, 0.72)
+    gains = study.ablation_gains(scores, [0], 1)
+    assert gains["labels_only"] == pytest.approx([0.02])
+    gains["no_noise"] = [0.025]
+    # Over the control: (0.025 - 0.02) / (0.04 - 0.02).
+    assert study.no_noise_share(gains, "soft", "labels_only") == \
+        pytest.approx(0.25)
+
+
+def test_digits_table_gives_the_seeds_mean_and_range(tmp_path):
+    fake_run(tmp_path, "digits", [0.90, 0.93, 0.95])
+    fake_run(tmp_path, "digits_s1", [0.92, 0.91, 0.96])
+    fake_run(tmp_path, "digits_s2", [0.94, 0.95, 0.94])
+    assert study.command("digits_s2") == ["--flagfile=flags/digits.cfg",
+                                          "--seed=2"]
+    seeds = study.digits_seed_scores(str(tmp_path))
+    assert seeds[0] == [0.90, 0.92, 0.94]
+    lines = study.table(study.rows(str(tmp_path)), None, seeds)
+    assert lines[-5].startswith("| digits demo | test top-1, seed 0 | "
+                                "mean over 3 seeds (--seed) | range |")
+    assert lines[-2] == ("| digits Noisy Student iteration 1 | 0.9300 | "
+                         "0.9300 | 0.0400 | 1.0 |")

@@ -1,0 +1,189 @@
+"""The student is noised where the paper noises it (Xie et al. 2020, Sec. 2).
+
+The teacher labels clean images; the student sees the same images through
+RandAugment, and its forward pass runs with dropout and stochastic depth.
+These tests take the student's settings from the `noisy-student` command's
+own flag parsing (`flags/digits.cfg`, shrunk to a tiny model), build its
+input stream with `pipeline.train_dataset_fn` and its model with
+`train_lib.build_model`, as `stages.run_train` does, and check each noise
+source on the unlabeled half of a student batch. Each check is paired with
+the same computation with that noise switched off (`--student_augment=none`,
+`--student_dropout=0`, `--student_stochastic_depth_rate=0`), which must
+show no difference: the tests see the noise, not some other randomness.
+"""
+
+import dataclasses
+import os
+
+from absl import flags
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from noisy_student import losses
+from noisy_student import train_lib
+from noisy_student.data import pipeline
+from noisy_student.data import preprocess
+from noisy_student.data import sources
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The digits demo's student (RandAugment N=2 M=5, dropout 0.2 = the
+# default of a wW-dD model, stochastic depth 0.2), on a tiny model.
+TINY = [
+    f"--flagfile={ROOT}/flags/digits.cfg", "--teacher_model=w0.25-d0.5",
+    "--image_size=16", "--batch_size=16", "--unlabel_ratio=2",
+    "--iterations=1",
+]
+NUM_UNLABELED = 10  # One image per class: the one-hot target names it.
+
+
+@pytest.fixture
+def student(tmp_path):
+    """fn(*extra_flags) -> (student TrainConfig, InputConfig) of the
+    noisy-student command."""
+    from noisy_student.cli import pipeline as cli  # pylint: disable=g-import-not-at-top
+
+    def parse(*extra):
+        flags.FLAGS.unparse_flags()
+        flags.FLAGS(["noisy-student", f"--workdir={tmp_path}", *TINY,
+                     *extra])
+        config = cli.experiment_config()
+        return config.student, config.student_input
+
+    yield parse
+    flags.FLAGS.unparse_flags()
+
+
+def _unlabeled():
+    """NUM_UNLABELED digits:test images (uint8 [N, 8, 8, 3]), image i with
+    the one-hot pseudo-label i, so a batch row tells which image it is."""
+    source = sources.load_source("digits:test", labeled=False, channels=3)
+    images = np.stack([d["image"] for d in
+                       source.dataset.take(NUM_UNLABELED).as_numpy_iterator()])
+    return images, np.eye(NUM_UNLABELED, dtype=np.float32)
+
+
+def _first_batch(input_config, num_classes):
+    """The first batch of the student's real input stream."""
+    labeled = sources.load_source("digits:train", channels=3).dataset.take(64)
+    images, targets = _unlabeled()
+    unlabeled = tf.data.Dataset.from_tensor_slices(
+        {"image": images, "target": targets})
+    dataset_fn = pipeline.train_dataset_fn(labeled, input_config, unlabeled,
+                                           num_classes)
+    return next(iter(dataset_fn()))
+
+
+def test_unlabeled_images_are_randaugmented_versions_of_the_teachers(
+        student):
+    config, input_config = student()
+    assert input_config.augment == "randaugment"
+    assert input_config.magnitude == 5
+    batch = _first_batch(input_config, config.num_classes)["unlabeled"]
+    # The same stream without RandAugment: the same seed gives the same
+    # images in the same order with the same base crop and flip (their
+    # seeds do not depend on the augmenter), so what differs is RandAugment.
+    _, plain_input = student("--student_augment=none")
+    plain = _first_batch(plain_input, config.num_classes)["unlabeled"]
+    np.testing.assert_array_equal(batch["target"], plain["target"])
+
+    images, _ = _unlabeled()
+    which = np.argmax(batch["target"].numpy(), axis=-1)
+    # What the teacher saw when it labeled image i (the predict stage's
+    # transform): the whole image, clean.
+    clean = np.stack([preprocess.eval_image(images[i], config.image_size,
+                                            3).numpy() for i in which])
+    clean = clean.astype(np.float32)
+    noised = batch["image"].numpy()
+    base = plain["image"].numpy()
+    per_image = lambda a, b: np.abs(a - b).mean(axis=(1, 2, 3))  # noqa: E731
+    assert noised.shape == clean.shape == (32, 16, 16, 3)
+    # Most student images differ by RandAugment from the same image through
+    # the base crop and flip alone: two ops of M=5 per image (a few of the
+    # 16 ops leave a grey digit nearly as it is, e.g. Color, so not all).
+    changed = per_image(noised, base) > 1.0
+    assert changed.mean() >= 0.8, per_image(noised, base)
+    # And the student images differ from the clean ones their targets came
+    # from (an image can come through unchanged: a crop at offset 0, no
+    # flip and two ops that leave a grey digit as it is).
+    assert (per_image(noised, clean) > 0).mean() >= 0.9, per_image(
+        noised, clean)
+
+
+def _model_and_batch(student, *extra):
+    config, input_config = student(*extra)
+    batch = _first_batch(input_config, config.num_classes)
+    images = tf.concat([batch["labeled"]["image"],
+                        batch["unlabeled"]["image"]], axis=0)
+    # The student's forward pass is on labeled + unlabeled images at once
+    # (train_lib's step); rows n_labeled: are the unlabeled half.
+    return config, train_lib.build_model(config), images, batch
+
+
+@pytest.mark.parametrize("extra, noise", [
+    ((), "dropout and stochastic depth"),
+    (("--student_dropout=0",), "stochastic depth"),
+    (("--student_stochastic_depth_rate=0",), "dropout"),
+    (("--student_dropout=0", "--student_stochastic_depth_rate=0"), None),
+])
+def test_training_passes_differ_on_the_unlabeled_half(student, extra, noise):
+    config, model, images, batch = _model_and_batch(student, *extra)
+    n_labeled = batch["labeled"]["image"].shape[0]
+    first = model(images, training=True).numpy()[n_labeled:]
+    second = model(images, training=True).numpy()[n_labeled:]
+    differs = np.abs(first - second).max(axis=-1) > 1e-5
+    if noise is None:
+        # No dropout, no stochastic depth: batch norm's batch statistics
+        # are the same for the same batch, so the passes are equal.
+        assert config.dropout == 0 and config.stochastic_depth_rate == 0
+        assert not differs.any()
+    elif noise == "stochastic depth":
+        # Whole samples' residual branches are dropped (rates 0.2 * i / n):
+        # some rows keep every block in both passes.
+        assert differs.mean() >= 0.5, (noise, differs)
+    else:
+        # Head dropout of 0.2 on every row's features.
+        assert differs.all(), (noise, differs)
+
+
+def test_noised_loss_is_higher_than_the_clean_loss_on_a_fitted_batch(
+        student):
+    """The training-mode loss with dropout and stochastic depth exceeds the
+    loss of the same weights without them, on a batch the model has fitted.
+
+    Both are computed in training mode, so batch norm uses the batch's own
+    statistics in each: the difference is the noise's alone (the issue's
+    "training loss above inference loss" would also compare batch
+    statistics with a few steps' moving averages).
+    """
+    config, model, images, batch = _model_and_batch(student)
+    clean_config = dataclasses.replace(config, dropout=0.0,
+                                       stochastic_depth_rate=0.0)
+    clean = train_lib.build_model(clean_config)
+    n_labeled = batch["labeled"]["image"].shape[0]
+
+    def loss(net):
+        logits = net(images, training=True)
+        return losses.noisy_student_loss(
+            batch["labeled"]["label"], logits[:n_labeled],
+            config.batch_size, targets=batch["unlabeled"]["target"],
+            unlabeled_logits=logits[n_labeled:])[0]
+
+    optimizer = tf.keras.optimizers.Adam(3e-3)
+
+    @tf.function
+    def fit_step():  # With the noise, the student's way.
+        with tf.GradientTape() as tape:
+            value = loss(model)
+        grads = tape.gradient(value, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+
+    for _ in range(40):
+        fit_step()
+    for layer in clean.layers:
+        if layer.weights:
+            layer.set_weights(model.get_layer(layer.name).get_weights())
+    clean_loss = float(loss(clean))
+    noised_loss = np.mean([float(loss(model)) for _ in range(8)])
+    assert clean_loss < 1.0, clean_loss  # The batch is fitted.
+    assert noised_loss > 1.2 * clean_loss, (noised_loss, clean_loss)

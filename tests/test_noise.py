@@ -5,14 +5,13 @@ RandAugment, and its forward pass runs with dropout and stochastic depth.
 These tests take the student's settings from the `noisy-student` command's
 own flag parsing (`flags/digits.cfg`, shrunk to a tiny model), build its
 input stream with `pipeline.train_dataset_fn` and its model with
-`train_lib.build_model`, as `stages.run_train` does, and check each noise
+`train_state.build_model`, as `stages.run_train` does, and check each noise
 source on the unlabeled half of a student batch. Each check is paired with
 the same computation with that noise switched off (`--student_augment=none`,
-`--student_dropout=0`, `--student_stochastic_depth_rate=0`), which must
+`--student_dropout_rate=0`, `--student_stochastic_depth_rate=0`), which must
 show no difference: the tests see the noise, not some other randomness.
 """
 
-import dataclasses
 import os
 
 from absl import flags
@@ -21,7 +20,7 @@ import pytest
 import tensorflow as tf
 
 from noisy_student import losses
-from noisy_student import train_lib
+from noisy_student import train_state
 from noisy_student.data import pipeline
 from noisy_student.data import preprocess
 from noisy_student.data import sources
@@ -79,19 +78,19 @@ def test_unlabeled_images_are_randaugmented_versions_of_the_teachers(
     config, input_config = student()
     assert input_config.augment == "randaugment"
     assert input_config.magnitude == 5
-    batch = _first_batch(input_config, config.num_classes)["unlabeled"]
+    batch = _first_batch(input_config, config.model.num_classes)["unlabeled"]
     # The same stream without RandAugment: the same seed gives the same
     # images in the same order with the same base crop and flip (their
     # seeds do not depend on the augmenter), so what differs is RandAugment.
     _, plain_input = student("--student_augment=none")
-    plain = _first_batch(plain_input, config.num_classes)["unlabeled"]
+    plain = _first_batch(plain_input, config.model.num_classes)["unlabeled"]
     np.testing.assert_array_equal(batch["target"], plain["target"])
 
     images, _ = _unlabeled()
     which = np.argmax(batch["target"].numpy(), axis=-1)
     # What the teacher saw when it labeled image i (the predict stage's
     # transform): the whole image, clean.
-    clean = np.stack([preprocess.eval_image(images[i], config.image_size,
+    clean = np.stack([preprocess.eval_image(images[i], config.model.image_size,
                                             3).numpy() for i in which])
     clean = clean.astype(np.float32)
     noised = batch["image"].numpy()
@@ -112,19 +111,19 @@ def test_unlabeled_images_are_randaugmented_versions_of_the_teachers(
 
 def _model_and_batch(student, *extra):
     config, input_config = student(*extra)
-    batch = _first_batch(input_config, config.num_classes)
+    batch = _first_batch(input_config, config.model.num_classes)
     images = tf.concat([batch["labeled"]["image"],
                         batch["unlabeled"]["image"]], axis=0)
     # The student's forward pass is on labeled + unlabeled images at once
     # (train_lib's step); rows n_labeled: are the unlabeled half.
-    return config, train_lib.build_model(config), images, batch
+    return config, train_state.build_model(config), images, batch
 
 
 @pytest.mark.parametrize("extra, noise", [
     ((), "dropout and stochastic depth"),
-    (("--student_dropout=0",), "stochastic depth"),
+    (("--student_dropout_rate=0",), "stochastic depth"),
     (("--student_stochastic_depth_rate=0",), "dropout"),
-    (("--student_dropout=0", "--student_stochastic_depth_rate=0"), None),
+    (("--student_dropout_rate=0", "--student_stochastic_depth_rate=0"), None),
 ])
 def test_training_passes_differ_on_the_unlabeled_half(student, extra, noise):
     config, model, images, batch = _model_and_batch(student, *extra)
@@ -135,7 +134,8 @@ def test_training_passes_differ_on_the_unlabeled_half(student, extra, noise):
     if noise is None:
         # No dropout, no stochastic depth: batch norm's batch statistics
         # are the same for the same batch, so the passes are equal.
-        assert config.dropout == 0 and config.stochastic_depth_rate == 0
+        assert config.model.dropout_rate == 0 and (
+            config.model.stochastic_depth_rate == 0)
         assert not differs.any()
     elif noise == "stochastic depth":
         # Whole samples' residual branches are dropped (rates 0.2 * i / n):
@@ -157,16 +157,16 @@ def test_noised_loss_is_higher_than_the_clean_loss_on_a_fitted_batch(
     statistics with a few steps' moving averages).
     """
     config, model, images, batch = _model_and_batch(student)
-    clean_config = dataclasses.replace(config, dropout=0.0,
-                                       stochastic_depth_rate=0.0)
-    clean = train_lib.build_model(clean_config)
+    clean_config = config.replace(dropout_rate=0.0,
+                                  stochastic_depth_rate=0.0)
+    clean = train_state.build_model(clean_config)
     n_labeled = batch["labeled"]["image"].shape[0]
 
     def loss(net):
         logits = net(images, training=True)
         return losses.noisy_student_loss(
             batch["labeled"]["label"], logits[:n_labeled],
-            config.batch_size, targets=batch["unlabeled"]["target"],
+            config.loop.batch_size, targets=batch["unlabeled"]["target"],
             unlabeled_logits=logits[n_labeled:])[0]
 
     optimizer = tf.keras.optimizers.Adam(3e-3)

@@ -219,7 +219,7 @@ def main():
               f"{step_flops / 1e6:.1f} MFLOPs per trained image, "
               f"{fractions[size]:.3f} of the matmul peak", flush=True)
     study_config = our_config(32, **STUDY)
-    study_flops = 3 * forward_flops(train_lib.build_model(study_config), 32)
+    study_flops = 3 * forward_flops(train_state.build_model(study_config), 32)
     study_rate = time_ours(32, **STUDY, **setting)
     print(f"study student (w0.5-d0.5, small-image strides, 32 px, 64 + 128 "
           f"images per step): {study_rate:.1f} img/s, "

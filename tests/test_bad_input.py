@@ -254,6 +254,17 @@ def test_user_errors_exit_2_with_a_message_naming_the_flag(tmp_path):
             _command("predict", f"--teacher={tmp_path}/none",
                      "--labeled=digits:train", f"--out_dir={tmp_path}/p2"),
             "Received: --unlabeled=''"),
+        "missing required flag": (
+            _command("predict", "--unlabeled=digits:test",
+                     f"--out_dir={tmp_path}/p3"), "--teacher"),
+        "unwritable export folder": (
+            _command("export", f"--model_path={tmp_path}/none",
+                     f"--out_dir={blocker}/sub"),
+            f"--out_dir={blocker}/sub"),
+        "unwritable eval folder": (
+            _command("evaluate", f"--model_path={tmp_path}/none",
+                     "--test=digits:test", f"--output_dir={blocker}/sub"),
+            "writable folder --output_dir"),
         "corrupt file, --noskip_corrupt": (
             _command("train", f"--model_dir={tmp_path}/t2",
                      f"--labeled=folder:{corrupt}", "--noskip_corrupt",

@@ -65,8 +65,17 @@ def run_command(main, name):
             print(f"{name}: error: {message}\n(--verbosity=1 shows the "
                   "traceback)", file=sys.stderr, flush=True)
             sys.exit(2)
+    def parse(argv):
+        # A missing or bad flag is a user error like the others (absl's own
+        # parser prints "FATAL Flags parsing error" and exits 1).
+        try:
+            return FLAGS(argv)
+        except flags.Error as e:
+            print(f"{name}: error: {e}\n(--help lists the flags)",
+                  file=sys.stderr, flush=True)
+            sys.exit(2)
     try:
-        app.run(guarded)
+        app.run(guarded, flags_parser=parse)
     except SystemExit as e:
         # absl exits 1 after printing the help the user asked for.
         if e.code == 1 and any(a in HELP_ARGS for a in sys.argv[1:]):
@@ -74,10 +83,8 @@ def run_command(main, name):
         raise
 
 
-def check_writable_dir(folder, flag):
-    """Creates `folder` and writes a file there, or raises UsageError
-    naming `flag` (an unwritable or invalid output folder fails before any
-    work, not with a raw TF error later)."""
+def _write_problem(folder):
+    """None if `folder` (made if missing) takes a new file, else why not."""
     from noisy_student import io_utils  # pylint: disable=g-import-not-at-top
     # A unique name: the workers of one ns-predict share --out_dir.
     probe = io_utils.temp_path(f"{str(folder).rstrip('/')}/write-test")
@@ -87,9 +94,29 @@ def check_writable_dir(folder, flag):
             f.write("")
         tf.io.gfile.remove(probe)
     except (tf.errors.OpError, OSError) as e:
-        reason = getattr(e, "message", None) or str(e)
+        return getattr(e, "message", None) or str(e)
+    return None
+
+
+def check_writable_dir(folder, flag):
+    """Creates `folder` and writes a file there, or raises UsageError
+    naming `flag` (an unwritable or invalid output folder fails before any
+    work, not with a raw TF error later)."""
+    reason = _write_problem(folder)
+    if reason:
         raise UsageError(f"Expected a writable folder --{flag}. Received: "
-                         f"--{flag}={folder} ({reason})") from e
+                         f"--{flag}={folder} ({reason})")
+
+
+def check_writable_parent(path, flag):
+    """For an output made whole at the end (ns-export's SavedModel, written
+    beside `path` and renamed): its parent folder must take a new file, or
+    UsageError naming `flag`, before any work."""
+    parent = str(path).rstrip("/").rpartition("/")[0] or "."
+    reason = _write_problem(parent)
+    if reason:
+        raise UsageError(f"Expected --{flag} in a writable folder. Received: "
+                         f"--{flag}={path} ({parent}: {reason})")
 
 
 @contextlib.contextmanager

@@ -35,6 +35,15 @@ flags.adopt_module_key_flags(common)
 
 def main(argv):
     del argv
+    if FLAGS.output_dir:
+        with common.output_folder(FLAGS.output_dir, "output_dir"):
+            evaluate_and_print()
+    else:
+        evaluate_and_print()
+
+
+def evaluate_and_print():
+    """Evaluates the model of the flags; prints the clean metrics."""
     config = evaluate.EvalConfig(
         model_path=FLAGS.model_path, output_dir=FLAGS.output_dir,
         batch_size=FLAGS.eval_batch_size,

@@ -41,6 +41,7 @@ flags.DEFINE_bool("tflite", False, "Also write OUT_DIR/model.tflite.")
 
 def main(argv):
     del argv
+    common.check_writable_parent(FLAGS.out_dir, "out_dir")
     config = export_lib.ExportConfig(
         model_path=FLAGS.model_path, out_dir=FLAGS.out_dir,
         overwrite=FLAGS.overwrite, image_size=FLAGS.image_size,

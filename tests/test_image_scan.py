@@ -180,3 +180,22 @@ def test_folder_sources_read_exactly_what_serving_decodes(fmt, ext):
         serving_decodes = False
     assert (ext in sources.IMAGE_EXTENSIONS) == serving_decodes
     assert (ext in image_scan.UNSUPPORTED_EXTENSIONS) == (not serving_decodes)
+
+
+def test_images_outside_the_class_folders_are_named(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="absl")
+    for name in ("cat", "dog"):
+        os.makedirs(tmp_path / name)
+        Image.fromarray(_pixels(1)).save(tmp_path / name / "a.png")
+    Image.fromarray(_pixels(2)).save(tmp_path / "top.png")
+    source = sources.load_source(f"folder:{tmp_path}")
+    assert source.num_examples == 2
+    warnings = "\n".join(r.getMessage() for r in caplog.records
+                         if r.levelno == logging.WARNING)
+    assert (f"1 decodable images are not in a class sub-folder and are not "
+            f"used as labeled images: {tmp_path}/top.png") in warnings
+    # Unlabeled, every image is used and nothing is said.
+    caplog.clear()
+    assert sources.load_source(f"folder:{tmp_path}",
+                               labeled=False).num_examples == 3
+    assert "not in a class sub-folder" not in caplog.text

@@ -373,10 +373,20 @@ def _list_folder(scan, need_labels, known_classes=None):
                  for name in class_names}
         class_names = list(known_classes)
     by_class = {name: [] for name in index}
+    outside = []
     for file in scan.decoded:
         name, sep, _ = file[len(path) + 1:].partition("/")
         if sep and name in by_class:
             by_class[name].append(file)
+        else:
+            outside.append(file)
+    if outside:
+        # Counted as decoded by the scan, but without a class: say so.
+        logging.warning(
+            "folder:%s: %d decodable images are not in a class sub-folder "
+            "and are not used as labeled images: %s%s", path, len(outside),
+            ", ".join(outside[:image_scan.SHOWN]),
+            " ..." if len(outside) > image_scan.SHOWN else "")
     files, labels = [], []
     for name in sorted(index):
         files += by_class[name]

@@ -20,6 +20,7 @@ import keras
 import tensorflow as tf
 
 from noisy_student import efficientnet  # noqa: F401  (registers layers)
+from noisy_student import io_utils
 from noisy_student import layers  # noqa: F401  (registers layers)
 
 KERAS_FILE = "model.keras"
@@ -98,10 +99,6 @@ class SavedModelClassifier:
         return self._fn(tf.cast(images, tf.float32))
 
 
-def _join(folder, name):
-    return folder.rstrip("/") + "/" + name
-
-
 def load_model(path, what="model"):
     """Loads a trained model.
 
@@ -122,10 +119,10 @@ def load_model(path, what="model"):
     """
     path = str(path)
     if tf.io.gfile.isdir(path):
-        keras_path = _join(path, KERAS_FILE)
+        keras_path = io_utils.join(path, KERAS_FILE)
         if tf.io.gfile.exists(keras_path):
             return _load_keras(keras_path, what)
-        if tf.io.gfile.exists(_join(path, SAVED_MODEL_FILE)):
+        if tf.io.gfile.exists(io_utils.join(path, SAVED_MODEL_FILE)):
             try:
                 return SavedModelClassifier(path, what=what)
             except ValueError:
@@ -148,7 +145,7 @@ def keras_path(path):
     path = str(path)
     if path.endswith(".keras"):
         return path
-    return _join(path, KERAS_FILE)
+    return io_utils.join(path, KERAS_FILE)
 
 
 def _load_keras(path, what):

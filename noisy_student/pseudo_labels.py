@@ -131,11 +131,6 @@ def block_of_name(name):
     return int(match.group(1)) if match else None
 
 
-# Temporary: select.py (issue 22 part B's file) still calls `pl.join`; it
-# moves to `io_utils.join`, the one path joiner, with part B. Remove then.
-join = io_utils.join
-
-
 def confidence_bins(confidence, num_bins):
     """Histogram bin of each confidence: min(floor(c * num_bins), num_bins-1).
 

@@ -282,7 +282,7 @@ def total_histogram(pred_dir, info):
     num_records = 0
     for block in info["blocks"]:
         counts, records = pl.read_histogram(
-            pl.join(pred_dir, pl.histogram_name(block)))
+            io_utils.join(pred_dir, pl.histogram_name(block)))
         total += counts
         num_records += records
     if num_records != info["num_images"]:
@@ -295,7 +295,7 @@ def total_histogram(pred_dir, info):
 
 def _record_batches(pred_dir, info, batch_size=512):
     """Streams the prediction records in index order, in numpy batches."""
-    files = [pl.join(pred_dir, pl.records_name(b)) for b in info["blocks"]]
+    files = [io_utils.join(pred_dir, pl.records_name(b)) for b in info["blocks"]]
     num_classes = info["num_classes"]
 
     def parse(serialized):
@@ -341,7 +341,7 @@ def select(config, num_classes=None):
     # Files of an earlier selection with another file count are stale.
     for name in tf.io.gfile.listdir(config.out_dir):
         if pl.is_selected_file(name) and name not in names:
-            tf.io.gfile.remove(pl.join(config.out_dir, name))
+            tf.io.gfile.remove(io_utils.join(config.out_dir, name))
     report = selection_report.selection_report(
         config, plan, kept, info, num_files,
                                class_names)
@@ -405,12 +405,12 @@ def _clear_selection(out_dir):
     selection must not look finished) and removes temporary files; returns
     the path of the marker (selection.json)."""
     tf.io.gfile.makedirs(out_dir)
-    marker = pl.join(out_dir, pl.SELECTION_FILE)
+    marker = io_utils.join(out_dir, pl.SELECTION_FILE)
     if tf.io.gfile.exists(marker):
         tf.io.gfile.remove(marker)
     for name in tf.io.gfile.listdir(out_dir):
         if io_utils.is_temp(name):
-            tf.io.gfile.remove(pl.join(out_dir, name))
+            tf.io.gfile.remove(io_utils.join(out_dir, name))
     return marker
 
 
@@ -451,7 +451,7 @@ def _write_selection(config, plan, info, names):
     """Streams the prediction records once, in index order, and writes the
     kept ones (with their copies) into the files `names` of out_dir, each
     through a temporary name renamed at the end; returns the `_Kept`."""
-    finals = [pl.join(config.out_dir, name) for name in names]
+    finals = [io_utils.join(config.out_dir, name) for name in names]
     temps = [io_utils.temp_path(path) for path in finals]
     writers = [tf.io.TFRecordWriter(path) for path in temps]
     kept = _Kept.empty(info["num_classes"], len(names))

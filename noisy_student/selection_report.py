@@ -69,7 +69,7 @@ def write_contact_sheets(out_dir, extremes, class_names):
     Returns:
       The written paths, relative to out_dir.
     """
-    folder = pl.join(out_dir, CONTACT_SHEET_DIR)
+    folder = io_utils.join(out_dir, CONTACT_SHEET_DIR)
     tf.io.gfile.makedirs(folder)
     written = []
     for c in sorted(extremes.most):
@@ -84,7 +84,7 @@ def write_contact_sheets(out_dir, extremes, class_names):
             rows, title=f"class {c}: {name} (kept pseudo-labels, teacher "
             "confidence)")
         relative = f"{CONTACT_SHEET_DIR}/class-{c:04d}.png"
-        io_utils.atomic_write(pl.join(out_dir, relative), data)
+        io_utils.atomic_write(io_utils.join(out_dir, relative), data)
         written.append(relative)
     return written
 

@@ -52,9 +52,10 @@ HELP_ARGS = ("--help", "-help", "-h", "-?", "--helpshort", "-helpshort",
 
 
 def run_command(main, name):
-    """`app.run(main)`, with user errors printed as `name: error: message`
-    on stderr and exit status 2 (tracebacks with --verbosity=1 or more),
-    and help asked for (`--help`) exiting with status 0."""
+    """`app.run(main)`, with user errors (bad or missing flags included)
+    printed as `name: error: message` on stderr and exit status 2
+    (tracebacks with --verbosity=1 or more), and help asked for (`--help`)
+    exiting with status 0."""
     def guarded(argv):
         try:
             return main(argv)
@@ -65,6 +66,7 @@ def run_command(main, name):
             print(f"{name}: error: {message}\n(--verbosity=1 shows the "
                   "traceback)", file=sys.stderr, flush=True)
             sys.exit(2)
+
     def parse(argv):
         # A missing or bad flag is a user error like the others (absl's own
         # parser prints "FATAL Flags parsing error" and exits 1).

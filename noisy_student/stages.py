@@ -117,8 +117,9 @@ class DataConfig:
         """The unlabeled images; never reads labels of a separate source.
 
         Args:
-          keep_encoded: Also yield folder files' own bytes ("encoded"), so
-            the prediction records keep them (see sources.load_source).
+          keep_encoded: Also yield the stored bytes ("encoded") of folder
+            files and TFDS images, so the prediction records keep them
+            (see sources.load_source).
         """
         if not self.unlabeled or (self.unlabeled == self.labeled
                                   and self.labels_per_class):

@@ -18,7 +18,7 @@
    16x16, images generated on the fly from their index so that the source
    itself holds no memory); rss_growth_10x = peak(10 N) / peak(N).
 
-Run: python bench/predict.py   (about 2-3 minutes on 2 CPU cores)
+Run: python bench/predict.py   (about 5 minutes on 2 CPU cores)
 Last line: RESULT predict ratio_vs_model_predict=<x> rss_growth_10x=<y>
   ratio_vs_model_predict_jpeg224=<z> bytes_ratio_jpeg224=<w>
 """
@@ -41,7 +41,11 @@ from noisy_student.data import sources  # pylint: disable=g-import-not-at-top
 
 SPEED_IMAGES = 1024
 BATCH_SIZE = 128
-PAIRS = 5
+# Even, so that each side runs first in as many pairs as the other: on this
+# machine the first run of a pair was often the slower one (N=160 JPEG run
+# of 2026-11-30: 29.8 / 58.7 / 30.3 img/s for model.predict going first,
+# second, first), which an odd count turns into a bias.
+PAIRS = 6
 RSS_IMAGES = 2000
 
 
@@ -113,7 +117,11 @@ def speed():
     return float(np.median(ratios))
 
 
-JPEG_IMAGES = 160
+# Enough images (15 batches) that per-call setup (listing, tracing the input
+# pipeline, the writer thread) weighs as little as at scale, where one call
+# labels millions: with 160 images the ratio swung 0.7-1.9 between runs.
+JPEG_IMAGES = 480
+JPEG_PAIRS = 4
 JPEG_BATCH = 32
 
 
@@ -164,7 +172,7 @@ def jpeg224():
         keras_predict()
         _, record_bytes = ours()
         our_rates, keras_rates = _alternate(lambda: ours()[0],
-                                            keras_predict, 3)
+                                            keras_predict, JPEG_PAIRS)
     ratios = np.array(our_rates) / np.array(keras_rates)
     print(f"jpeg 224 (B0, {JPEG_IMAGES} JPEGs of 256-320 px, batch "
           f"{JPEG_BATCH}): model.predict img/s "

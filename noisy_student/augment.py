@@ -832,7 +832,18 @@ def make_augmenter(kind: str = "randaugment", num_layers: int = 2,
 
 def make_augmenter_from_config(config: AugmentConfig,
                                seed: Optional[int] = None) -> Augmenter:
-    """`make_augmenter` from a frozen AugmentConfig."""
+    """`make_augmenter` from a frozen AugmentConfig.
+
+    Args:
+      config: The augmentation's settings (kind, N, M, cutout, ops).
+      seed: Optional integer seed of the per-image random choices.
+
+    Returns:
+      An `Augmenter`: uint8 [H, W, C] image -> uint8 image of the same shape.
+
+    Raises:
+      ValueError: for a kind outside AUGMENT_KINDS.
+    """
     if config.kind not in AUGMENT_KINDS:
         raise ValueError(f"Expected augment kind in {AUGMENT_KINDS}. "
                          f"Received: kind={config.kind!r}")

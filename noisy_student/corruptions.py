@@ -132,7 +132,16 @@ def _filter(image, kernel):
 
 
 def gaussian_noise(image, severity, seed=None):
-    """Adds zero-mean Gaussian noise (std on the [0, 1] scale)."""
+    """Adds zero-mean Gaussian noise (std on the [0, 1] scale).
+
+    Args:
+      image: uint8 (or float in [0, 255]) image [H, W, C].
+      severity: Integer 1-5.
+      seed: Optional [2] integer seed of the stateless random draw.
+
+    Returns:
+      The corrupted uint8 image [H, W, C].
+    """
     c = GAUSSIAN_NOISE[_check_severity(severity)]
     x = _to_unit(image)
     noise = tf.random.stateless_normal(tf.shape(x), _seed(seed), stddev=c)
@@ -140,7 +149,16 @@ def gaussian_noise(image, severity, seed=None):
 
 
 def shot_noise(image, severity, seed=None):
-    """Poisson (photon) noise: x ~ Poisson(x * c) / c."""
+    """Poisson (photon) noise: x ~ Poisson(x * c) / c.
+
+    Args:
+      image: uint8 (or float in [0, 255]) image [H, W, C].
+      severity: Integer 1-5.
+      seed: Optional [2] integer seed of the stateless random draw.
+
+    Returns:
+      The corrupted uint8 image [H, W, C].
+    """
     c = SHOT_NOISE[_check_severity(severity)]
     x = _to_unit(image)
     counts = tf.random.stateless_poisson(tf.shape(x), _seed(seed), x * c,
@@ -149,7 +167,16 @@ def shot_noise(image, severity, seed=None):
 
 
 def impulse_noise(image, severity, seed=None):
-    """Salt and pepper: a fraction c of the values become 0 or 1."""
+    """Salt and pepper: a fraction c of the values become 0 or 1.
+
+    Args:
+      image: uint8 (or float in [0, 255]) image [H, W, C].
+      severity: Integer 1-5.
+      seed: Optional [2] integer seed of the stateless random draw.
+
+    Returns:
+      The corrupted uint8 image [H, W, C].
+    """
     c = IMPULSE_NOISE[_check_severity(severity)]
     x = _to_unit(image)
     u = tf.random.stateless_uniform(tf.shape(x), _seed(seed))
@@ -159,7 +186,15 @@ def impulse_noise(image, severity, seed=None):
 
 
 def defocus_kernel(radius, alias_sigma):
-    """A normalised soft-disk kernel [k, k] (k odd; tensors or floats)."""
+    """A normalised soft-disk kernel (tensors or floats).
+
+    Args:
+      radius: Disk radius in pixels.
+      alias_sigma: Std of the Gaussian edge (anti-aliasing) in pixels.
+
+    Returns:
+      float32 [k, k] summing to 1, k = 2 * ceil(radius + 3 sigma) + 1.
+    """
     radius = tf.cast(radius, tf.float32)
     alias_sigma = tf.cast(alias_sigma, tf.float32)
     half = tf.cast(tf.math.ceil(radius + 3.0 * alias_sigma), tf.int32)
@@ -172,7 +207,16 @@ def defocus_kernel(radius, alias_sigma):
 
 
 def defocus_blur(image, severity, seed=None):
-    """Blurs with a soft disk (an out-of-focus lens)."""
+    """Blurs with a soft disk (an out-of-focus lens).
+
+    Args:
+      image: uint8 (or float in [0, 255]) image [H, W, C].
+      severity: Integer 1-5.
+      seed: Unused (the corruption is deterministic); for a common signature.
+
+    Returns:
+      The corrupted uint8 image [H, W, C].
+    """
     del seed  # Deterministic.
     radius, alias = DEFOCUS_BLUR[_check_severity(severity)]
     scale = _spatial_scale(image)
@@ -181,7 +225,16 @@ def defocus_blur(image, severity, seed=None):
 
 
 def motion_kernel(length, sigma, angle):
-    """A normalised one-sided line kernel [k, k] at `angle` (radians)."""
+    """A normalised one-sided line kernel (a motion trail).
+
+    Args:
+      length: Trail length in pixels.
+      sigma: Std in pixels of the Gaussian weight along the trail.
+      angle: Direction in radians.
+
+    Returns:
+      float32 [k, k] summing to 1, k = 2 * (ceil(length) + 1) + 1.
+    """
     length = tf.cast(length, tf.float32)
     sigma = tf.cast(sigma, tf.float32)
     angle = tf.cast(angle, tf.float32)
@@ -202,7 +255,16 @@ def motion_kernel(length, sigma, angle):
 
 
 def motion_blur(image, severity, seed=None):
-    """Blurs along a random direction in [-45, 45] degrees (camera shake)."""
+    """Blurs along a random direction in [-45, 45] degrees (camera shake).
+
+    Args:
+      image: uint8 (or float in [0, 255]) image [H, W, C].
+      severity: Integer 1-5.
+      seed: Optional [2] integer seed of the stateless random draw.
+
+    Returns:
+      The corrupted uint8 image [H, W, C].
+    """
     length, sigma = MOTION_BLUR[_check_severity(severity)]
     scale = _spatial_scale(image)
     angle = tf.random.stateless_uniform(
@@ -212,7 +274,16 @@ def motion_blur(image, severity, seed=None):
 
 
 def brightness(image, severity, seed=None):
-    """Raises the HSV value channel (grey images: the intensity) by c."""
+    """Raises the HSV value channel (grey images: the intensity) by c.
+
+    Args:
+      image: uint8 (or float in [0, 255]) image [H, W, C].
+      severity: Integer 1-5.
+      seed: Unused (the corruption is deterministic); for a common signature.
+
+    Returns:
+      The corrupted uint8 image [H, W, C].
+    """
     del seed
     c = BRIGHTNESS[_check_severity(severity)]
     x = _to_unit(image)
@@ -230,7 +301,16 @@ def brightness(image, severity, seed=None):
 
 
 def contrast(image, severity, seed=None):
-    """Shrinks every pixel towards its channel's mean by the factor c."""
+    """Shrinks every pixel towards its channel's mean by the factor c.
+
+    Args:
+      image: uint8 (or float in [0, 255]) image [H, W, C].
+      severity: Integer 1-5.
+      seed: Unused (the corruption is deterministic); for a common signature.
+
+    Returns:
+      The corrupted uint8 image [H, W, C].
+    """
     del seed
     c = CONTRAST[_check_severity(severity)]
     x = _to_unit(image)
@@ -239,7 +319,16 @@ def contrast(image, severity, seed=None):
 
 
 def pixelate(image, severity, seed=None):
-    """Downsamples (area) to c x the side, then upsamples (nearest)."""
+    """Downsamples (area) to c x the side, then upsamples (nearest).
+
+    Args:
+      image: uint8 (or float in [0, 255]) image [H, W, C].
+      severity: Integer 1-5.
+      seed: Unused (the corruption is deterministic); for a common signature.
+
+    Returns:
+      The corrupted uint8 image [H, W, C].
+    """
     del seed
     c = PIXELATE[_check_severity(severity)]
     x = tf.cast(image, tf.float32)
@@ -251,7 +340,16 @@ def pixelate(image, severity, seed=None):
 
 
 def jpeg_compression(image, severity, seed=None):
-    """Encodes and decodes as JPEG at quality c (1 or 3 channels)."""
+    """Encodes and decodes as JPEG at quality c (1 or 3 channels).
+
+    Args:
+      image: uint8 (or float in [0, 255]) image [H, W, C].
+      severity: Integer 1-5.
+      seed: Unused (the corruption is deterministic); for a common signature.
+
+    Returns:
+      The corrupted uint8 image [H, W, C].
+    """
     del seed
     quality = JPEG_QUALITY[_check_severity(severity)]
     x = image

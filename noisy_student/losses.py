@@ -110,7 +110,17 @@ def weight_decay_variables(model):
 
 
 def l2_weight_decay(variables, weight_decay):
-    """`weight_decay * sum(||v||^2) / 2` over `variables` (tf.nn.l2_loss)."""
+    """`weight_decay * sum(||v||^2) / 2` over `variables` (tf.nn.l2_loss).
+
+    Args:
+      variables: The decayed variables (batch norm's excluded by the
+        caller, as in the official code).
+      weight_decay: The coefficient (official code: 1e-5); 0 or None
+        gives 0.
+
+    Returns:
+      A float32 scalar.
+    """
     if not weight_decay or not variables:
         return tf.constant(0.0, tf.float32)
     return weight_decay * tf.add_n(

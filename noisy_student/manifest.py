@@ -75,6 +75,16 @@ class Manifest:
                 "flags, or pass --overwrite to redo it and what follows.")
 
     def finished(self, name, stage_fingerprint):
+        """Whether a stage finished with these settings.
+
+        Args:
+          name: The stage's name in the manifest.
+          stage_fingerprint: The fingerprint of its settings now.
+
+        Returns:
+          False for a stage never run, run with other settings, or killed
+          before its end.
+        """
         entry = self.stages.get(name)
         return bool(entry and entry["fingerprint"] == stage_fingerprint
                     and "finished_at" in entry)

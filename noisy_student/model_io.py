@@ -191,7 +191,19 @@ _model_num_classes = num_classes
 
 
 def check_num_classes(model, num_classes, name="num_classes"):  # pylint: disable=redefined-outer-name
-    """Raises ValueError if the model's class count is not `num_classes`."""
+    """Checks the model's class count.
+
+    Args:
+      model: A Keras model or a `SavedModelClassifier`.
+      num_classes: Expected class count; None checks nothing.
+      name: The setting named in the error (a flag or field).
+
+    Returns:
+      The model's class count.
+
+    Raises:
+      ValueError: if it differs from `num_classes`.
+    """
     model_classes = _model_num_classes(model)
     if num_classes is not None and int(num_classes) != model_classes:
         raise ValueError(

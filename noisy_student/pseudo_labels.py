@@ -278,7 +278,15 @@ class BlockWriter:
         self._cells = []
 
     def write(self, image, probs, label, confidence, index):
-        """Appends one record (arguments as in `encode_prediction`)."""
+        """Appends one record.
+
+        Args:
+          image: Encoded image bytes (PNG, JPEG...).
+          probs: float [K] teacher probabilities.
+          label: The teacher's argmax class.
+          confidence: probs[label].
+          index: The image's global index in the unlabeled source.
+        """
         self._writer.write(
             encode_prediction(image, probs, label, confidence, index))
         self._cells.append(
@@ -287,7 +295,15 @@ class BlockWriter:
         self.num_records += 1
 
     def write_batch(self, images, probs, labels, confidences, indices):
-        """Appends a batch of records (numpy arrays, one row per record)."""
+        """Appends a batch of records (numpy arrays, one row per record).
+
+        Args:
+          images: [B] encoded image bytes.
+          probs: float [B, K] teacher probabilities (stored as float16).
+          labels: int [B] argmax classes.
+          confidences: float [B] probabilities of those classes.
+          indices: int [B] global indices in the unlabeled source.
+        """
         probs16 = np.asarray(probs, "<f2")
         for row in range(len(indices)):
             self._writer.write(encode_prediction(

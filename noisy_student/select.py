@@ -153,7 +153,15 @@ class SelectionPlan:
 
 
 def min_bin_of(min_confidence, num_bins):
-    """The first histogram bin that passes `min_confidence` (rounded up)."""
+    """The first histogram bin that passes `min_confidence` (rounded up).
+
+    Args:
+      min_confidence: Threshold in [0, 1].
+      num_bins: Bins over [0, 1] of the prediction histograms.
+
+    Returns:
+      int in [0, num_bins].
+    """
     # The epsilon keeps an exact edge like 0.3 * 1000 = 300.00000000000006
     # on bin 300 instead of 301.
     return int(min(num_bins, max(0, math.ceil(min_confidence * num_bins
@@ -277,7 +285,15 @@ def make_targets(probs, labels, label_type, temperature):
 
 
 def total_histogram(pred_dir, info):
-    """Sums the histograms of all blocks of a complete prediction folder."""
+    """Sums the histograms of all blocks of a complete prediction folder.
+
+    Args:
+      pred_dir: The prediction folder.
+      info: Its predict_info.json contents (num_classes, num_bins, blocks).
+
+    Returns:
+      (int64 [K, num_bins] counts, number of records).
+    """
     total = np.zeros((info["num_classes"], info["num_bins"]), np.int64)
     num_records = 0
     for block in info["blocks"]:

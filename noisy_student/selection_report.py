@@ -39,6 +39,14 @@ class Extremes:
         self.least = {}
 
     def add(self, labels, confidences, indices, pngs):
+        """Offers a batch of kept images to the sheets.
+
+        Args:
+          labels: int [B] classes.
+          confidences: float [B] confidences.
+          indices: int [B] source indices.
+          pngs: [B] encoded images.
+        """
         for c in np.unique(labels):
             if c >= self.max_classes:
                 continue
@@ -90,7 +98,19 @@ def write_contact_sheets(out_dir, extremes, class_names):
 
 
 def selection_report(config, plan, kept, info, num_files, class_names):
-    """The report dict: settings, per-class counts, names, contact sheets."""
+    """The report dict: settings, per-class counts, names, contact sheets.
+
+    Args:
+      config: The stage's `select.SelectConfig`.
+      plan: The per-class selection plan (min bin, counts, duplication).
+      kept: What the selection wrote (counts, extremes for the sheets).
+      info: The prediction folder's predict_info.json contents.
+      num_files: Output record files written.
+      class_names: Class names, or None.
+
+    Returns:
+      A JSON-ready dict (contact sheets written into config.out_dir).
+    """
     settings = {"pred_dir": config.pred_dir, "per_class": config.per_class,
                 "min_confidence": config.min_confidence,
                 "effective_min_confidence": plan.min_bin / plan.num_bins,
@@ -123,8 +143,16 @@ def selection_report(config, plan, kept, info, num_files, class_names):
 
 
 def write(out_dir, report, histogram, plan):
-    """report.json, report.md and report.png in out_dir, atomically (a
-    failed PNG is logged, not raised: see `report.write_png`)."""
+    """Writes report.json, report.md and report.png in out_dir, atomically.
+
+    A failed PNG is logged, not raised (see `report.write_png`).
+
+    Args:
+      out_dir: The selection folder.
+      report: `selection_report`'s dict.
+      histogram: int [K, num_bins] confidence counts.
+      plan: The selection plan (for the threshold drawn on the plot).
+    """
     report_lib.write_report(out_dir, "report", report,
                             _report_markdown(report),
                             lambda: _report_png(report, histogram, plan))

@@ -200,3 +200,65 @@ def test_no_reference_to_a_design_file_outside_the_repo():
             found.append(str(path.relative_to(REPO)))
     assert not found, f"Expected no reference to {name}. Received: {found}"
     assert (REPO / "docs" / "architecture.md").exists()
+
+
+# Methods that override a Keras or dataclass hook: their contract is the base
+# class's documentation.
+OVERRIDES = {"call", "build", "get_config", "from_config",
+             "compute_output_shape", "compute_output_spec", "convolution_op",
+             "update_step", "__init__", "__post_init__", "__call__",
+             "__enter__", "__exit__"}
+
+
+def undocumented(root=PACKAGE):
+    """Public definitions without a docstring, and public functions of two
+    or more parameters whose docstring has no "Args:" section."""
+    problems = []
+
+    def visit(node, name, private):
+        for child in ast.iter_child_nodes(node):
+            if not isinstance(child, (ast.FunctionDef, ast.ClassDef)):
+                continue
+            hidden = private or child.name.startswith("_")
+            where = f"{name}.{child.name} (line {child.lineno})"
+            is_function = isinstance(child, ast.FunctionDef)
+            public = not hidden and not (is_function and isinstance(
+                node, ast.ClassDef) and child.name in OVERRIDES)
+            doc = ast.get_docstring(child)
+            if public and not doc:
+                problems.append(f"{where}: no docstring")
+            elif public and is_function and "Args:" not in doc:
+                params = [a.arg for a in child.args.args + child.args.kwonlyargs
+                          if a.arg not in ("self", "cls")]
+                if len(params) >= 2:
+                    problems.append(f"{where}: no Args section for "
+                                    + ", ".join(params))
+            if not is_function:
+                visit(child, f"{name}.{child.name}", hidden)
+
+    for name, path in _modules(root).items():
+        visit(ast.parse(path.read_text(), str(path)), name, False)
+    return problems
+
+
+def test_the_docstring_check_sees_missing_docs_and_args(tmp_path):
+    pkg = tmp_path / "pkg"
+    _write(pkg, {"__init__.py": "", "m.py": (
+        "def bare(x):\n    return x\n"
+        "def two(x, y):\n    '''Adds.'''\n    return x + y\n"
+        "def _private(x, y):\n    return x\n"
+        "def good(x, y):\n    '''Adds.\n\n    Args:\n      x: a.\n      y: b.\n"
+        "    '''\n"
+        "class Layer:\n    '''A layer.'''\n    def call(self, x, y):\n"
+        "        return x\n    def method(self):\n        return 1\n")})
+    problems = undocumented(pkg)
+    assert sorted(p.split(" ")[0] for p in problems) == [
+        "pkg.m.Layer.method", "pkg.m.bare", "pkg.m.two"], problems
+
+
+def test_public_definitions_are_documented():
+    problems = undocumented()
+    assert not problems, (
+        "Expected a docstring on every public definition of noisy_student/ "
+        "and an Args section where a function takes two or more "
+        "parameters. Received:\n" + "\n".join(problems))

@@ -52,10 +52,16 @@ HELP_ARGS = ("--help", "-help", "-h", "-?", "--helpshort", "-helpshort",
 
 
 def run_command(main, name):
-    """`app.run(main)`, with user errors (bad or missing flags included)
-    printed as `name: error: message` on stderr and exit status 2
-    (tracebacks with --verbosity=1 or more), and help asked for (`--help`)
-    exiting with status 0."""
+    """`app.run(main)` with user errors as one line and exit status 2.
+
+    User errors (bad or missing flags included) are printed as
+    `name: error: message` on stderr (tracebacks with --verbosity=1 or
+    more); help asked for (`--help`) exits with status 0.
+
+    Args:
+      main: The command's main(argv).
+      name: The command's name, the prefix of its error lines (ns-train).
+    """
     def guarded(argv):
         try:
             return main(argv)
@@ -101,9 +107,18 @@ def _write_problem(folder):
 
 
 def check_writable_dir(folder, flag):
-    """Creates `folder` and writes a file there, or raises UsageError
-    naming `flag` (an unwritable or invalid output folder fails before any
-    work, not with a raw TF error later)."""
+    """Creates `folder` and writes a file there, or fails naming the flag.
+
+    An unwritable or invalid output folder fails before any work, not with
+    a raw TF error later.
+
+    Args:
+      folder: A local or gs:// folder.
+      flag: The flag that set it, without dashes (out_dir).
+
+    Raises:
+      UsageError: naming --flag, the folder and the reason.
+    """
     reason = _write_problem(folder)
     if reason:
         raise UsageError(f"Expected a writable folder --{flag}. Received: "
@@ -111,9 +126,18 @@ def check_writable_dir(folder, flag):
 
 
 def check_writable_parent(path, flag):
-    """For an output made whole at the end (ns-export's SavedModel, written
-    beside `path` and renamed): its parent folder must take a new file, or
-    UsageError naming `flag`, before any work."""
+    """Checks, before any work, that `path`'s parent folder takes a new file.
+
+    For an output made whole at the end (ns-export's SavedModel, written
+    beside `path` and renamed).
+
+    Args:
+      path: The output's path (local or gs://).
+      flag: The flag that set it, without dashes.
+
+    Raises:
+      UsageError: naming --flag, the parent folder and the reason.
+    """
     parent = str(path).rstrip("/").rpartition("/")[0] or "."
     reason = _write_problem(parent)
     if reason:
@@ -123,9 +147,18 @@ def check_writable_parent(path, flag):
 
 @contextlib.contextmanager
 def output_folder(folder, flag):
-    """Checks `folder` is writable (`check_writable_dir`) for the block;
-    if the block fails and the folder was made for it and is still empty,
-    removes it (a failed command leaves no empty --out_dir behind)."""
+    """A context that checks `folder` is writable and cleans up on failure.
+
+    If the block fails and the folder was made for it and is still empty,
+    the folder is removed: a failed command leaves no empty --out_dir.
+
+    Args:
+      folder: The command's output folder.
+      flag: The flag that set it, without dashes.
+
+    Raises:
+      UsageError: from `check_writable_dir`, before the block runs.
+    """
     existed = tf.io.gfile.exists(folder)
     check_writable_dir(folder, flag)
     try:
@@ -189,7 +222,17 @@ def data_config(scan_dir=None):
 
 def define_role_flags(prefix, role, default_model="b0", steps=1000,
                       augment="randaugment", magnitude=10.0, model=True):
-    """Flags that differ between a teacher and a student (`prefix`)."""
+    """Defines the flags that differ between a teacher and a student.
+
+    Args:
+      prefix: Flag name prefix ("", "teacher_", "student_").
+      role: The role named in the help texts (teacher, student, model).
+      default_model: Default of --{prefix}model.
+      steps: Default of --{prefix}train_steps.
+      augment: Default of --{prefix}augment.
+      magnitude: Default of --{prefix}magnitude (RandAugment M, 0-30).
+      model: Whether to define --{prefix}model.
+    """
     if model:
         flags.DEFINE_string(
             prefix + "model", default_model,

@@ -48,6 +48,7 @@ flags.DEFINE_bool("overwrite", False, "Replace an existing "
 
 
 def main(argv):
+    """ns-convert: converts an official checkpoint from the parsed FLAGS (argv: unused)."""
     del argv
     summary = checkpoints.convert(
         FLAGS.checkpoint, FLAGS.model, FLAGS.out_dir,
@@ -61,6 +62,7 @@ def main(argv):
 
 
 def run():
+    """The ns-convert console script (setup.py entry point)."""
     common.run_command(main, "ns-convert")
 
 

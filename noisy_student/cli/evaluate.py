@@ -34,6 +34,7 @@ flags.adopt_module_key_flags(common)
 
 
 def main(argv):
+    """ns-eval: evaluates a model on the test sets from the parsed FLAGS (argv: unused)."""
     del argv
     if FLAGS.output_dir:
         with common.output_folder(FLAGS.output_dir, "output_dir"):
@@ -60,6 +61,7 @@ def evaluate_and_print():
 
 
 def run():
+    """The ns-eval console script (setup.py entry point)."""
     common.run_command(main, "ns-eval")
 
 

@@ -40,6 +40,7 @@ flags.DEFINE_bool("tflite", False, "Also write OUT_DIR/model.tflite.")
 
 
 def main(argv):
+    """ns-export: exports a SavedModel from the parsed FLAGS (argv: unused)."""
     del argv
     common.check_writable_parent(FLAGS.out_dir, "out_dir")
     config = export_lib.ExportConfig(
@@ -50,6 +51,7 @@ def main(argv):
 
 
 def run():
+    """The ns-export console script (setup.py entry point)."""
     common.run_command(main, "ns-export")
 
 

@@ -92,6 +92,8 @@ def experiment_config():
 
 
 def main(argv):
+    """noisy-student: runs or resumes the whole pipeline from the parsed FLAGS
+    (argv: unused)."""
     del argv
     # Writable first: the sources' scan reports go into the workdir.
     with common.output_folder(FLAGS.workdir, "workdir"):
@@ -104,6 +106,7 @@ def main(argv):
 
 
 def run():
+    """The noisy-student console script (setup.py entry point)."""
     common.run_command(main, "noisy-student")
 
 

@@ -36,6 +36,7 @@ flags.adopt_module_key_flags(common)
 
 
 def main(argv):
+    """ns-predict: runs one prediction worker from the parsed FLAGS (argv: unused)."""
     del argv
     data = common.data_config(scan_dir=FLAGS.out_dir)
     # Writable first: the sources' scan reports go into the out_dir, which
@@ -58,6 +59,7 @@ def main(argv):
 
 
 def run():
+    """The ns-predict console script (setup.py entry point)."""
     common.run_command(main, "ns-predict")
 
 

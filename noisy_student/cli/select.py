@@ -20,6 +20,7 @@ flags.adopt_module_key_flags(common)
 
 
 def main(argv):
+    """ns-select: selects and balances pseudo-labels from the parsed FLAGS (argv: unused)."""
     del argv
     config = common.select_config(FLAGS.pred_dir, FLAGS.out_dir)
     report = stages.run_select(config)
@@ -27,6 +28,7 @@ def main(argv):
 
 
 def run():
+    """The ns-select console script (setup.py entry point)."""
     common.run_command(main, "ns-select")
 
 

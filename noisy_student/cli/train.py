@@ -39,6 +39,7 @@ flags.adopt_module_key_flags(common)
 
 
 def main(argv):
+    """ns-train: trains one model from the parsed FLAGS (argv: unused)."""
     del argv
     # A multi-worker strategy must exist before any other TF op.
     strategy = strategy_lib.make_strategy(FLAGS.strategy, FLAGS.tpu)
@@ -69,6 +70,7 @@ def main(argv):
 
 
 def run():
+    """The ns-train console script (setup.py entry point)."""
     common.run_command(main, "ns-train")
 
 

@@ -48,6 +48,10 @@ def digits(split):
 def read_npz(path, need_labels):
     """Arrays `x` and (if `need_labels`) `y` of an .npz file (local or gs://).
 
+    Args:
+      path: The .npz file.
+      need_labels: Whether `y` must be there (labeled sources).
+
     Returns:
       (x, y or None) as stored.
 

@@ -136,11 +136,11 @@ def gaussian_noise(image, severity, seed=None):
 
     Args:
       image: uint8 (or float in [0, 255]) image [H, W, C].
-      severity: Integer 1-5.
+      severity: 1-5: noise std .04-.10 on the [0, 1] scale (GAUSSIAN_NOISE).
       seed: Optional [2] integer seed of the stateless random draw.
 
     Returns:
-      The corrupted uint8 image [H, W, C].
+      The noisy uint8 image [H, W, C].
     """
     c = GAUSSIAN_NOISE[_check_severity(severity)]
     x = _to_unit(image)
@@ -153,11 +153,11 @@ def shot_noise(image, severity, seed=None):
 
     Args:
       image: uint8 (or float in [0, 255]) image [H, W, C].
-      severity: Integer 1-5.
+      severity: 1-5: photon count at full intensity, 500-50 (SHOT_NOISE).
       seed: Optional [2] integer seed of the stateless random draw.
 
     Returns:
-      The corrupted uint8 image [H, W, C].
+      The noisy uint8 image [H, W, C].
     """
     c = SHOT_NOISE[_check_severity(severity)]
     x = _to_unit(image)
@@ -171,11 +171,11 @@ def impulse_noise(image, severity, seed=None):
 
     Args:
       image: uint8 (or float in [0, 255]) image [H, W, C].
-      severity: Integer 1-5.
+      severity: 1-5: fraction of values hit, .01-.07 (IMPULSE_NOISE).
       seed: Optional [2] integer seed of the stateless random draw.
 
     Returns:
-      The corrupted uint8 image [H, W, C].
+      The speckled uint8 image [H, W, C].
     """
     c = IMPULSE_NOISE[_check_severity(severity)]
     x = _to_unit(image)
@@ -211,11 +211,11 @@ def defocus_blur(image, severity, seed=None):
 
     Args:
       image: uint8 (or float in [0, 255]) image [H, W, C].
-      severity: Integer 1-5.
+      severity: 1-5: disk radius .3-1.5 px at 32 px (DEFOCUS_BLUR).
       seed: Unused (the corruption is deterministic); for a common signature.
 
     Returns:
-      The corrupted uint8 image [H, W, C].
+      The blurred uint8 image [H, W, C].
     """
     del seed  # Deterministic.
     radius, alias = DEFOCUS_BLUR[_check_severity(severity)]
@@ -259,11 +259,11 @@ def motion_blur(image, severity, seed=None):
 
     Args:
       image: uint8 (or float in [0, 255]) image [H, W, C].
-      severity: Integer 1-5.
+      severity: 1-5: trail length 6-9 px at 32 px (MOTION_BLUR).
       seed: Optional [2] integer seed of the stateless random draw.
 
     Returns:
-      The corrupted uint8 image [H, W, C].
+      The smeared uint8 image [H, W, C].
     """
     length, sigma = MOTION_BLUR[_check_severity(severity)]
     scale = _spatial_scale(image)
@@ -278,11 +278,11 @@ def brightness(image, severity, seed=None):
 
     Args:
       image: uint8 (or float in [0, 255]) image [H, W, C].
-      severity: Integer 1-5.
+      severity: 1-5: value added, .05-.3 on the [0, 1] scale (BRIGHTNESS).
       seed: Unused (the corruption is deterministic); for a common signature.
 
     Returns:
-      The corrupted uint8 image [H, W, C].
+      The brightened uint8 image [H, W, C].
     """
     del seed
     c = BRIGHTNESS[_check_severity(severity)]
@@ -305,11 +305,11 @@ def contrast(image, severity, seed=None):
 
     Args:
       image: uint8 (or float in [0, 255]) image [H, W, C].
-      severity: Integer 1-5.
+      severity: 1-5: factor on the distance to the mean, .75-.15 (CONTRAST).
       seed: Unused (the corruption is deterministic); for a common signature.
 
     Returns:
-      The corrupted uint8 image [H, W, C].
+      The flattened uint8 image [H, W, C].
     """
     del seed
     c = CONTRAST[_check_severity(severity)]
@@ -323,11 +323,11 @@ def pixelate(image, severity, seed=None):
 
     Args:
       image: uint8 (or float in [0, 255]) image [H, W, C].
-      severity: Integer 1-5.
+      severity: 1-5: fraction of the side kept, .75-.3 (PIXELATE).
       seed: Unused (the corruption is deterministic); for a common signature.
 
     Returns:
-      The corrupted uint8 image [H, W, C].
+      The blocky uint8 image [H, W, C].
     """
     del seed
     c = PIXELATE[_check_severity(severity)]
@@ -344,11 +344,11 @@ def jpeg_compression(image, severity, seed=None):
 
     Args:
       image: uint8 (or float in [0, 255]) image [H, W, C].
-      severity: Integer 1-5.
+      severity: 1-5: JPEG quality 80-40 (JPEG_QUALITY).
       seed: Unused (the corruption is deterministic); for a common signature.
 
     Returns:
-      The corrupted uint8 image [H, W, C].
+      The recompressed uint8 image [H, W, C].
     """
     del seed
     quality = JPEG_QUALITY[_check_severity(severity)]

@@ -217,6 +217,49 @@ def test_help_of_every_command_lists_its_flags():
         assert "--tf_" not in out  # Not the ~40 unrelated absl/TF flags.
 
 
+# Out-of-range numbers, per command: refused while the flags are parsed,
+# with the flag's own name (prefixed ones included), not a config field's.
+BAD_NUMBERS = {
+    "pipeline": ["--predict_batch_size=0", "--records_per_file=0",
+                 "--student_dropout_rate=1.5", "--teacher_train_steps=-1",
+                 "--student_stochastic_depth_rate=-0.1", "--batch_size=0",
+                 "--steps_per_loop=0", "--iterations=-1", "--ema_decay=2",
+                 "--label_smoothing=-1", "--validation_size=-3"],
+    "evaluate": ["--eval_batch_size=0", "--pgd_steps=-1"],
+    "predict": ["--num_shards=0", "--shard_index=-1", "--num_classes=0"],
+}
+# Required flags, so that only the number under test can be wrong.
+REQUIRED = {"pipeline": ["--workdir=w"], "evaluate": ["--model_path=m"],
+            "predict": ["--teacher=t", "--out_dir=o"]}
+PARSE_EACH = """
+import sys
+from absl import flags
+import noisy_student.cli.{module}
+for arg in sys.argv[1:]:
+    try:
+        flags.FLAGS(["prog", *{required}, arg])
+        print("ACCEPTED", arg)
+    except flags.Error as e:
+        print("REFUSED", e)
+"""
+
+
+def test_out_of_range_numbers_are_refused_naming_the_flag():
+    processes = {m: subprocess.Popen(
+        [sys.executable, "-c",
+         PARSE_EACH.format(module=m, required=REQUIRED[m]), *args],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for m, args in BAD_NUMBERS.items()}
+    for module, process in processes.items():
+        out, err = process.communicate(timeout=300)
+        assert process.returncode == 0, err[-2000:]
+        lines = out.splitlines()
+        assert len(lines) == len(BAD_NUMBERS[module]), out
+        for arg, line in zip(BAD_NUMBERS[module], lines):
+            assert line.startswith(f"REFUSED flag {arg}: "), (module, line)
+
+
 def test_user_errors_exit_2_with_a_message_naming_the_flag(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")

@@ -189,16 +189,17 @@ def define_data_flags(demo=False):
     flags.DEFINE_integer(
         "labels_per_class", 0,
         "Labels kept per class of --labeled (seeded by --split_seed); 0 keeps "
-        "all. E.g. 100 on Fashion-MNIST = 1,000 labels.")
+        "all. E.g. 100 on Fashion-MNIST = 1,000 labels.", lower_bound=0)
     flags.DEFINE_integer(
         "validation_size", 0,
         "Images of the unlabeled rest held out as validation (evaluated "
-        "during training instead of --test).")
+        "during training instead of --test).", lower_bound=0)
     flags.DEFINE_integer("split_seed", 0, "Seed of the labeled split.")
     flags.DEFINE_string("data_dir", None,
                         "TFDS data folder (local or gs://).")
     flags.DEFINE_integer("channels", 3,
-                         "Image channels given to the model (1 or 3).")
+                         "Image channels given to the model (1 or 3).",
+                         lower_bound=1)
     flags.DEFINE_bool("skip_corrupt", True,
                       "Folder sources: leave out image files that do not "
                       "decode (checked once before any work, named in the "
@@ -239,29 +240,33 @@ def define_role_flags(prefix, role, default_model="b0", steps=1000,
             f"The {role}'s EfficientNet: b0..b8, l2, or wW-dD (width W, depth "
             "D coefficients, e.g. w0.5-d0.5).")
     flags.DEFINE_integer(prefix + "train_steps", steps,
-                         f"Training steps of the {role} (global batches).")
+                         f"Training steps of the {role} (global batches).",
+                         lower_bound=0)
     flags.DEFINE_enum(prefix + "augment", augment,
                       ["randaugment", "keras_cv", "none"],
                       f"Input noise of the {role}: the paper's RandAugment "
                       "(ours), keras_cv's, or none.")
     flags.DEFINE_float(prefix + "magnitude", magnitude,
                        f"RandAugment magnitude M of the {role} on the paper's "
-                       "0..10 scale, > 10 allowed (paper: 27 for B7, 5 SVHN).")
+                       "0..10 scale, > 10 allowed (paper: 27 for B7, 5 SVHN).",
+                       lower_bound=0)
     flags.DEFINE_integer(prefix + "num_layers", 2,
-                         f"RandAugment ops per image N of the {role} (2).")
+                         f"RandAugment ops per image N of the {role} (2).",
+                         lower_bound=0)
     flags.DEFINE_float(prefix + "dropout_rate", None,
                        f"Head dropout of the {role}; default: the variant's "
-                       "(B0 0.2 ... B7 0.5).")
+                       "(B0 0.2 ... B7 0.5).", lower_bound=0, upper_bound=1)
     flags.DEFINE_float(prefix + "stochastic_depth_rate", 0.2,
                        f"Base stochastic-depth drop rate of the {role} "
-                       "(paper: 0.2; rate of block i is 0.2*i/n).")
+                       "(paper: 0.2; rate of block i is 0.2*i/n).",
+                       lower_bound=0, upper_bound=1)
 
 
 def define_train_flags():
     """Training recipe flags shared by teachers and students."""
     flags.DEFINE_integer("image_size", None,
                          "Model input side in pixels; default: the teacher "
-                         "variant's (B0 224).")
+                         "variant's (B0 224).", lower_bound=1)
     flags.DEFINE_bool("small_images", None,
                       "Stride 1 in stages 2-3 (inputs <= 64 px); default: on "
                       "when image_size <= 64, unless starting from pretrained "
@@ -270,33 +275,42 @@ def define_train_flags():
     flags.DEFINE_bool("flip", None, "Random left-right flips; default: on "
                       "unless the source is digits/MNIST/SVHN-like.")
     flags.DEFINE_integer("batch_size", 128,
-                         "Labeled images per global batch (SVHN recipe: 128).")
+                         "Labeled images per global batch (SVHN recipe: 128).",
+                         lower_bound=1)
     flags.DEFINE_integer("unlabel_ratio", 3,
                          "Unlabeled images per labeled image in a student's "
-                         "batch (paper: 1 for B0, 3 for B1-B7, 14/28 L2).")
+                         "batch (paper: 1 for B0, 3 for B1-B7, 14/28 L2).",
+                         lower_bound=0)
     flags.DEFINE_enum("optimizer", "rmsprop", ["rmsprop", "sgd", "adam",
                                                "adamw"],
                       "Optimizer (paper: RMSProp rho 0.9, momentum 0.9, "
                       "eps 1e-3).")
     flags.DEFINE_float("base_learning_rate", 0.016,
                        "Learning rate per 256 labeled images, scaled to "
-                       "--batch_size (official code's flag: 0.016).")
-    flags.DEFINE_float("warmup_epochs", 5.0, "Linear warm-up epochs (5).")
+                       "--batch_size (official code's flag: 0.016).",
+                       lower_bound=0)
+    flags.DEFINE_float("warmup_epochs", 5.0, "Linear warm-up epochs (5).",
+                       lower_bound=0)
     flags.DEFINE_integer("warmup_steps", None,
-                         "Warm-up in steps; overrides --warmup_epochs.")
+                         "Warm-up in steps; overrides --warmup_epochs.",
+                         lower_bound=0)
     flags.DEFINE_enum("lr_schedule", "exponential",
                       ["exponential", "cosine", "constant"],
                       "exponential: x0.97 every 2.4 epochs (paper); cosine "
                       "over the run.")
     flags.DEFINE_float("lr_decay_epochs", 2.4,
-                       "Epochs between x0.97 decays (paper: 2.4).")
+                       "Epochs between x0.97 decays (paper: 2.4).",
+                       lower_bound=0)
     flags.DEFINE_float("weight_decay", 1e-5,
-                       "L2 weight decay on non-batch-norm weights (1e-5).")
+                       "L2 weight decay on non-batch-norm weights (1e-5).",
+                       lower_bound=0)
     flags.DEFINE_float("label_smoothing", 0.1,
-                       "Label smoothing of the labeled loss (0.1).")
+                       "Label smoothing of the labeled loss (0.1).",
+                       lower_bound=0, upper_bound=1)
     flags.DEFINE_float("ema_decay", 0.9999,
                        "Decay of the weights' moving average used to "
-                       "evaluate, teach and export (0.9999; 0 = off).")
+                       "evaluate, teach and export (0.9999; 0 = off).",
+                       lower_bound=0, upper_bound=1)
     flags.DEFINE_enum("precision", "float32",
                       ["float32", "bfloat16", "mixed_float16"],
                       "Compute precision (bfloat16 on TPU).")
@@ -307,13 +321,16 @@ def define_train_flags():
     flags.DEFINE_string("tpu", None,
                         "TPU address for --strategy=tpu ('local' on a VM).")
     flags.DEFINE_integer("steps_per_loop", 50,
-                         "Steps per tf.function call (TPU host loop).")
+                         "Steps per tf.function call (TPU host loop).",
+                         lower_bound=1)
     flags.DEFINE_integer("checkpoint_every", 500,
-                         "Steps between checkpoints (0: only at the end).")
+                         "Steps between checkpoints (0: only at the end).",
+                         lower_bound=0)
     flags.DEFINE_integer("eval_every", 0,
-                         "Steps between validations (0: only at the end).")
+                         "Steps between validations (0: only at the end).",
+                         lower_bound=0)
     flags.DEFINE_integer("log_every", 50,
-                         "Steps between progress lines.")
+                         "Steps between progress lines.", lower_bound=0)
     flags.DEFINE_bool("jit_compile", False,
                       "XLA-compile the step (slower on CPU; TPU compiles).")
     flags.DEFINE_integer("seed", 0, "Seed of weights, noise and shuffling.")
@@ -408,10 +425,12 @@ def role_configs(prefix, model_name, num_classes, unlabel_ratio, source,
 def define_predict_flags():
     """The flags of the predict stage (defaults: predict.py's)."""
     flags.DEFINE_integer("predict_batch_size", predict_lib.BATCH_SIZE,
-                         "Images per teacher call when pseudo-labeling.")
+                         "Images per teacher call when pseudo-labeling.",
+                         lower_bound=1)
     flags.DEFINE_integer("records_per_file", predict_lib.RECORDS_PER_FILE,
                          "Unlabeled images per prediction file (the unit of "
-                         "resume and of --shard_index/--num_shards work).")
+                         "resume and of --shard_index/--num_shards work).",
+                         lower_bound=1)
 
 
 def define_select_flags():
@@ -420,16 +439,17 @@ def define_select_flags():
         "per_class", None,
         "K: pseudo-labeled images kept per class, most confident first; "
         "classes with fewer are duplicated up to K (paper: 130,000 on "
-        "ImageNet). Unset or 0: keep every confident image once.")
+        "ImageNet). Unset or 0: keep every confident image once.",
+        lower_bound=0)
     flags.DEFINE_float("min_confidence", 0.3,
                        "Drop images whose top probability is below this "
-                       "(paper: 0.3).")
+                       "(paper: 0.3).", lower_bound=0, upper_bound=1)
     flags.DEFINE_enum("label_type", "soft", ["soft", "hard"],
                       "Soft (probabilities, paper's best) or hard (one-hot) "
                       "pseudo-labels.")
     flags.DEFINE_float("temperature", 1.0,
                        "T of soft targets p^(1/T), renormalised (1 keeps the "
-                       "teacher's; -> 0 approaches one-hot).")
+                       "teacher's; -> 0 approaches one-hot).", lower_bound=0)
     flags.DEFINE_bool("duplicate", True,
                       "Duplicate the images of classes with fewer than K up "
                       "to K (the paper's balancing; --noduplicate keeps at "

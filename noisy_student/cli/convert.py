@@ -34,10 +34,11 @@ flags.DEFINE_string("out_dir", None, "Folder to write model.keras and "
                     "convert.json into.", required=True)
 flags.DEFINE_integer("image_size", None, "Input side of the written model; "
                      "default: the variant's resolution (B0 224). Any size "
-                     "loads (EfficientNet is resolution-agnostic).")
+                     "loads (EfficientNet is resolution-agnostic).",
+                     lower_bound=1)
 flags.DEFINE_integer("num_classes", None, "Classes of the head; default: the "
                      "checkpoint's (ImageNet: 1000). Another count keeps the "
-                     "backbone and builds a fresh head.")
+                     "backbone and builds a fresh head.", lower_bound=1)
 flags.DEFINE_enum("normalization", "imagenet", sorted(
     checkpoints.NORMALIZATIONS), "Pixel scaling a TF1 checkpoint was trained "
                   "with: imagenet (mean/stddev, official) or advprop (to "
@@ -48,7 +49,11 @@ flags.DEFINE_bool("overwrite", False, "Replace an existing "
 
 
 def main(argv):
-    """ns-convert: converts an official checkpoint from the parsed FLAGS (argv: unused)."""
+    """ns-convert: converts an official checkpoint from the parsed FLAGS.
+
+    Args:
+      argv: Unused (absl passes the leftover arguments).
+    """
     del argv
     summary = checkpoints.convert(
         FLAGS.checkpoint, FLAGS.model, FLAGS.out_dir,

@@ -19,12 +19,12 @@ flags.DEFINE_string("output_dir", "", "Where results.json and "
                     "confusion_matrix.png go.")
 flags.DEFINE_enum("part", "test", ["test", "validation"],
                   "Evaluate --test, or the validation part of --labeled.")
-flags.DEFINE_integer("eval_batch_size", 64, "Images per batch.")
+flags.DEFINE_integer("eval_batch_size", 64, "Images per batch.", lower_bound=1)
 flags.DEFINE_list("corruptions", [], "On-the-fly corruptions to score "
                   f"(any of {', '.join(corruptions.CORRUPTION_NAMES)}).")
 flags.DEFINE_list("epsilons", [], "FGSM/PGD epsilons in pixels of [0, 255].")
 flags.DEFINE_enum("attack", "fgsm", ["fgsm", "pgd"], "Adversarial attack.")
-flags.DEFINE_integer("pgd_steps", 10, "PGD iterations.")
+flags.DEFINE_integer("pgd_steps", 10, "PGD iterations.", lower_bound=0)
 flags.DEFINE_string("imagenet_c_dir", "", "TFDS data_dir holding "
                     "imagenet2012_corrupted (mCE vs AlexNet).")
 flags.DEFINE_string("imagenet_a_dir", "", "TFDS data_dir holding imagenet_a.")
@@ -34,7 +34,11 @@ flags.adopt_module_key_flags(common)
 
 
 def main(argv):
-    """ns-eval: evaluates a model on the test sets from the parsed FLAGS (argv: unused)."""
+    """ns-eval: evaluates a model on the test sets from the parsed FLAGS.
+
+    Args:
+      argv: Unused (absl passes the leftover arguments).
+    """
     del argv
     if FLAGS.output_dir:
         with common.output_folder(FLAGS.output_dir, "output_dir"):

@@ -34,13 +34,18 @@ flags.DEFINE_string("out_dir", None, "SavedModel folder to create.",
                     required=True)
 flags.DEFINE_bool("overwrite", False, "Replace an existing --out_dir.")
 flags.DEFINE_integer("image_size", None, "Serving resolution; default: the "
-                     "model's.")
-flags.DEFINE_integer("top_k", 5, "Classes returned with their scores.")
+                     "model's.", lower_bound=1)
+flags.DEFINE_integer("top_k", 5, "Classes returned with their scores.",
+                     lower_bound=1)
 flags.DEFINE_bool("tflite", False, "Also write OUT_DIR/model.tflite.")
 
 
 def main(argv):
-    """ns-export: exports a SavedModel from the parsed FLAGS (argv: unused)."""
+    """ns-export: exports a SavedModel from the parsed FLAGS.
+
+    Args:
+      argv: Unused (absl passes the leftover arguments).
+    """
     del argv
     common.check_writable_parent(FLAGS.out_dir, "out_dir")
     config = export_lib.ExportConfig(

@@ -20,7 +20,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Folder of every stage's output (local "
                     "or gs://).", required=True)
 flags.DEFINE_integer("iterations", 2, "Noisy Student rounds after the "
-                     "teacher (paper: 3 for L2).")
+                     "teacher (paper: 3 for L2).", lower_bound=0)
 flags.DEFINE_list("student_models", [],
                   "Each round's student, e.g. b0,b1 (the last repeats); "
                   "empty: the teacher's model.")

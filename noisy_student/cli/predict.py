@@ -25,10 +25,11 @@ flags.DEFINE_string("out_dir", None, "The prediction folder, shared by all "
                     "workers.", required=True)
 flags.DEFINE_integer("num_classes", None, "Classes of the labeled set; "
                      "default: read from --labeled if given, else the "
-                     "teacher's outputs.")
+                     "teacher's outputs.", lower_bound=1)
 flags.DEFINE_integer("shard_index", 0, "This worker's index in "
-                     "[0, --num_shards).")
-flags.DEFINE_integer("num_shards", 1, "Workers sharing the prediction.")
+                     "[0, --num_shards).", lower_bound=0)
+flags.DEFINE_integer("num_shards", 1, "Workers sharing the prediction.",
+                     lower_bound=1)
 common.define_data_flags()
 common.define_predict_flags()
 # --help lists the shared flags too (absl shows only key flags).
@@ -36,7 +37,11 @@ flags.adopt_module_key_flags(common)
 
 
 def main(argv):
-    """ns-predict: runs one prediction worker from the parsed FLAGS (argv: unused)."""
+    """ns-predict: runs one prediction worker from the parsed FLAGS.
+
+    Args:
+      argv: Unused (absl passes the leftover arguments).
+    """
     del argv
     data = common.data_config(scan_dir=FLAGS.out_dir)
     # Writable first: the sources' scan reports go into the out_dir, which

@@ -30,7 +30,7 @@ flags.DEFINE_string("init_from", None,
                     "from scratch. With --train_steps=0: used unchanged.")
 flags.DEFINE_integer("freeze_blocks", 0,
                      "Freeze the stem and the first N blocks (FixRes-style "
-                     "fine-tune at a larger --image_size).")
+                     "fine-tune at a larger --image_size).", lower_bound=0)
 common.define_data_flags()
 common.define_train_flags()
 common.define_role_flags("", "model")
@@ -39,7 +39,11 @@ flags.adopt_module_key_flags(common)
 
 
 def main(argv):
-    """ns-train: trains one model from the parsed FLAGS (argv: unused)."""
+    """ns-train: trains one model from the parsed FLAGS.
+
+    Args:
+      argv: Unused (absl passes the leftover arguments).
+    """
     del argv
     # A multi-worker strategy must exist before any other TF op.
     strategy = strategy_lib.make_strategy(FLAGS.strategy, FLAGS.tpu)

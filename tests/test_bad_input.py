@@ -285,6 +285,10 @@ def test_user_errors_exit_2_with_a_message_naming_the_flag(tmp_path):
         "unwritable workdir": (
             _command("pipeline", f"--workdir={blocker}/sub", *tiny),
             "writable folder --workdir"),
+        "own data, no --test": (
+            _command("pipeline", f"--workdir={tmp_path}/w4", *tiny,
+                     f"--labeled=folder:{corrupt}"),
+            "Expected --test (the labeled source of the final evaluation)"),
         "missing unlabeled folder": (
             _command("pipeline", f"--workdir={tmp_path}/w3", *tiny,
                      "--unlabeled=folder:/no/such/dir"),

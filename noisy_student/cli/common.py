@@ -169,13 +169,18 @@ def output_folder(folder, flag):
         raise
 
 
+# The noisy-student command's demo (README quickstart): scikit-learn's digits.
+DEMO_LABELED = "digits:train"
+DEMO_TEST = "digits:test"
+
+
 def define_data_flags(demo=False):
     """The data source flags; `demo`: default to the digits demo (only the
     noisy-student command, which runs it); other commands have no default
     source, so a missing --labeled/--test is named, not replaced by
     digits."""
     flags.DEFINE_string(
-        "labeled", "digits:train" if demo else None,
+        "labeled", DEMO_LABELED if demo else None,
         "Labeled training source: tfds:NAME[:SPLIT], folder:PATH, npz:PATH, "
         "idx:DIR[:SPLIT] or digits[:SPLIT]. Labels must be 0..K-1, each "
         "class with at least one image.")
@@ -183,9 +188,12 @@ def define_data_flags(demo=False):
         "unlabeled", "",
         "Unlabeled source (any spec; labels never read). Empty: the rest of "
         "--labeled after --labels_per_class.")
-    flags.DEFINE_string("test", "digits:test" if demo else None,
+    flags.DEFINE_string("test", None,
                         "Labeled source of the final evaluation (its "
-                        "classes must be the model's).")
+                        "classes must be the model's)."
+                        + (" Default: digits:test with the digits demo's "
+                           "--labeled; required with any other." if demo
+                           else ""))
     flags.DEFINE_integer(
         "labels_per_class", 0,
         "Labels kept per class of --labeled (seeded by --split_seed); 0 keeps "
@@ -208,13 +216,31 @@ def define_data_flags(demo=False):
                       "naming the first.")
 
 
-def data_config(scan_dir=None):
-    """The `stages.DataConfig` of the data flags (validated); `scan_dir`:
-    the command's output folder, where folder sources write
-    skipped_images.json."""
+def data_config(scan_dir=None, demo=False):
+    """The `stages.DataConfig` of the data flags (validated).
+
+    Args:
+      scan_dir: The command's output folder, where folder sources write
+        skipped_images.json.
+      demo: The command runs the digits demo by default: an unset --test
+        is digits' test split when --labeled is digits too.
+
+    Raises:
+      ValueError: with `demo`, for an unset --test and another --labeled
+        (the demo's test set would score a model of other classes).
+    """
+    test = FLAGS.test or ""
+    if demo and not test:
+        if not (FLAGS.labeled or "").startswith("digits"):
+            raise ValueError(
+                "Expected --test (the labeled source of the final "
+                "evaluation) with your own --labeled; digits:test is the "
+                f"default of the digits demo only. Received: --labeled="
+                f"{FLAGS.labeled} and no --test")
+        test = DEMO_TEST
     return stages.DataConfig(
         labeled=FLAGS.labeled or "", unlabeled=FLAGS.unlabeled,
-        test=FLAGS.test or "",
+        test=test,
         labels_per_class=FLAGS.labels_per_class,
         validation_size=FLAGS.validation_size, split_seed=FLAGS.split_seed,
         data_dir=FLAGS.data_dir, channels=FLAGS.channels,

@@ -56,7 +56,7 @@ flags.adopt_module_key_flags(common)
 
 def experiment_config():
     """Turns FLAGS into an ExperimentConfig (checks before any work)."""
-    data = common.data_config(scan_dir=FLAGS.workdir)
+    data = common.data_config(scan_dir=FLAGS.workdir, demo=True)
     labeled = data.labeled_source()
     layout = FLAGS.teacher_init or FLAGS.student_init
     teacher, teacher_input = common.role_configs(

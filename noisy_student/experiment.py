@@ -271,27 +271,45 @@ def _student_configs(config, r, teacher_dir):
 
 
 def check(config):
-    """Raises ValueError if the workdir was made by other settings, or a
-    pretrained checkpoint does not fit its model."""
+    """Plans the run and checks the plan before any work.
+
+    Call it holding the workdir's lock, after `migrate`.
+
+    Returns:
+      The plan (see `plan`), for `run`.
+
+    Raises:
+      ValueError: if the workdir was made by other settings, or a
+        pretrained checkpoint does not fit its model.
+    """
+    steps = plan(config)
     _check_stages(manifest_lib.Manifest(config.workdir.rstrip("/"),
-                                        config.overwrite), plan(config))
-    _check_inits(config)
+                                        config.overwrite), steps)
+    _check_inits(config, steps)
+    return steps
 
 
-def _check_inits(config):
-    """Reads every pretrained checkpoint against its model, before work."""
-    roles = [("teacher", config.teacher)]
-    if config.student.init_from and config.iterations:
-        roles += [(f"student {r}", with_model(config.student,
-                                              config.student_model(r)))
-                  for r in range(1, config.iterations + 1)]
-    for role, train_config in roles:
-        if not train_config.init_from:
+def _check_inits(config, steps):
+    """Reads every pretrained checkpoint against its model, before work.
+
+    The models are the planned training stages' (a teacher's folder that
+    starts a student, init_student_from_teacher, is no checkpoint); each
+    (checkpoint, model) pair is read once.
+    """
+    seen = set()
+    for stage in steps:
+        r, kind = workdir_layout.parse_stage_name(stage.name) or (None, None)
+        train_config = stage.config
+        if kind != "train" or not train_config.init_from or (
+                r and config.init_student_from_teacher):
             continue
         name = train_config.model.model_name
+        if (train_config.init_from, name) in seen:
+            continue
+        seen.add((train_config.init_from, name))
         pretrained = checkpoints.read(
             train_config.init_from, name,
-            what="teacher_init" if role == "teacher" else "student_init")
+            what="student_init" if r else "teacher_init")
         head = checkpoints.check(
             pretrained, train_state.build_model(train_config), name)
         if train_config.loop.train_steps == 0 and not head:
@@ -322,8 +340,13 @@ def migrate(config):
     return workdir_layout.migrate(config.workdir.rstrip("/"))
 
 
-def run(config):
+def run(config, steps=None):
     """Runs (or continues) the pipeline; returns the report dict.
+
+    Args:
+      config: The `ExperimentConfig`.
+      steps: The plan that `check` returned for `config` under the same
+        lock (the workdir already migrated); None: migrate and check here.
 
     Raises:
       workdir_lock.WorkdirBusyError: if another process runs in the workdir.
@@ -331,15 +354,14 @@ def run(config):
     """
     workdir = config.workdir.rstrip("/")
     with workdir_lock.WorkdirLock(workdir):
-        return _run(config, workdir)
+        if steps is None:
+            migrate(config)
+            steps = check(config)
+        return _run(config, workdir, steps)
 
 
-def _run(config, workdir):
-    migrate(config)
+def _run(config, workdir, steps):
     manifest = manifest_lib.Manifest(workdir, config.overwrite)
-    steps = plan(config)
-    _check_stages(manifest, steps)
-    _check_inits(config)
     results, iterations = {}, []
     for number, stage in enumerate(steps, 1):
         if not manifest.finished(stage.name, stage.fingerprint):

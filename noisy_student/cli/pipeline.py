@@ -100,9 +100,11 @@ def main(argv):
     with workdir_lock.WorkdirLock(FLAGS.workdir):
         # A workdir of the round{r}/ folders is renamed before it is read.
         experiment.migrate(config)
-        experiment.check(config)  # A workdir of other settings fails here.
+        # A workdir of other settings fails here, before flags.txt is
+        # written; the checked plan is the one that runs.
+        steps = experiment.check(config)
         common.write_flags(FLAGS.workdir)
-        experiment.run(config)
+        experiment.run(config, steps)
 
 
 def run():

@@ -375,17 +375,18 @@ def test_run_pipeline_steps_and_errors(run):
     assert bad.returncode == 2 and "gs://" in bad.stderr
 
 
-def test_run_pipeline_refuses_the_folders_old_names(run, tmp_path):
+def test_run_pipeline_refuses_the_folders_old_names(run, fake_bin, tmp_path):
     """A workdir whose folders have their names from before the round ->
     iteration rename stops before any stage, saying how to rename them."""
     old = tmp_path / "old_bin"
     old.mkdir()
     # gcloud finds gs://b/w/round2/ and nothing else; it runs nothing.
     gcloud = old / "gcloud"
-    gcloud.write_text('#!/bin/sh\n[ "$1 $2 $3" = "storage ls gs://b/w/round2/" ]'
-                      '\n')
+    gcloud.write_text(
+        '#!/bin/sh\n[ "$1 $2 $3" = "storage ls gs://b/w/round2/" ]\n')
     gcloud.chmod(0o755)
-    path = f"{old}:{tmp_path}/unused:{os.environ.get('PATH', '')}"
+    # The other tools stay the recording fakes.
+    path = f"{old}:{fake_bin}:{os.environ.get('PATH', '')}"
     bad = run("run_pipeline.sh", "--bucket=b", "--workdir=gs://b/w",
               env={"PATH": path}, check=False)
     assert bad.returncode == 2, bad.stderr

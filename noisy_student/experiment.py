@@ -176,8 +176,7 @@ def plan(config):
     steps = []
 
     def train_and_eval(r, train_config, input_config, pseudo_dir, upstream):
-        folder = workdir_layout.iteration_folder(workdir, r)
-        model_dir = f"{folder}/train"
+        model_dir = workdir_layout.stage_folder(workdir, r, "train")
         # A pretrained checkpoint counts by its files (path, size, mtime); a
         # teacher's folder (init_student_from_teacher) by its stages.
         init = train_config.init_from
@@ -194,7 +193,8 @@ def plan(config):
                 train_config, input_config, config.data, model_dir,
                 pseudo_dir, log_prefix=f"[{name}] ")), train_config))
         eval_config = evaluate.EvalConfig(
-            model_path=model_dir, output_dir=f"{folder}/eval",
+            model_path=model_dir,
+            output_dir=workdir_layout.stage_folder(workdir, r, "eval"),
             num_classes=train_config.model.num_classes)
         steps.append(Stage(
             workdir_layout.stage_name(r, "eval"),
@@ -207,9 +207,9 @@ def plan(config):
     teacher_dir, fp = train_and_eval(0, config.teacher, config.teacher_input,
                                      None, ())
     for r in range(1, config.iterations + 1):
-        folder = workdir_layout.iteration_folder(workdir, r)
         predict_config = dataclasses.replace(
-            config.predict, teacher=teacher_dir, out_dir=f"{folder}/predict",
+            config.predict, teacher=teacher_dir,
+            out_dir=workdir_layout.stage_folder(workdir, r, "predict"),
             num_classes=config.teacher.model.num_classes)
         predict_fp = manifest_lib.fingerprint(
             _without_paths(predict_config, "teacher", "out_dir",
@@ -220,7 +220,7 @@ def plan(config):
             lambda c=predict_config: stages.run_predict(c, config.data)))
         select_config = dataclasses.replace(
             config.select, pred_dir=predict_config.out_dir,
-            out_dir=f"{folder}/select")
+            out_dir=workdir_layout.stage_folder(workdir, r, "select"))
         select_fp = manifest_lib.fingerprint(
             _without_paths(select_config, "pred_dir", "out_dir"), predict_fp)
         steps.append(Stage(
@@ -408,7 +408,7 @@ def _iteration_entry(r, role, name, metrics, results, manifest, selection):
 def _class_names(workdir):
     """The class names the teacher's run recorded (None if it has none)."""
     return model_info.read_class_names(
-        f"{workdir_layout.iteration_folder(workdir, 0)}/train")
+        workdir_layout.stage_folder(workdir, 0, "train"))
 
 
 def write_report(workdir, iterations, class_names=None):

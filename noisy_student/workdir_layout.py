@@ -51,8 +51,15 @@ def iteration_folder(workdir, r):
 
 def stage_name(r, kind):
     """The manifest key of a stage, e.g. stage_name(1, "train") is
-    "iteration1/train" (kind: predict, select, train or eval)."""
+    "iteration1/train" (kind: predict, select, train or eval); also the
+    stage's folder relative to the workdir (see `stage_folder`)."""
     return f"{folder_name(r)}/{kind}"
+
+
+def stage_folder(workdir, r, kind):
+    """`workdir/iteration{r}/{kind}`: the output folder of a stage (its
+    train folder is the model_dir of iteration r's model)."""
+    return f"{workdir}/{stage_name(r, kind)}"
 
 
 def parse_stage_name(name):

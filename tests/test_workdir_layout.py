@@ -74,6 +74,8 @@ def test_names_of_folders_and_stages():
     assert workdir_layout.iteration_folder("gs://b/w", 2) == (
         "gs://b/w/iteration2")
     assert workdir_layout.stage_name(0, "train") == "iteration0/train"
+    assert workdir_layout.stage_folder("/w", 1, "select") == (
+        "/w/iteration1/select")
     assert workdir_layout.parse_stage_name("iteration12/eval") == (12, "eval")
     assert workdir_layout.parse_stage_name("export") is None
 

@@ -69,9 +69,10 @@ if [ "$gpus" -gt 0 ]; then
     --flagfile=flags/digits.cfg --workdir="$out/digits" --strategy=mirrored
   python - "$out/digits/report.json" <<'PY' || status=1
 import json, sys
-rounds = json.load(open(sys.argv[1]))["rounds"]
+iterations = json.load(open(sys.argv[1]))["iterations"]
 print("RESULT digits_mirrored " + " ".join(
-    f"{r['role']}{r['round']}_top1={r['test_top1']:.4f}" for r in rounds))
+    f"{r['role']}{r['iteration']}_top1={r['test_top1']:.4f}"
+    for r in iterations))
 PY
 else
   echo "SKIP digits_mirrored: no GPU (MirroredStrategy over CPUs is ~20x slower; the tests above cover its code path)"

@@ -81,7 +81,7 @@ class EvalConfig:
     class_names: tuple = ()
 
     def __post_init__(self):
-        # Checked when built: the pipeline builds every round's config
+        # Checked when built: the pipeline builds every iteration's config
         # before any work.
         def fail(expected, name):
             raise ValueError(f"Expected {expected}. Received: "

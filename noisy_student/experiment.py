@@ -1,8 +1,9 @@
-"""The whole paper in one call: teacher, then rounds of noisy students.
+"""The whole paper in one call: teacher, then iterations of noisy students.
 
-Round 0 trains the teacher on the labeled images and evaluates it. Each round
-r >= 1 then runs, in `workdir/round{r}/`:
-  predict  the previous round's model (EMA weights, no noise) labels the
+Iteration 0 trains the teacher on the labeled images and evaluates it. Each
+iteration r >= 1 (the paper's word, Sec. 3.1) then runs, in
+`workdir/iteration{r}/` (see `workdir_layout`):
+  predict  the previous iteration's model (EMA weights, no noise) labels the
            unlabeled images;
   select   filter (min confidence) and balance (K per class) the labels;
   train    a noised, equal-or-larger student on labeled + pseudo-labeled
@@ -12,7 +13,8 @@ The final student is exported to `workdir/export/`. `workdir/manifest.json`
 records every stage with a fingerprint of its settings, so rerunning the same
 call after a kill continues where it stopped, and a call with changed
 settings fails (or, with overwrite, redoes the stages they change).
-One process at a time runs in a workdir (`workdir_lock`).
+One process at a time runs in a workdir (`workdir_lock`). A workdir made
+before the round -> iteration rename is renamed first (`workdir_layout`).
 """
 
 import dataclasses
@@ -31,6 +33,7 @@ from noisy_student import select as select_lib
 from noisy_student import stages
 from noisy_student import train_config as train_config_lib
 from noisy_student import train_state
+from noisy_student import workdir_layout
 from noisy_student import workdir_lock
 from noisy_student.data import pipeline
 
@@ -42,7 +45,7 @@ class ExperimentConfig:
     Attributes:
       workdir: Folder of every stage's output (local or gs://).
       data: Sources and the labeled split.
-      teacher: Training recipe and model of round 0 (its init_from: the
+      teacher: Training recipe and model of iteration 0 (its init_from: the
         pretrained weights it is fine-tuned from; train_steps=0 uses them
         unchanged).
       teacher_input: Input (augmentation) of the teacher.
@@ -50,15 +53,17 @@ class ExperimentConfig:
         replaced by `student_models` (its init_from: pretrained weights
         every student starts from).
       student_input: Input (noise) of the students.
-      student_models: Model name of each round's student (the last one
+      student_models: Model name of each iteration's student (the last one
         repeats); empty: the teacher's model.
-      iterations: Rounds of student training.
+      iterations: Iterations of student training (the paper's, Sec. 3.1).
       init_student_from_teacher: Start each student from its teacher's
         weights instead of from scratch.
       allow_smaller_student: Allow a student narrower or shallower than its
         teacher (the paper uses equal-or-larger students).
-      predict: Prediction settings (teacher, out_dir are set per round).
-      select: Selection settings (pred_dir, out_dir are set per round).
+      predict: Prediction settings (teacher, out_dir are set per
+        iteration).
+      select: Selection settings (pred_dir, out_dir are set per
+        iteration).
       export: Export the final model as a SavedModel.
       overwrite: Redo stages whose settings changed instead of failing.
       student_resolution_from_model: Train each student at its variant's
@@ -105,14 +110,14 @@ class ExperimentConfig:
                     f"Expected an equal-or-larger student than its teacher "
                     f"{previous} (or --allow_smaller_student). Received: "
                     f"student_models={','.join(self.student_models)} "
-                    f"(round {r}: {name})")
+                    f"(iteration {r}: {name})")
             previous = name
 
-    def student_model(self, round_index):
-        """Model name of the student of round `round_index` (1-based)."""
+    def student_model(self, iteration):
+        """Model name of the student of iteration `iteration` (1-based)."""
         if not self.student_models:
             return self.teacher.model.model_name
-        return self.student_models[min(round_index, len(
+        return self.student_models[min(iteration, len(
             self.student_models)) - 1]
 
 
@@ -171,8 +176,7 @@ def plan(config):
     steps = []
 
     def train_and_eval(r, train_config, input_config, pseudo_dir, upstream):
-        folder = f"{workdir}/round{r}"
-        model_dir = f"{folder}/train"
+        model_dir = workdir_layout.stage_folder(workdir, r, "train")
         # A pretrained checkpoint counts by its files (path, size, mtime); a
         # teacher's folder (init_student_from_teacher) by its stages.
         init = train_config.init_from
@@ -182,16 +186,19 @@ def plan(config):
         train_fp = manifest_lib.fingerprint(
             {"train": _train_fingerprint_args(train_config),
              "input": input_config, "init": init_fp}, data_fp, *upstream)
+        name = workdir_layout.stage_name(r, "train")
         steps.append(Stage(
-            f"round{r}/train", train_fp, model_dir,
+            name, train_fp, model_dir,
             lambda: report_lib.jsonable(stages.run_train(
                 train_config, input_config, config.data, model_dir,
-                pseudo_dir, log_prefix=f"[round{r}/train] ")), train_config))
+                pseudo_dir, log_prefix=f"[{name}] ")), train_config))
         eval_config = evaluate.EvalConfig(
-            model_path=model_dir, output_dir=f"{folder}/eval",
+            model_path=model_dir,
+            output_dir=workdir_layout.stage_folder(workdir, r, "eval"),
             num_classes=train_config.model.num_classes)
         steps.append(Stage(
-            f"round{r}/eval", manifest_lib.fingerprint({}, train_fp),
+            workdir_layout.stage_name(r, "eval"),
+            manifest_lib.fingerprint({}, train_fp),
             eval_config.output_dir,
             lambda: report_lib.jsonable(
                 stages.run_eval(eval_config, config.data))))
@@ -200,23 +207,25 @@ def plan(config):
     teacher_dir, fp = train_and_eval(0, config.teacher, config.teacher_input,
                                      None, ())
     for r in range(1, config.iterations + 1):
-        folder = f"{workdir}/round{r}"
         predict_config = dataclasses.replace(
-            config.predict, teacher=teacher_dir, out_dir=f"{folder}/predict",
+            config.predict, teacher=teacher_dir,
+            out_dir=workdir_layout.stage_folder(workdir, r, "predict"),
             num_classes=config.teacher.model.num_classes)
         predict_fp = manifest_lib.fingerprint(
             _without_paths(predict_config, "teacher", "out_dir",
                            "log_every_s"), fp)
         steps.append(Stage(
-            f"round{r}/predict", predict_fp, predict_config.out_dir,
+            workdir_layout.stage_name(r, "predict"), predict_fp,
+            predict_config.out_dir,
             lambda c=predict_config: stages.run_predict(c, config.data)))
         select_config = dataclasses.replace(
             config.select, pred_dir=predict_config.out_dir,
-            out_dir=f"{folder}/select")
+            out_dir=workdir_layout.stage_folder(workdir, r, "select"))
         select_fp = manifest_lib.fingerprint(
             _without_paths(select_config, "pred_dir", "out_dir"), predict_fp)
         steps.append(Stage(
-            f"round{r}/select", select_fp, select_config.out_dir,
+            workdir_layout.stage_name(r, "select"), select_fp,
+            select_config.out_dir,
             lambda c=select_config: report_lib.jsonable(
                 stages.run_select(c)["totals"])))
         student, student_input = _student_configs(config, r, teacher_dir)
@@ -241,11 +250,11 @@ def _student_configs(config, r, teacher_dir):
 
     Args:
       config: The `ExperimentConfig`.
-      r: The iteration (round), 1-based.
+      r: The iteration, 1-based.
       teacher_dir: The model_dir of the student's teacher.
 
     Returns:
-      (TrainConfig, InputConfig) with the round's model, its resolution
+      (TrainConfig, InputConfig) with the iteration's model, its resolution
       when `student_resolution_from_model`, and the teacher's weights as
       init_from when `init_student_from_teacher`.
     """
@@ -262,27 +271,45 @@ def _student_configs(config, r, teacher_dir):
 
 
 def check(config):
-    """Raises ValueError if the workdir was made by other settings, or a
-    pretrained checkpoint does not fit its model."""
+    """Plans the run and checks the plan before any work.
+
+    Call it holding the workdir's lock, after `migrate`.
+
+    Returns:
+      The plan (see `plan`), for `run`.
+
+    Raises:
+      ValueError: if the workdir was made by other settings, or a
+        pretrained checkpoint does not fit its model.
+    """
+    steps = plan(config)
     _check_stages(manifest_lib.Manifest(config.workdir.rstrip("/"),
-                                        config.overwrite), plan(config))
-    _check_inits(config)
+                                        config.overwrite), steps)
+    _check_inits(config, steps)
+    return steps
 
 
-def _check_inits(config):
-    """Reads every pretrained checkpoint against its model, before work."""
-    roles = [("teacher", config.teacher)]
-    if config.student.init_from and config.iterations:
-        roles += [(f"student {r}", with_model(config.student,
-                                              config.student_model(r)))
-                  for r in range(1, config.iterations + 1)]
-    for role, train_config in roles:
-        if not train_config.init_from:
+def _check_inits(config, steps):
+    """Reads every pretrained checkpoint against its model, before work.
+
+    The models are the planned training stages' (a teacher's folder that
+    starts a student, init_student_from_teacher, is no checkpoint); each
+    (checkpoint, model) pair is read once.
+    """
+    seen = set()
+    for stage in steps:
+        r, kind = workdir_layout.parse_stage_name(stage.name) or (None, None)
+        train_config = stage.config
+        if kind != "train" or not train_config.init_from or (
+                r and config.init_student_from_teacher):
             continue
         name = train_config.model.model_name
+        if (train_config.init_from, name) in seen:
+            continue
+        seen.add((train_config.init_from, name))
         pretrained = checkpoints.read(
             train_config.init_from, name,
-            what="teacher_init" if role == "teacher" else "student_init")
+            what="student_init" if r else "teacher_init")
         head = checkpoints.check(
             pretrained, train_state.build_model(train_config), name)
         if train_config.loop.train_steps == 0 and not head:
@@ -301,40 +328,58 @@ def _check_stages(manifest, steps):
         manifest.check(stage.name, stage.fingerprint, stage.redo_if_changed)
 
 
-def run(config):
+def migrate(config):
+    """Renames a workdir made before the round -> iteration rename.
+
+    Call it holding the workdir's lock, before `check` (see
+    `workdir_layout.migrate`; a no-op on other work directories).
+
+    Raises:
+      ValueError: if an iteration's folder or stage exists under both names.
+    """
+    return workdir_layout.migrate(config.workdir.rstrip("/"))
+
+
+def run(config, steps=None):
     """Runs (or continues) the pipeline; returns the report dict.
+
+    Args:
+      config: The `ExperimentConfig`.
+      steps: The plan that `check` returned for `config` under the same
+        lock (the workdir already migrated); None: migrate and check here.
 
     Raises:
       workdir_lock.WorkdirBusyError: if another process runs in the workdir.
+      ValueError: see `migrate` and `check`.
     """
     workdir = config.workdir.rstrip("/")
     with workdir_lock.WorkdirLock(workdir):
-        return _run(config, workdir)
+        if steps is None:
+            migrate(config)
+            steps = check(config)
+        return _run(config, workdir, steps)
 
 
-def _run(config, workdir):
+def _run(config, workdir, steps):
     manifest = manifest_lib.Manifest(workdir, config.overwrite)
-    steps = plan(config)
-    _check_stages(manifest, steps)
-    _check_inits(config)
-    results, rounds = {}, []
+    results, iterations = {}, []
     for number, stage in enumerate(steps, 1):
         if not manifest.finished(stage.name, stage.fingerprint):
             print(f"[stage {number}/{len(steps)}] {stage.name}", flush=True)
         results[stage.name] = manifest.run(stage.name, stage.fingerprint,
                                            stage.folder, stage.work,
                                            stage.redo_if_changed)
-        r, _, kind = stage.name.partition("/")
+        r, kind = workdir_layout.parse_stage_name(stage.name) or (None, None)
         if kind == "eval":
-            index = int(r[len("round"):])
-            rounds.append(_round_entry(
-                index, "teacher" if index == 0 else "student",
-                config.teacher.model.model_name if index == 0
-                else config.student_model(index),
-                results[f"{r}/train"], results[stage.name], manifest,
-                results.get(f"{r}/select")))
-            write_report(workdir, rounds, _class_names(workdir))
-    report = write_report(workdir, rounds, _class_names(workdir))
+            iterations.append(_iteration_entry(
+                r, "teacher" if r == 0 else "student",
+                config.teacher.model.model_name if r == 0
+                else config.student_model(r),
+                results[workdir_layout.stage_name(r, "train")],
+                results[stage.name], manifest,
+                results.get(workdir_layout.stage_name(r, "select"))))
+            write_report(workdir, iterations, _class_names(workdir))
+    report = write_report(workdir, iterations, _class_names(workdir))
     print_table(report)
     print(f"Report: {workdir}/report.json (also report.md, report.png)",
           flush=True)
@@ -343,14 +388,16 @@ def _run(config, workdir):
     return report
 
 
-def _round_entry(r, role, name, metrics, results, manifest, selection):
+def _iteration_entry(r, role, name, metrics, results, manifest, selection):
+    """Iteration r's line of the report (its eval, train and select)."""
     clean = results.get("clean", {})
     entry = {
-        "round": r, "role": role, "model": name,
+        "iteration": r, "role": role, "model": name,
         "test_top1": clean.get("top1"), "test_top5": clean.get("top5"),
         "test_ece": clean.get("ece"),
         "train_steps": metrics.get("step"),
-        "train_seconds": manifest.stages[f"round{r}/train"].get("seconds"),
+        "train_seconds": manifest.stages[
+            workdir_layout.stage_name(r, "train")].get("seconds"),
         "best_eval_top1": metrics.get("best_eval_top1"),
     }
     if selection is not None:
@@ -360,24 +407,26 @@ def _round_entry(r, role, name, metrics, results, manifest, selection):
 
 def _class_names(workdir):
     """The class names the teacher's run recorded (None if it has none)."""
-    return model_info.read_class_names(f"{workdir}/round0/train")
+    return model_info.read_class_names(
+        workdir_layout.stage_folder(workdir, 0, "train"))
 
 
-def write_report(workdir, rounds, class_names=None):
+def write_report(workdir, iterations, class_names=None):
     """Writes report.json, report.md and report.png; returns the report.
 
     Args:
       workdir: The run's folder, local or gs://.
-      rounds: One entry per evaluated round (see `_round_entry`).
+      iterations: One entry per evaluated iteration (see
+        `_iteration_entry`).
       class_names: Class names in label order, or None.
     """
-    report = {"rounds": rounds, "updated_at": time.strftime(
+    report = {"iterations": iterations, "updated_at": time.strftime(
         "%Y-%m-%d %H:%M:%S")}
     if class_names:
         report["class_names"] = list(class_names)
         model_info.write_class_names(workdir, class_names)
     report_lib.write_report(workdir, "report", report, markdown_table(report),
-                            lambda: _plot(rounds))
+                            lambda: _plot(iterations))
     return report
 
 
@@ -393,15 +442,15 @@ def markdown_table(report):
         shown = ", ".join(f"{i} {name}" for i, name in enumerate(names[:50]))
         more = f" ... ({len(names)} classes)" if len(names) > 50 else ""
         lines += [f"classes: {shown}{more}", ""]
-    lines += ["| round | role | model | test top-1 | test top-5 | pseudo-labels "
-             "(unique / total) | train s |",
+    lines += ["| iteration | role | model | test top-1 | test top-5 | "
+              "pseudo-labels (unique / total) | train s |",
              "|---|---|---|---|---|---|---|"]
-    for r in report["rounds"]:
+    for r in report["iterations"]:
         pl = r.get("pseudo_labels") or {}
         pseudo = f"{pl.get('unique', '-')} / {pl.get('total', '-')}" if pl \
             else "-"
         lines.append(
-            f"| {r['round']} | {r['role']} | {r['model']} | "
+            f"| {r['iteration']} | {r['role']} | {r['model']} | "
             f"{_fmt(r['test_top1'])} | {_fmt(r['test_top5'])} | {pseudo} | "
             f"{_fmt(r['train_seconds'], 0)} |")
     return "\n".join(lines) + "\n"
@@ -412,16 +461,16 @@ def print_table(report):
     print(markdown_table(report), flush=True)
 
 
-def _plot(rounds):
-    """Test top-1 and pseudo-label counts per round, as PNG bytes."""
+def _plot(iterations):
+    """Test top-1 and pseudo-label counts per iteration, as PNG bytes."""
     fig = report_lib.new_figure(9, 3.5)
     ax1, ax2 = fig.subplots(1, 2)
-    xs = [r["round"] for r in rounds]
-    ax1.plot(xs, [r["test_top1"] or 0 for r in rounds], "o-")
-    ax1.set_xlabel("round (0 = teacher)")
+    xs = [r["iteration"] for r in iterations]
+    ax1.plot(xs, [r["test_top1"] or 0 for r in iterations], "o-")
+    ax1.set_xlabel("iteration (0 = teacher)")
     ax1.set_ylabel("test top-1")
     ax1.set_xticks(xs)
-    counts = [(r["round"], r["pseudo_labels"]) for r in rounds
+    counts = [(r["iteration"], r["pseudo_labels"]) for r in iterations
               if r.get("pseudo_labels")]
     if counts:
         ax2.bar([c[0] - 0.2 for c in counts],
@@ -430,6 +479,6 @@ def _plot(rounds):
                 [c[1].get("total", 0) for c in counts], 0.4, label="total")
         ax2.legend()
     ax2.set_xticks(xs)
-    ax2.set_xlabel("round")
+    ax2.set_xlabel("iteration")
     ax2.set_ylabel("pseudo-labeled images")
     return report_lib.figure_png(fig, dpi=90)

@@ -57,7 +57,7 @@ class Manifest:
           name: Stage name.
           stage_fingerprint: From `fingerprint`.
           redo_if_changed: The stage only mirrors its upstream (the export
-            of the last round): when the run grows by an iteration it is
+            of the last iteration): when the run grows by an iteration it is
             redone instead of refused.
 
         Raises:
@@ -94,7 +94,7 @@ class Manifest:
         """Runs `fn()` as stage `name` unless it already finished.
 
         Args:
-          name: Stage name, e.g. "round1/train".
+          name: Stage name, e.g. "iteration1/train".
           stage_fingerprint: From `fingerprint`.
           folder: The stage's output folder; deleted first when a stage made
             with other settings is overwritten.

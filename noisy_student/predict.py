@@ -78,7 +78,7 @@ class PredictConfig:
     log_every_s: float = 30.0
 
     def __post_init__(self):
-        # Checked when built: the pipeline builds every round's config
+        # Checked when built: the pipeline builds every iteration's config
         # before any work.
         _check_args(self.num_classes, self.batch_size, self.shard_index,
                     self.num_shards, self.records_per_file, self.num_bins)
@@ -222,7 +222,7 @@ def _input_pipeline(dataset, *, records_per_file, shard_index, num_shards,
 # One traced function per teacher, so that repeated calls in one process
 # (several shards, a rerun) do not trace the model again (seconds for B0).
 # The function holds the teacher only weakly: a value that referred to its
-# key would keep every round's teacher (and its weights) alive.
+# key would keep every iteration's teacher (and its weights) alive.
 _PROBABILITY_FNS = weakref.WeakKeyDictionary()
 
 

@@ -110,7 +110,8 @@ def train_and_evaluate(config, model_dir, train_dataset_fn, eval_dataset=None,
         config's (a multi-worker strategy must be made before other TF ops,
         so programs may make it first and pass it here).
       log_prefix: Printed before every progress line (e.g. the pipeline's
-        "[round1/train] "), so a log of several stages says whose step it is.
+        "[iteration1/train] "), so a log of several stages says whose step
+        it is.
 
     Returns:
       A dict of final metrics: step, start_step, loss (cross-entropy mean

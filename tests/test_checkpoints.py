@@ -386,29 +386,30 @@ def test_pipeline_teacher_from_a_checkpoint_unchanged(tmp_path):
     proc = run_pipeline(workdir, *flags_)
     assert proc.returncode == 0, proc.stderr[-3000:]
     teacher = keras.saving.load_model(
-        f"{workdir}/round0/train/model.keras", compile=False)
+        f"{workdir}/iteration0/train/model.keras", compile=False)
     for ours_w, source_w in zip(teacher.weights, model.weights, strict=True):
         np.testing.assert_array_equal(ours_w.numpy(), source_w.numpy())
     with open(f"{workdir}/manifest.json") as f:
-        first = json.load(f)["stages"]["round0/train"]["finished_at"]
+        first = json.load(f)["stages"]["iteration0/train"]["finished_at"]
 
     randomize(model, seed=1)
     write_tf1(ckpt, official_names(model))
     proc = run_pipeline(workdir, *flags_)
     assert proc.returncode != 0
-    assert "round0/train" in proc.stderr and "overwrite" in proc.stderr
+    assert "iteration0/train" in proc.stderr and "overwrite" in proc.stderr
     proc = run_pipeline(workdir, *flags_, "--overwrite")
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(f"{workdir}/manifest.json") as f:
-        assert json.load(f)["stages"]["round0/train"]["finished_at"] != first
+        assert json.load(f)["stages"]["iteration0/train"][
+            "finished_at"] != first
     teacher = keras.saving.load_model(
-        f"{workdir}/round0/train/model.keras", compile=False)
+        f"{workdir}/iteration0/train/model.keras", compile=False)
     np.testing.assert_array_equal(teacher.get_layer("stem_conv").kernel,
                                   model.get_layer("stem_conv").kernel)
 
 
 def test_student_init_reaches_every_student_and_its_fingerprint(tmp_path):
-    """--student_init: each round's student config starts from the
+    """--student_init: each iteration's student config starts from the
     checkpoint, whose files are part of the students' fingerprints."""
     from absl import flags  # pylint: disable=g-import-not-at-top
     from noisy_student import experiment  # pylint: disable=g-import-not-at-top
@@ -430,17 +431,17 @@ def test_student_init_reaches_every_student_and_its_fingerprint(tmp_path):
     try:
         before = plan()
         for r in (1, 2):
-            assert before[f"round{r}/train"].config.init_from == ckpt
-        assert not before["round0/train"].config.init_from
+            assert before[f"iteration{r}/train"].config.init_from == ckpt
+        assert not before["iteration0/train"].config.init_from
         os.utime(f"{ckpt}/model.ckpt.index", ns=(1, 1))
         after = plan()
     finally:
         flags.FLAGS.unparse_flags()
-    assert (after["round0/train"].fingerprint
-            == before["round0/train"].fingerprint)
+    assert (after["iteration0/train"].fingerprint
+            == before["iteration0/train"].fingerprint)
     for r in (1, 2):
-        assert (after[f"round{r}/train"].fingerprint
-                != before[f"round{r}/train"].fingerprint)
+        assert (after[f"iteration{r}/train"].fingerprint
+                != before[f"iteration{r}/train"].fingerprint)
 
 
 def test_pipeline_refuses_a_teacher_checkpoint_without_its_head(tmp_path):
@@ -452,7 +453,7 @@ def test_pipeline_refuses_a_teacher_checkpoint_without_its_head(tmp_path):
                         "--teacher_train_steps=0")
     assert proc.returncode != 0
     assert "teacher_train_steps > 0" in proc.stderr
-    assert not os.path.exists(str(tmp_path / "work" / "round0"))
+    assert not os.path.exists(str(tmp_path / "work" / "iteration0"))
 
 
 def test_training_from_a_checkpoint_keeps_its_normalisation(tmp_path):

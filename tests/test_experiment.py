@@ -1,7 +1,9 @@
 """The one-command pipeline: outputs, report, resume after SIGKILL, bad flags."""
 
+import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -22,7 +24,7 @@ TINY = [
     "--checkpoint_every=5", "--predict_batch_size=16",
     "--records_per_file=100", "--min_confidence=0.0",
 ]
-STAGES_PER_ROUND = ("predict", "select", "train", "eval")
+STAGES_PER_ITERATION = ("predict", "select", "train", "eval")
 
 
 def pipeline_command(workdir, *extra):
@@ -55,32 +57,71 @@ def stage_times(workdir):
             for name, s in stages.items()}
 
 
+def as_made_before_the_rename(workdir):
+    """Turns a pipeline's workdir into the one the code before the round ->
+    iteration rename made of the same run: round{r}/ folders,
+    "round{r}/<stage>" manifest keys, report.json's "rounds" / "round".
+    (That code computed the same fingerprints: see
+    test_fingerprints_of_work_directories_made_before_the_config_had_parts.)
+    """
+    for name in os.listdir(workdir):
+        if re.fullmatch(r"iteration\d+", name):
+            os.rename(f"{workdir}/{name}",
+                      f"{workdir}/round{name[len('iteration'):]}")
+    stages = read_json(f"{workdir}/manifest.json")["stages"]
+    with open(f"{workdir}/manifest.json", "w") as f:
+        json.dump({"stages": {re.sub(r"^iteration(\d+)/", r"round\1/", k): v
+                              for k, v in stages.items()}}, f)
+    if os.path.exists(f"{workdir}/report.json"):
+        report = read_json(f"{workdir}/report.json")
+        report["rounds"] = [
+            {("round" if k == "iteration" else k): v for k, v in e.items()}
+            for e in report.pop("iterations")]
+        with open(f"{workdir}/report.json", "w") as f:
+            json.dump(report, f)
+
+
+def file_hashes(workdir, skip=("report.json", "report.md", "report.png",
+                               "flags.txt")):
+    """{path relative to workdir: sha256} of every file but `skip`'s."""
+    hashes = {}
+    for folder, _, names in os.walk(workdir):
+        for name in names:
+            path = os.path.join(folder, name)
+            relative = os.path.relpath(path, workdir)
+            if relative not in skip:
+                with open(path, "rb") as f:
+                    hashes[relative] = hashlib.sha256(f.read()).hexdigest()
+    return hashes
+
+
 def check_outputs(workdir, iterations, train_steps=20):
     """Every stage's outputs exist and the report agrees with them."""
     for r in range(iterations + 1):
-        assert os.path.exists(f"{workdir}/round{r}/train/model.keras")
-        assert os.path.exists(f"{workdir}/round{r}/train/stage_config.json")
-        assert os.path.exists(f"{workdir}/round{r}/eval/confusion_matrix.png")
+        folder = f"{workdir}/iteration{r}"
+        assert os.path.exists(f"{folder}/train/model.keras")
+        assert os.path.exists(f"{folder}/train/stage_config.json")
+        assert os.path.exists(f"{folder}/eval/confusion_matrix.png")
         if r:
-            assert os.path.exists(f"{workdir}/round{r}/select/selection.json")
-            assert os.path.exists(f"{workdir}/round{r}/select/report.png")
+            assert os.path.exists(f"{folder}/select/selection.json")
+            assert os.path.exists(f"{folder}/select/report.png")
     assert os.path.exists(f"{workdir}/export/saved_model.pb")
     for name in ("report.md", "report.png", "flags.txt"):
         assert os.path.getsize(f"{workdir}/{name}") > 0
     report = read_json(f"{workdir}/report.json")
-    assert [r["round"] for r in report["rounds"]] == list(
+    assert [r["iteration"] for r in report["iterations"]] == list(
         range(iterations + 1))
-    assert [r["role"] for r in report["rounds"]] == (
+    assert [r["role"] for r in report["iterations"]] == (
         ["teacher"] + ["student"] * iterations)
-    for entry in report["rounds"]:
-        results = read_json(f"{workdir}/round{entry['round']}/eval/"
+    for entry in report["iterations"]:
+        results = read_json(f"{workdir}/iteration{entry['iteration']}/eval/"
                             "results.json")
         assert entry["test_top1"] == pytest.approx(results["clean"]["top1"])
         assert 0.0 <= entry["test_top1"] <= 1.0
         assert entry["train_steps"] == train_steps
-    for entry in report["rounds"][1:]:
-        selection = read_json(f"{workdir}/round{entry['round']}/select/"
-                              "report.json")
+    for entry in report["iterations"][1:]:
+        selection = read_json(f"{workdir}/iteration{entry['iteration']}/"
+                              "select/report.json")
         assert entry["pseudo_labels"]["unique"] == (
             selection["totals"]["unique"])
         assert 0 < entry["pseudo_labels"]["unique"] <= 1337
@@ -111,38 +152,52 @@ def test_pipeline_end_to_end_then_rerun_is_a_no_op(uninterrupted, tmp_path):
     assert "| 1 | student | w0.25-d0.25 |" in stdout
     # Step lines say whose they are; the run ends saying where its results
     # are; stages are counted.
-    assert "[round0/train] step 10/60" in stdout
-    assert "[round1/train] eval step 60" in stdout
-    assert "[stage 1/7] round0/train" in stdout
+    assert "[iteration0/train] step 10/60" in stdout
+    assert "[iteration1/train] eval step 60" in stdout
+    assert "[stage 1/7] iteration0/train" in stdout
     assert f"Report: {reference}/report.json" in stdout
     assert f"SavedModel: {reference}/export" in stdout
-    # A copied workdir is the same run (nothing in it names its folder).
+    # A copied workdir is the same run (nothing in it names its folder),
+    # also when it was made before the round -> iteration rename: the rerun
+    # renames its folders (one line each) and manifest keys, and redoes
+    # nothing; every file of its stages is kept byte for byte.
     workdir = str(tmp_path / "work")
     shutil.copytree(reference, workdir)
-    before = stage_times(workdir)
-    assert len(before) == 2 + len(STAGES_PER_ROUND) + 1
-    report = read_json(f"{workdir}/report.json")
+    before = stage_times(reference)
+    assert len(before) == 2 + len(STAGES_PER_ITERATION) + 1
+    files = file_hashes(reference)
+    as_made_before_the_rename(workdir)
+    assert not os.path.exists(f"{workdir}/iteration0")
     again = run_pipeline(workdir, *LONGER)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert stage_times(workdir) == before  # nothing redone
-    assert read_json(f"{workdir}/report.json")["rounds"] == report["rounds"]
+    for r in (0, 1):
+        assert again.stderr.count(
+            f"Renamed {workdir}/round{r} to {workdir}/iteration{r}: ") == 1
+    assert "[stage " not in again.stdout  # nothing redone
+    assert stage_times(workdir) == before
+    assert read_json(f"{workdir}/manifest.json") == read_json(
+        f"{reference}/manifest.json")
+    assert file_hashes(workdir) == files
+    assert read_json(f"{workdir}/report.json")["iterations"] == read_json(
+        f"{reference}/report.json")["iterations"]
     # Changed settings are refused before any work starts.
     changed = run_pipeline(workdir, *LONGER, "--student_train_steps=30")
     assert changed.returncode != 0
-    assert "round1/train" in changed.stderr and "--overwrite" in (
+    assert "iteration1/train" in changed.stderr and "--overwrite" in (
         changed.stderr)
     assert stage_times(workdir) == before
-    # One more iteration: rounds 0-1 are kept, round 2 added, the export
+    # One more iteration: iterations 0-1 are kept, 2 added, the export
     # redone from it.
     grown = run_pipeline(workdir, *LONGER, "--iterations=2")
     assert grown.returncode == 0, grown.stderr[-3000:]
-    assert "[stage 7/11] round2/predict" in grown.stdout, grown.stdout[-3000:]
+    assert "[stage 7/11] iteration2/predict" in grown.stdout, (
+        grown.stdout[-3000:])
     check_outputs(workdir, 2, train_steps=60)
     after = stage_times(workdir)
     assert {k: after[k] for k in before if k != "export"} == {
         k: v for k, v in before.items() if k != "export"}
     assert after["export"][0] > before["export"][0]
-    assert len(after) == len(before) + len(STAGES_PER_ROUND)
+    assert len(after) == len(before) + len(STAGES_PER_ITERATION)
 
 
 def _kill_when(process, condition, log_path, timeout=300):
@@ -172,20 +227,20 @@ def _final_state(workdir):
     import numpy as np  # pylint: disable=g-import-not-at-top
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     reader = tf.train.load_checkpoint(
-        tf.train.latest_checkpoint(f"{workdir}/round1/train/checkpoints"))
+        tf.train.latest_checkpoint(f"{workdir}/iteration1/train/checkpoints"))
     tensors = {name: reader.get_tensor(name)
                for name in reader.get_variable_to_shape_map()
                if name != "_CHECKPOINTABLE_OBJECT_GRAPH"
                and not name.startswith("save_counter")}
     import h5py  # pylint: disable=g-import-not-at-top
     import zipfile  # pylint: disable=g-import-not-at-top
-    with zipfile.ZipFile(f"{workdir}/round1/train/model.keras") as archive:
+    with zipfile.ZipFile(f"{workdir}/iteration1/train/model.keras") as archive:
         with archive.open("model.weights.h5") as f, h5py.File(f) as h5:
             ema = {}
             h5.visititems(lambda n, d: ema.setdefault(
                 n, np.array(d)) if isinstance(d, h5py.Dataset) else None)
     top1 = [r["test_top1"] for r in read_json(f"{workdir}/report.json")[
-        "rounds"]]
+        "iterations"]]
     return tensors, ema, top1
 
 
@@ -207,34 +262,42 @@ def test_pipeline_resumes_after_sigkill_in_prediction_and_training(
     def files(folder):
         return os.listdir(folder) if os.path.isdir(folder) else []
 
-    predict_dir = f"{workdir}/round1/predict"
+    predict_dir = f"{workdir}/iteration1/predict"
     # 0. Killed while the teacher trains, after its first checkpoint.
     # (The "checkpoint" file is written once a checkpoint is complete.)
-    _kill_when(start(), lambda: _started(workdir, "round0/train") and (
-        os.path.exists(f"{workdir}/round0/train/checkpoints/checkpoint")),
+    _kill_when(start(), lambda: _started(workdir, "iteration0/train") and (
+        os.path.exists(f"{workdir}/iteration0/train/checkpoints/checkpoint")),
         log_path)
     # 1. Killed while predicting: some blocks written, the stage unfinished.
-    _kill_when(start(), lambda: _started(workdir, "round1/predict") and any(
-        _finished_block(n) for n in files(predict_dir)), log_path)
-    teacher = stage_times(workdir)["round0/train"]
+    _kill_when(start(), lambda: _started(workdir, "iteration1/predict") and (
+        any(_finished_block(n) for n in files(predict_dir))), log_path)
+    teacher = stage_times(workdir)["iteration0/train"]
     blocks = {n: os.path.getmtime(f"{predict_dir}/{n}")
               for n in os.listdir(predict_dir) if _finished_block(n)}
     # 2. Killed while the student trains, after its first checkpoint.
-    _kill_when(start(), lambda: _started(workdir, "round1/train") and (
-        os.path.exists(f"{workdir}/round1/train/checkpoints/checkpoint")),
+    _kill_when(start(), lambda: _started(workdir, "iteration1/train") and (
+        os.path.exists(f"{workdir}/iteration1/train/checkpoints/checkpoint")),
         log_path)
-    # 3. The same command completes.
+    # 3. The same command completes, in the workdir the code before the
+    # round -> iteration rename would have left, half renamed (a migration
+    # killed after its first folder): the student's training resumes from
+    # its checkpoint in the renamed folder.
+    as_made_before_the_rename(workdir)
+    os.rename(f"{workdir}/round0", f"{workdir}/iteration0")
     process = start()
     assert process.wait(timeout=600) == 0, log_path.read_text()[-3000:]
     check_outputs(workdir, 1, train_steps=60)
     times = stage_times(workdir)
-    assert times["round0/train"] == teacher  # the teacher was not redone
-    assert times["round1/predict"][1] == 2  # resumed once after the kill
+    assert times["iteration0/train"] == teacher  # the teacher was not redone
+    assert times["iteration1/predict"][1] == 2  # resumed once after the kill
     for name, mtime in blocks.items():  # finished blocks were kept
         assert os.path.getmtime(f"{predict_dir}/{name}") == mtime
-    metrics = read_json(f"{workdir}/round1/train/metrics.json")
+    metrics = read_json(f"{workdir}/iteration1/train/metrics.json")
     assert metrics["step"] == 60
     log = log_path.read_text()
+    # Only the folder left was renamed, once.
+    assert log.count(f"Renamed {workdir}/round") == 1
+    assert log.count(f"Renamed {workdir}/round1 to {workdir}/iteration1") == 1
     # Both trainings were resumed from a checkpoint before their end.
     resumed = [int(line.split("Resuming from step ")[1].split()[0])
                for line in log.splitlines() if "Resuming from step" in line]
@@ -251,7 +314,7 @@ def test_pipeline_resumes_after_sigkill_in_prediction_and_training(
     for name in ref_ema:
         assert (ema[name] == ref_ema[name]).all(), name
     # "train s" counts every attempt, not only the last.
-    for name in ("round0/train", "round1/train"):
+    for name in ("iteration0/train", "iteration1/train"):
         stage = read_json(f"{workdir}/manifest.json")["stages"][name]
         assert stage["runs"] == 2
         assert stage["seconds"] >= (
@@ -266,7 +329,7 @@ def test_second_pipeline_on_a_busy_workdir_exits_at_once(tmp_path):
                                  cwd=ROOT, env=env, stdout=log,
                                  stderr=subprocess.STDOUT)
     try:
-        _wait_for(lambda: _started(workdir, "round0/train"), first)
+        _wait_for(lambda: _started(workdir, "iteration0/train"), first)
         manifest = read_json(f"{workdir}/manifest.json")
         second = run_pipeline(workdir, "--iterations=1")
         assert second.returncode == 2
@@ -275,7 +338,7 @@ def test_second_pipeline_on_a_busy_workdir_exits_at_once(tmp_path):
         assert "started 20" in second.stderr
         # It wrote nothing: the first run's record is untouched.
         assert read_json(f"{workdir}/manifest.json")["stages"][
-            "round0/train"] == manifest["stages"]["round0/train"]
+            "iteration0/train"] == manifest["stages"]["iteration0/train"]
         assert first.poll() is None
     finally:
         first.kill()
@@ -348,8 +411,8 @@ def test_students_train_at_their_variants_resolution(pipeline_flags,
     assert config.teacher.model.image_size == 224
     trains = [s for s in experiment.plan(config)
               if s.name.endswith("/train")]
-    assert [s.name for s in trains] == ["round0/train", "round1/train",
-                                        "round2/train"]
+    assert [s.name for s in trains] == ["iteration0/train", "iteration1/train",
+                                        "iteration2/train"]
     assert [s.config.model.image_size for s in trains] == [224, 240, 260]
     assert [s.config.model.variant for s in trains] == ["b0", "b1", "b2"]
 
@@ -382,6 +445,42 @@ def test_fingerprints_of_work_directories_made_before_the_config_had_parts(
     from noisy_student import experiment  # pylint: disable=g-import-not-at-top
     config = parse(pipeline_flags, tmp_path)
     fingerprints = {s.name: s.fingerprint for s in experiment.plan(config)}
-    assert fingerprints["round0/train"] == "a8f0725830864a19"
-    assert fingerprints["round1/train"] == "144f933ab1c3effa"
-    assert fingerprints["round2/select"] == "94aff73c62d84850"
+    assert fingerprints["iteration0/train"] == "a8f0725830864a19"
+    assert fingerprints["iteration1/train"] == "144f933ab1c3effa"
+    assert fingerprints["iteration2/select"] == "94aff73c62d84850"
+
+
+def test_fingerprints_name_no_folder(pipeline_flags, tmp_path):
+    """No fingerprint holds a folder's name: a workdir made before the
+    round -> iteration rename, or moved elsewhere, keeps its stages."""
+    import dataclasses  # pylint: disable=g-import-not-at-top
+    from noisy_student import experiment  # pylint: disable=g-import-not-at-top
+    config = parse(pipeline_flags, tmp_path, "--init_student_from_teacher")
+    moved = dataclasses.replace(config, workdir="/elsewhere/round7")
+    assert ([s.fingerprint for s in experiment.plan(config)]
+            == [s.fingerprint for s in experiment.plan(moved)])
+
+
+def test_old_and_new_folder_of_an_iteration_stop_the_pipeline(
+        pipeline_flags, tmp_path):
+    """round1/ and iteration1/ both present: one line naming both, before
+    any work, and nothing in the workdir changed."""
+    from noisy_student import experiment  # pylint: disable=g-import-not-at-top
+    workdir = tmp_path / "work"
+    for folder in ("round0/train", "round1/train", "iteration1/train"):
+        (workdir / folder).mkdir(parents=True)
+        (workdir / folder / "metrics.json").write_text(folder)
+    # A record that the code before the rename would refuse for other
+    # reasons: the error must be about the folders, raised first.
+    (workdir / "manifest.json").write_text(json.dumps({"stages": {
+        "round0/train": {"fingerprint": "other", "started_at": 1.0}}}))
+    before = file_hashes(str(workdir), skip=())
+    config = parse(pipeline_flags, workdir)
+    with pytest.raises(ValueError) as error:
+        experiment.run(config)
+    message = str(error.value)
+    assert "\n" not in message
+    assert f"both {workdir}/round1 and {workdir}/iteration1" in message
+    assert file_hashes(str(workdir), skip=()) == before
+    assert sorted(os.listdir(workdir)) == [
+        "iteration1", "manifest.json", "round0", "round1"]

@@ -35,8 +35,9 @@ EXPECTED_FILES = (
     "fashion_mnist_1000/init_from_teacher.cfg",
     "fashion_mnist_1000/supervised.cfg",
     "imagenet/teacher_b7.cfg", "imagenet/predict.cfg", "imagenet/select.cfg",
-    "imagenet/student_l2_round1.cfg", "imagenet/student_l2_round2.cfg",
-    "imagenet/student_l2_round3.cfg", "imagenet/finetune_l2_800.cfg",
+    "imagenet/student_l2_iteration1.cfg",
+    "imagenet/student_l2_iteration2.cfg",
+    "imagenet/student_l2_iteration3.cfg", "imagenet/finetune_l2_800.cfg",
     "pretrained_b0_folder.cfg")
 RESULT_PREFIX = "FLAGCHECK_RESULTS="
 # Flags holding model names / data source specs, checked beyond parsing.

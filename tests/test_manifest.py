@@ -10,30 +10,31 @@ def test_finished_stage_is_skipped_and_changed_settings_refused(tmp_path):
     work = str(tmp_path)
     fp = manifest.fingerprint({"steps": 10})
     m = manifest.Manifest(work)
-    assert m.run("round0/train", fp, f"{work}/round0",
+    assert m.run("iteration0/train", fp, f"{work}/iteration0",
                  lambda: calls.append(1) or {"top1": 0.5}) == {"top1": 0.5}
     # A new process (new Manifest) reads the record and skips the stage.
     again = manifest.Manifest(work)
-    assert again.run("round0/train", fp, f"{work}/round0",
+    assert again.run("iteration0/train", fp, f"{work}/iteration0",
                      lambda: calls.append(2)) == {"top1": 0.5}
     assert calls == [1]
     changed = manifest.fingerprint({"steps": 20})
-    with pytest.raises(ValueError, match="round0/train.*--overwrite"):
-        again.run("round0/train", changed, f"{work}/round0", dict)
-    (tmp_path / "round0").mkdir()
-    (tmp_path / "round0" / "old").write_text("x")
+    with pytest.raises(ValueError, match="iteration0/train.*--overwrite"):
+        again.run("iteration0/train", changed, f"{work}/iteration0", dict)
+    (tmp_path / "iteration0").mkdir()
+    (tmp_path / "iteration0" / "old").write_text("x")
     forced = manifest.Manifest(work, overwrite=True)
-    forced.run("round0/train", changed, f"{work}/round0", lambda: {"x": 1})
-    assert not (tmp_path / "round0" / "old").exists()
-    assert manifest.Manifest(work).finished("round0/train", changed)
+    forced.run("iteration0/train", changed, f"{work}/iteration0",
+               lambda: {"x": 1})
+    assert not (tmp_path / "iteration0" / "old").exists()
+    assert manifest.Manifest(work).finished("iteration0/train", changed)
 
 
 def test_stage_that_mirrors_its_upstream_is_redone_not_refused(tmp_path):
     work = str(tmp_path)
     m = manifest.Manifest(work)
-    m.run("export", manifest.fingerprint({}, "round2"), f"{work}/export",
+    m.run("export", manifest.fingerprint({}, "iteration2"), f"{work}/export",
           lambda: {"from": 2})
-    grown = manifest.fingerprint({}, "round3")
+    grown = manifest.fingerprint({}, "iteration3")
     with pytest.raises(ValueError, match="export"):
         m.check("export", grown)
     assert m.run("export", grown, f"{work}/export", lambda: {"from": 3},

@@ -320,33 +320,36 @@ def test_run_pipeline(run):
                 assert "gs://my-bucket/" in word and "YOUR_BUCKET" not in word
     trains = [a for a in calls if a[0] == "ns-train"]
     assert [flag(a, "flagfile") for a in trains] == [
-        "flags/imagenet/teacher_b7.cfg", "flags/imagenet/student_l2_round1.cfg",
-        "flags/imagenet/student_l2_round2.cfg",
-        "flags/imagenet/student_l2_round3.cfg",
+        "flags/imagenet/teacher_b7.cfg",
+        "flags/imagenet/student_l2_iteration1.cfg",
+        "flags/imagenet/student_l2_iteration2.cfg",
+        "flags/imagenet/student_l2_iteration3.cfg",
         "flags/imagenet/finetune_l2_800.cfg"]
     assert [flag(a, "model_dir") for a in trains] == [
-        f"{work}/teacher_b7", f"{work}/round1/student_l2",
-        f"{work}/round2/student_l2", f"{work}/round3/student_l2",
+        f"{work}/teacher_b7", f"{work}/iteration1/student_l2",
+        f"{work}/iteration2/student_l2", f"{work}/iteration3/student_l2",
         f"{work}/finetune_l2_800"]
     assert [flag(a, "pseudo_labels") for a in trains[1:4]] == [
-        f"{work}/round{r}/select" for r in (1, 2, 3)]
-    assert flag(trains[4], "init_from") == f"{work}/round3/student_l2"
+        f"{work}/iteration{r}/select" for r in (1, 2, 3)]
+    assert flag(trains[4], "init_from") == f"{work}/iteration3/student_l2"
     assert all(a[-2:] == ["--strategy=tpu", "--tpu=ns"] for a in trains)
     predicts = [a for a in calls if a[0] == "ns-predict"]
     assert len(predicts) == 3 * 4
-    # Each round's teacher is the previous round's model; 4 disjoint shards.
-    teachers = ["teacher_b7", "round1/student_l2", "round2/student_l2"]
+    # Each iteration's teacher is the previous one's model; 4 disjoint
+    # shards.
+    teachers = ["teacher_b7", "iteration1/student_l2",
+                "iteration2/student_l2"]
     for r in range(3):
         shards = predicts[4 * r: 4 * r + 4]
         assert {flag(a, "teacher") for a in shards} == {f"{work}/{teachers[r]}"}
         assert {flag(a, "out_dir") for a in shards} == {
-            f"{work}/round{r + 1}/predict"}
+            f"{work}/iteration{r + 1}/predict"}
         assert [flag(a, "shard_index") for a in shards] == ["0", "1", "2", "3"]
         assert {flag(a, "num_shards") for a in shards} == {"4"}
         assert flag(shards[0], "unlabeled") == "folder:gs://my-bucket/unlabeled"
     selects = [a for a in calls if a[0] == "ns-select"]
     assert [(flag(a, "pred_dir"), flag(a, "out_dir")) for a in selects] == [
-        (f"{work}/round{r}/predict", f"{work}/round{r}/select")
+        (f"{work}/iteration{r}/predict", f"{work}/iteration{r}/select")
         for r in (1, 2, 3)]
     (evaluate,) = [a for a in calls if a[0] == "ns-eval"]
     (export,) = [a for a in calls if a[0] == "ns-export"]
@@ -361,7 +364,7 @@ def test_run_pipeline_steps_and_errors(run):
     assert re.findall(r"^# step (\S+)$", out, re.M) == [
         "student2", "predict3", "select3"]
     predict = [stage(c) for c in ssh_calls(out) if stage(c)[0] == "ns-predict"]
-    assert flag(predict[0], "teacher") == "gs://other/w/round2/student_l2"
+    assert flag(predict[0], "teacher") == "gs://other/w/iteration2/student_l2"
     bad = run("run_pipeline.sh", "--dry_run", check=False)
     assert bad.returncode == 2 and "--bucket" in bad.stderr
     bad = run("run_pipeline.sh", "--dry_run", "--bucket=b", "--from=nope",
@@ -370,3 +373,26 @@ def test_run_pipeline_steps_and_errors(run):
     bad = run("run_pipeline.sh", "--dry_run", "--bucket=b",
               "--workdir=/local/dir", check=False)
     assert bad.returncode == 2 and "gs://" in bad.stderr
+
+
+def test_run_pipeline_refuses_the_folders_old_names(run, fake_bin, tmp_path):
+    """A workdir whose folders have their names from before the round ->
+    iteration rename stops before any stage, saying how to rename them."""
+    old = tmp_path / "old_bin"
+    old.mkdir()
+    # gcloud finds gs://b/w/round2/ and nothing else; it runs nothing.
+    gcloud = old / "gcloud"
+    gcloud.write_text(
+        '#!/bin/sh\n[ "$1 $2 $3" = "storage ls gs://b/w/round2/" ]\n')
+    gcloud.chmod(0o755)
+    # The other tools stay the recording fakes.
+    path = f"{old}:{fake_bin}:{os.environ.get('PATH', '')}"
+    bad = run("run_pipeline.sh", "--bucket=b", "--workdir=gs://b/w",
+              env={"PATH": path}, check=False)
+    assert bad.returncode == 2, bad.stderr
+    assert "Received: gs://b/w/round2" in bad.stderr
+    assert "gcloud storage mv gs://b/w/round2 gs://b/w/iteration2" in (
+        bad.stderr)
+    assert "step" not in bad.stderr
+    dry = run("run_pipeline.sh", "--dry_run", "--bucket=b").stdout
+    assert "# check: no gs://b/noisy-student/imagenet/round1/" in dry

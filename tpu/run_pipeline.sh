@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the paper's ImageNet recipe stage by stage on the TPU VM: the B7
-# teacher, three rounds of predict -> select -> L2 student (unlabel_ratio
+# teacher, three iterations of predict -> select -> L2 student (unlabel_ratio
 # 14, 14, 28), the 800-px fine-tune, evaluation and export, all in gs://.
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=common.sh
@@ -18,15 +18,18 @@ tpu/run_stage.sh (training on worker 0, prediction on every host), with every
 path in gs://BUCKET. The flagfiles hold the recipe; this script overrides
 their gs://YOUR_BUCKET placeholders:
   WORKDIR/teacher_b7                 ns-train   teacher_b7.cfg
-  WORKDIR/round{r}/predict           ns-predict predict.cfg (teacher: the
+  WORKDIR/iteration{r}/predict       ns-predict predict.cfg (teacher: the
                                                 previous model)
-  WORKDIR/round{r}/select            ns-select  select.cfg
-  WORKDIR/round{r}/student_l2        ns-train   student_l2_round{r}.cfg
+  WORKDIR/iteration{r}/select        ns-select  select.cfg
+  WORKDIR/iteration{r}/student_l2    ns-train   student_l2_iteration{r}.cfg
   WORKDIR/finetune_l2_800            ns-train   finetune_l2_800.cfg
   WORKDIR/eval, WORKDIR/export       ns-eval, ns-export
 Steps: ${STEPS[*]}.
 Every stage resumes when rerun (training from its last checkpoint,
 prediction from its last complete file); --from skips finished steps.
+A workdir with the folders' old names (round{r}/, before they were named
+after the paper's iterations) is refused: rename them first, e.g.
+gcloud storage mv WORKDIR/round1 WORKDIR/iteration1.
 
   --workdir=GS_PATH       default: gs://BUCKET/noisy-student/imagenet
   --data_dir=GS_PATH      TFDS folder holding imagenet2012 (default:
@@ -87,8 +90,8 @@ last="$(step_index "$to" to)"
 if ((first > last)); then
   ns_die "Expected --from before --to. Received: from=${from}, to=${to}"
 fi
-for name in teacher_b7 predict select student_l2_round1 student_l2_round2 \
-  student_l2_round3 finetune_l2_800; do
+for name in teacher_b7 predict select student_l2_iteration1 \
+  student_l2_iteration2 student_l2_iteration3 finetune_l2_800; do
   if [[ ! -f "${NS_REPO_ROOT}/${flags_dir}/${name}.cfg" ]]; then
     ns_die "Expected the flagfile ${flags_dir}/${name}.cfg in the repository. Received: flags_dir=${flags_dir}"
   fi
@@ -105,19 +108,31 @@ step() {
   fi
 }
 
+# The folders' names before the round -> iteration rename: refused, since
+# the stages would start afresh in iteration{r}/ beside them (a dry run
+# prints the check only).
+for iteration in 1 2 3; do
+  old="${workdir}/round${iteration}"
+  if [[ "$DRY_RUN" == 1 ]]; then
+    ns_note "check: no ${old}/ (the folder's name before iteration${iteration}/)"
+  elif gcloud storage ls "${old}/" >/dev/null 2>&1; then
+    ns_die "Expected iteration${iteration}/, not round${iteration}/, in ${workdir} (the work folders are named after the paper's iterations). Received: ${old}; rename it first: gcloud storage mv ${old} ${workdir}/iteration${iteration}"
+  fi
+done
+
 ns_note "ImageNet recipe on ${TPU_NAME} (${ACCELERATOR_TYPE}, ${NUM_WORKERS} host(s)) in ${workdir}"
 teacher="${workdir}/teacher_b7"
 step teacher ns-train "--flagfile=${flags_dir}/teacher_b7.cfg" \
   "--data_dir=${data_dir}" "--model_dir=${teacher}"
-for round in 1 2 3; do
-  dir="${workdir}/round${round}"
-  step "predict${round}" ns-predict "--flagfile=${flags_dir}/predict.cfg" \
+for iteration in 1 2 3; do
+  dir="${workdir}/iteration${iteration}"
+  step "predict${iteration}" ns-predict "--flagfile=${flags_dir}/predict.cfg" \
     "--data_dir=${data_dir}" "--unlabeled=${unlabeled}" \
     "--teacher=${teacher}" "--out_dir=${dir}/predict"
-  step "select${round}" ns-select "--flagfile=${flags_dir}/select.cfg" \
+  step "select${iteration}" ns-select "--flagfile=${flags_dir}/select.cfg" \
     "--pred_dir=${dir}/predict" "--out_dir=${dir}/select"
-  step "student${round}" ns-train \
-    "--flagfile=${flags_dir}/student_l2_round${round}.cfg" \
+  step "student${iteration}" ns-train \
+    "--flagfile=${flags_dir}/student_l2_iteration${iteration}.cfg" \
     "--data_dir=${data_dir}" "--pseudo_labels=${dir}/select" \
     "--model_dir=${dir}/student_l2"
   teacher="${dir}/student_l2"

@@ -489,7 +489,7 @@ def select_config(pred_dir, out_dir):
 
     Args:
       pred_dir: The prediction folder to select from ("" for the pipeline,
-        which sets it per round).
+        which sets it per iteration).
       out_dir: The selection folder to write (likewise).
     """
     return select_lib.SelectConfig(

@@ -1,9 +1,9 @@
 """noisy-student: the whole paper in one command.
 
-Trains the teacher, then --iterations rounds of predict -> select -> train a
-noised, equal-or-larger student -> evaluate, and exports the final student.
-All state lives in --workdir; rerunning the same command after a kill
-continues where it stopped.
+Trains the teacher, then --iterations iterations of predict -> select ->
+train a noised, equal-or-larger student -> evaluate, and exports the final
+student. All state lives in --workdir (iteration r in WORKDIR/iteration{r}/);
+rerunning the same command after a kill continues where it stopped.
 
   noisy-student --flagfile=flags/digits.cfg --workdir=/tmp/ns-digits
 """
@@ -19,10 +19,10 @@ FLAGS = flags.FLAGS
 
 flags.DEFINE_string("workdir", None, "Folder of every stage's output (local "
                     "or gs://).", required=True)
-flags.DEFINE_integer("iterations", 2, "Noisy Student rounds after the "
+flags.DEFINE_integer("iterations", 2, "Noisy Student iterations after the "
                      "teacher (paper: 3 for L2).", lower_bound=0)
 flags.DEFINE_list("student_models", [],
-                  "Each round's student, e.g. b0,b1 (the last repeats); "
+                  "Each iteration's student, e.g. b0,b1 (the last repeats); "
                   "empty: the teacher's model.")
 flags.DEFINE_bool("allow_smaller_student", False,
                   "Allow a student smaller than its teacher (the paper "
@@ -100,9 +100,13 @@ def main(argv):
         config = experiment_config()
     # A second process on this workdir fails here, before it writes.
     with workdir_lock.WorkdirLock(FLAGS.workdir):
-        experiment.check(config)  # A workdir of other settings fails here.
+        # A workdir of the round{r}/ folders is renamed before it is read.
+        experiment.migrate(config)
+        # A workdir of other settings fails here, before flags.txt is
+        # written; the checked plan is the one that runs.
+        steps = experiment.check(config)
         common.write_flags(FLAGS.workdir)
-        experiment.run(config)
+        experiment.run(config, steps)
 
 
 def run():

@@ -45,20 +45,43 @@ def folder_name(r):
 
 
 def iteration_folder(workdir, r):
-    """`workdir/iteration{r}`: the folder of iteration `r`'s stages."""
+    """The folder of iteration `r`'s stages.
+
+    Args:
+      workdir: The pipeline's --workdir (local or gs://).
+      r: The iteration, 0 for the teacher.
+
+    Returns:
+      "WORKDIR/iteration{r}".
+    """
     return f"{workdir}/{folder_name(r)}"
 
 
 def stage_name(r, kind):
-    """The manifest key of a stage, e.g. stage_name(1, "train") is
-    "iteration1/train" (kind: predict, select, train or eval); also the
-    stage's folder relative to the workdir (see `stage_folder`)."""
+    """The manifest key of a stage, also its folder under the workdir.
+
+    Args:
+      r: The iteration, 0 for the teacher.
+      kind: predict, select, train or eval.
+
+    Returns:
+      e.g. "iteration1/train" for (1, "train").
+    """
     return f"{folder_name(r)}/{kind}"
 
 
 def stage_folder(workdir, r, kind):
-    """`workdir/iteration{r}/{kind}`: the output folder of a stage (its
-    train folder is the model_dir of iteration r's model)."""
+    """The output folder of a stage (a train stage's is the model_dir of
+    iteration r's model).
+
+    Args:
+      workdir: The pipeline's --workdir.
+      r: The iteration, 0 for the teacher.
+      kind: predict, select, train or eval.
+
+    Returns:
+      "WORKDIR/iteration{r}/{kind}".
+    """
     return f"{workdir}/{stage_name(r, kind)}"
 
 

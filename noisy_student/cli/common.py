@@ -6,6 +6,10 @@ lists only a module's key flags there), and in `main` turns FLAGS
 into frozen config dataclasses once with the `*_config` functions; its
 `run()` is `run_command(main)`, which turns user errors into a message and
 exit status 2. Nothing below noisy_student/cli/ reads FLAGS.
+
+Size: every flag the commands share, each with its help text and bounds
+(about half the module), kept in one place so that a flag means the same in
+every command.
 """
 
 import contextlib

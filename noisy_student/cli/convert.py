@@ -49,11 +49,7 @@ flags.DEFINE_bool("overwrite", False, "Replace an existing "
 
 
 def main(argv):
-    """ns-convert: converts an official checkpoint from the parsed FLAGS.
-
-    Args:
-      argv: Unused (absl passes the leftover arguments).
-    """
+    """ns-convert: converts an official checkpoint from the parsed FLAGS."""
     del argv
     summary = checkpoints.convert(
         FLAGS.checkpoint, FLAGS.model, FLAGS.out_dir,

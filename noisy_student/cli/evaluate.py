@@ -34,11 +34,7 @@ flags.adopt_module_key_flags(common)
 
 
 def main(argv):
-    """ns-eval: evaluates a model on the test sets from the parsed FLAGS.
-
-    Args:
-      argv: Unused (absl passes the leftover arguments).
-    """
+    """ns-eval: evaluates a model on the test sets from the parsed FLAGS."""
     del argv
     if FLAGS.output_dir:
         with common.output_folder(FLAGS.output_dir, "output_dir"):

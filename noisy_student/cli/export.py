@@ -41,11 +41,7 @@ flags.DEFINE_bool("tflite", False, "Also write OUT_DIR/model.tflite.")
 
 
 def main(argv):
-    """ns-export: exports a SavedModel from the parsed FLAGS.
-
-    Args:
-      argv: Unused (absl passes the leftover arguments).
-    """
+    """ns-export: exports a SavedModel from the parsed FLAGS."""
     del argv
     common.check_writable_parent(FLAGS.out_dir, "out_dir")
     config = export_lib.ExportConfig(

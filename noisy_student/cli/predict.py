@@ -37,11 +37,7 @@ flags.adopt_module_key_flags(common)
 
 
 def main(argv):
-    """ns-predict: runs one prediction worker from the parsed FLAGS.
-
-    Args:
-      argv: Unused (absl passes the leftover arguments).
-    """
+    """ns-predict: runs one prediction worker from the parsed FLAGS."""
     del argv
     data = common.data_config(scan_dir=FLAGS.out_dir)
     # Writable first: the sources' scan reports go into the out_dir, which

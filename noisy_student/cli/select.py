@@ -20,11 +20,7 @@ flags.adopt_module_key_flags(common)
 
 
 def main(argv):
-    """ns-select: selects and balances pseudo-labels from the parsed FLAGS.
-
-    Args:
-      argv: Unused (absl passes the leftover arguments).
-    """
+    """ns-select: selects and balances pseudo-labels from the parsed FLAGS."""
     del argv
     config = common.select_config(FLAGS.pred_dir, FLAGS.out_dir)
     report = stages.run_select(config)

@@ -39,11 +39,7 @@ flags.adopt_module_key_flags(common)
 
 
 def main(argv):
-    """ns-train: trains one model from the parsed FLAGS.
-
-    Args:
-      argv: Unused (absl passes the leftover arguments).
-    """
+    """ns-train: trains one model from the parsed FLAGS."""
     del argv
     # A multi-worker strategy must exist before any other TF op.
     strategy = strategy_lib.make_strategy(FLAGS.strategy, FLAGS.tpu)

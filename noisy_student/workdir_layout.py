@@ -94,7 +94,8 @@ def parse_stage_name(name):
 def _old_to_new(name):
     """The new name of an old folder or stage key ("round1/train" ->
     "iteration1/train"); None when `name` is not an old one."""
-    match = re.fullmatch(rf"{OLD_WORD}(\d+)(/\w+)?", name)
+    # Only the names the pipeline wrote ("round07" is someone else's).
+    match = re.fullmatch(rf"{OLD_WORD}(0|[1-9]\d*)(/\w+)?", name)
     if not match:
         return None
     return folder_name(int(match.group(1))) + (match.group(2) or "")

@@ -224,7 +224,9 @@ BAD_NUMBERS = {
                  "--student_dropout_rate=1.5", "--teacher_train_steps=-1",
                  "--student_stochastic_depth_rate=-0.1", "--batch_size=0",
                  "--steps_per_loop=0", "--iterations=-1", "--ema_decay=2",
-                 "--label_smoothing=-1", "--validation_size=-3"],
+                 "--label_smoothing=-1", "--validation_size=-3",
+                 "--seed=-1", "--split_seed=4294967296", "--image_size=2",
+                 "--select_seed=-2"],
     "evaluate": ["--eval_batch_size=0", "--pgd_steps=-1"],
     "predict": ["--num_shards=0", "--shard_index=-1", "--num_classes=0"],
 }
@@ -288,6 +290,10 @@ def test_user_errors_exit_2_with_a_message_naming_the_flag(tmp_path):
         "own data, no --test": (
             _command("pipeline", f"--workdir={tmp_path}/w4", *tiny,
                      f"--labeled=folder:{corrupt}"),
+            "Expected --test (the labeled source of the final evaluation)"),
+        "digits test split, no --test": (
+            _command("pipeline", f"--workdir={tmp_path}/w5", *tiny,
+                     "--labeled=digits:test"),
             "Expected --test (the labeled source of the final evaluation)"),
         "missing unlabeled folder": (
             _command("pipeline", f"--workdir={tmp_path}/w3", *tiny,

@@ -207,3 +207,13 @@ def test_new_or_empty_work_directory_is_left_alone(tmp_path):
     before = _tree(str(tmp_path))
     assert workdir_layout.migrate(str(tmp_path)) == []
     assert _tree(str(tmp_path)) == before
+
+
+def test_folders_the_pipeline_never_wrote_are_left_alone(tmp_path):
+    # "round07" is not a name the pipeline wrote (it wrote round7): renaming
+    # it would merge it into iteration7 beside a real round7.
+    for name in ("round07", "round_notes", "round7x"):
+        _write(f"{tmp_path}/{name}/x", name)
+    before = _tree(str(tmp_path))
+    assert workdir_layout.migrate(str(tmp_path)) == []
+    assert _tree(str(tmp_path)) == before

@@ -176,6 +176,12 @@ def output_folder(folder, flag):
 # The noisy-student command's demo (README quickstart): scikit-learn's digits.
 DEMO_LABELED = "digits:train"
 DEMO_TEST = "digits:test"
+# Seeds reach numpy's and Keras' generators, which take 0 .. 2**32 - 1.
+MAX_SEED = 2**32 - 1
+# Smallest input side a model trains at: below it the pad-and-crop
+# augmentation's mirror padding and the 3x3 depthwise kernels fail inside
+# TensorFlow (measured: 1 and 2 px fail, 3 px trains).
+MIN_IMAGE_SIZE = 3
 
 
 def define_data_flags(demo=False):
@@ -206,7 +212,8 @@ def define_data_flags(demo=False):
         "validation_size", 0,
         "Images of the unlabeled rest held out as validation (evaluated "
         "during training instead of --test).", lower_bound=0)
-    flags.DEFINE_integer("split_seed", 0, "Seed of the labeled split.")
+    flags.DEFINE_integer("split_seed", 0, "Seed of the labeled split.",
+                         lower_bound=0, upper_bound=MAX_SEED)
     flags.DEFINE_string("data_dir", None,
                         "TFDS data folder (local or gs://).")
     flags.DEFINE_integer("channels", 3,
@@ -235,11 +242,14 @@ def data_config(scan_dir=None, demo=False):
     """
     test = FLAGS.test or ""
     if demo and not test:
-        if not (FLAGS.labeled or "").startswith("digits"):
+        # Only the demo's own training split: digits:test or digits:all
+        # would be scored on images they trained on.
+        if (FLAGS.labeled or "") not in ("digits", DEMO_LABELED):
             raise ValueError(
                 "Expected --test (the labeled source of the final "
                 "evaluation) with your own --labeled; digits:test is the "
-                f"default of the digits demo only. Received: --labeled="
+                "default of the digits demo (--labeled=digits:train) only. "
+                f"Received: --labeled="
                 f"{FLAGS.labeled} and no --test")
         test = DEMO_TEST
     return stages.DataConfig(
@@ -296,7 +306,7 @@ def define_train_flags():
     """Training recipe flags shared by teachers and students."""
     flags.DEFINE_integer("image_size", None,
                          "Model input side in pixels; default: the teacher "
-                         "variant's (B0 224).", lower_bound=1)
+                         "variant's (B0 224).", lower_bound=MIN_IMAGE_SIZE)
     flags.DEFINE_bool("small_images", None,
                       "Stride 1 in stages 2-3 (inputs <= 64 px); default: on "
                       "when image_size <= 64, unless starting from pretrained "
@@ -363,7 +373,8 @@ def define_train_flags():
                          "Steps between progress lines.", lower_bound=0)
     flags.DEFINE_bool("jit_compile", False,
                       "XLA-compile the step (slower on CPU; TPU compiles).")
-    flags.DEFINE_integer("seed", 0, "Seed of weights, noise and shuffling.")
+    flags.DEFINE_integer("seed", 0, "Seed of weights, noise and shuffling.",
+                         lower_bound=0, upper_bound=MAX_SEED)
 
 
 def resolve_image_size(model_name):
@@ -485,7 +496,8 @@ def define_select_flags():
                       "to K (the paper's balancing; --noduplicate keeps at "
                       "most K per class, each once).")
     flags.DEFINE_integer("select_seed", 0,
-                         "Seed of the duplicates' stochastic rounding.")
+                         "Seed of the duplicates' stochastic rounding.",
+                         lower_bound=0, upper_bound=MAX_SEED)
 
 
 def select_config(pred_dir, out_dir):

@@ -35,7 +35,7 @@ flags.DEFINE_string("out_dir", None, "Folder to write model.keras and "
 flags.DEFINE_integer("image_size", None, "Input side of the written model; "
                      "default: the variant's resolution (B0 224). Any size "
                      "loads (EfficientNet is resolution-agnostic).",
-                     lower_bound=1)
+                     lower_bound=common.MIN_IMAGE_SIZE)
 flags.DEFINE_integer("num_classes", None, "Classes of the head; default: the "
                      "checkpoint's (ImageNet: 1000). Another count keeps the "
                      "backbone and builds a fresh head.", lower_bound=1)

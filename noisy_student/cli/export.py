@@ -34,7 +34,7 @@ flags.DEFINE_string("out_dir", None, "SavedModel folder to create.",
                     required=True)
 flags.DEFINE_bool("overwrite", False, "Replace an existing --out_dir.")
 flags.DEFINE_integer("image_size", None, "Serving resolution; default: the "
-                     "model's.", lower_bound=1)
+                     "model's.", lower_bound=common.MIN_IMAGE_SIZE)
 flags.DEFINE_integer("top_k", 5, "Classes returned with their scores.",
                      lower_bound=1)
 flags.DEFINE_bool("tflite", False, "Also write OUT_DIR/model.tflite.")

@@ -156,12 +156,12 @@ def test_ablation_gains_are_per_seed_against_that_seeds_teacher(tmp_path):
     assert gains["no_noise"] == pytest.approx([0.01, 0.0])
     assert study.no_noise_share(gains) == pytest.approx(0.01 / 0.10)
     assert study.no_noise_share(gains, "hard") is None  # Not run.
-    text, share, seeds = study.ablation_report_text(str(tmp_path), [0, 1])
+    text, share, seeds, _ = study.ablation_report_text(str(tmp_path), [0, 1])
     assert seeds == 2 and share == pytest.approx(0.1)
-    assert "no-noise share: 0.10" in text and "seeds: 2" in text
+    assert "\nno-noise share: 0.10 (soft labels" in text and "seeds: 2" in text
     assert ": soft labels" in text
     assert ("noise effect (noised minus no noise), soft labels, test: "
-            "+0.0300, +0.0600 (same sign at every seed)") in text
+            "+0.0300, +0.0600 (same sign at every seed; outside the spread)") in text
     assert ("| iteration 1, soft labels, noised | 0.750 | 0.7400 | 0.660 | "
             "0.6600 | 0.705 | 0.7000 | 0.0800 |") in text
 
@@ -193,7 +193,7 @@ def test_ablation_configuration_is_chosen_on_validation(tmp_path):
     fake_ablation_run(tmp_path, 0, "hard_labels", [0.70, 0.72], [0.70, 0.75])
     fake_ablation_run(tmp_path, 0, "hard_no_noise", [0.70, 0.71],
                       [0.70, 0.70])
-    text, share, _ = study.ablation_report_text(str(tmp_path), [0])
+    text, share, _, _ = study.ablation_report_text(str(tmp_path), [0])
     assert ": hard labels" in text
     assert share == pytest.approx(0.01 / 0.02)
     # One seed: a mean but no range.

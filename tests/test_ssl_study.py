@@ -65,9 +65,9 @@ def test_report_gives_the_gap_closed_of_every_iteration(tmp_path):
     fake_run(tmp_path, "supervised", [0.90])
     text, gap, _ = study.report_text(str(tmp_path))
     assert gap == pytest.approx(0.6)
-    assert "gap closed (iteration 1): 0.40" in text
-    assert "gap closed (iteration 2): 0.60" in text
-    assert "gap closed (iteration 3): 0.70" in text
+    assert "gap closed at iteration 1 (1,000 labels, one seed): 0.40" in text
+    assert "gap closed at iteration 2 (1,000 labels, one seed): 0.60" in text
+    assert "gap closed at iteration 3 (1,000 labels, one seed): 0.70" in text
 
 
 def test_summary_is_none_without_the_bound(tmp_path):

@@ -615,8 +615,8 @@ def _mean(values):
 
 
 def ablation_gains(scores, seeds, part):
-    """{key: [gain over the same seed's teacher, per seed]} (part 0:
-    validation, 1: test), for seeds where both are finished."""
+    """{key: {seed: gain over that seed's teacher}} (part 0: validation,
+    1: test), in seed order, for seeds where both are finished."""
     gains = {}
     for key in row_keys()[1:]:
         for seed in seeds:
@@ -624,9 +624,15 @@ def ablation_gains(scores, seeds, part):
                                 (key, "teacher"))
             if student and teacher and None not in (student[part],
                                                     teacher[part]):
-                gains.setdefault(key, []).append(student[part] -
-                                                 teacher[part])
+                gains.setdefault(key, {})[seed] = (student[part] -
+                                                   teacher[part])
     return gains
+
+
+def common_seeds(gains, *keys):
+    """The seeds (in order) at which every one of `keys` has a gain."""
+    found = [gains.get(k, {}) for k in keys]
+    return [seed for seed in found[0] if all(seed in f for f in found)]
 
 
 # The noised run of each pair and its no-noise ablation: soft and hard
@@ -651,31 +657,26 @@ def no_noise_share(gains, label_type="soft", baseline=None):
 
 
 def gain_share(gains, part, whole, baseline=None):
-    """Mean gain of run `part` over run `whole`'s (the same seeds), over
-    the teacher or over `baseline`'s gain; None where missing or when
-    `whole` gains nothing."""
-    full, plain = gains.get(whole), gains.get(part)
-    if not full or not plain or len(full) != len(plain):
+    """Mean gain of run `part` over run `whole`'s, both over the seeds
+    where every run asked for has finished, over the teacher or over
+    `baseline`'s gain; None where no seed has them all or when `whole`
+    gains nothing."""
+    keys = [part, whole] + ([baseline] if baseline is not None else [])
+    seeds = common_seeds(gains, *keys)
+    if not seeds:
         return None
-    offset = 0.0
-    if baseline is not None:
-        base = gains.get(baseline)
-        if not base or len(base) != len(full):
-            return None
-        offset = _mean(base)
-    mean_full = _mean(full) - offset
+    mean = lambda key: _mean([gains[key][s] for s in seeds])  # noqa: E731
+    offset = mean(baseline) if baseline is not None else 0.0
+    mean_full = mean(whole) - offset
     if mean_full <= 0:
         return None
-    return (_mean(plain) - offset) / mean_full
+    return (mean(part) - offset) / mean_full
 
 
 def paired_differences(gains, a, b):
-    """[gain of a - gain of b, per seed] (paired: the same seed's teacher
-    and test images); [] where missing."""
-    first, second = gains.get(a, []), gains.get(b, [])
-    if not first or len(first) != len(second):
-        return []
-    return [x - y for x, y in zip(first, second)]
+    """[gain of a - gain of b, per seed where both finished] (paired: the
+    same seed's teacher and test images); [] where none."""
+    return [gains[a][s] - gains[b][s] for s in common_seeds(gains, a, b)]
 
 
 def spread_verdict(differences, se=PAIRED_SE):
@@ -749,7 +750,8 @@ def _gains_table(test_gains, val_gains, names):
     for key in row_keys()[1:]:
         if key not in test_gains:
             continue
-        t, v = test_gains[key], val_gains.get(key, [])
+        t = list(test_gains[key].values())
+        v = list(val_gains.get(key, {}).values())
         lines.append(
             f"| {names[key]} | {', '.join(_fmt(g, sign=True) for g in t)} | "
             f"{_fmt(_mean(t), sign=True)} | "
@@ -886,7 +888,7 @@ def chosen_label_type(val_gains):
     gain (the validation slice makes the choice; soft on a tie or when
     missing)."""
     mean = lambda v: sum(v) / len(v) if v else float("-inf")  # noqa: E731
-    soft, hard = (mean(val_gains.get(NOISE_PAIRS[k][0], []))
+    soft, hard = (mean(list(val_gains.get(NOISE_PAIRS[k][0], {}).values()))
                   for k in ("soft", "hard"))
     return "hard" if hard > soft else "soft"
 

@@ -152,8 +152,8 @@ def test_ablation_gains_are_per_seed_against_that_seeds_teacher(tmp_path):
     assert scores[("teacher", 1)] == (0.61, 0.60)  # Last validation eval.
     assert scores[("no_noise", 0)] == (0.72, 0.71)
     gains = study.ablation_gains(scores, [0, 1], 1)
-    assert gains["main"] == pytest.approx([0.04, 0.06])
-    assert gains["no_noise"] == pytest.approx([0.01, 0.0])
+    assert gains["main"] == pytest.approx({0: 0.04, 1: 0.06})
+    assert gains["no_noise"] == pytest.approx({0: 0.01, 1: 0.0})
     assert study.no_noise_share(gains) == pytest.approx(0.01 / 0.10)
     assert study.no_noise_share(gains, "hard") is None  # Not run.
     text, share, seeds, _ = study.ablation_report_text(str(tmp_path), [0, 1])
@@ -212,8 +212,8 @@ def test_ablation_control_is_scored_from_its_metrics_and_eval(tmp_path):
     scores = study.ablation_scores(str(tmp_path), [0])
     assert scores[("labels_only", 0)] == (0.73, 0.72)
     gains = study.ablation_gains(scores, [0], 1)
-    assert gains["labels_only"] == pytest.approx([0.02])
-    gains["no_noise"] = [0.025]
+    assert gains["labels_only"] == pytest.approx({0: 0.02})
+    gains["no_noise"] = {0: 0.025}
     # Over the control: (0.025 - 0.02) / (0.04 - 0.02).
     assert study.no_noise_share(gains, "soft", "labels_only") == \
         pytest.approx(0.25)
@@ -384,3 +384,22 @@ def test_pseudo_only_pair_and_noise_sources_are_reported(tmp_path):
             "RandAugment): keeps test 0.62") in text
     assert ("| iteration 1, hard labels, no noise, pseudo-labels only | "
             "-0.0400, -0.0400 | -0.0400 |") in text
+
+
+def test_runs_are_paired_by_seed_not_by_position(tmp_path):
+    """A run finished at seed 1 only is compared with seed 1 of the other
+    run, never with its seed 0."""
+    for seed, base in ((0, 0.70), (1, 0.60)):
+        fake_ablation_run(tmp_path, seed, "main", [base, base + 0.01],
+                          [base, base + 0.01])
+        fake_ablation_run(tmp_path, seed, "hard_labels", [base, base + 0.04],
+                          [base, base + 0.04])
+    fake_ablation_run(tmp_path, 1, "hard_no_noise", [0.60, 0.61],
+                      [0.60, 0.61])
+    gains = study.ablation_gains(study.ablation_scores(str(tmp_path), [0, 1]),
+                                 [0, 1], 1)
+    assert gains["hard_no_noise"] == pytest.approx({1: 0.01})
+    assert study.noise_effect(gains, "hard") == pytest.approx([0.03])
+    assert study.no_noise_share(gains, "hard") == pytest.approx(0.25)
+    assert study.paired_differences(gains, "hard_no_noise", "main") == \
+        pytest.approx([0.0])

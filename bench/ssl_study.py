@@ -832,7 +832,8 @@ def _gap_lines(scores, seeds, label_type):
         closed_at[i] = _mean(test)
         lines.append(
             f"gap closed (iteration {i}): {_fmt(_mean(test), 2)} (test, mean "
-            f"of {len(test)} seeds: {', '.join(_fmt(c, 2) for c in test)}; "
+            f"of {len(test)} seed{'s' if len(test) > 1 else ''}: "
+            f"{', '.join(_fmt(c, 2) for c in test)}; "
             f"validation {_fmt(_mean(val), 2)}: "
             f"{', '.join(_fmt(c, 2) for c in val)})")
         long_bound = gap_closed_per_seed(scores, seeds, key,
@@ -841,7 +842,7 @@ def _gap_lines(scores, seeds, label_type):
             lines.append(
                 f"gap closed (iteration {i}) against the 4x-steps bound: "
                 f"{', '.join(_fmt(c, 2) for c in long_bound)} "
-                f"({len(long_bound)} seed)")
+                f"({len(long_bound)} seed{'s' if len(long_bound) > 1 else ''})")
     return lines, closed_at
 
 

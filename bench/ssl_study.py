@@ -714,6 +714,11 @@ def gap_closed_per_seed(scores, seeds, key, part=1, bound=BOUND):
     return closed
 
 
+def _count(number, noun):
+    """"1 seed", "2 seeds"."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
 def _fmt(value, digits=4, sign=False):
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
@@ -800,8 +805,8 @@ def _noise_lines(test_gains, val_gains, names, label_type):
                 verdict = (f"; {spread_verdict(effect)}" if part == "test"
                            else "")
                 lines.append(
-                    f"noise effect (noised minus no noise), {PAIR_NAMES[kind]}, "
-                    f"{part}: {', '.join(_fmt(e, sign=True) for e in effect)}"
+                    "noise effect (noised minus no noise), "
+                    f"{PAIR_NAMES[kind]}, {part}: {', '.join(_fmt(e, sign=True) for e in effect)}"
                     f" ({agree}{verdict})")
     noised, plain = NOISE_PAIRS["hard"]
     for source in NOISE_SOURCES:
@@ -832,7 +837,7 @@ def _gap_lines(scores, seeds, label_type):
         closed_at[i] = _mean(test)
         lines.append(
             f"gap closed (iteration {i}): {_fmt(_mean(test), 2)} (test, mean "
-            f"of {len(test)} seed{'s' if len(test) > 1 else ''}: "
+            f"of {_count(len(test), 'seed')}: "
             f"{', '.join(_fmt(c, 2) for c in test)}; "
             f"validation {_fmt(_mean(val), 2)}: "
             f"{', '.join(_fmt(c, 2) for c in val)})")
@@ -842,7 +847,7 @@ def _gap_lines(scores, seeds, label_type):
             lines.append(
                 f"gap closed (iteration {i}) against the 4x-steps bound: "
                 f"{', '.join(_fmt(c, 2) for c in long_bound)} "
-                f"({len(long_bound)} seed{'s' if len(long_bound) > 1 else ''})")
+                f"({_count(len(long_bound), 'seed')})")
     return lines, closed_at
 
 

@@ -161,7 +161,8 @@ def test_ablation_gains_are_per_seed_against_that_seeds_teacher(tmp_path):
     assert "\nno-noise share: 0.10 (soft labels" in text and "seeds: 2" in text
     assert ": soft labels" in text
     assert ("noise effect (noised minus no noise), soft labels, test: "
-            "+0.0300, +0.0600 (same sign at every seed; outside the spread)") in text
+            "+0.0300, +0.0600 (same sign at every seed; outside the "
+            "spread)") in text
     assert ("| iteration 1, soft labels, noised | 0.750 | 0.7400 | 0.660 | "
             "0.6600 | 0.705 | 0.7000 | 0.0800 |") in text
 
@@ -380,8 +381,8 @@ def test_pseudo_only_pair_and_noise_sources_are_reported(tmp_path):
             "stochastic depth): keeps test 0.88, validation 0.88 of the "
             "noised gain; minus no noise, test: +0.0150, +0.0150 (outside "
             "the spread)") in text
-    assert ("noise source alone, hard labels, dropout + stochastic depth only (no "
-            "RandAugment): keeps test 0.62") in text
+    assert ("noise source alone, hard labels, dropout + stochastic depth "
+            "only (no RandAugment): keeps test 0.62") in text
     assert ("| iteration 1, hard labels, no noise, pseudo-labels only | "
             "-0.0400, -0.0400 | -0.0400 |") in text
 

@@ -729,7 +729,7 @@ def _scores_table(scores, seeds, names):
     head = ["run"]
     for seed in seeds:
         head += [f"seed {seed} val", f"seed {seed} test"]
-    head += ["mean val", "mean test", "test range"]
+    head += ["mean val", "mean test", "test range", "seeds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key in row_keys():
         cells = [names[key]]
@@ -743,7 +743,8 @@ def _scores_table(scores, seeds, names):
             continue
         cells += [_fmt(mean_and_range(vals)[0], 3),
                   _fmt(mean_and_range(tests)[0]),
-                  _fmt(mean_and_range(tests)[1])]
+                  _fmt(mean_and_range(tests)[1]),
+                  str(sum(t is not None for t in tests))]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 

@@ -164,7 +164,7 @@ def test_ablation_gains_are_per_seed_against_that_seeds_teacher(tmp_path):
             "+0.0300, +0.0600 (same sign at every seed; outside the "
             "spread)") in text
     assert ("| iteration 1, soft labels, noised | 0.750 | 0.7400 | 0.660 | "
-            "0.6600 | 0.705 | 0.7000 | 0.0800 |") in text
+            "0.6600 | 0.705 | 0.7000 | 0.0800 | 2 |") in text
 
 
 def test_ablation_share_is_none_when_the_method_gains_nothing(tmp_path):
@@ -198,8 +198,8 @@ def test_ablation_configuration_is_chosen_on_validation(tmp_path):
     assert ": hard labels" in text
     assert share == pytest.approx(0.01 / 0.02)
     # One seed: a mean but no range.
-    assert "| teacher (250 labels) | 0.700 | 0.7000 | 0.700 | 0.7000 | - |" \
-        in text
+    assert ("| teacher (250 labels) | 0.700 | 0.7000 | 0.700 | 0.7000 | - "
+            "| 1 |") in text
 
 
 def test_ablation_control_is_scored_from_its_metrics_and_eval(tmp_path):

@@ -23,7 +23,7 @@ flags/fashion_mnist_1000.cfg; digits: flags/digits.cfg):
                      the mean and range over the seeds beside seed 0.
 
 Ablations reuse the main run's teacher and iteration-1 pseudo-labels: their
-work directory starts as a copy of main's round 0 and round 1 predict/select
+work directory starts as a copy of main's iteration 0 and iteration-1 predict/select
 stages, and the pipeline (`--overwrite`) redoes only what their flags change.
 A killed study resumes: rerun the same command (finished stages are skipped).
 
@@ -55,6 +55,7 @@ RESULT ssl_study gap_closed_2=<x> no_noise_gain_fraction=<y>
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -65,14 +66,17 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # This checkout's package, not an installed one.
+from noisy_student import workdir_layout  # pylint: disable=g-import-not-at-top
+
 ABLATIONS = ("no_noise", "hard_labels", "no_filter", "init_from_teacher")
 DIGITS_SEEDS = ("digits_s1", "digits_s2")
 RUNS = ("main",) + ABLATIONS + ("supervised", "digits") + DIGITS_SEEDS
 FLAGFILES = {"main": "flags/fashion_mnist_1000.cfg",
              "digits": "flags/digits.cfg"}
 # Stages an ablation takes from the main run.
-SHARED_STAGES = ("round0/train", "round0/eval", "round1/predict",
-                 "round1/select")
+SHARED_STAGES = tuple(workdir_layout.stage_name(r, kind) for r, kind in (
+    (0, "train"), (0, "eval"), (1, "predict"), (1, "select")))
 
 
 def command(run):
@@ -87,7 +91,8 @@ def command(run):
 
 def seed_from_main(workdir, run):
     """Starts an ablation's work directory from main's shared stages."""
-    main, target = os.path.join(workdir, "main"), os.path.join(workdir, run)
+    main = migrated(os.path.join(workdir, "main"))
+    target = os.path.join(workdir, run)
     if os.path.exists(os.path.join(target, "manifest.json")):
         return  # Started earlier: the pipeline continues it.
     with open(os.path.join(main, "manifest.json")) as f:
@@ -121,21 +126,32 @@ def run_one(workdir, run):
 
 
 def load(workdir, run):
-    """(report rounds, manifest stages) of a run, or None if unfinished."""
-    folder = os.path.join(workdir, run)
+    """(report iterations, manifest stages) of a run, or None if
+    unfinished."""
+    folder = migrated(os.path.join(workdir, run))
     try:
         with open(os.path.join(folder, "report.json")) as f:
-            rounds = json.load(f)["rounds"]
+            iterations = json.load(f)["iterations"]
         with open(os.path.join(folder, "manifest.json")) as f:
             stages = json.load(f)["stages"]
     except FileNotFoundError:
         return None
-    return rounds, stages
+    return iterations, stages
+
+
+def migrated(folder):
+    """`folder`, its round{r}/ folders of a run made before the rename
+    renamed (`workdir_layout.migrate`; nothing happens to a new one)."""
+    if os.path.isdir(folder):
+        workdir_layout.migrate(folder)
+    return folder
 
 
 def train_minutes(stages, index):
-    """Minutes round `index`'s training took (as the pipeline recorded)."""
-    return stages.get(f"round{index}/train", {}).get("seconds", 0) / 60
+    """Minutes iteration `index`'s training took (as the pipeline
+    recorded)."""
+    return stages.get(workdir_layout.stage_name(index, "train"),
+                      {}).get("seconds", 0) / 60
 
 
 def rows(workdir):
@@ -145,7 +161,7 @@ def rows(workdir):
                                 ("digits", "digits ", "100")):
         result = load(workdir, run)
         for r in result[0] if result else []:
-            i = r["round"]
+            i = r["iteration"]
             name = (f"{prefix}teacher ({labels} labels)" if i == 0
                     else f"{prefix}Noisy Student iteration {i}")
             out[f"{run}{i}"] = (name, r["test_top1"],
@@ -198,13 +214,13 @@ def summary(out):
 
 
 def digits_seed_scores(workdir):
-    """{round: [test top-1 of seed 0, 1, ...]} of the digits runs that
+    """{iteration: [test top-1 of seed 0, 1, ...]} of the digits runs that
     finished (seed 0: the run "digits"); {} without another seed."""
     scores = {}
     for run in ("digits",) + DIGITS_SEEDS:
         result = load(workdir, run)
         for r in result[0] if result else []:
-            scores.setdefault(r["round"], []).append(r["test_top1"])
+            scores.setdefault(r["iteration"], []).append(r["test_top1"])
     if max((len(v) for v in scores.values()), default=0) < 2:
         return {}
     return scores
@@ -265,7 +281,10 @@ def report_text(workdir):
     for i in [i for i in iterations if i > 0] or [2]:
         # Every iteration's gap closed; the issue's target is at iteration 2.
         closed = gap_closed(out, i)
-        lines.append(f"gap closed (iteration {i}): " +
+        # Named apart from the ablation study's two-seed "gap closed
+        # (iteration N):" lines, which BENCHMARKS.md reports as the result.
+        lines.append(f"gap closed at iteration {i} (1,000 labels, one "
+                     "seed): " +
                      ("n/a" if closed is None else f"{closed:.2f}"))
     lines.append("no-noise ablation keeps of the iteration-1 gain: " +
                  ("n/a" if gain is None else f"{gain:.2f}"))
@@ -291,19 +310,127 @@ def report(workdir, write_tables=False):
 ABLATION_DATA = "/tmp/ns-abl-data/fashion_mnist_7000.npz"
 ABLATION_SUBSET_SIZE = 7000
 ABLATION_SUBSET_SEED = 0
+# The split of flags/fashion_mnist_ablation/main.cfg (--labels_per_class,
+# --validation_size): the supervised bound's split files repeat it.
+ABLATION_LABELS_PER_CLASS = 25
+ABLATION_VALIDATION_SIZE = 1000
+ABLATION_CLASSES = 10
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
-# run: (flagfile, pseudo-labels, noised), main first (the others reuse its
-# teacher and predictions).
+# Standard error of the difference of two models' test top-1 on the same
+# 10,000 images (BENCHMARKS.md: students of one seed disagree on 8-9.5% of
+# the images, so sqrt(0.09 / 10,000) = 0.003).
+PAIRED_SE = 0.003
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    """One pipeline run of the ablation study (a flagfile, per seed).
+
+    Attributes:
+      flagfile: Its flagfile under flags/fashion_mnist_ablation/.
+      labels: "soft" or "hard" pseudo-labels.
+      name: What its rows say after "iteration N, ".
+      iterations: Noisy Student iterations it runs (--iterations).
+    """
+    flagfile: str
+    labels: str
+    name: str
+    iterations: int = 1
+
+
+def _flagfile(run):
+    return f"flags/fashion_mnist_ablation/{run}.cfg"
+
+
+# main first (the others start from its teacher and predictions).
 ABLATION_RUNS = {
-    "main": ("flags/fashion_mnist_ablation/main.cfg", "soft", True),
-    "no_noise": ("flags/fashion_mnist_ablation/no_noise.cfg", "soft", False),
-    "hard_labels": ("flags/fashion_mnist_ablation/hard_labels.cfg", "hard",
-                    True),
-    "hard_no_noise": ("flags/fashion_mnist_ablation/hard_no_noise.cfg",
-                      "hard", False),
+    "main": Arm(_flagfile("main"), "soft", "soft labels, noised"),
+    "no_noise": Arm(_flagfile("no_noise"), "soft", "soft labels, no noise"),
+    # The study's configuration (chosen on validation): grown to iteration 3.
+    "hard_labels": Arm(_flagfile("hard_labels"), "hard",
+                       "hard labels, noised", iterations=3),
+    "hard_no_noise": Arm(_flagfile("hard_no_noise"), "hard",
+                         "hard labels, no noise"),
     # Noise strength: RandAugment M=10 instead of 5.
-    "hard_m10": ("flags/fashion_mnist_ablation/hard_m10.cfg", "hard", True),
+    "hard_m10": Arm(_flagfile("hard_m10"), "hard",
+                    "hard labels, noised, RandAugment M=10"),
+    # Pseudo-labels only (--labeled_loss_weight=0), with and without noise.
+    "hard_pseudo_only": Arm(_flagfile("hard_pseudo_only"), "hard",
+                            "hard labels, noised, pseudo-labels only"),
+    "hard_pseudo_only_no_noise": Arm(
+        _flagfile("hard_pseudo_only_no_noise"), "hard",
+        "hard labels, no noise, pseudo-labels only"),
+    # Each noise source alone.
+    "hard_no_randaugment": Arm(
+        _flagfile("hard_no_randaugment"), "hard",
+        "hard labels, dropout + stochastic depth only (no RandAugment)"),
+    "hard_no_dropout_sd": Arm(
+        _flagfile("hard_no_dropout_sd"), "hard",
+        "hard labels, RandAugment only (no dropout or stochastic depth)"),
+    "hard_no_filter": Arm(_flagfile("hard_no_filter"), "hard",
+                          "hard labels, noised, no filter or balance"),
+    "hard_scratch": Arm(_flagfile("hard_scratch"), "hard",
+                        "hard labels, noised, from scratch"),
+    "hard_scratch_larger": Arm(
+        _flagfile("hard_scratch_larger"), "hard",
+        "hard labels, noised, larger student (w0.75-d0.5) from scratch"),
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class Control:
+    """An ns-train run from the seed's teacher, then ns-eval on test.
+
+    Attributes:
+      flagfile: Its flagfile under flags/fashion_mnist_ablation/.
+      name: Its rows' name.
+      supervised: Trains on the true labels of the seed's split files
+        (write_supervised_split) and validates on the --test slice.
+      one_seed: Runs at the first seed of --seeds only.
+    """
+    flagfile: str
+    name: str
+    supervised: bool = False
+    one_seed: bool = False
+
+
+CONTROL = "labels_only"
+CONTROL_FLAGFILE = _flagfile(CONTROL)
+BOUND = "supervised"
+CONTROLS = {
+    CONTROL: Control(CONTROL_FLAGFILE,
+                     "control: the teacher trained on, labels only"),
+    BOUND: Control(_flagfile(BOUND), "fully supervised bound (6,000 labels, "
+                   "compute-matched)", supervised=True),
+    "supervised_long": Control(
+        _flagfile("supervised_long"),
+        "fully supervised bound, 4x the steps (toward convergence)",
+        supervised=True, one_seed=True),
+}
+
+
+def grown_key(run, iteration):
+    """The score key of `run`'s iteration `iteration` (the run at 1)."""
+    return run if iteration == 1 else f"{run}@{iteration}"
+
+
+def row_keys():
+    """Every row of the ablation tables, in order: the teacher, the
+    iteration-1 runs, the grown iterations, the controls."""
+    keys = ["teacher"] + list(ABLATION_RUNS)
+    for run, arm in ABLATION_RUNS.items():
+        keys += [grown_key(run, i) for i in range(2, arm.iterations + 1)]
+    return keys + list(CONTROLS)
+
+
+def row_names():
+    """{row key: its name in the tables}."""
+    names = {"teacher": "teacher (250 labels)"}
+    for run, arm in ABLATION_RUNS.items():
+        for i in range(1, arm.iterations + 1):
+            names[grown_key(run, i)] = f"iteration {i}, {arm.name}"
+    names.update({key: control.name for key, control in CONTROLS.items()})
+    return names
 
 
 def write_subset(path=ABLATION_DATA, size=ABLATION_SUBSET_SIZE,
@@ -326,10 +453,52 @@ def write_subset(path=ABLATION_DATA, size=ABLATION_SUBSET_SIZE,
     os.replace(temp, path)
 
 
+def split_paths(seed, path=ABLATION_DATA):
+    """(train, validation) npz paths of the supervised bound at `seed`."""
+    base = path[:-len(".npz")] if path.endswith(".npz") else path
+    return f"{base}_s{seed}_train.npz", f"{base}_s{seed}_validation.npz"
+
+
+def write_supervised_split(seed, path=ABLATION_DATA,
+                           per_class=ABLATION_LABELS_PER_CLASS,
+                           validation_size=ABLATION_VALIDATION_SIZE,
+                           num_classes=ABLATION_CLASSES):
+    """Writes the supervised bound's data at `seed` (no-op when present).
+
+    The pipeline's split of `path` at --split_seed=`seed`
+    (sources.subset_mask, as the runs' --labels_per_class and
+    --validation_size make it): "train" holds its labeled and unlabeled
+    parts with their true labels, "validation" its validation slice.
+    (--labels_per_class=0 would train on the validation slice too.)
+    Same arrays as `path` (x uint8 [N, 28, 28], y int [N]); atomic writes.
+
+    Returns:
+      (train path, validation path).
+    """
+    train, validation = split_paths(seed, path)
+    if os.path.exists(train) and os.path.exists(validation):
+        return train, validation
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    sys.path.insert(0, REPO)
+    from noisy_student.data import sources  # pylint: disable=g-import-not-at-top
+    with np.load(path) as arrays:
+        x, y = arrays["x"], arrays["y"]
+    held_out = sources.subset_mask(y, sources.Subset(
+        "validation", per_class, validation_size, seed), num_classes)
+    for target, keep in ((train, ~held_out), (validation, held_out)):
+        temp = target + ".tmp.npz"
+        np.savez(temp, x=x[keep], y=y[keep])
+        os.replace(temp, target)
+    return train, validation
+
+
 def ablation_command(run, seed):
     """The pipeline arguments of one ablation-study run at one seed."""
-    argv = [f"--flagfile={ABLATION_RUNS[run][0]}", f"--seed={seed}",
+    arm = ABLATION_RUNS[run]
+    argv = [f"--flagfile={arm.flagfile}", f"--seed={seed}",
             f"--split_seed={seed}"]
+    if arm.iterations != 1:
+        argv.append(f"--iterations={arm.iterations}")
     return argv + (["--overwrite"] if run != "main" else [])
 
 
@@ -353,41 +522,58 @@ def run_ablation(workdir, run, seed):
           flush=True)
 
 
-CONTROL = "labels_only"
-CONTROL_FLAGFILE = "flags/fashion_mnist_ablation/labels_only.cfg"
-
-
-def run_control(workdir, seed):
-    """The labels-only control at one seed: ns-train from the seed's
-    teacher (resumed when rerun), then ns-eval on test (once)."""
+def control_commands(workdir, seed, name):
+    """The ns-train (resumed when rerun) and ns-eval argument lists of the
+    control `name` at `seed` (ns-eval left out once it has run)."""
+    control = CONTROLS[name]
     seed_dir = os.path.join(workdir, f"s{seed}")
-    folder = os.path.join(seed_dir, CONTROL)
-    teacher = os.path.join(seed_dir, "main", "round0", "train")
-    if not os.path.exists(os.path.join(teacher, "model.keras")):
-        raise SystemExit(f"Expected the teacher {teacher} before the "
-                         f"{CONTROL} control; run --runs=main first.")
-    os.makedirs(folder, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": REPO}
-    commands = [[sys.executable, "-m", "noisy_student.cli.train",
-                 f"--flagfile={CONTROL_FLAGFILE}", f"--init_from={teacher}",
-                 f"--model_dir={folder}", f"--seed={seed}",
-                 f"--split_seed={seed}"]]
+    folder = os.path.join(seed_dir, name)
+    teacher = workdir_layout.stage_folder(
+        migrated(os.path.join(seed_dir, "main")), 0, "train")
+    train = [sys.executable, "-m", "noisy_student.cli.train",
+             f"--flagfile={control.flagfile}", f"--init_from={teacher}",
+             f"--model_dir={folder}", f"--seed={seed}",
+             f"--split_seed={seed}"]
+    if control.supervised:
+        train_path, validation_path = split_paths(seed)
+        train += [f"--labeled=npz:{train_path}",
+                  f"--test=npz:{validation_path}"]
+    commands = [train]
     if not os.path.exists(os.path.join(folder, "eval", "results.json")):
         commands.append([sys.executable, "-m", "noisy_student.cli.evaluate",
                          f"--model_path={folder}",
                          f"--test=idx:{FASHION_MNIST}:test",
                          f"--output_dir={os.path.join(folder, 'eval')}"])
+    return commands
+
+
+def run_control(workdir, seed, name=CONTROL):
+    """One control at one seed: ns-train from the seed's teacher (resumed
+    when rerun), then ns-eval on test (once)."""
+    folder = os.path.join(workdir, f"s{seed}", name)
+    teacher = workdir_layout.stage_folder(
+        migrated(os.path.join(workdir, f"s{seed}", "main")), 0, "train")
+    if not os.path.exists(os.path.join(teacher, "model.keras")):
+        raise SystemExit(f"Expected the teacher {teacher} before the "
+                         f"{name} control; run --runs=main first.")
+    if CONTROLS[name].supervised:
+        write_supervised_split(seed)
+    os.makedirs(folder, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": REPO}
+    started = time.time()
     with open(os.path.join(folder, "study.log"), "a") as log:
-        for argv in commands:
-            print(f"[ssl_study] s{seed}/{CONTROL}: {' '.join(argv[1:])}",
+        for argv in control_commands(workdir, seed, name):
+            print(f"[ssl_study] s{seed}/{name}: {' '.join(argv[1:])}",
                   flush=True)
             subprocess.run(argv, cwd=REPO, check=True, stdout=log,
                            stderr=subprocess.STDOUT, env=env)
+    print(f"[ssl_study] s{seed}/{name}: done in {time.time() - started:.0f} "
+          "s", flush=True)
 
 
-def control_scores(workdir, seed):
+def control_scores(workdir, seed, name=CONTROL):
     """(validation, test) of the seed's finished control, or None."""
-    folder = os.path.join(workdir, f"s{seed}", CONTROL)
+    folder = os.path.join(workdir, f"s{seed}", name)
     try:
         with open(os.path.join(folder, "metrics.json")) as f:
             evals = json.load(f)["evals"]
@@ -399,9 +585,10 @@ def control_scores(workdir, seed):
 
 
 def last_validation(folder, index):
-    """Validation top-1 of round `index`'s model at its last step."""
+    """Validation top-1 of iteration `index`'s model at its last step."""
     try:
-        with open(os.path.join(folder, f"round{index}", "train",
+        with open(os.path.join(migrated(folder),
+                               workdir_layout.folder_name(index), "train",
                                "metrics.json")) as f:
             evals = json.load(f)["evals"]
     except FileNotFoundError:
@@ -410,7 +597,8 @@ def last_validation(folder, index):
 
 
 def ablation_scores(workdir, seeds):
-    """{(key, seed): (validation, test)}, key "teacher" or a run name; only
+    """{(key, seed): (validation, test)}, key "teacher", a run name (its
+    iteration 1), "<run>@<i>" (its iteration i >= 2) or a control; only
     finished models."""
     scores = {}
     for seed in seeds:
@@ -418,14 +606,16 @@ def ablation_scores(workdir, seeds):
             folder = os.path.join(workdir, f"s{seed}", run)
             result = load(os.path.join(workdir, f"s{seed}"), run)
             for r in result[0] if result else []:
-                key = "teacher" if r["round"] == 0 else run
-                if r["round"] > 1 or (key == "teacher" and run != "main"):
-                    continue
-                scores[(key, seed)] = (last_validation(folder, r["round"]),
+                i = r["iteration"]
+                if i == 0 and run != "main":
+                    continue  # A copy of main's teacher.
+                key = "teacher" if i == 0 else grown_key(run, i)
+                scores[(key, seed)] = (last_validation(folder, i),
                                        r["test_top1"])
-        control = control_scores(workdir, seed)
-        if control:
-            scores[(CONTROL, seed)] = control
+        for name in CONTROLS:
+            control = control_scores(workdir, seed, name)
+            if control:
+                scores[(name, seed)] = control
     return scores
 
 
@@ -438,46 +628,113 @@ def mean_and_range(values):
     return sum(values) / len(values), spread
 
 
+def _mean(values):
+    return sum(values) / len(values) if values else None
+
+
 def ablation_gains(scores, seeds, part):
-    """{run: [gain over the same seed's teacher, per seed]} (part 0:
-    validation, 1: test), for seeds where both are finished."""
+    """{key: {seed: gain over that seed's teacher}} (part 0: validation,
+    1: test), in seed order, for seeds where both are finished."""
     gains = {}
-    for run in list(ABLATION_RUNS) + [CONTROL]:
+    for key in row_keys()[1:]:
         for seed in seeds:
             student, teacher = (scores.get((k, seed)) for k in
-                                (run, "teacher"))
+                                (key, "teacher"))
             if student and teacher and None not in (student[part],
                                                     teacher[part]):
-                gains.setdefault(run, []).append(student[part] -
-                                                 teacher[part])
+                gains.setdefault(key, {})[seed] = (student[part] -
+                                                   teacher[part])
     return gains
 
 
-# The noised run of each label type and its no-noise ablation.
+def common_seeds(gains, *keys):
+    """The seeds (in order) at which every one of `keys` has a gain."""
+    found = [gains.get(k, {}) for k in keys]
+    return [seed for seed in found[0] if all(seed in f for f in found)]
+
+
+# The noised run of each pair and its no-noise ablation: soft and hard
+# pseudo-labels with the labeled batches, and hard pseudo-labels only.
 NOISE_PAIRS = {"soft": ("main", "no_noise"),
-               "hard": ("hard_labels", "hard_no_noise")}
+               "hard": ("hard_labels", "hard_no_noise"),
+               "hard, pseudo-labels only": ("hard_pseudo_only",
+                                            "hard_pseudo_only_no_noise")}
+PAIR_NAMES = {"soft": "soft labels", "hard": "hard labels",
+              "hard, pseudo-labels only": "hard labels, pseudo-labels only"}
+# Each noise source alone (the other removed), with hard labels.
+NOISE_SOURCES = ("hard_no_dropout_sd", "hard_no_randaugment")
 
 
 def no_noise_share(gains, label_type="soft", baseline=None):
-    """Mean gain of the no-noise student over the noised one's, with
-    `label_type` pseudo-labels; None where missing or when the noised
-    student gains nothing. Gains are over the teacher, or over the
+    """Mean gain of the no-noise student over the noised one's, for the
+    `label_type` pair of NOISE_PAIRS; None where missing or when the
+    noised student gains nothing. Gains are over the teacher, or over the
     `baseline` run (e.g. the labels-only control) when given."""
     noised, plain = NOISE_PAIRS[label_type]
-    full, plain = gains.get(noised), gains.get(plain)
-    if not full or not plain or len(full) != len(plain):
+    return gain_share(gains, plain, noised, baseline)
+
+
+def gain_share(gains, part, whole, baseline=None):
+    """Mean gain of run `part` over run `whole`'s, both over the seeds
+    where every run asked for has finished, over the teacher or over
+    `baseline`'s gain; None where no seed has them all or when `whole`
+    gains nothing."""
+    keys = [part, whole] + ([baseline] if baseline is not None else [])
+    seeds = common_seeds(gains, *keys)
+    if not seeds:
         return None
-    mean = lambda v: sum(v) / len(v)  # noqa: E731
-    offset = 0.0
-    if baseline is not None:
-        base = gains.get(baseline)
-        if not base or len(base) != len(full):
-            return None
-        offset = mean(base)
-    mean_full = mean(full) - offset
+    mean = lambda key: _mean([gains[key][s] for s in seeds])  # noqa: E731
+    offset = mean(baseline) if baseline is not None else 0.0
+    mean_full = mean(whole) - offset
     if mean_full <= 0:
         return None
-    return (mean(plain) - offset) / mean_full
+    return (mean(part) - offset) / mean_full
+
+
+def paired_differences(gains, a, b):
+    """[gain of a - gain of b, per seed where both finished] (paired: the
+    same seed's teacher and test images); [] where none."""
+    return [gains[a][s] - gains[b][s] for s in common_seeds(gains, a, b)]
+
+
+def spread_verdict(differences, se=PAIRED_SE):
+    """Whether per-seed paired differences stand out of the spread.
+
+    "outside the spread" when every seed agrees in sign and the mean is
+    over two standard errors of a mean of paired differences
+    (2 * se / sqrt(seeds)); "one seed" with one; else "inside the
+    spread". The SE is the test images' sampling error (PAIRED_SE); the
+    sign rule guards against the seeds' training noise, which two seeds
+    cannot measure.
+    """
+    if not differences:
+        return "-"
+    if len(differences) == 1:
+        return "one seed"
+    same_sign = (all(d > 0 for d in differences)
+                 or all(d < 0 for d in differences))
+    mean = _mean(differences)
+    if same_sign and abs(mean) > 2 * se / math.sqrt(len(differences)):
+        return "outside the spread"
+    return "inside the spread"
+
+
+def gap_closed_per_seed(scores, seeds, key, part=1, bound=BOUND):
+    """[(key - teacher) / (bound - teacher) per seed] where all three are
+    finished and the bound beats the teacher."""
+    closed = []
+    for seed in seeds:
+        values = [scores.get((k, seed), (None, None))[part]
+                  for k in (key, "teacher", bound)]
+        if None in values or values[2] <= values[1]:
+            continue
+        closed.append((values[0] - values[1]) / (values[2] - values[1]))
+    return closed
+
+
+def _count(number, noun):
+    """"1 seed", "2 seeds"."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
 def _fmt(value, digits=4, sign=False):
@@ -486,23 +743,13 @@ def _fmt(value, digits=4, sign=False):
     return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
 
 
-def ablation_report_text(workdir, seeds):
-    """(the ablation block, no-noise share on test, seeds finished)."""
-    scores = ablation_scores(workdir, seeds)
-    names = {"teacher": "teacher (250 labels)",
-             CONTROL: "control: the teacher trained on, labels only"}
-    for run, (_, labels, noised) in ABLATION_RUNS.items():
-        names[run] = (f"iteration 1, {labels} labels, "
-                      f"{'noised' if noised else 'no noise'}"
-                      + (", RandAugment M=10" if run.endswith("_m10")
-                         else ""))
+def _scores_table(scores, seeds, names):
     head = ["run"]
     for seed in seeds:
         head += [f"seed {seed} val", f"seed {seed} test"]
-    head += ["mean val", "mean test", "test range"]
-    lines = ["| " + " | ".join(head) + " |",
-             "|" + "---|" * len(head)]
-    for key in ["teacher"] + list(ABLATION_RUNS) + [CONTROL]:
+    head += ["mean val", "mean test", "test range", "seeds"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key in row_keys():
         cells = [names[key]]
         vals, tests = [], []
         for seed in seeds:
@@ -514,33 +761,54 @@ def ablation_report_text(workdir, seeds):
             continue
         cells += [_fmt(mean_and_range(vals)[0], 3),
                   _fmt(mean_and_range(tests)[0]),
-                  _fmt(mean_and_range(tests)[1])]
+                  _fmt(mean_and_range(tests)[1]),
+                  str(sum(t is not None for t in tests))]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "| gain over the seed's teacher | per seed, test | "
-              "mean test | per seed, validation | mean validation |",
-              "|---|---|---|---|---|"]
-    test_gains = ablation_gains(scores, seeds, 1)
-    val_gains = ablation_gains(scores, seeds, 0)
-    for run in list(ABLATION_RUNS) + [CONTROL]:
-        if run not in test_gains:
+    return lines
+
+
+def _gains_table(test_gains, val_gains, names):
+    lines = ["| gain over the seed's teacher | per seed, test | mean test | "
+             "per seed, validation | mean validation | test gain vs the "
+             "spread |", "|---|---|---|---|---|---|"]
+    for key in row_keys()[1:]:
+        if key not in test_gains:
             continue
-        t, v = test_gains[run], val_gains.get(run, [])
+        t = list(test_gains[key].values())
+        v = list(val_gains.get(key, {}).values())
         lines.append(
-            f"| {names[run]} | {', '.join(_fmt(g, sign=True) for g in t)} | "
-            f"{_fmt(sum(t) / len(t), sign=True)} | "
+            f"| {names[key]} | {', '.join(_fmt(g, sign=True) for g in t)} | "
+            f"{_fmt(_mean(t), sign=True)} | "
             f"{', '.join(_fmt(g, 3, True) for g in v)} | "
-            f"{_fmt(sum(v) / len(v) if v else None, 3, True)} |")
-    label_type = chosen_label_type(val_gains)
-    share = no_noise_share(test_gains, label_type)
-    finished = sorted({seed for (key, seed) in scores if key == "main"})
-    lines += ["", f"configuration (the noised student's label type with "
-              f"the higher mean validation gain): {label_type} labels",
-              "no-noise share: " + _fmt(share, 2)]
+            f"{_fmt(_mean(v), 3, True)} | {spread_verdict(t)} |")
+    return lines
+
+
+def _versus_table(test_gains, val_gains, names, reference):
+    """Each run against the study's configuration's student, paired."""
+    lines = [f"| minus {names[reference]} | per seed, test | mean test | "
+             "per seed, validation | mean validation | test vs the spread |",
+             "|---|---|---|---|---|---|"]
+    for key in row_keys()[1:]:
+        diffs = paired_differences(test_gains, key, reference)
+        if key == reference or not diffs:
+            continue
+        val = paired_differences(val_gains, key, reference)
+        lines.append(
+            f"| {names[key]} | {', '.join(_fmt(d, sign=True) for d in diffs)}"
+            f" | {_fmt(_mean(diffs), sign=True)} | "
+            f"{', '.join(_fmt(d, 3, True) for d in val)} | "
+            f"{_fmt(_mean(val), 3, True)} | {spread_verdict(diffs)} |")
+    return lines
+
+
+def _noise_lines(test_gains, val_gains, names, label_type):
+    lines = []
     for kind in NOISE_PAIRS:
-        lines.append(f"no-noise share, {kind} labels: test "
+        lines.append(f"no-noise share, {PAIR_NAMES[kind]}: test "
                      f"{_fmt(no_noise_share(test_gains, kind), 2)}, "
                      f"validation {_fmt(no_noise_share(val_gains, kind), 2)}")
-    for kind in NOISE_PAIRS:
+    for kind in ("soft", "hard"):
         lines.append(
             f"no-noise share over the labels-only control, {kind} labels: "
             f"test {_fmt(no_noise_share(test_gains, kind, CONTROL), 2)}, "
@@ -553,21 +821,91 @@ def ablation_report_text(workdir, seeds):
                     all(e > 0 for e in effect) or all(e < 0 for e in effect))
                          else "signs differ" if len(effect) > 1 else
                          "one seed")
+                verdict = (f"; {spread_verdict(effect)}" if part == "test"
+                           else "")
                 lines.append(
-                    f"noise effect (noised minus no noise), {kind} labels, "
-                    f"{part}: {', '.join(_fmt(e, sign=True) for e in effect)}"
-                    f" ({agree})")
+                    "noise effect (noised minus no noise), "
+                    f"{PAIR_NAMES[kind]}, {part}: {', '.join(_fmt(e, sign=True) for e in effect)}"
+                    f" ({agree}{verdict})")
+    noised, plain = NOISE_PAIRS["hard"]
+    for source in NOISE_SOURCES:
+        over_plain = paired_differences(test_gains, source, plain)
+        if not over_plain:
+            continue
+        lines.append(
+            f"noise source alone, {names[source].split(', ', 1)[1]}: keeps "
+            f"test {_fmt(gain_share(test_gains, source, noised), 2)}, "
+            f"validation {_fmt(gain_share(val_gains, source, noised), 2)} "
+            f"of the noised gain; minus no noise, test: "
+            f"{', '.join(_fmt(d, sign=True) for d in over_plain)} "
+            f"({spread_verdict(over_plain)})")
+    return lines
+
+
+def _gap_lines(scores, seeds, label_type):
+    """Gap closed at every iteration of the configuration's noised run."""
+    lines = []
+    run = NOISE_PAIRS[label_type][0]
+    closed_at = {}
+    for i in range(1, ABLATION_RUNS[run].iterations + 1):
+        key = grown_key(run, i)
+        test = gap_closed_per_seed(scores, seeds, key)
+        if not test:
+            continue
+        val = gap_closed_per_seed(scores, seeds, key, part=0)
+        closed_at[i] = _mean(test)
+        lines.append(
+            f"gap closed (iteration {i}): {_fmt(_mean(test), 2)} (test, mean "
+            f"of {_count(len(test), 'seed')}: "
+            f"{', '.join(_fmt(c, 2) for c in test)}; "
+            f"validation {_fmt(_mean(val), 2)}: "
+            f"{', '.join(_fmt(c, 2) for c in val)})")
+        long_bound = gap_closed_per_seed(scores, seeds, key,
+                                         bound="supervised_long")
+        if long_bound:
+            lines.append(
+                f"gap closed (iteration {i}) against the 4x-steps bound: "
+                f"{', '.join(_fmt(c, 2) for c in long_bound)} "
+                f"({_count(len(long_bound), 'seed')})")
+    return lines, closed_at
+
+
+def ablation_report_text(workdir, seeds):
+    """(the ablation block, no-noise share on test, seeds finished, {iteration:
+    mean gap closed on test})."""
+    scores = ablation_scores(workdir, seeds)
+    names = row_names()
+    test_gains = ablation_gains(scores, seeds, 1)
+    val_gains = ablation_gains(scores, seeds, 0)
+    label_type = chosen_label_type(val_gains)
+    reference = NOISE_PAIRS[label_type][0]
+    lines = _scores_table(scores, seeds, names)
+    lines += [""] + _gains_table(test_gains, val_gains, names)
+    versus = _versus_table(test_gains, val_gains, names, reference)
+    if len(versus) > 2:
+        lines += [""] + versus
+    share = no_noise_share(test_gains, label_type)
+    finished = sorted({seed for (key, seed) in scores if key == "teacher"})
+    gap_lines, closed = _gap_lines(scores, seeds, label_type)
+    lines += ["", f"configuration (the noised student's label type with "
+              f"the higher mean validation gain): {label_type} labels",
+              f"no-noise share: {_fmt(share, 2)} ({label_type} labels, "
+              "test, mean gains over the seeds' teachers)"]
+    lines += _noise_lines(test_gains, val_gains, names, label_type)
+    lines += gap_lines
+    lines.append(f"paired standard error of a test difference: "
+                 f"{PAIRED_SE * 100:.1f} points; outside the spread = every "
+                 "seed agrees in sign and the mean is over 2 SE / "
+                 "sqrt(seeds)")
     lines.append(f"seeds: {len(finished)}")
-    return "\n".join(lines) + "\n", share, len(finished)
+    return "\n".join(lines) + "\n", share, len(finished), closed
 
 
 def noise_effect(gains, label_type):
-    """[noised gain - no-noise gain, per seed] of one label type (paired:
-    the same seed's teacher and pseudo-labels); [] where missing."""
-    noised, plain = (gains.get(k, []) for k in NOISE_PAIRS[label_type])
-    if len(noised) != len(plain):
-        return []
-    return [a - b for a, b in zip(noised, plain)]
+    """[noised gain - no-noise gain, per seed] of one NOISE_PAIRS pair
+    (paired: the same seed's teacher and pseudo-labels); [] where
+    missing."""
+    return paired_differences(gains, *NOISE_PAIRS[label_type])
 
 
 def chosen_label_type(val_gains):
@@ -575,14 +913,14 @@ def chosen_label_type(val_gains):
     gain (the validation slice makes the choice; soft on a tie or when
     missing)."""
     mean = lambda v: sum(v) / len(v) if v else float("-inf")  # noqa: E731
-    soft, hard = (mean(val_gains.get(NOISE_PAIRS[k][0], []))
+    soft, hard = (mean(list(val_gains.get(NOISE_PAIRS[k][0], {}).values()))
                   for k in ("soft", "hard"))
     return "hard" if hard > soft else "soft"
 
 
 def ablation_main(args):
     seeds = [int(s) for s in args.seeds.split(",") if s]
-    known = tuple(ABLATION_RUNS) + (CONTROL,)
+    known = tuple(ABLATION_RUNS) + tuple(CONTROLS)
     runs = [r for r in args.runs.split(",") if r] if args.runs else list(
         known)
     unknown = sorted(set(runs) - set(known))
@@ -594,17 +932,17 @@ def ablation_main(args):
         write_subset()
         for seed in seeds:
             for run in runs:
-                if run == CONTROL:
-                    run_control(workdir, seed)
-                else:
+                if run not in CONTROLS:
                     run_ablation(workdir, run, seed)
-    text, share, finished = ablation_report_text(workdir, seeds)
+                elif seed == seeds[0] or not CONTROLS[run].one_seed:
+                    run_control(workdir, seed, run)
+    text, share, finished, closed = ablation_report_text(workdir, seeds)
     print(text)
     if args.write_tables:
         replace_block(os.path.join(REPO, "BENCHMARKS.md"), text,
                       marker="ssl_study_ablation")
     print(f"RESULT ssl_study_ablation no_noise_share={_fmt(share, 2)} "
-          f"seeds={finished}")
+          f"gap_closed_2={_fmt(closed.get(2), 2)} seeds={finished}")
     return 0
 
 
@@ -619,8 +957,8 @@ def main():
                         help="Folder of the runs' work directories.")
     parser.add_argument("--runs", default=None,
                         help=f"Comma-separated subset of {','.join(RUNS)} "
-                        f"(ablation: {','.join(ABLATION_RUNS)}); default: "
-                        "all.")
+                        f"(ablation: {','.join(ABLATION_RUNS)}, "
+                        f"{','.join(CONTROLS)}); default: all.")
     parser.add_argument("--seeds", default="0,1",
                         help="Comma-separated seeds of the ablation study "
                         "(each run's --seed and --split_seed).")

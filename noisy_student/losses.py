@@ -10,6 +10,13 @@ the number of *labeled* images in the global batch. Label smoothing applies
 to the labeled part only; the unlabeled targets are already probability
 vectors (soft) or one-hot (hard). A teacher's loss is the labeled term alone.
 
+`labeled_loss_weight` w (not in the paper; 1 is the paper's loss) scales the
+labeled sum only: (w * labeled_CE_sum + unlabeled_CE_sum) / n_lab, so the
+pseudo-labeled term keeps its scale. w = 0 trains on the pseudo-labels alone
+(the labeled images are still forwarded, so batch norm and the compute stay
+the same): the ablation of the paper's argument that a student which only
+sees its teacher's pseudo-labels needs noise to learn anything new.
+
 Every per-replica sum here is divided by the *global* labeled batch size, so
 that adding the replicas' losses (what tf.distribute does to gradients) gives
 the loss of the global batch.
@@ -61,7 +68,7 @@ def soft_cross_entropy(targets, logits):
 
 def noisy_student_loss(labels, labeled_logits, global_labeled_batch,
                        targets=None, unlabeled_logits=None,
-                       label_smoothing=0.0):
+                       label_smoothing=0.0, labeled_loss_weight=1.0):
     """This replica's share of the global-batch Noisy Student loss.
 
     Args:
@@ -72,15 +79,21 @@ def noisy_student_loss(labels, labeled_logits, global_labeled_batch,
         images, or None for a teacher.
       unlabeled_logits: [u, C] logits of those images, or None.
       label_smoothing: Smoothing of the labeled targets.
+      labeled_loss_weight: w >= 0 multiplying the labeled sum (1: the
+        paper's loss; 0: pseudo-labels only, for a student).
 
     Returns:
       (loss, labeled_ce, unlabeled_ce): the scalar loss of this replica's share
       (summed over replicas it is the global loss), and the per-example
-      labeled and unlabeled cross-entropies ([b] and [u]; [0] for a teacher).
+      labeled and unlabeled cross-entropies ([b] and [u]; [0] for a teacher),
+      unweighted.
     """
     labeled_ce = smoothed_cross_entropy(labels, labeled_logits,
                                         label_smoothing)
     total = tf.reduce_sum(labeled_ce)
+    if labeled_loss_weight != 1.0:
+        # Multiplying by 0 also zeroes the labels' gradient.
+        total *= float(labeled_loss_weight)
     if targets is not None:
         unlabeled_ce = soft_cross_entropy(targets, unlabeled_logits)
         total += tf.reduce_sum(unlabeled_ce)

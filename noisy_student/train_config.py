@@ -142,6 +142,11 @@ class OptimizerConfig:
         weight_decay * w added to the weights' gradients. With adamw it is
         AdamW's decoupled decay coefficient instead.
       label_smoothing: On the labeled cross-entropy (0.1).
+      labeled_loss_weight: Weight of the labeled cross-entropy in a
+        student's loss (see `losses.noisy_student_loss`): 1 is the paper's
+        loss; 0 trains on the pseudo-labels alone (the labeled images are
+        still forwarded). Not in the paper or the official code: an
+        ablation. >= 0; a teacher (unlabel_ratio=0) needs > 0.
       ema_decay: Decay of the weights' moving average (0.9999); 0 = no
         average (evaluation and export use the weights themselves).
       ema_warmup: Use min(ema_decay, (1 + t) / (10 + t)) at step t, as the
@@ -163,6 +168,7 @@ class OptimizerConfig:
     lr_decay_epochs: float = 2.4
     weight_decay: float = 1e-5
     label_smoothing: float = 0.1
+    labeled_loss_weight: float = 1.0
     ema_decay: float = 0.9999
     ema_warmup: bool = True
 
@@ -182,7 +188,7 @@ class OptimizerConfig:
             _fail(self, "rmsprop_rho in (0, 1)", "rmsprop_rho")
         if not 0 < self.lr_decay_rate <= 1:
             _fail(self, "lr_decay_rate in (0, 1]", "lr_decay_rate")
-        for name in ("weight_decay", "warmup_epochs"):
+        for name in ("weight_decay", "warmup_epochs", "labeled_loss_weight"):
             if getattr(self, name) < 0:
                 _fail(self, f"{name} >= 0", name)
         if self.warmup_steps is not None:
@@ -295,7 +301,8 @@ class TrainConfig:
     Raises:
       ValueError: for a value out of range, or settings of two parts that
         do not fit together (a schedule in epochs without images_per_epoch,
-        train_steps=0 without init_from).
+        train_steps=0 without init_from, labeled_loss_weight=0 for a
+        teacher).
     """
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     optimizer: OptimizerConfig = dataclasses.field(
@@ -310,6 +317,13 @@ class TrainConfig:
             raise ValueError(
                 "Expected train_steps > 0 (0 only with init_from: the "
                 "checkpoint used unchanged). Received: train_steps=0")
+        if (self.optimizer.labeled_loss_weight == 0
+                and not self.loop.is_student):
+            raise ValueError(
+                "Expected labeled_loss_weight > 0 for a teacher "
+                "(unlabel_ratio=0: its loss is the labeled term alone). "
+                "Received: labeled_loss_weight="
+                f"{self.optimizer.labeled_loss_weight!r}")
         if self.optimizer.needs_epochs and self.loop.images_per_epoch is None:
             raise ValueError(
                 "Expected images_per_epoch when the schedule is given in "
@@ -404,6 +418,9 @@ class TrainConfig:
         return cls.from_fields(**flat_fields(values))
 
 
+# Fields added after the stage fingerprints were first computed, with the
+# default that leaves them out of a fingerprint (see fingerprint_fields).
+_ADDED_FIELDS = {"labeled_loss_weight": 1.0}
 # Field names of config.json files written before the rename.
 _OLD_NAMES = {"base_lr": "base_learning_rate", "dropout": "dropout_rate"}
 
@@ -438,7 +455,9 @@ def fingerprint_fields(config):
     before the config had parts (and before `base_lr` and `dropout` took
     their flags' names) keeps its fingerprints and resumes. A
     sync_batch_norm equal to what the strategy implies is recorded as None,
-    as the flat config held it.
+    as the flat config held it. Fields added since are left out at their
+    default (`labeled_loss_weight` 1.0), so they move no fingerprint of a
+    run that does not set them.
 
     Args:
       config: A `TrainConfig`.
@@ -451,6 +470,9 @@ def fingerprint_fields(config):
         flat["sync_batch_norm"] = None
     for old, new in _OLD_NAMES.items():
         flat[old] = flat.pop(new)
+    for name, default in _ADDED_FIELDS.items():
+        if flat[name] == default:
+            del flat[name]
     return flat
 
 

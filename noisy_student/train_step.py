@@ -78,7 +78,8 @@ def _forward_loss(model, batch, config):
         loss, labeled_ce, unlabeled_ce = losses.noisy_student_loss(
             labels, logits[:n_labeled], config.loop.batch_size,
             targets=unlabeled["target"], unlabeled_logits=logits[n_labeled:],
-            label_smoothing=smoothing)
+            label_smoothing=smoothing,
+            labeled_loss_weight=config.optimizer.labeled_loss_weight)
     else:
         loss, labeled_ce, unlabeled_ce = losses.noisy_student_loss(
             labels, logits, config.loop.batch_size, label_smoothing=smoothing)

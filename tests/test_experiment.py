@@ -435,6 +435,28 @@ def test_folder_scans_go_to_the_workdir_and_change_no_fingerprint(
             != [s.fingerprint for s in experiment.plan(changed)])
 
 
+def test_labeled_loss_weight_is_the_students_and_fingerprinted_only_if_set(
+        pipeline_flags, tmp_path):
+    """--labeled_loss_weight weights the students' labeled loss; the
+    teacher keeps 1 (its loss is the labeled term). At its default no
+    fingerprint moves (work directories made before the option resume);
+    set, only the students' training (and what follows it) is redone."""
+    from noisy_student import experiment  # pylint: disable=g-import-not-at-top
+    default = parse(pipeline_flags, tmp_path)
+    weighted = parse(pipeline_flags, tmp_path, "--labeled_loss_weight=0")
+    assert weighted.teacher.optimizer.labeled_loss_weight == 1.0
+    assert weighted.student.optimizer.labeled_loss_weight == 0.0
+    assert default.student.optimizer.labeled_loss_weight == 1.0
+    before = [(s.name, s.fingerprint) for s in experiment.plan(default)]
+    after = [(s.name, s.fingerprint) for s in experiment.plan(weighted)]
+    changed = [a[0] for a, b in zip(before, after) if a != b]
+    # The first stage that changes is the first student's training.
+    first_student = next(s.name for s in experiment.plan(weighted)
+                         if s.config is not None
+                         and s.config.loop.unlabel_ratio > 0)
+    assert changed and changed[0] == first_student
+
+
 def test_fingerprints_of_work_directories_made_before_the_config_had_parts(
         pipeline_flags, tmp_path):
     """A workdir made before the train config was nested (and base_lr /

@@ -82,6 +82,61 @@ def test_loss_weighting_is_sum_over_labeled_count():
     assert unl.shape == (0,)
 
 
+def _student_batch(seed=3, n_lab=4, ratio=2, classes=5):
+    rng = np.random.default_rng(seed)
+    return dict(
+        labels=rng.integers(0, classes, n_lab),
+        labeled_logits=rng.normal(size=(n_lab, classes)).astype("float32"),
+        global_labeled_batch=n_lab,
+        targets=rng.dirichlet(np.ones(classes), n_lab * ratio).astype(
+            "float32"),
+        unlabeled_logits=rng.normal(size=(n_lab * ratio, classes)).astype(
+            "float32"),
+        label_smoothing=0.1)
+
+
+def test_labeled_loss_weight_scales_only_the_labeled_term():
+    batch = _student_batch()
+    default, lab_ce, unl_ce = losses.noisy_student_loss(**batch)
+    n_lab = batch["global_labeled_batch"]
+    lab_sum, unl_sum = float(np.sum(lab_ce)), float(np.sum(unl_ce))
+    # Weight 1 is today's loss.
+    one = losses.noisy_student_loss(**batch, labeled_loss_weight=1.0)[0]
+    assert float(one) == pytest.approx(float(default), rel=1e-6)
+    # Any weight: (w * labeled sum + unlabeled sum) / labeled batch, so the
+    # pseudo-labeled term keeps its scale (unlabel_ratio * its mean).
+    half = losses.noisy_student_loss(**batch, labeled_loss_weight=0.5)[0]
+    assert float(half) == pytest.approx((0.5 * lab_sum + unl_sum) / n_lab,
+                                        rel=1e-5)
+    zero, zero_lab_ce, _ = losses.noisy_student_loss(
+        **batch, labeled_loss_weight=0.0)
+    assert float(zero) == pytest.approx(unl_sum / n_lab, rel=1e-5)
+    # The per-example labeled cross-entropies are still reported.
+    np.testing.assert_allclose(zero_lab_ce, lab_ce, rtol=1e-6)
+
+
+def test_labeled_loss_weight_zero_learns_nothing_from_the_labels():
+    """Pseudo-labels only: neither the loss nor its gradient depends on
+    the labeled images' labels or logits."""
+    batch = _student_batch()
+    other = dict(batch, labels=(batch["labels"] + 1) % 5)
+    lab_logits = tf.Variable(batch["labeled_logits"])
+    gradients = []
+    for b in (batch, other):
+        with tf.GradientTape() as tape:
+            loss = losses.noisy_student_loss(
+                **dict(b, labeled_logits=lab_logits),
+                labeled_loss_weight=0.0)[0]
+        gradients.append(tape.gradient(loss, lab_logits))
+    for g in gradients:
+        np.testing.assert_array_equal(np.asarray(g), 0.0)
+    # With weight 1 the labels drive the gradient.
+    with tf.GradientTape() as tape:
+        loss = losses.noisy_student_loss(**dict(batch,
+                                                labeled_logits=lab_logits))[0]
+    assert np.abs(tape.gradient(loss, lab_logits).numpy()).max() > 0.01
+
+
 def test_weight_decay_skips_batch_norm():
     model = efficientnet.build_efficientnet(
         width=0.25, depth=0.25, image_size=16, small_images=True,

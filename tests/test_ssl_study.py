@@ -27,12 +27,13 @@ study = load_study()
 
 
 def fake_run(workdir, run, top1s, seconds=60.0, stages=None):
-    """A finished run: report.json rounds with `top1s`, and its manifest."""
+    """A finished run: report.json iterations with `top1s`, and its manifest."""
     folder = workdir / run
     folder.mkdir(parents=True)
-    rounds = [{"round": i, "test_top1": t} for i, t in enumerate(top1s)]
-    (folder / "report.json").write_text(json.dumps({"rounds": rounds}))
-    names = stages or [f"round{i}/{s}" for i in range(len(top1s))
+    iterations = [{"iteration": i, "test_top1": t}
+                  for i, t in enumerate(top1s)]
+    (folder / "report.json").write_text(json.dumps({"iterations": iterations}))
+    names = stages or [f"iteration{i}/{s}" for i in range(len(top1s))
                        for s in ("train", "eval")]
     manifest = {n: {"fingerprint": n, "finished_at": 1.0, "seconds": seconds}
                 for n in names}
@@ -65,9 +66,9 @@ def test_report_gives_the_gap_closed_of_every_iteration(tmp_path):
     fake_run(tmp_path, "supervised", [0.90])
     text, gap, _ = study.report_text(str(tmp_path))
     assert gap == pytest.approx(0.6)
-    assert "gap closed (iteration 1): 0.40" in text
-    assert "gap closed (iteration 2): 0.60" in text
-    assert "gap closed (iteration 3): 0.70" in text
+    assert "gap closed at iteration 1 (1,000 labels, one seed): 0.40" in text
+    assert "gap closed at iteration 2 (1,000 labels, one seed): 0.60" in text
+    assert "gap closed at iteration 3 (1,000 labels, one seed): 0.70" in text
 
 
 def test_summary_is_none_without_the_bound(tmp_path):
@@ -77,7 +78,7 @@ def test_summary_is_none_without_the_bound(tmp_path):
 
 
 def test_ablation_starts_from_mains_shared_stages(tmp_path):
-    stages = list(study.SHARED_STAGES) + ["round1/train", "round1/eval"]
+    stages = list(study.SHARED_STAGES) + ["iteration1/train", "iteration1/eval"]
     fake_run(tmp_path, "main", [0.8, 0.85], stages=stages)
     for stage in stages:
         (tmp_path / "main" / stage).mkdir(parents=True)
@@ -88,12 +89,12 @@ def test_ablation_starts_from_mains_shared_stages(tmp_path):
     assert sorted(manifest) == sorted(study.SHARED_STAGES)
     for stage in study.SHARED_STAGES:
         assert (target / stage / "file").read_text() == stage
-    assert not (target / "round1" / "train").exists()
+    assert not (target / "iteration1" / "train").exists()
 
 
 def test_ablation_refuses_an_unfinished_main(tmp_path):
-    fake_run(tmp_path, "main", [0.8], stages=["round0/train"])
-    with pytest.raises(SystemExit, match="round1/predict"):
+    fake_run(tmp_path, "main", [0.8], stages=["iteration0/train"])
+    with pytest.raises(SystemExit, match="iteration1/predict"):
         study.seed_from_main(str(tmp_path), "no_noise")
 
 
@@ -123,13 +124,13 @@ def test_table_lists_fashion_runs_then_the_digits_demo(tmp_path):
 
 
 def fake_ablation_run(workdir, seed, run, tests, vals):
-    """A finished run of the ablation study: rounds 0 and 1 (tests), and
-    each round's validation curve ending at vals[i]."""
+    """A finished run of the ablation study: iterations 0 and 1 (tests), and
+    each iteration's validation curve ending at vals[i]."""
     folder = workdir / f"s{seed}" / run
     fake_run(workdir / f"s{seed}", run, tests)
     for i, val in enumerate(vals):
-        (folder / f"round{i}" / "train").mkdir(parents=True)
-        (folder / f"round{i}" / "train" / "metrics.json").write_text(
+        (folder / f"iteration{i}" / "train").mkdir(parents=True)
+        (folder / f"iteration{i}" / "train" / "metrics.json").write_text(
             json.dumps({"evals": [{"step": 1, "top1": 0.1},
                                   {"step": 2, "top1": val}]}))
     return folder
@@ -152,18 +153,19 @@ def test_ablation_gains_are_per_seed_against_that_seeds_teacher(tmp_path):
     assert scores[("teacher", 1)] == (0.61, 0.60)  # Last validation eval.
     assert scores[("no_noise", 0)] == (0.72, 0.71)
     gains = study.ablation_gains(scores, [0, 1], 1)
-    assert gains["main"] == pytest.approx([0.04, 0.06])
-    assert gains["no_noise"] == pytest.approx([0.01, 0.0])
+    assert gains["main"] == pytest.approx({0: 0.04, 1: 0.06})
+    assert gains["no_noise"] == pytest.approx({0: 0.01, 1: 0.0})
     assert study.no_noise_share(gains) == pytest.approx(0.01 / 0.10)
     assert study.no_noise_share(gains, "hard") is None  # Not run.
-    text, share, seeds = study.ablation_report_text(str(tmp_path), [0, 1])
+    text, share, seeds, _ = study.ablation_report_text(str(tmp_path), [0, 1])
     assert seeds == 2 and share == pytest.approx(0.1)
-    assert "no-noise share: 0.10" in text and "seeds: 2" in text
+    assert "\nno-noise share: 0.10 (soft labels" in text and "seeds: 2" in text
     assert ": soft labels" in text
     assert ("noise effect (noised minus no noise), soft labels, test: "
-            "+0.0300, +0.0600 (same sign at every seed)") in text
+            "+0.0300, +0.0600 (same sign at every seed; outside the "
+            "spread)") in text
     assert ("| iteration 1, soft labels, noised | 0.750 | 0.7400 | 0.660 | "
-            "0.6600 | 0.705 | 0.7000 | 0.0800 |") in text
+            "0.6600 | 0.705 | 0.7000 | 0.0800 | 2 |") in text
 
 
 def test_ablation_share_is_none_when_the_method_gains_nothing(tmp_path):
@@ -193,12 +195,12 @@ def test_ablation_configuration_is_chosen_on_validation(tmp_path):
     fake_ablation_run(tmp_path, 0, "hard_labels", [0.70, 0.72], [0.70, 0.75])
     fake_ablation_run(tmp_path, 0, "hard_no_noise", [0.70, 0.71],
                       [0.70, 0.70])
-    text, share, _ = study.ablation_report_text(str(tmp_path), [0])
+    text, share, _, _ = study.ablation_report_text(str(tmp_path), [0])
     assert ": hard labels" in text
     assert share == pytest.approx(0.01 / 0.02)
     # One seed: a mean but no range.
-    assert "| teacher (250 labels) | 0.700 | 0.7000 | 0.700 | 0.7000 | - |" \
-        in text
+    assert ("| teacher (250 labels) | 0.700 | 0.7000 | 0.700 | 0.7000 | - "
+            "| 1 |") in text
 
 
 def test_ablation_control_is_scored_from_its_metrics_and_eval(tmp_path):
@@ -212,8 +214,8 @@ def test_ablation_control_is_scored_from_its_metrics_and_eval(tmp_path):
     scores = study.ablation_scores(str(tmp_path), [0])
     assert scores[("labels_only", 0)] == (0.73, 0.72)
     gains = study.ablation_gains(scores, [0], 1)
-    assert gains["labels_only"] == pytest.approx([0.02])
-    gains["no_noise"] = [0.025]
+    assert gains["labels_only"] == pytest.approx({0: 0.02})
+    gains["no_noise"] = {0: 0.025}
     # Over the control: (0.025 - 0.02) / (0.04 - 0.02).
     assert study.no_noise_share(gains, "soft", "labels_only") == \
         pytest.approx(0.25)
@@ -232,3 +234,174 @@ def test_digits_table_gives_the_seeds_mean_and_range(tmp_path):
                                 "mean over 3 seeds (--seed) | range |")
     assert lines[-2] == ("| digits Noisy Student iteration 1 | 0.9300 | "
                          "0.9300 | 0.0400 | 1.0 |")
+
+
+def fake_control(workdir, seed, name, val, test):
+    """A finished control (ns-train's metrics.json, ns-eval's results)."""
+    folder = workdir / f"s{seed}" / name
+    (folder / "eval").mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps(
+        {"evals": [{"step": 600, "top1": val}]}))
+    (folder / "eval" / "results.json").write_text(json.dumps(
+        {"clean": {"top1": test}}))
+
+
+def test_every_ablation_arm_and_control_has_its_flagfile():
+    for arm in study.ABLATION_RUNS.values():
+        assert (REPO / arm.flagfile).is_file(), arm
+    for control in study.CONTROLS.values():
+        assert (REPO / control.flagfile).is_file(), control
+    # The configuration's run grows to iteration 3; the others stop at 1.
+    assert "--iterations=3" in study.ablation_command("hard_labels", 0)
+    assert not any(a.startswith("--iterations") for a in
+                   study.ablation_command("hard_no_noise", 0))
+
+
+def test_split_constants_are_the_flagfiles():
+    text = (REPO / "flags/fashion_mnist_ablation/main.cfg").read_text()
+    assert (f"--labels_per_class={study.ABLATION_LABELS_PER_CLASS}\n"
+            in text)
+    assert f"--validation_size={study.ABLATION_VALIDATION_SIZE}\n" in text
+
+
+def test_supervised_split_is_the_pipelines_split_less_validation(tmp_path):
+    """The bound trains on every image the pipeline does not hold out for
+    validation, and validates on exactly the pipeline's validation slice."""
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    from noisy_student import stages  # pylint: disable=g-import-not-at-top
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 8)
+    x = rng.integers(0, 255, (len(y), 4, 4)).astype(np.uint8)
+    x[:, 0, 0] = np.arange(len(y))  # Each image says its row.
+    path = str(tmp_path / "subset.npz")
+    np.savez(path, x=x, y=y)
+    train, validation = study.write_supervised_split(
+        1, path, per_class=2, validation_size=5, num_classes=3)
+    assert (train, validation) == study.split_paths(1, path)
+    data = stages.DataConfig(labeled=f"npz:{path}", labels_per_class=2,
+                             validation_size=5, split_seed=1, channels=1)
+    held_out = sorted(int(b["image"][0, 0, 0]) for b in
+                      data.eval_source("validation").dataset
+                      .as_numpy_iterator())
+    with np.load(validation) as v, np.load(train) as t:
+        assert sorted(v["x"][:, 0, 0].tolist()) == held_out
+        assert len(held_out) == 5
+        rows = t["x"][:, 0, 0].tolist()
+        assert sorted(rows) == sorted(set(range(len(y))) - set(held_out))
+        np.testing.assert_array_equal(t["y"], y[rows])
+    # A second call keeps the files.
+    before = pathlib.Path(train).stat().st_mtime_ns
+    study.write_supervised_split(1, path, per_class=2, validation_size=5,
+                                 num_classes=3)
+    assert pathlib.Path(train).stat().st_mtime_ns == before
+
+
+def test_control_commands_start_from_the_seeds_teacher(tmp_path):
+    for name, control in study.CONTROLS.items():
+        train = study.control_commands(str(tmp_path), 1, name)[0]
+        assert f"--flagfile={control.flagfile}" in train
+        assert (f"--init_from={tmp_path}/s1/main/iteration0/train" in train)
+        assert "--seed=1" in train and "--split_seed=1" in train
+        data = [a for a in train if a.startswith(("--labeled", "--test"))]
+        if control.supervised:
+            paths = study.split_paths(1)
+            assert data == [f"--labeled=npz:{paths[0]}",
+                            f"--test=npz:{paths[1]}"]
+        else:
+            assert not data  # The flagfile's subset and split.
+    fake_control(tmp_path, 1, "labels_only", 0.7, 0.7)
+    assert len(study.control_commands(str(tmp_path), 1, "labels_only")) == 1
+
+
+def test_one_seed_controls_run_at_the_first_seed_only(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(study, "write_subset", lambda: None)
+    monkeypatch.setattr(study, "run_control",
+                        lambda w, seed, name: calls.append((name, seed)))
+    monkeypatch.setattr(study, "run_ablation",
+                        lambda w, run, seed: calls.append((run, seed)))
+    args = study.argparse.Namespace(
+        seeds="1,0", runs="hard_labels,supervised,supervised_long",
+        workdir=str(tmp_path), report_only=False, write_tables=False)
+    study.ablation_main(args)
+    assert calls == [("hard_labels", 1), ("supervised", 1),
+                     ("supervised_long", 1), ("hard_labels", 0),
+                     ("supervised", 0)]
+
+
+def test_gap_closed_per_seed_and_mean_over_seeds(tmp_path):
+    # Teachers 0.70 / 0.60, bounds 0.80 / 0.70: gaps of 0.10 each.
+    for seed, base in ((0, 0.70), (1, 0.60)):
+        fake_ablation_run(tmp_path, seed, "main", [base, base + 0.01],
+                          [base, base + 0.01])
+        fake_ablation_run(tmp_path, seed, "hard_labels",
+                          [base, base + 0.03, base + 0.06 - seed * 0.02],
+                          [base, base + 0.03, base + 0.05])
+        fake_control(tmp_path, seed, "supervised", base + 0.10, base + 0.10)
+    fake_control(tmp_path, 0, "supervised_long", 0.90, 0.90)
+    scores = study.ablation_scores(str(tmp_path), [0, 1])
+    assert scores[("hard_labels@2", 1)] == (0.65, pytest.approx(0.64))
+    assert study.gap_closed_per_seed(scores, [0, 1], "hard_labels@2") == \
+        pytest.approx([0.6, 0.4])
+    text, _, _, closed = study.ablation_report_text(str(tmp_path), [0, 1])
+    assert ": hard labels" in text  # Chosen on validation.
+    assert closed == pytest.approx({1: 0.3, 2: 0.5})
+    assert "\ngap closed (iteration 2): 0.50 (test, mean of 2 seeds: 0.60, " \
+        "0.40; validation 0.50: 0.50, 0.50)" in text
+    assert "gap closed (iteration 2) against the 4x-steps bound: 0.30 " \
+        "(1 seed)" in text
+    assert "| iteration 2, hard labels, noised | 0.750 | 0.7600 |" in text
+
+
+def test_spread_verdict():
+    assert study.spread_verdict([0.005, 0.006]) == "outside the spread"
+    # Same sign but a mean under 2 x 0.003 / sqrt(2) = 0.0042.
+    assert study.spread_verdict([0.002, 0.005]) == "inside the spread"
+    assert study.spread_verdict([0.02, -0.001]) == "inside the spread"
+    assert study.spread_verdict([-0.01, -0.02]) == "outside the spread"
+    assert study.spread_verdict([0.01]) == "one seed"
+    assert study.spread_verdict([]) == "-"
+
+
+def test_pseudo_only_pair_and_noise_sources_are_reported(tmp_path):
+    runs = {"main": 0.72, "hard_labels": 0.74, "hard_no_noise": 0.72,
+            "hard_pseudo_only": 0.73, "hard_pseudo_only_no_noise": 0.70,
+            "hard_no_randaugment": 0.725, "hard_no_dropout_sd": 0.735}
+    for seed in (0, 1):
+        for run, top1 in runs.items():
+            fake_ablation_run(tmp_path, seed, run, [0.70, top1],
+                              [0.70, top1])
+    text, share, _, _ = study.ablation_report_text(str(tmp_path), [0, 1])
+    assert share == pytest.approx(0.5)
+    assert "no-noise share, hard labels, pseudo-labels only: test 0.00, " \
+        "validation 0.00" in text
+    assert ("noise effect (noised minus no noise), hard labels, "
+            "pseudo-labels only, test: +0.0300, +0.0300 (same sign at "
+            "every seed; outside the spread)") in text
+    assert ("noise source alone, hard labels, RandAugment only (no dropout or "
+            "stochastic depth): keeps test 0.88, validation 0.88 of the "
+            "noised gain; minus no noise, test: +0.0150, +0.0150 (outside "
+            "the spread)") in text
+    assert ("noise source alone, hard labels, dropout + stochastic depth "
+            "only (no RandAugment): keeps test 0.62") in text
+    assert ("| iteration 1, hard labels, no noise, pseudo-labels only | "
+            "-0.0400, -0.0400 | -0.0400 |") in text
+
+
+def test_runs_are_paired_by_seed_not_by_position(tmp_path):
+    """A run finished at seed 1 only is compared with seed 1 of the other
+    run, never with its seed 0."""
+    for seed, base in ((0, 0.70), (1, 0.60)):
+        fake_ablation_run(tmp_path, seed, "main", [base, base + 0.01],
+                          [base, base + 0.01])
+        fake_ablation_run(tmp_path, seed, "hard_labels", [base, base + 0.04],
+                          [base, base + 0.04])
+    fake_ablation_run(tmp_path, 1, "hard_no_noise", [0.60, 0.61],
+                      [0.60, 0.61])
+    gains = study.ablation_gains(study.ablation_scores(str(tmp_path), [0, 1]),
+                                 [0, 1], 1)
+    assert gains["hard_no_noise"] == pytest.approx({1: 0.01})
+    assert study.noise_effect(gains, "hard") == pytest.approx([0.03])
+    assert study.no_noise_share(gains, "hard") == pytest.approx(0.25)
+    assert study.paired_differences(gains, "hard_no_noise", "main") == \
+        pytest.approx([0.0])

@@ -396,6 +396,58 @@ def test_config_rejects_bad_values(field, value):
         _config(**{field: value})
 
 
+def test_config_checks_the_labeled_loss_weight():
+    with pytest.raises(ValueError, match="labeled_loss_weight=-0.5"):
+        _config(unlabel_ratio=2, labeled_loss_weight=-0.5)
+    # A teacher's loss is the labeled term alone: weight 0 leaves nothing.
+    with pytest.raises(ValueError, match="labeled_loss_weight=0.0"):
+        _config(labeled_loss_weight=0.0)
+    assert _config(unlabel_ratio=2, labeled_loss_weight=0.0).optimizer \
+        .labeled_loss_weight == 0.0
+
+
+def test_pseudo_labels_only_step_ignores_the_labeled_labels():
+    """With labeled_loss_weight=0 the training step's loss and gradients do
+    not depend on the labeled images' labels (the images are still
+    forwarded, so batch norm sees them); with the default they do."""
+    from noisy_student import efficientnet  # pylint: disable=g-import-not-at-top
+    from noisy_student import train_step  # pylint: disable=g-import-not-at-top
+    rng = np.random.default_rng(0)
+    size, n_lab, ratio = 16, 4, 2
+    batch = {
+        "labeled": {"image": rng.uniform(0, 255, (n_lab, size, size, 3))
+                    .astype("float32"),
+                    "label": rng.integers(0, 10, n_lab)},
+        "unlabeled": {"image": rng.uniform(0, 255, (n_lab * ratio, size,
+                                                    size, 3))
+                      .astype("float32"),
+                      "target": np.eye(10, dtype="float32")[
+                          rng.integers(0, 10, n_lab * ratio)]}}
+    relabeled = {**batch, "labeled": {**batch["labeled"],
+                                      "label": (batch["labeled"]["label"]
+                                                + 1) % 10}}
+    # No dropout or stochastic depth: two forward passes are identical.
+    model = efficientnet.build_efficientnet(
+        width=0.25, depth=0.25, image_size=size, small_images=True,
+        num_classes=10, dropout_rate=0.0, stochastic_depth_rate=0.0)
+
+    def loss_and_grads(weight, b):
+        config = _config(batch_size=n_lab, unlabel_ratio=ratio,
+                         labeled_loss_weight=weight)
+        with tf.GradientTape() as tape:
+            loss = train_step._forward_loss(model, b, config)[1]
+        return loss, tape.gradient(loss, model.trainable_variables)
+
+    loss_a, grads_a = loss_and_grads(0.0, batch)
+    loss_b, grads_b = loss_and_grads(0.0, relabeled)
+    assert float(loss_a) == pytest.approx(float(loss_b), rel=1e-6)
+    for a, b in zip(grads_a, grads_b):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    loss_a, _ = loss_and_grads(1.0, batch)
+    loss_b, _ = loss_and_grads(1.0, relabeled)
+    assert abs(float(loss_a) - float(loss_b)) > 1e-3
+
+
 def test_config_needs_images_per_epoch_for_epoch_schedules():
     with pytest.raises(ValueError, match="images_per_epoch"):
         _config(warmup_steps=None, warmup_epochs=5.0)

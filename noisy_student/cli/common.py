@@ -347,6 +347,12 @@ def define_train_flags():
     flags.DEFINE_float("label_smoothing", 0.1,
                        "Label smoothing of the labeled loss (0.1).",
                        lower_bound=0, upper_bound=1)
+    flags.DEFINE_float("labeled_loss_weight", 1.0,
+                       "Weight of the labeled cross-entropy in a student's "
+                       "loss (1: the paper's; 0: pseudo-labels only, the "
+                       "labeled images still forwarded; an ablation, not in "
+                       "the paper). The pipeline's teacher always uses 1.",
+                       lower_bound=0)
     flags.DEFINE_float("ema_decay", 0.9999,
                        "Decay of the weights' moving average used to "
                        "evaluate, teach and export (0.9999; 0 = off).",
@@ -441,7 +447,11 @@ def role_configs(prefix, model_name, num_classes, unlabel_ratio, source,
             lr_schedule=FLAGS.lr_schedule,
             lr_decay_epochs=FLAGS.lr_decay_epochs,
             weight_decay=FLAGS.weight_decay,
-            label_smoothing=FLAGS.label_smoothing, ema_decay=FLAGS.ema_decay),
+            label_smoothing=FLAGS.label_smoothing,
+            # A teacher's loss is the labeled term alone.
+            labeled_loss_weight=(1.0 if prefix == "teacher_"
+                                 else FLAGS.labeled_loss_weight),
+            ema_decay=FLAGS.ema_decay),
         loop=train_config_lib.LoopConfig(
             batch_size=batch_size, unlabel_ratio=unlabel_ratio,
             images_per_epoch=source.num_examples,

@@ -366,14 +366,17 @@ def parse(pipeline, tmp_path, *extra):
     (["--labeled=npz:/no/such/file.npz"], "/no/such/file.npz"),
     (["--unlabeled=folder:/no/such/folder"],
      "--unlabeled=folder:/no/such/folder"),
+    # Out of the flags' bounds: refused while the flags are parsed.
+    (["--per_class=-5"], "--per_class=-5"),
+    (["--min_confidence=1.5"], "--min_confidence=1.5"),
+    (["--predict_batch_size=0"], "--predict_batch_size=0"),
     # Checked when the stage configs are built, not after the teacher.
-    (["--per_class=-5"], "per_class=-5"),
-    (["--min_confidence=1.5"], "min_confidence=1.5"),
-    (["--predict_batch_size=0"], "batch_size=0"),
+    (["--temperature=0"], "temperature=0"),
 ])
 def test_bad_flags_fail_before_any_work(pipeline_flags, tmp_path, extra,
                                         message):
-    with pytest.raises((ValueError, FileNotFoundError), match=message):
+    with pytest.raises((ValueError, FileNotFoundError, flags.Error),
+                       match=message):
         parse(pipeline_flags, tmp_path, *extra)
     assert not os.listdir(tmp_path)
 

@@ -283,10 +283,29 @@ def check(config):
         pretrained checkpoint does not fit its model.
     """
     steps = plan(config)
-    _check_stages(manifest_lib.Manifest(config.workdir.rstrip("/"),
-                                        config.overwrite), steps)
+    manifest = manifest_lib.Manifest(config.workdir.rstrip("/"),
+                                     config.overwrite)
+    _check_iterations_kept(manifest, config)
+    _check_stages(manifest, steps)
     _check_inits(config, steps)
     return steps
+
+
+def _check_iterations_kept(manifest, config):
+    """Refuses fewer --iterations than the workdir holds (without
+    --overwrite): its export and report would silently fall back to an
+    earlier student (the export stage is redone whenever the last iteration
+    changes, so that a run can grow)."""
+    done = [parsed[0] for parsed in map(workdir_layout.parse_stage_name,
+                                        manifest.stages) if parsed]
+    most = max(done, default=0)
+    if most > config.iterations and not config.overwrite:
+        raise ValueError(
+            f"Expected --iterations >= {most}: {manifest.workdir} holds "
+            f"iterations up to {most}, and fewer would replace its export "
+            "and report with an earlier student's. Received: --iterations="
+            f"{config.iterations}. Pass --overwrite for that, or use a new "
+            "--workdir.")
 
 
 def _check_inits(config, steps):

@@ -198,6 +198,12 @@ def test_pipeline_end_to_end_then_rerun_is_a_no_op(uninterrupted, tmp_path):
         k: v for k, v in before.items() if k != "export"}
     assert after["export"][0] > before["export"][0]
     assert len(after) == len(before) + len(STAGES_PER_ITERATION)
+    # Fewer iterations again are refused: the export would silently become
+    # iteration 1's student.
+    shrunk = run_pipeline(workdir, *LONGER)
+    assert shrunk.returncode == 2, shrunk.stderr[-3000:]
+    assert "Expected --iterations >= 2" in shrunk.stderr
+    assert stage_times(workdir) == after
 
 
 def _kill_when(process, condition, log_path, timeout=300):

@@ -45,8 +45,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # The tests' tiny configuration of the digits demo (tests/test_experiment.py
 # TINY), with fewer steps: the route does not depend on the step count.
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
-    "--flagfile=flags/digits.cfg", "--teacher_model=w0.25-d0.25",
+    f"--flagfile={REPO}/flags/digits.cfg", "--teacher_model=w0.25-d0.25",
     "--image_size=16", "--batch_size=16", "--unlabel_ratio=2",
     "--teacher_train_steps=10", "--student_train_steps=10",
     "--warmup_steps=5", "--steps_per_loop=5", "--log_every=10",
@@ -152,13 +153,22 @@ def main():
     parser.add_argument("--verbose", action="store_true",
                         help="Print every stay with its functions.")
     parser.add_argument("--workdir", default=None,
-                        help="Work directory (default: a new temporary one).")
+                        help="Work directory, kept (default: a temporary one, "
+                        "removed at the end).")
     args = parser.parse_args()
     from absl import flags  # pylint: disable=g-import-not-at-top
     from noisy_student import experiment  # pylint: disable=g-import-not-at-top
     from noisy_student.cli import pipeline  # pylint: disable=g-import-not-at-top
 
-    workdir = args.workdir or tempfile.mkdtemp(prefix="config_route-")
+    with tempfile.TemporaryDirectory(prefix="config_route-") as temp:
+        lines = _measure(args, args.workdir or temp, flags, experiment,
+                         pipeline)
+    print("\n".join(lines), flush=True)
+
+
+def _measure(args, workdir, flags, experiment, pipeline):
+    """Runs the tiny pipeline in `workdir` under the profile hook; returns
+    the RESULT lines."""
     flags.FLAGS(["noisy-student", f"--workdir={workdir}", *TINY,
                  f"--iterations={args.iterations}"])
     route = Route()
@@ -171,7 +181,6 @@ def main():
             experiment.run(config)
     finally:
         _stop()
-    print(f"workdir: {workdir}")
     lines = []
     for label, methods in (("all", True), ("functions", False)):
         stays = route.stays(methods)
@@ -185,7 +194,7 @@ def main():
             f"RESULT config_route_{label} modules={len(entries)} "
             f"stays={len(stays)} returns={len(stays) - len(entries)} "
             + " ".join(f"{m}={n}" for m, n in entries.most_common()))
-    print("\n".join(lines))
+    return lines
 
 
 if __name__ == "__main__":

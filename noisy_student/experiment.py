@@ -20,7 +20,6 @@ before the round -> iteration rename is renamed first (`workdir_layout`).
 import dataclasses
 import time
 
-
 from noisy_student import checkpoints
 from noisy_student import efficientnet
 from noisy_student import evaluate
@@ -286,19 +285,19 @@ def check(config):
     manifest = manifest_lib.Manifest(config.workdir.rstrip("/"),
                                      config.overwrite)
     _check_iterations_kept(manifest, config)
-    _check_stages(manifest, steps)
+    for stage in steps:
+        manifest.check(stage.name, stage.fingerprint, stage.redo_if_changed)
     _check_inits(config, steps)
     return steps
 
 
 def _check_iterations_kept(manifest, config):
     """Refuses fewer --iterations than the workdir holds (without
-    --overwrite): its export and report would silently fall back to an
-    earlier student (the export stage is redone whenever the last iteration
-    changes, so that a run can grow)."""
-    done = [parsed[0] for parsed in map(workdir_layout.parse_stage_name,
-                                        manifest.stages) if parsed]
-    most = max(done, default=0)
+    --overwrite): the export, redone whenever the last iteration changes so
+    that a run can grow, would silently fall back to an earlier student."""
+    most = max((parsed[0] for parsed in map(workdir_layout.parse_stage_name,
+                                            manifest.stages) if parsed),
+               default=0)
     if most > config.iterations and not config.overwrite:
         raise ValueError(
             f"Expected --iterations >= {most}: {manifest.workdir} holds "
@@ -340,11 +339,6 @@ def _check_inits(config, steps):
                 "--teacher_train_steps > 0 to fine-tune a new head. "
                 f"Received: teacher_init={train_config.init_from}, "
                 "teacher_train_steps=0")
-
-
-def _check_stages(manifest, steps):
-    for stage in steps:
-        manifest.check(stage.name, stage.fingerprint, stage.redo_if_changed)
 
 
 def migrate(config):

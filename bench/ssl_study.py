@@ -360,6 +360,15 @@ ABLATION_RUNS = {
     "hard_pseudo_only_no_noise": Arm(
         _flagfile("hard_pseudo_only_no_noise"), "hard",
         "hard labels, no noise, pseudo-labels only"),
+    # Soft pseudo-labels only: the paper's argument for the noise (a student
+    # fit to its teacher's own soft predictions learns nothing new unless
+    # noised), grown to iteration 2 with and without noise.
+    "pseudo_only": Arm(_flagfile("pseudo_only"), "soft",
+                       "soft labels, noised, pseudo-labels only",
+                       iterations=2),
+    "pseudo_only_no_noise": Arm(
+        _flagfile("pseudo_only_no_noise"), "soft",
+        "soft labels, no noise, pseudo-labels only", iterations=2),
     # Each noise source alone.
     "hard_no_randaugment": Arm(
         _flagfile("hard_no_randaugment"), "hard",

@@ -5,6 +5,8 @@ from keras import ops
 import numpy as np
 import tensorflow as tf
 
+from noisy_student import cpu_kernels
+
 # ImageNet channel statistics on the [0, 255] pixel scale, as the official
 # EfficientNet code uses them. The model normalises inside, so an exported
 # model takes raw pixels.
@@ -157,11 +159,19 @@ class SmallMapDepthwiseConv2D(keras.layers.DepthwiseConv2D):
                 f"data_format={self.data_format}, dilation_rate="
                 f"{self.dilation_rate}")
 
+    # Set by train_state.use_cpu_kernels: larger maps take
+    # cpu_kernels.depthwise_conv2d (its filter gradient is one kernel).
+    cpu_kernels = False
+
     def call(self, inputs):
         height, width = inputs.shape[1], inputs.shape[2]
         if height is None or width is None or (
                 height * width > SMALL_MAP_PIXELS):
-            return super().call(inputs)
+            if not (self.cpu_kernels and self.strides[0] == self.strides[1]):
+                return super().call(inputs)
+            return self._finish(cpu_kernels.depthwise_conv2d(
+                inputs, ops.cast(self.kernel, inputs.dtype),
+                self.strides[0]))
         taps, out_height, out_width = _tap_index(
             height, width, self.kernel_size, self.strides)
         channels = inputs.shape[-1]
@@ -173,7 +183,10 @@ class SmallMapDepthwiseConv2D(keras.layers.DepthwiseConv2D):
         matrix = ops.take(kernel, taps, axis=0)  # [P, Q, C]
         pixels = ops.reshape(inputs, (-1, 1, height * width, channels))
         outputs = ops.sum(pixels * matrix, axis=2)
-        outputs = ops.reshape(outputs, (-1, out_height, out_width, channels))
+        return self._finish(
+            ops.reshape(outputs, (-1, out_height, out_width, channels)))
+
+    def _finish(self, outputs):
         if self.use_bias:
             outputs = outputs + ops.cast(self.bias, outputs.dtype)
         if self.activation is not None:

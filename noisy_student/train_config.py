@@ -226,6 +226,9 @@ class LoopConfig:
         compiles anyway). Tested with the default strategy only.
       fused_batch_norm: Train batch norm with TF's fused kernel (see
         `layers.FusedBatchNormalization`; not with sync_batch_norm).
+      cpu_kernels: On CPU devices in float32 without XLA, train SiLU and
+        the depthwise filter gradients with this project's compiled
+        kernels (`cpu_kernels`; TF's ops when they cannot be built).
       verbose: Print the progress lines.
       seed: Seeds Python, NumPy and TF (weights initialisation, noise).
 
@@ -246,6 +249,7 @@ class LoopConfig:
     log_every: int = 100
     jit_compile: bool = False
     fused_batch_norm: bool = True
+    cpu_kernels: bool = True
     verbose: bool = True
     seed: int = 0
 
@@ -421,6 +425,9 @@ class TrainConfig:
 # Fields added after the stage fingerprints were first computed, with the
 # default that leaves them out of a fingerprint (see fingerprint_fields).
 _ADDED_FIELDS = {"labeled_loss_weight": 1.0}
+# Fields that choose how, not what, to compute (a killed run resumes with
+# either value): never in a fingerprint.
+_EXECUTION_FIELDS = ("cpu_kernels",)
 # Field names of config.json files written before the rename.
 _OLD_NAMES = {"base_lr": "base_learning_rate", "dropout": "dropout_rate"}
 
@@ -457,7 +464,7 @@ def fingerprint_fields(config):
     sync_batch_norm equal to what the strategy implies is recorded as None,
     as the flat config held it. Fields added since are left out at their
     default (`labeled_loss_weight` 1.0), so they move no fingerprint of a
-    run that does not set them.
+    run that does not set them; `cpu_kernels` (how, not what) never counts.
 
     Args:
       config: A `TrainConfig`.
@@ -473,6 +480,8 @@ def fingerprint_fields(config):
     for name, default in _ADDED_FIELDS.items():
         if flat[name] == default:
             del flat[name]
+    for name in _EXECUTION_FIELDS:
+        del flat[name]
     return flat
 
 

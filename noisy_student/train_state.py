@@ -34,6 +34,7 @@ import keras
 import tensorflow as tf
 
 from noisy_student import checkpoints
+from noisy_student import cpu_kernels
 from noisy_student import efficientnet
 from noisy_student import io_utils
 from noisy_student import layers
@@ -143,6 +144,8 @@ def create_train_state(config, strategy, model_dir, is_chief=True):
         model = build_model(config)
         if config.loop.fused_batch_norm:
             use_fused_batch_norm(model)
+        if config.loop.cpu_kernels and _on_cpu_in_float32(config):
+            use_cpu_kernels(model)
         if pretrained is not None:
             _initialise(model, pretrained, config)
         efficientnet.freeze_blocks(model, config.freeze_blocks)
@@ -218,6 +221,42 @@ def use_fused_batch_norm(model):
     for layer in losses.all_layers(model):
         if type(layer) is keras.layers.BatchNormalization:  # pylint: disable=unidiomatic-typecheck
             layer.__class__ = layers.FusedBatchNormalization
+            switched += 1
+    return switched
+
+
+def _on_cpu_in_float32(config):
+    """Whether the step runs on CPU devices only, in float32, without XLA
+    (the CPU kernels have no GPU, TPU or XLA kernel)."""
+    return (config.loop.precision == "float32" and not config.loop.jit_compile
+            and config.loop.strategy != "tpu"
+            and not tf.config.list_logical_devices("GPU"))
+
+
+def use_cpu_kernels(model):
+    """Switches the model's SiLU activations and depthwise convolutions to
+    `cpu_kernels` (one kernel for each SiLU and each depthwise filter
+    gradient), when those kernels build on this machine.
+
+    Changes behaviour only (the activation function of `Activation` and
+    `Dense` layers, a flag on `layers.SmallMapDepthwiseConv2D`), no
+    variables, like `use_fused_batch_norm`; exports are built fresh.
+
+    Args:
+      model: A Keras model.
+
+    Returns:
+      The number of layers switched (0 when the kernels are unavailable).
+    """
+    if cpu_kernels.library() is None:
+        return 0
+    switched = 0
+    for layer in losses.all_layers(model):
+        if getattr(layer, "activation", None) is keras.activations.silu:
+            layer.activation = cpu_kernels.silu
+            switched += 1
+        if isinstance(layer, layers.SmallMapDepthwiseConv2D):
+            layer.cpu_kernels = True
             switched += 1
     return switched
 

@@ -379,6 +379,13 @@ def define_train_flags():
                          "Steps between progress lines.", lower_bound=0)
     flags.DEFINE_bool("jit_compile", False,
                       "XLA-compile the step (slower on CPU; TPU compiles).")
+    flags.DEFINE_bool("cpu_kernels", True,
+                      "On CPU in float32 without XLA, train SiLU and the "
+                      "depthwise filter gradients with the project's C++ "
+                      "kernels, compiled on first use (g++ and TF's headers; "
+                      "cached in $NOISY_STUDENT_CACHE, default "
+                      "~/.cache/noisy_student). Same results to float "
+                      "rounding; TF's ops when they cannot be built.")
     flags.DEFINE_integer("seed", 0, "Seed of weights, noise and shuffling.",
                          lower_bound=0, upper_bound=MAX_SEED)
 
@@ -460,7 +467,8 @@ def role_configs(prefix, model_name, num_classes, unlabel_ratio, source,
             steps_per_loop=FLAGS.steps_per_loop,
             checkpoint_every=FLAGS.checkpoint_every,
             eval_every=FLAGS.eval_every, log_every=FLAGS.log_every,
-            jit_compile=FLAGS.jit_compile, seed=FLAGS.seed),
+            jit_compile=FLAGS.jit_compile, cpu_kernels=FLAGS.cpu_kernels,
+            seed=FLAGS.seed),
         init_from=init_from, freeze_blocks=freeze_blocks)
     flip = FLAGS.flip if FLAGS.flip is not None else source.allows_flip
     input_config = pipeline.InputConfig(

@@ -1,0 +1,199 @@
+"""The compiled CPU kernels equal TF's ops, and everything works without them."""
+
+import logging as std_logging
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from noisy_student import cpu_kernels
+from noisy_student import efficientnet
+from noisy_student import layers
+from noisy_student import train_config
+from noisy_student import train_state
+
+
+@pytest.fixture(scope="module")
+def ops():
+    library = cpu_kernels.library()
+    assert library is not None, "the CPU kernels must build on this machine"
+    return library
+
+
+def _silu_and_gradient(fn, x, dy):
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = fn(x)
+    return y, tape.gradient(y, x, output_gradients=dy)
+
+
+# Sizes that are not multiples of the kernel's 1,024-element block, and
+# activations far into both tails of the sigmoid.
+@pytest.mark.parametrize("shape", [(3, 5, 7, 11), (2, 33, 33, 24), (1,)])
+def test_silu_and_its_gradient_equal_tfs(ops, shape):
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.normal(0, 8, shape), tf.float32)
+    dy = tf.constant(rng.normal(0, 1, shape), tf.float32)
+    y, dx = _silu_and_gradient(cpu_kernels.silu, x, dy)
+    y_ref, dx_ref = _silu_and_gradient(tf.nn.silu, x, dy)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-6)
+    # The kernels really ran (not TF's fallback).
+    np.testing.assert_allclose(ops.ns_silu(x), y_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_silu_of_other_dtypes_is_tfs():
+    x = tf.constant([-2.0, 0.5, 3.0], tf.float16)
+    assert cpu_kernels.silu(x).dtype == tf.float16
+    np.testing.assert_allclose(cpu_kernels.silu(x), tf.nn.silu(x))
+
+
+def _depthwise_and_gradients(fn, x, kernel, dy):
+    with tf.GradientTape() as tape:
+        tape.watch([x, kernel])
+        y = fn(x, kernel)
+    return (y, *tape.gradient(y, [x, kernel], output_gradients=dy))
+
+
+# Kernel sizes and strides of the EfficientNet, odd and even maps, channel
+# counts below, at and above one 16-float vector.
+@pytest.mark.parametrize("size,channels,kernel_size,stride", [
+    (8, 16, 3, 1), (9, 24, 3, 2), (10, 7, 5, 2), (7, 40, 5, 1),
+    (16, 3, 3, 2)])
+def test_depthwise_gradients_equal_tfs(ops, size, channels, kernel_size,
+                                       stride):
+    rng = np.random.default_rng(1)
+    x = tf.constant(rng.normal(size=(3, size, size + 1, channels)),
+                    tf.float32)
+    kernel = tf.constant(
+        rng.normal(size=(kernel_size, kernel_size, channels, 1)), tf.float32)
+    out = -(-size // stride), -(-(size + 1) // stride)
+    dy = tf.constant(rng.normal(size=(3, *out, channels)), tf.float32)
+    ours = _depthwise_and_gradients(
+        lambda a, b: cpu_kernels.depthwise_conv2d(a, b, stride), x, kernel,
+        dy)
+    plain = _depthwise_and_gradients(
+        lambda a, b: tf.nn.depthwise_conv2d(a, b, (1, stride, stride, 1),
+                                            "SAME"), x, kernel, dy)
+    for got, want in zip(ours, plain):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        ops.ns_depthwise_filter_grad(x, dy, kernel_size=kernel_size,
+                                     stride=stride), plain[2],
+        rtol=1e-4, atol=1e-4)
+
+
+def test_depthwise_filter_gradient_refuses_a_mismatched_backprop(ops):
+    x = tf.zeros([2, 8, 8, 4])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="stride 2"):
+        ops.ns_depthwise_filter_grad(x, tf.zeros([2, 8, 8, 4]),
+                                     kernel_size=3, stride=2)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="channel"):
+        ops.ns_depthwise_filter_grad(x, tf.zeros([2, 8, 8, 5]),
+                                     kernel_size=3, stride=1)
+
+
+def _tiny_model():
+    keras.utils.set_random_seed(0)
+    return efficientnet.build_efficientnet(
+        width=0.25, depth=0.25, num_classes=3, image_size=16,
+        dropout_rate=0.0, stochastic_depth_rate=0.0)
+
+
+def _loss_gradients(model, images, labels):
+    with tf.GradientTape() as tape:
+        logits = model(images, training=True)
+        loss = tf.reduce_mean(
+            keras.losses.sparse_categorical_crossentropy(
+                labels, logits, from_logits=True))
+    return logits, tape.gradient(loss, model.trainable_variables)
+
+
+def test_a_switched_model_trains_as_the_plain_one(ops):
+    plain, switched = _tiny_model(), _tiny_model()
+    switched.set_weights(plain.get_weights())
+    names = [v.path for v in switched.weights]
+    count = train_state.use_cpu_kernels(switched)
+    silus = [l for l in switched.layers
+             if getattr(l, "activation", None) is cpu_kernels.silu]
+    depthwise = [l for l in switched.layers
+                 if isinstance(l, layers.SmallMapDepthwiseConv2D)]
+    assert silus and depthwise and all(l.cpu_kernels for l in depthwise)
+    assert count == len(silus) + len(depthwise)
+    # Checkpoints are untouched: same variables, same names.
+    assert [v.path for v in switched.weights] == names
+    rng = np.random.default_rng(2)
+    images = tf.constant(rng.uniform(0, 255, (4, 16, 16, 3)), tf.float32)
+    labels = tf.constant([0, 1, 2, 1])
+    logits, grads = _loss_gradients(switched, images, labels)
+    logits_ref, grads_ref = _loss_gradients(plain, images, labels)
+    # Float rounding, amplified by batch norm over 4 images; gradients that
+    # should be zero (a beta followed by another batch norm) are rounding
+    # noise, hence a tolerance on the scale of the largest gradient.
+    np.testing.assert_allclose(logits, logits_ref, rtol=1e-3, atol=1e-3)
+    scale = max(float(tf.reduce_max(tf.abs(g))) for g in grads_ref)
+    for got, want in zip(grads, grads_ref):
+        np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-4 * scale)
+
+
+def test_without_a_compiler_training_falls_back_to_tfs_ops(
+        monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("NOISY_STUDENT_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "/bin/false")
+    cpu_kernels.library.cache_clear()
+    try:
+        with caplog.at_level(std_logging.WARNING):
+            assert cpu_kernels.library() is None
+        assert "CPU kernels unavailable" in caplog.text
+        assert "/bin/false failed" in caplog.text
+        model = _tiny_model()
+        assert train_state.use_cpu_kernels(model) == 0
+        x = tf.constant([[-3.0, 0.0, 2.0]])
+        np.testing.assert_allclose(cpu_kernels.silu(x), tf.nn.silu(x))
+    finally:
+        cpu_kernels.library.cache_clear()
+    assert not list(tmp_path.iterdir())  # No half-written library left.
+
+
+def test_a_compiled_library_is_reused_from_the_cache(monkeypatch, ops):
+    def no_compiler(target):
+        raise AssertionError(f"recompiled {target}")
+
+    monkeypatch.setattr(cpu_kernels, "_compile", no_compiler)
+    cpu_kernels.library.cache_clear()
+    try:
+        assert cpu_kernels.library() is not None
+    finally:
+        cpu_kernels.library.cache_clear()
+
+
+def test_cpu_kernels_is_not_fingerprinted():
+    on = train_config.TrainConfig.from_fields(variant="b0",
+                                              images_per_epoch=1000)
+    off = on.replace(cpu_kernels=False)
+    assert not off.loop.cpu_kernels
+    assert (train_config.fingerprint_fields(on)
+            == train_config.fingerprint_fields(off))
+
+
+def test_the_kernels_are_used_only_on_cpu_in_float32_without_xla():
+    config = train_config.TrainConfig.from_fields(
+        variant="b0", images_per_epoch=1000)
+    assert train_state._on_cpu_in_float32(config)  # pylint: disable=protected-access
+    for change in (dict(precision="mixed_float16"), dict(jit_compile=True),
+                   dict(precision="bfloat16")):
+        assert not train_state._on_cpu_in_float32(config.replace(**change))  # pylint: disable=protected-access
+
+
+def test_depthwise_filter_gradient_is_deterministic(ops):
+    # Many shards on the thread pool; their sums must not depend on timing
+    # (a resumed run equals an uninterrupted one bit for bit).
+    rng = np.random.default_rng(3)
+    x = tf.constant(rng.normal(size=(32, 32, 32, 48)), tf.float32)
+    dy = tf.constant(rng.normal(size=(32, 32, 32, 48)), tf.float32)
+    first = ops.ns_depthwise_filter_grad(x, dy, kernel_size=5, stride=1)
+    for _ in range(10):
+        np.testing.assert_array_equal(
+            ops.ns_depthwise_filter_grad(x, dy, kernel_size=5, stride=1),
+            first)

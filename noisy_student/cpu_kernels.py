@@ -162,3 +162,26 @@ def depthwise_conv2d(x, kernel, stride):
             return dx, dw
         return tf.nn.depthwise_conv2d(inputs, filters, strides, "SAME"), grad
     return forward(x, kernel)
+
+
+def channel_scale(x, scale):
+    """x * scale broadcast over the pixels (squeeze-and-excitation's gate),
+    forward and gradient one pass each.
+
+    Args:
+      x: float32 [batch, height, width, channels].
+      scale: float32 [batch, 1, 1, channels].
+
+    Returns:
+      float32 [batch, height, width, channels].
+    """
+    ops = library()
+    if ops is None or x.dtype != tf.float32 or scale.dtype != tf.float32:
+        return x * scale
+
+    @tf.custom_gradient
+    def forward(features, gate):
+        def grad(dy):
+            return ops.ns_channel_scale_grad(dy, features, gate)
+        return ops.ns_channel_scale(features, gate), grad
+    return forward(x, scale)

@@ -194,6 +194,25 @@ class SmallMapDepthwiseConv2D(keras.layers.DepthwiseConv2D):
         return outputs
 
 
+@keras.saving.register_keras_serializable(package="noisy_student")
+class GateMultiply(keras.layers.Multiply):
+    """keras.layers.Multiply whose product of a [N, H, W, C] map and a
+    [N, 1, 1, C] gate (squeeze-and-excitation's) runs
+    `cpu_kernels.channel_scale`: the gradient of both inputs in one pass
+    where TF takes a broadcast multiply, another multiply and a sum.
+    `train_state.use_cpu_kernels` switches the training model's Multiply
+    layers to it in place (no state); other inputs use Keras' own code.
+    """
+
+    def call(self, inputs):
+        if len(inputs) == 2:
+            x, gate = inputs
+            if (len(x.shape) == 4 and tuple(gate.shape[1:3]) == (1, 1)
+                    and gate.shape[-1] == x.shape[-1]):
+                return cpu_kernels.channel_scale(x, gate)
+        return super().call(inputs)
+
+
 def _tap_index(height, width, kernel_size, strides):
     """[P, Q] kernel-tap index joining output pixel p and input pixel q.
 

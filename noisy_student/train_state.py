@@ -234,13 +234,15 @@ def _on_cpu_in_float32(config):
 
 
 def use_cpu_kernels(model):
-    """Switches the model's SiLU activations and depthwise convolutions to
-    `cpu_kernels` (one kernel for each SiLU and each depthwise filter
-    gradient), when those kernels build on this machine.
+    """Switches the model's SiLU activations, depthwise convolutions and
+    squeeze-and-excitation gates to `cpu_kernels` (one kernel for each SiLU,
+    depthwise filter gradient and gate gradient), when those kernels build
+    on this machine.
 
     Changes behaviour only (the activation function of `Activation` and
-    `Dense` layers, a flag on `layers.SmallMapDepthwiseConv2D`), no
-    variables, like `use_fused_batch_norm`; exports are built fresh.
+    `Dense` / conv layers, a flag on `layers.SmallMapDepthwiseConv2D`, the
+    class of `Multiply` layers to `layers.GateMultiply`), no variables, like
+    `use_fused_batch_norm`; exports are built fresh.
 
     Args:
       model: A Keras model.
@@ -257,6 +259,9 @@ def use_cpu_kernels(model):
             switched += 1
         if isinstance(layer, layers.SmallMapDepthwiseConv2D):
             layer.cpu_kernels = True
+            switched += 1
+        if type(layer) is keras.layers.Multiply:  # pylint: disable=unidiomatic-typecheck
+            layer.__class__ = layers.GateMultiply
             switched += 1
     return switched
 

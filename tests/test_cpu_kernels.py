@@ -84,6 +84,38 @@ def test_depthwise_gradients_equal_tfs(ops, size, channels, kernel_size,
         rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("shape", [(3, 5, 7, 24), (2, 1, 1, 40),
+                                   (4, 9, 9, 3)])
+def test_channel_scale_and_its_gradients_equal_tfs(ops, shape):
+    rng = np.random.default_rng(4)
+    x = tf.constant(rng.normal(size=shape), tf.float32)
+    gate = tf.constant(rng.uniform(size=(shape[0], 1, 1, shape[-1])),
+                       tf.float32)
+    dy = tf.constant(rng.normal(size=shape), tf.float32)
+
+    def run(fn):
+        with tf.GradientTape() as tape:
+            tape.watch([x, gate])
+            y = fn(x, gate)
+        return (y, *tape.gradient(y, [x, gate], output_gradients=dy))
+
+    for got, want in zip(run(cpu_kernels.channel_scale),
+                         run(lambda a, b: a * b)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ops.ns_channel_scale(x, gate), x * gate,
+                               rtol=1e-6)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"\[N, 1, 1, C\]"):
+        ops.ns_channel_scale(x, tf.reshape(gate, (shape[0], shape[-1])))
+
+
+def test_gate_multiply_leaves_other_products_to_keras():
+    layer = layers.GateMultiply()
+    a, b = tf.fill([2, 3], 2.0), tf.fill([2, 3], 3.0)
+    np.testing.assert_allclose(layer([a, b]), np.full([2, 3], 6.0))
+    three = layer([a, b, b])
+    np.testing.assert_allclose(three, np.full([2, 3], 18.0))
+
+
 def test_depthwise_filter_gradient_refuses_a_mismatched_backprop(ops):
     x = tf.zeros([2, 8, 8, 4])
     with pytest.raises(tf.errors.InvalidArgumentError, match="stride 2"):
@@ -119,8 +151,10 @@ def test_a_switched_model_trains_as_the_plain_one(ops):
              if getattr(l, "activation", None) is cpu_kernels.silu]
     depthwise = [l for l in switched.layers
                  if isinstance(l, layers.SmallMapDepthwiseConv2D)]
-    assert silus and depthwise and all(l.cpu_kernels for l in depthwise)
-    assert count == len(silus) + len(depthwise)
+    gates = [l for l in switched.layers if type(l) is layers.GateMultiply]  # pylint: disable=unidiomatic-typecheck
+    assert silus and depthwise and gates
+    assert all(l.cpu_kernels for l in depthwise)
+    assert count == len(silus) + len(depthwise) + len(gates)
     # Checkpoints are untouched: same variables, same names.
     assert [v.path for v in switched.weights] == names
     rng = np.random.default_rng(2)

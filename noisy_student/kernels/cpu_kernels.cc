@@ -59,6 +59,24 @@ REGISTER_OP("NsDepthwiseFilterGrad")
       return ::tensorflow::OkStatus();
     });
 
+REGISTER_OP("NsChannelScale")
+    .Input("features: float")
+    .Input("scale: float")
+    .Output("scaled: float")
+    .SetShapeFn(::tensorflow::shape_inference::UnchangedShape);
+
+REGISTER_OP("NsChannelScaleGrad")
+    .Input("gradients: float")
+    .Input("features: float")
+    .Input("scale: float")
+    .Output("features_backprop: float")
+    .Output("scale_backprop: float")
+    .SetShapeFn([](::tensorflow::shape_inference::InferenceContext* c) {
+      c->set_output(0, c->input(1));
+      c->set_output(1, c->input(2));
+      return ::tensorflow::OkStatus();
+    });
+
 // Elements per inner block: small enough that a block's temporaries stay in
 // L1, large enough to amortise the loop.
 constexpr int64_t kBlock = 1024;
@@ -208,6 +226,107 @@ class DepthwiseFilterGradOp : public OpKernel {
   int stride_;
 };
 
+// Checks features [N, H, W, C] and scale [N, 1, 1, C].
+void CheckChannelScale(OpKernelContext* ctx, const Tensor& x,
+                          const Tensor& scale) {
+  OP_REQUIRES(ctx, x.dims() == 4 && scale.dims() == 4 &&
+                       scale.dim_size(0) == x.dim_size(0) &&
+                       scale.dim_size(1) == 1 && scale.dim_size(2) == 1 &&
+                       scale.dim_size(3) == x.dim_size(3),
+              ::tensorflow::errors::InvalidArgument(
+                  "Expected features [N, H, W, C] and scale [N, 1, 1, C]. "
+                  "Received: ", x.shape().DebugString(), " and ",
+                  scale.shape().DebugString()));
+}
+
+// Squeeze-and-excitation's gate: y[n, h, w, c] = x[n, h, w, c] * g[n, c].
+class ChannelScaleOp : public OpKernel {
+ public:
+  explicit ChannelScaleOp(OpKernelConstruction* c) : OpKernel(c) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& x = ctx->input(0);
+    const Tensor& scale = ctx->input(1);
+    CheckChannelScale(ctx, x, scale);
+    if (!ctx->status().ok()) return;
+    const int64_t pixels = x.dim_size(1) * x.dim_size(2);
+    const int64_t channels = x.dim_size(3);
+    Tensor* y = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x.shape(), &y));
+    const float* in = x.flat<float>().data();
+    const float* g = scale.flat<float>().data();
+    float* out = y->flat<float>().data();
+    auto images = [&](int64_t start, int64_t end) {
+      for (int64_t n = start; n < end; ++n) {
+        const float* gn = g + n * channels;
+        for (int64_t p = 0; p < pixels; ++p) {
+          const int64_t offset = (n * pixels + p) * channels;
+          for (int64_t c = 0; c < channels; ++c) {
+            out[offset + c] = in[offset + c] * gn[c];
+          }
+        }
+      }
+    };
+    auto* workers = ctx->device()->tensorflow_cpu_worker_threads();
+    ::tensorflow::Shard(workers->num_threads, workers->workers, x.dim_size(0),
+                        pixels * channels * 2, images);
+  }
+};
+
+// Its gradient in one pass: dx = dy * g, dg[n, c] = sum over (h, w) of
+// dy * x (one image per shard: deterministic).
+class ChannelScaleGradOp : public OpKernel {
+ public:
+  explicit ChannelScaleGradOp(OpKernelConstruction* c) : OpKernel(c) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& dy = ctx->input(0);
+    const Tensor& x = ctx->input(1);
+    const Tensor& scale = ctx->input(2);
+    CheckChannelScale(ctx, x, scale);
+    if (!ctx->status().ok()) return;
+    const int64_t pixels = x.dim_size(1) * x.dim_size(2);
+    OP_REQUIRES(ctx, dy.shape() == x.shape(),
+                ::tensorflow::errors::InvalidArgument(
+                    "Expected gradients of the features' shape. Received: ",
+                    dy.shape().DebugString(), " and ",
+                    x.shape().DebugString()));
+    const int64_t channels = x.dim_size(3);
+    Tensor* dx = nullptr;
+    Tensor* dg = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x.shape(), &dx));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, scale.shape(), &dg));
+    const float* grad = dy.flat<float>().data();
+    const float* in = x.flat<float>().data();
+    const float* g = scale.flat<float>().data();
+    float* out = dx->flat<float>().data();
+    float* out_scale = dg->flat<float>().data();
+    auto images = [&](int64_t start, int64_t end) {
+      std::vector<float> acc(channels);
+      for (int64_t n = start; n < end; ++n) {
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        const float* gn = g + n * channels;
+        for (int64_t p = 0; p < pixels; ++p) {
+          const int64_t offset = (n * pixels + p) * channels;
+          for (int64_t c = 0; c < channels; ++c) {
+            out[offset + c] = grad[offset + c] * gn[c];
+          }
+          MultiplyAdd(acc.data(), in + offset, grad + offset, channels);
+        }
+        std::copy(acc.begin(), acc.end(), out_scale + n * channels);
+      }
+    };
+    auto* workers = ctx->device()->tensorflow_cpu_worker_threads();
+    ::tensorflow::Shard(workers->num_threads, workers->workers, x.dim_size(0),
+                        pixels * channels * 4, images);
+  }
+};
+
+REGISTER_KERNEL_BUILDER(
+    Name("NsChannelScale").Device(::tensorflow::DEVICE_CPU), ChannelScaleOp);
+REGISTER_KERNEL_BUILDER(
+    Name("NsChannelScaleGrad").Device(::tensorflow::DEVICE_CPU),
+    ChannelScaleGradOp);
 REGISTER_KERNEL_BUILDER(Name("NsSilu").Device(::tensorflow::DEVICE_CPU),
                         SiluOp);
 REGISTER_KERNEL_BUILDER(Name("NsSiluGrad").Device(::tensorflow::DEVICE_CPU),

@@ -185,3 +185,36 @@ def channel_scale(x, scale):
             return ops.ns_channel_scale_grad(dy, features, gate)
         return ops.ns_channel_scale(features, gate), grad
     return forward(x, scale)
+
+
+def batch_norm_silu(x, gamma, beta, epsilon):
+    """Training-mode batch norm then SiLU, forward and gradient in one
+    kernel each (`NsBatchNormSilu`, `NsBatchNormSiluGrad`).
+
+    y = silu(gamma * (x - mean) / sqrt(variance + epsilon) + beta), mean and
+    variance over (batch, height, width), as Keras and TF's fused batch norm
+    normalise in training. The library must be loaded (`library()`).
+
+    Args:
+      x: float32 [batch, height, width, channels].
+      gamma: float32 [channels].
+      beta: float32 [channels].
+      epsilon: The variance's epsilon (EfficientNet: 1e-3, official code).
+
+    Returns:
+      (y float32 x's shape, mean float32 [channels], variance float32
+      [channels], the *biased* batch variance Keras' moving average takes).
+    """
+    ops = library()
+
+    @tf.custom_gradient
+    def forward(features, scale, offset):
+        y, mean, variance = ops.ns_batch_norm_silu(
+            features, scale, offset, epsilon=epsilon)
+
+        def grad(dy, unused_dmean, unused_dvariance):
+            return ops.ns_batch_norm_silu_grad(
+                dy, features, scale, offset, mean, variance, epsilon=epsilon)
+        return (y, tf.stop_gradient(mean), tf.stop_gradient(variance)), grad
+    # Values, not variables, inside the custom gradient.
+    return forward(x, tf.convert_to_tensor(gamma), tf.convert_to_tensor(beta))

@@ -234,14 +234,15 @@ def _on_cpu_in_float32(config):
 
 
 def use_cpu_kernels(model):
-    """Switches the model's SiLU activations, depthwise convolutions and
-    squeeze-and-excitation gates to `cpu_kernels` (one kernel for each SiLU,
-    depthwise filter gradient and gate gradient), when those kernels build
-    on this machine.
+    """Switches the model's batch norm + SiLU pairs, other SiLU activations,
+    depthwise convolutions and squeeze-and-excitation gates to `cpu_kernels`
+    (one kernel each way for each), when those kernels build on this
+    machine. Call it after `use_fused_batch_norm` (only fused batch norms
+    are paired with their SiLU).
 
-    Changes behaviour only (the activation function of `Activation` and
-    `Dense` / conv layers, a flag on `layers.SmallMapDepthwiseConv2D`, the
-    class of `Multiply` layers to `layers.GateMultiply`), no variables, like
+    Changes behaviour only (layer classes to `layers.BatchNormSilu` and
+    `layers.GateMultiply`, activation functions, a flag on
+    `layers.SmallMapDepthwiseConv2D`), no variables, like
     `use_fused_batch_norm`; exports are built fresh.
 
     Args:
@@ -252,7 +253,7 @@ def use_cpu_kernels(model):
     """
     if cpu_kernels.library() is None:
         return 0
-    switched = 0
+    switched = _fuse_batch_norm_silu(model)
     for layer in losses.all_layers(model):
         if getattr(layer, "activation", None) is keras.activations.silu:
             layer.activation = cpu_kernels.silu
@@ -263,6 +264,26 @@ def use_cpu_kernels(model):
         if type(layer) is keras.layers.Multiply:  # pylint: disable=unidiomatic-typecheck
             layer.__class__ = layers.GateMultiply
             switched += 1
+    return switched
+
+
+def _fuse_batch_norm_silu(model):
+    """Switches each fused batch norm whose only consumer is a SiLU
+    activation to `layers.BatchNormSilu`, and that activation to the
+    identity. Returns the number of layers switched."""
+    switched = 0
+    for layer in losses.all_layers(model):
+        if not (isinstance(layer, keras.layers.Activation)
+                and layer.activation is keras.activations.silu
+                and len(layer._inbound_nodes) == 1):  # pylint: disable=protected-access
+            continue
+        parents = layer._inbound_nodes[0].parent_nodes  # pylint: disable=protected-access
+        producer = parents[0].operation if len(parents) == 1 else None
+        if (type(producer) is layers.FusedBatchNormalization  # pylint: disable=unidiomatic-typecheck
+                and len(producer._outbound_nodes) == 1):  # pylint: disable=protected-access
+            producer.__class__ = layers.BatchNormSilu
+            layer.activation = keras.activations.linear
+            switched += 2
     return switched
 
 

@@ -116,6 +116,35 @@ def test_gate_multiply_leaves_other_products_to_keras():
     np.testing.assert_allclose(three, np.full([2, 3], 18.0))
 
 
+@pytest.mark.parametrize("shape", [(4, 8, 8, 16), (3, 5, 7, 11),
+                                   (8, 1, 1, 40)])
+def test_batch_norm_silu_and_its_gradients_equal_tfs(ops, shape):
+    rng = np.random.default_rng(5)
+    x = tf.constant(rng.normal(2, 3, shape), tf.float32)
+    gamma = tf.constant(rng.normal(1, 0.3, shape[-1]), tf.float32)
+    beta = tf.constant(rng.normal(0, 1, shape[-1]), tf.float32)
+    dy = tf.constant(rng.normal(size=shape), tf.float32)
+
+    def plain(a, g, b):
+        y, mean, variance = tf.compat.v1.nn.fused_batch_norm(
+            a, g, b, epsilon=1e-3, is_training=True)
+        count = np.prod(shape[:3])
+        return tf.nn.silu(y), mean, variance * (count - 1) / count
+
+    def run(fn):
+        with tf.GradientTape() as tape:
+            tape.watch([x, gamma, beta])
+            y, mean, variance = fn(x, gamma, beta)
+        return (y, mean, variance,
+                *tape.gradient(y, [x, gamma, beta], output_gradients=dy))
+
+    ours = run(lambda a, g, b: cpu_kernels.batch_norm_silu(a, g, b, 1e-3))
+    for got, want in zip(ours, run(plain)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="per-channel"):
+        ops.ns_batch_norm_silu(x, gamma[:-1], beta, epsilon=1e-3)
+
+
 def test_depthwise_filter_gradient_refuses_a_mismatched_backprop(ops):
     x = tf.zeros([2, 8, 8, 4])
     with pytest.raises(tf.errors.InvalidArgumentError, match="stride 2"):
@@ -142,19 +171,34 @@ def _loss_gradients(model, images, labels):
     return logits, tape.gradient(loss, model.trainable_variables)
 
 
+def _layers_of(model, cls):
+    return [l for l in model.layers if type(l) is cls]  # pylint: disable=unidiomatic-typecheck
+
+
 def test_a_switched_model_trains_as_the_plain_one(ops):
     plain, switched = _tiny_model(), _tiny_model()
     switched.set_weights(plain.get_weights())
+    train_state.use_fused_batch_norm(plain)
+    train_state.use_fused_batch_norm(switched)
     names = [v.path for v in switched.weights]
     count = train_state.use_cpu_kernels(switched)
     silus = [l for l in switched.layers
              if getattr(l, "activation", None) is cpu_kernels.silu]
-    depthwise = [l for l in switched.layers
-                 if isinstance(l, layers.SmallMapDepthwiseConv2D)]
-    gates = [l for l in switched.layers if type(l) is layers.GateMultiply]  # pylint: disable=unidiomatic-typecheck
+    depthwise = _layers_of(switched, layers.SmallMapDepthwiseConv2D)
+    gates = _layers_of(switched, layers.GateMultiply)
+    pairs = _layers_of(switched, layers.BatchNormSilu)
+    identities = [l for l in switched.layers
+                  if isinstance(l, keras.layers.Activation)
+                  and l.activation is keras.activations.linear]
+    # Every SiLU after a batch norm is fused into it (stem, expand, depthwise
+    # and head); the squeeze-and-excitation convs keep their own SiLU.
+    assert len(pairs) == len(identities) == len(
+        [l for l in plain.layers if isinstance(l, keras.layers.Activation)])
     assert silus and depthwise and gates
+    assert all(l.name.endswith("se_reduce") for l in silus)
     assert all(l.cpu_kernels for l in depthwise)
-    assert count == len(silus) + len(depthwise) + len(gates)
+    assert count == (len(silus) + len(depthwise) + len(gates)
+                     + 2 * len(pairs))
     # Checkpoints are untouched: same variables, same names.
     assert [v.path for v in switched.weights] == names
     rng = np.random.default_rng(2)
@@ -169,6 +213,14 @@ def test_a_switched_model_trains_as_the_plain_one(ops):
     scale = max(float(tf.reduce_max(tf.abs(g))) for g in grads_ref)
     for got, want in zip(grads, grads_ref):
         np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-4 * scale)
+    # The batch norms' moving averages took the same batch statistics, and
+    # inference (moving averages, then SiLU) gives the same outputs.
+    for got, want in zip(switched.non_trainable_weights,
+                         plain.non_trainable_weights):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(switched(images, training=False),
+                               plain(images, training=False),
+                               rtol=1e-4, atol=1e-4)
 
 
 def test_without_a_compiler_training_falls_back_to_tfs_ops(

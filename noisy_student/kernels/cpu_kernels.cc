@@ -77,6 +77,39 @@ REGISTER_OP("NsChannelScaleGrad")
       return ::tensorflow::OkStatus();
     });
 
+REGISTER_OP("NsBatchNormSilu")
+    .Input("x: float")
+    .Input("gamma: float")
+    .Input("beta: float")
+    .Attr("epsilon: float")
+    .Output("y: float")
+    .Output("mean: float")
+    .Output("variance: float")
+    .SetShapeFn([](::tensorflow::shape_inference::InferenceContext* c) {
+      c->set_output(0, c->input(0));
+      c->set_output(1, c->input(1));
+      c->set_output(2, c->input(1));
+      return ::tensorflow::OkStatus();
+    });
+
+REGISTER_OP("NsBatchNormSiluGrad")
+    .Input("gradients: float")
+    .Input("x: float")
+    .Input("gamma: float")
+    .Input("beta: float")
+    .Input("mean: float")
+    .Input("variance: float")
+    .Attr("epsilon: float")
+    .Output("x_backprop: float")
+    .Output("gamma_backprop: float")
+    .Output("beta_backprop: float")
+    .SetShapeFn([](::tensorflow::shape_inference::InferenceContext* c) {
+      c->set_output(0, c->input(1));
+      c->set_output(1, c->input(2));
+      c->set_output(2, c->input(2));
+      return ::tensorflow::OkStatus();
+    });
+
 // Elements per inner block: small enough that a block's temporaries stay in
 // L1, large enough to amortise the loop.
 constexpr int64_t kBlock = 1024;
@@ -322,6 +355,209 @@ class ChannelScaleGradOp : public OpKernel {
   }
 };
 
+// Elements per shard of the batch-norm kernels (a shard's temporaries stay
+// in L2). Per-shard channel sums are added in shard order, and the shards
+// depend on the shape only, not on the threads: deterministic.
+constexpr int64_t kShardElements = 16384;
+
+int64_t PixelsPerShard(int64_t channels) {
+  return std::max<int64_t>(1, kShardElements / std::max<int64_t>(channels, 1));
+}
+
+int64_t PixelShards(int64_t total, int64_t channels) {
+  return (total + PixelsPerShard(channels) - 1) / PixelsPerShard(channels);
+}
+
+// Runs f(first_pixel, pixels, shard) over [0, total) in those shards, on
+// TF's pool.
+template <typename F>
+void ForEachPixelShard(OpKernelContext* ctx, int64_t total, int64_t channels,
+                       F f) {
+  const int64_t per_shard = PixelsPerShard(channels);
+  auto* workers = ctx->device()->tensorflow_cpu_worker_threads();
+  ::tensorflow::Shard(workers->num_threads, workers->workers,
+                      PixelShards(total, channels), per_shard * channels * 10,
+                      [&](int64_t start, int64_t end) {
+                        for (int64_t i = start; i < end; ++i) {
+                          const int64_t first = i * per_shard;
+                          f(first, std::min(per_shard, total - first), i);
+                        }
+                      });
+}
+
+using ArrayXXfMap = Eigen::Map<Eigen::ArrayXXf>;
+using ConstArrayXXfMap = Eigen::Map<const Eigen::ArrayXXf>;
+
+// Checks x [N, H, W, C] and per-channel inputs [C].
+void CheckBatchNorm(OpKernelContext* ctx, const Tensor& x,
+                    std::initializer_list<const Tensor*> per_channel) {
+  OP_REQUIRES(ctx, x.dims() == 4,
+              ::tensorflow::errors::InvalidArgument(
+                  "Expected x [N, H, W, C]. Received: ",
+                  x.shape().DebugString()));
+  for (const Tensor* t : per_channel) {
+    OP_REQUIRES(ctx, t->dims() == 1 && t->dim_size(0) == x.dim_size(3),
+                ::tensorflow::errors::InvalidArgument(
+                    "Expected per-channel inputs [", x.dim_size(3),
+                    "]. Received: ", t->shape().DebugString()));
+  }
+}
+
+// Training-mode batch norm (batch statistics, biased variance, as Keras and
+// FusedBatchNormV3 normalise) followed by SiLU: y = silu(gamma * (x - mean)
+// / sqrt(variance + epsilon) + beta). One pass for the statistics (sums in
+// double), one for the output, where TF makes two passes for batch norm and
+// another for the SiLU.
+class BatchNormSiluOp : public OpKernel {
+ public:
+  explicit BatchNormSiluOp(OpKernelConstruction* c) : OpKernel(c) {
+    OP_REQUIRES_OK(c, c->GetAttr("epsilon", &epsilon_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& x = ctx->input(0);
+    const Tensor& gamma = ctx->input(1);
+    const Tensor& beta = ctx->input(2);
+    CheckBatchNorm(ctx, x, {&gamma, &beta});
+    if (!ctx->status().ok()) return;
+    const int64_t channels = x.dim_size(3);
+    const int64_t total = x.NumElements() / std::max<int64_t>(channels, 1);
+    Tensor *y, *mean, *variance;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x.shape(), &y));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, gamma.shape(), &mean));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, gamma.shape(), &variance));
+    if (total == 0) return;
+    const float* in = x.flat<float>().data();
+    const int64_t shards = PixelShards(total, channels);
+    Eigen::ArrayXXd sums(2 * channels, shards);
+    ForEachPixelShard(ctx, total, channels,
+                      [&](int64_t first, int64_t pixels, int64_t shard) {
+      ConstArrayXXfMap v(in + first * channels, channels, pixels);
+      sums.col(shard).head(channels) = v.rowwise().sum().cast<double>();
+      sums.col(shard).tail(channels) =
+          v.square().rowwise().sum().cast<double>();
+    });
+    const Eigen::ArrayXd total_sums = sums.rowwise().sum();
+    const Eigen::ArrayXd m = total_sums.head(channels) / total;
+    const Eigen::ArrayXd var =
+        (total_sums.tail(channels) / total - m.square()).max(0.0);
+    Eigen::Map<Eigen::ArrayXf>(mean->flat<float>().data(), channels) =
+        m.cast<float>();
+    Eigen::Map<Eigen::ArrayXf>(variance->flat<float>().data(), channels) =
+        var.cast<float>();
+    const Eigen::ArrayXf scale =
+        Eigen::Map<const Eigen::ArrayXf>(gamma.flat<float>().data(),
+                                         channels) *
+        (var + epsilon_).rsqrt().cast<float>();
+    const Eigen::ArrayXf shift =
+        Eigen::Map<const Eigen::ArrayXf>(beta.flat<float>().data(),
+                                         channels) -
+        m.cast<float>() * scale;
+    float* out = y->flat<float>().data();
+    ForEachPixelShard(ctx, total, channels,
+                      [&](int64_t first, int64_t pixels, int64_t) {
+      ConstArrayXXfMap v(in + first * channels, channels, pixels);
+      const Eigen::ArrayXXf z =
+          (v.colwise() * scale).colwise() + shift;
+      ArrayXXfMap(out + first * channels, channels, pixels) =
+          z / (1.0f + (-z).exp());
+    });
+  }
+
+ private:
+  float epsilon_;
+};
+
+// Its gradient: dz = dy * silu'(z) (z recomputed), then batch norm's
+// training-mode gradient, dx = gamma / std * (dz - mean(dz) - xhat *
+// mean(dz * xhat)), dgamma = sum(dz * xhat), dbeta = sum(dz). Two passes
+// (dz is kept in dx's buffer between them).
+class BatchNormSiluGradOp : public OpKernel {
+ public:
+  explicit BatchNormSiluGradOp(OpKernelConstruction* c) : OpKernel(c) {
+    OP_REQUIRES_OK(c, c->GetAttr("epsilon", &epsilon_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& dy = ctx->input(0);
+    const Tensor& x = ctx->input(1);
+    const Tensor& gamma = ctx->input(2);
+    const Tensor& beta = ctx->input(3);
+    const Tensor& mean = ctx->input(4);
+    const Tensor& variance = ctx->input(5);
+    CheckBatchNorm(ctx, x, {&gamma, &beta, &mean, &variance});
+    if (!ctx->status().ok()) return;
+    OP_REQUIRES(ctx, dy.shape() == x.shape(),
+                ::tensorflow::errors::InvalidArgument(
+                    "Expected gradients of x's shape. Received: ",
+                    dy.shape().DebugString(), " and ",
+                    x.shape().DebugString()));
+    const int64_t channels = x.dim_size(3);
+    const int64_t total = x.NumElements() / std::max<int64_t>(channels, 1);
+    Tensor *dx, *dgamma, *dbeta;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x.shape(), &dx));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, gamma.shape(), &dgamma));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, gamma.shape(), &dbeta));
+    auto channel = [channels](const Tensor& t) {
+      return Eigen::Map<const Eigen::ArrayXf>(t.flat<float>().data(),
+                                              channels);
+    };
+    const Eigen::ArrayXf inv_std = (channel(variance) + epsilon_).rsqrt();
+    const Eigen::ArrayXf scale = channel(gamma) * inv_std;
+    const Eigen::ArrayXf shift = channel(beta) - channel(mean) * scale;
+    const Eigen::ArrayXf m = channel(mean);
+    const float* in = x.flat<float>().data();
+    const float* grad = dy.flat<float>().data();
+    float* out = dx->flat<float>().data();
+    float* out_gamma = dgamma->flat<float>().data();
+    float* out_beta = dbeta->flat<float>().data();
+    if (total == 0) {
+      std::fill(out_gamma, out_gamma + channels, 0.0f);
+      std::fill(out_beta, out_beta + channels, 0.0f);
+      return;
+    }
+    const int64_t shards = PixelShards(total, channels);
+    Eigen::ArrayXXd sums(2 * channels, shards);
+    ForEachPixelShard(ctx, total, channels,
+                      [&](int64_t first, int64_t pixels, int64_t shard) {
+      ConstArrayXXfMap v(in + first * channels, channels, pixels);
+      ConstArrayXXfMap g(grad + first * channels, channels, pixels);
+      ArrayXXfMap dz(out + first * channels, channels, pixels);
+      const Eigen::ArrayXXf z = (v.colwise() * scale).colwise() + shift;
+      const Eigen::ArrayXXf s = 1.0f / (1.0f + (-z).exp());
+      dz = g * s * (1.0f + z * (1.0f - s));
+      const Eigen::ArrayXXf xhat = (v.colwise() - m).colwise() * inv_std;
+      sums.col(shard).head(channels) = dz.rowwise().sum().cast<double>();
+      sums.col(shard).tail(channels) =
+          (dz * xhat).rowwise().sum().cast<double>();
+    });
+    const Eigen::ArrayXd total_sums = sums.rowwise().sum();
+    const Eigen::ArrayXf sum_dz = total_sums.head(channels).cast<float>();
+    const Eigen::ArrayXf sum_dz_xhat = total_sums.tail(channels).cast<float>();
+    Eigen::Map<Eigen::ArrayXf>(out_beta, channels) = sum_dz;
+    Eigen::Map<Eigen::ArrayXf>(out_gamma, channels) = sum_dz_xhat;
+    const Eigen::ArrayXf mean_dz = sum_dz / total;
+    const Eigen::ArrayXf mean_dz_xhat = sum_dz_xhat / total;
+    ForEachPixelShard(ctx, total, channels,
+                      [&](int64_t first, int64_t pixels, int64_t) {
+      ConstArrayXXfMap v(in + first * channels, channels, pixels);
+      ArrayXXfMap dz(out + first * channels, channels, pixels);
+      const Eigen::ArrayXXf xhat = (v.colwise() - m).colwise() * inv_std;
+      dz = ((dz.colwise() - mean_dz) - xhat.colwise() * mean_dz_xhat)
+               .colwise() * scale;
+    });
+  }
+
+ private:
+  float epsilon_;
+};
+
+REGISTER_KERNEL_BUILDER(
+    Name("NsBatchNormSilu").Device(::tensorflow::DEVICE_CPU),
+    BatchNormSiluOp);
+REGISTER_KERNEL_BUILDER(
+    Name("NsBatchNormSiluGrad").Device(::tensorflow::DEVICE_CPU),
+    BatchNormSiluGradOp);
 REGISTER_KERNEL_BUILDER(
     Name("NsChannelScale").Device(::tensorflow::DEVICE_CPU), ChannelScaleOp);
 REGISTER_KERNEL_BUILDER(

@@ -31,6 +31,9 @@ SOURCE = os.path.join(os.path.dirname(__file__), "kernels", "cpu_kernels.cc")
 # AVX512-FP16 header, so that extension is left out (retried without the
 # flag for compilers that do not know it).
 ARCH_FLAGS = (("-march=native", "-mno-avx512fp16"), ("-march=native",), ())
+# Seconds one compiler run may take (about 10 here) before it counts as
+# failed.
+COMPILE_TIMEOUT_S = 300
 
 
 def cache_dir():
@@ -76,7 +79,7 @@ def _compile(target):
                         *tf.sysconfig.get_compile_flags(), SOURCE, "-o",
                         temp, *tf.sysconfig.get_link_flags()])
             result = subprocess.run(command, capture_output=True, text=True,
-                                    check=False)
+                                    check=False, timeout=COMPILE_TIMEOUT_S)
             if result.returncode == 0:
                 os.replace(temp, target)
                 return
@@ -99,7 +102,8 @@ def library():
             logging.info("Compiling the CPU kernels %s into %s", SOURCE, path)
             _compile(path)
         return tf.load_op_library(path)
-    except (OSError, RuntimeError, tf.errors.OpError) as error:
+    except (OSError, RuntimeError, subprocess.SubprocessError,
+            tf.errors.OpError) as error:
         logging.warning(
             "CPU kernels unavailable (%s); training uses TF's own SiLU and "
             "depthwise gradients: same results, slower. Set --nocpu_kernels "

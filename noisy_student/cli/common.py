@@ -357,15 +357,7 @@ def define_train_flags():
                        "Decay of the weights' moving average used to "
                        "evaluate, teach and export (0.9999; 0 = off).",
                        lower_bound=0, upper_bound=1)
-    flags.DEFINE_enum("precision", "float32",
-                      ["float32", "bfloat16", "mixed_float16"],
-                      "Compute precision (bfloat16 on TPU).")
-    flags.DEFINE_enum("strategy", "default",
-                      ["default", "one_device", "mirrored",
-                       "multi_worker_mirrored", "tpu"],
-                      "tf.distribute strategy.")
-    flags.DEFINE_string("tpu", None,
-                        "TPU address for --strategy=tpu ('local' on a VM).")
+    _define_device_flags()
     flags.DEFINE_integer("steps_per_loop", 50,
                          "Steps per tf.function call (TPU host loop).",
                          lower_bound=1)
@@ -377,17 +369,31 @@ def define_train_flags():
                          lower_bound=0)
     flags.DEFINE_integer("log_every", 50,
                          "Steps between progress lines.", lower_bound=0)
+    flags.DEFINE_integer("seed", 0, "Seed of weights, noise and shuffling.",
+                         lower_bound=0, upper_bound=MAX_SEED)
+
+
+def _define_device_flags():
+    """Where and how the step runs: precision, strategy, XLA, CPU kernels."""
+    flags.DEFINE_enum("precision", "float32",
+                      ["float32", "bfloat16", "mixed_float16"],
+                      "Compute precision (bfloat16 on TPU).")
+    flags.DEFINE_enum("strategy", "default",
+                      ["default", "one_device", "mirrored",
+                       "multi_worker_mirrored", "tpu"],
+                      "tf.distribute strategy.")
+    flags.DEFINE_string("tpu", None,
+                        "TPU address for --strategy=tpu ('local' on a VM).")
     flags.DEFINE_bool("jit_compile", False,
                       "XLA-compile the step (slower on CPU; TPU compiles).")
     flags.DEFINE_bool("cpu_kernels", True,
-                      "On CPU in float32 without XLA, train SiLU and the "
-                      "depthwise filter gradients with the project's C++ "
+                      "On CPU in float32 without XLA, train batch norm + "
+                      "SiLU, SiLU, the depthwise filter gradient and the "
+                      "squeeze-and-excite gate with the project's C++ "
                       "kernels, compiled on first use (g++ and TF's headers; "
                       "cached in $NOISY_STUDENT_CACHE, default "
                       "~/.cache/noisy_student). Same results to float "
                       "rounding; TF's ops when they cannot be built.")
-    flags.DEFINE_integer("seed", 0, "Seed of weights, noise and shuffling.",
-                         lower_bound=0, upper_bound=MAX_SEED)
 
 
 def resolve_image_size(model_name):

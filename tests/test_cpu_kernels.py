@@ -1,6 +1,8 @@
 """The compiled CPU kernels equal TF's ops, and everything works without them."""
 
 import logging as std_logging
+import os
+import shutil
 
 import keras
 import numpy as np
@@ -16,8 +18,12 @@ from noisy_student import train_state
 
 @pytest.fixture(scope="module")
 def ops():
+    if not (os.environ.get("CXX") or shutil.which("g++")
+            or shutil.which("c++")):
+        pytest.skip("no C++ compiler: training uses TF's ops (.ci/run "
+                    "installs g++, so CI runs these tests)")
     library = cpu_kernels.library()
-    assert library is not None, "the CPU kernels must build on this machine"
+    assert library is not None, "the CPU kernels must build with a compiler"
     return library
 
 

@@ -380,6 +380,13 @@ ABLATION_RUNS = {
                           "hard labels, noised, no filter or balance"),
     "hard_scratch": Arm(_flagfile("hard_scratch"), "hard",
                         "hard labels, noised, from scratch"),
+    # From scratch and 4x longer, with and without noise: the regime where
+    # an un-noised student can memorise its pseudo-labels.
+    "hard_scratch_long": Arm(_flagfile("hard_scratch_long"), "hard",
+                             "hard labels, noised, from scratch, 2,400 steps"),
+    "hard_scratch_long_no_noise": Arm(
+        _flagfile("hard_scratch_long_no_noise"), "hard",
+        "hard labels, no noise, from scratch, 2,400 steps"),
     "hard_scratch_larger": Arm(
         _flagfile("hard_scratch_larger"), "hard",
         "hard labels, noised, larger student (w0.75-d0.5) from scratch"),

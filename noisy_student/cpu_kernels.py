@@ -1,15 +1,22 @@
-"""CPU kernels for the training step: SiLU and the depthwise filter gradient.
+"""CPU kernels for the training step: batch norm + SiLU, SiLU, the
+depthwise filter gradient and the squeeze-and-excite gate.
 
-On a CPU, TensorFlow runs EfficientNet's SiLU gradient as six elementwise
-kernels and its depthwise filter gradient with a generic kernel; together
-they were the largest share of a B0 step on this project's machine
-(BENCHMARKS.md, "CPU kernels"). `kernels/cpu_kernels.cc` does each in one
-pass. It is compiled on first use with the C++ compiler and the headers of
-the installed TensorFlow (`tf.sysconfig`), cached per source, TF version and
-CPU under `$NOISY_STUDENT_CACHE` (default `~/.cache/noisy_student`), and
-loaded with `tf.load_op_library`. Without a compiler, or when anything in
-that fails, a warning says why once and TF's own ops are used: same results
-to float rounding, slower.
+On a CPU, TensorFlow runs EfficientNet's batch norm and SiLU as separate
+passes (the SiLU gradient as six elementwise kernels), its depthwise
+filter gradient with a generic kernel and the squeeze-and-excite gate's
+gradient as three ops; together they were most of a B0 step on this
+project's machine (BENCHMARKS.md, "CPU kernels"). `kernels/cpu_kernels.cc`
+does each in one kernel per direction. It is compiled on first use with
+the C++ compiler and the headers of the installed TensorFlow
+(`tf.sysconfig`), cached per source, TF version and CPU under
+`$NOISY_STUDENT_CACHE` (default `~/.cache/noisy_student`; delete the folder
+to reclaim its space), checked against its recorded SHA-256 before every
+load (a truncated library would crash the process), and loaded with
+`tf.load_op_library`. Without a compiler, or when anything in that fails,
+a warning says why once per process and TF's own ops are used: the same
+arithmetic with other float rounding, slower. A failed build is recorded
+next to the library, so later processes do not retry it (the warning names
+the record to delete).
 
 Only float32 on CPU devices and without XLA (custom ops have no XLA or GPU
 kernel); `train_state.use_cpu_kernels` decides.
@@ -22,18 +29,25 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import time
 
 from absl import logging
 import tensorflow as tf
 
+from noisy_student import io_utils
+
 SOURCE = os.path.join(os.path.dirname(__file__), "kernels", "cpu_kernels.cc")
 # The machine's own vector instructions; GCC 12 cannot compile Eigen's
-# AVX512-FP16 header, so that extension is left out (retried without the
-# flag for compilers that do not know it).
+# AVX512-FP16 header, so that extension is left out. The next flag set is
+# tried only when the compiler rejects one of these flags.
 ARCH_FLAGS = (("-march=native", "-mno-avx512fp16"), ("-march=native",), ())
 # Seconds one compiler run may take (about 10 here) before it counts as
 # failed.
 COMPILE_TIMEOUT_S = 300
+# Temporary outputs of builds killed midway are removed by the next build
+# once this old.
+TEMP_PREFIX = ".building-"
+STALE_TEMP_S = 2 * COMPILE_TIMEOUT_S
 
 
 def cache_dir():
@@ -61,18 +75,42 @@ def _library_path(source_bytes):
     return os.path.join(cache_dir(), f"cpu_kernels-{key[:16]}.so")
 
 
-def _compile(target):
-    """Compiles SOURCE into `target` (atomically: concurrent processes each
-    write a temporary file and rename). Raises RuntimeError with the
-    compiler's last lines when every flag set fails."""
-    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which(
-        "c++")
-    if not compiler:
-        raise RuntimeError("no C++ compiler (g++ or c++ on PATH, or $CXX)")
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    fd, temp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(target))
+def _compiler():
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+
+
+def _sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _verified(path):
+    """Whether `path` exists and matches the SHA-256 its build recorded."""
+    try:
+        with open(path + ".sha256") as f:
+            return f.read().strip() == _sha256(path)
+    except OSError:
+        return False
+
+
+def _remove_stale_temps(folder):
+    now = time.time()
+    for name in os.listdir(folder):
+        temp = os.path.join(folder, name)
+        if (name.startswith(TEMP_PREFIX) or io_utils.is_temp(name)) and (
+                now - os.path.getmtime(temp) > STALE_TEMP_S):
+            os.remove(temp)
+
+
+def _compile(target, compiler):
+    """Compiles SOURCE into `target`, then records its SHA-256 (each
+    written atomically: concurrent processes each build a temporary file
+    and rename it). Raises RuntimeError with the compiler's last lines."""
+    folder = os.path.dirname(target)
+    os.makedirs(folder, exist_ok=True)
+    _remove_stale_temps(folder)
+    fd, temp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".so", dir=folder)
     os.close(fd)
-    errors = ""
     try:
         for arch in ARCH_FLAGS:
             command = ([compiler, "-shared", "-fPIC", "-O3", "-w", *arch,
@@ -81,14 +119,48 @@ def _compile(target):
             result = subprocess.run(command, capture_output=True, text=True,
                                     check=False, timeout=COMPILE_TIMEOUT_S)
             if result.returncode == 0:
+                digest = _sha256(temp)
                 os.replace(temp, target)
+                io_utils.atomic_write(target + ".sha256", digest + "\n")
                 return
-            errors = result.stderr
-        tail = "\n".join(errors.strip().splitlines()[-5:])
-        raise RuntimeError(f"{compiler} failed:\n{tail}")
+            errors = (result.stderr or result.stdout).strip()
+            if not any(flag in errors for flag in arch):
+                break  # Not a flag this compiler lacks: another set fails too.
+        tail = " | ".join(errors.splitlines()[-3:]) or "no output"
+        raise RuntimeError(f"{compiler} failed (exit {result.returncode}): "
+                           f"{tail}")
     finally:
         if os.path.exists(temp):
             os.remove(temp)
+
+
+def _build(path):
+    """Builds the library at `path` unless an earlier build with the same
+    compiler failed (recorded in path + '.failed'). Raises RuntimeError."""
+    compiler = _compiler()
+    if not compiler:
+        raise RuntimeError("no C++ compiler (g++ or c++ on PATH, or $CXX)")
+    failed = path + ".failed"
+    try:
+        with open(failed) as f:
+            failed_compiler, reason = f.read().split("\n", 1)
+        if failed_compiler == compiler:
+            raise RuntimeError(f"{reason.strip()} (an earlier build; delete "
+                               f"{failed} to retry)")
+    except (OSError, ValueError):
+        pass  # No record of a failure with this compiler.
+    logging.info("Compiling the CPU kernels %s into %s (once per source, TF "
+                 "version and CPU; about 10 s)", SOURCE, path)
+    started = time.time()
+    try:
+        _compile(path, compiler)
+    except (RuntimeError, subprocess.SubprocessError) as error:
+        try:
+            io_utils.atomic_write(failed, f"{compiler}\n{error}\n")
+        except OSError:
+            pass  # Unrecorded: the next process tries again.
+        raise RuntimeError(str(error)) from error
+    logging.info("Compiled the CPU kernels in %.0f s", time.time() - started)
 
 
 @functools.lru_cache(maxsize=None)
@@ -98,16 +170,15 @@ def library():
     try:
         with open(SOURCE, "rb") as f:
             path = _library_path(f.read())
-        if not os.path.exists(path):
-            logging.info("Compiling the CPU kernels %s into %s", SOURCE, path)
-            _compile(path)
+        if not _verified(path):
+            _build(path)
         return tf.load_op_library(path)
-    except (OSError, RuntimeError, subprocess.SubprocessError,
-            tf.errors.OpError) as error:
+    except (OSError, RuntimeError, tf.errors.OpError) as error:
         logging.warning(
-            "CPU kernels unavailable (%s); training uses TF's own SiLU and "
-            "depthwise gradients: same results, slower. Set --nocpu_kernels "
-            "to silence this.", error)
+            "CPU kernels unavailable (%s); training uses TF's own ops for "
+            "batch norm + SiLU, SiLU, depthwise filter gradients and the "
+            "squeeze-and-excite gate: the same arithmetic, slower. "
+            "--nocpu_kernels skips them (and this warning).", error)
         return None
 
 

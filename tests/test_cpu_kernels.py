@@ -245,12 +245,72 @@ def test_without_a_compiler_training_falls_back_to_tfs_ops(
         np.testing.assert_allclose(cpu_kernels.silu(x), tf.nn.silu(x))
     finally:
         cpu_kernels.library.cache_clear()
-    assert not list(tmp_path.iterdir())  # No half-written library left.
+    # No half-written library left; the failure is recorded.
+    assert [p.suffix for p in tmp_path.iterdir()] == [".failed"]
+
+
+def test_a_failed_build_is_not_retried_by_later_processes(
+        monkeypatch, tmp_path, caplog):
+    # A compiler that fails on this source (not on a flag): run once, its
+    # failure recorded, and not run again by a later process.
+    calls = tmp_path / "calls"
+    compiler = tmp_path / "cxx"
+    compiler.write_text(f"#!/bin/sh\necho x >> {calls}\n"
+                        "echo 'error: no such header' >&2\nexit 1\n")
+    compiler.chmod(0o755)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("NOISY_STUDENT_CACHE", str(cache))
+    monkeypatch.setenv("CXX", str(compiler))
+    stale = cache / (cpu_kernels.TEMP_PREFIX + "killed.so")
+    cache.mkdir()
+    stale.write_bytes(b"half a library")
+    os.utime(stale, (0, 0))
+    try:
+        for _ in range(2):
+            cpu_kernels.library.cache_clear()
+            with caplog.at_level(std_logging.WARNING):
+                assert cpu_kernels.library() is None
+    finally:
+        cpu_kernels.library.cache_clear()
+    assert calls.read_text() == "x\n"
+    assert "error: no such header" in caplog.text
+    assert "delete" in caplog.text and ".failed to retry" in caplog.text
+    assert not stale.exists()  # A killed build's leftover is removed.
+
+
+def test_a_truncated_library_is_rebuilt_not_loaded(monkeypatch, tmp_path,
+                                                   ops):
+    # Loading a truncated library kills the process (SIGBUS): the recorded
+    # SHA-256 must stop it first.
+    del ops  # Built: its file is the good copy.
+    good = cpu_kernels._library_path(open(cpu_kernels.SOURCE, "rb").read())  # pylint: disable=protected-access
+    monkeypatch.setenv("NOISY_STUDENT_CACHE", str(tmp_path))
+    path = cpu_kernels._library_path(open(cpu_kernels.SOURCE, "rb").read())  # pylint: disable=protected-access
+    data = open(good, "rb").read()
+    open(path, "wb").write(data[:len(data) // 2])
+    open(path + ".sha256", "w").write(open(good + ".sha256").read())
+    builds = []
+
+    def rebuild(target):
+        builds.append(target)
+        shutil.copy(good, target)
+
+    loaded = []
+    monkeypatch.setattr(cpu_kernels, "_build", rebuild)
+    # Recorded, not loaded: a second copy of the ops in one process would
+    # register every kernel twice.
+    monkeypatch.setattr(tf, "load_op_library", loaded.append)
+    cpu_kernels.library.cache_clear()
+    try:
+        cpu_kernels.library()
+    finally:
+        cpu_kernels.library.cache_clear()
+    assert builds == [path] and loaded == [path]
 
 
 def test_a_compiled_library_is_reused_from_the_cache(monkeypatch, ops):
-    def no_compiler(target):
-        raise AssertionError(f"recompiled {target}")
+    def no_compiler(target, compiler):
+        raise AssertionError(f"recompiled {target} with {compiler}")
 
     monkeypatch.setattr(cpu_kernels, "_compile", no_compiler)
     cpu_kernels.library.cache_clear()

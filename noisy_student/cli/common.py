@@ -392,8 +392,10 @@ def _define_device_flags():
                       "squeeze-and-excite gate with the project's C++ "
                       "kernels, compiled on first use (g++ and TF's headers; "
                       "cached in $NOISY_STUDENT_CACHE, default "
-                      "~/.cache/noisy_student). Same results to float "
-                      "rounding; TF's ops when they cannot be built.")
+                      "~/.cache/noisy_student; about 10 s, once). Same "
+                      "arithmetic, other float rounding; TF's ops when they "
+                      "cannot be built. GPU, TPU and XLA runs never use "
+                      "them.")
 
 
 def resolve_image_size(model_name):

@@ -674,9 +674,16 @@ def common_seeds(gains, *keys):
 NOISE_PAIRS = {"soft": ("main", "no_noise"),
                "hard": ("hard_labels", "hard_no_noise"),
                "hard, pseudo-labels only": ("hard_pseudo_only",
-                                            "hard_pseudo_only_no_noise")}
+                                            "hard_pseudo_only_no_noise"),
+               "soft, pseudo-labels only": ("pseudo_only",
+                                            "pseudo_only_no_noise"),
+               "hard, from scratch, 2,400 steps": (
+                   "hard_scratch_long", "hard_scratch_long_no_noise")}
 PAIR_NAMES = {"soft": "soft labels", "hard": "hard labels",
-              "hard, pseudo-labels only": "hard labels, pseudo-labels only"}
+              "hard, pseudo-labels only": "hard labels, pseudo-labels only",
+              "soft, pseudo-labels only": "soft labels, pseudo-labels only",
+              "hard, from scratch, 2,400 steps":
+                  "hard labels, from scratch, 2,400 steps"}
 # Each noise source alone (the other removed), with hard labels.
 NOISE_SOURCES = ("hard_no_dropout_sd", "hard_no_randaugment")
 

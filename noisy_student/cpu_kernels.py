@@ -194,10 +194,7 @@ def silu(x):
     ops = library()
     if ops is None or x.dtype != tf.float32:
         return tf.nn.silu(x)
-    return _silu(ops, x)
 
-
-def _silu(ops, x):
     @tf.custom_gradient
     def forward(features):
         def grad(dy):

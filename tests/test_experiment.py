@@ -185,6 +185,9 @@ def test_pipeline_end_to_end_then_rerun_is_a_no_op(uninterrupted, tmp_path):
     assert changed.returncode != 0
     assert "iteration1/train" in changed.stderr and "--overwrite" in (
         changed.stderr)
+    # ... naming the flag that changed, with its recorded value.
+    assert "--student_train_steps=30 (was 60)" in changed.stderr, (
+        changed.stderr[-3000:])
     assert stage_times(workdir) == before
     # One more iteration: iterations 0-1 are kept, 2 added, the export
     # redone from it.

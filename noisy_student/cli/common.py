@@ -542,6 +542,43 @@ def select_config(pred_dir, out_dir):
         seed=FLAGS.select_seed)
 
 
+def _flag_values(text):
+    """{"--name": value} of a flagfile's lines ("--name=value"; a boolean
+    is "--name" or "--noname")."""
+    values = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if "=" in line:
+            name, value = line.split("=", 1)
+            values[name] = value
+        elif line.startswith("--no"):
+            values["--" + line[4:]] = "false"
+        elif line.startswith("--"):
+            values[line] = "true"
+    return values
+
+
+def changed_flags(folder):
+    """The flags whose values differ from those folder/flags.txt recorded
+    (written by `write_flags` at the folder's last run).
+
+    Returns:
+      ["--name=now (was recorded)", ...] sorted by name; [] when no
+      flags.txt can be read.
+    """
+    try:
+        with tf.io.gfile.GFile(os.path.join(folder, "flags.txt")) as f:
+            recorded = _flag_values(f.read())
+    except (OSError, tf.errors.OpError):
+        return []
+    now = _flag_values(FLAGS.flags_into_string())
+    # A flag absent from one side is at its default there.
+    return [f"{name}={now.get(name, '(default)')} "
+            f"(was {recorded.get(name, '(default)')})"
+            for name in sorted(set(now) | set(recorded))
+            if now.get(name) != recorded.get(name)]
+
+
 def write_flags(folder):
     """Writes the resolved flags (a flagfile) into `folder`."""
     from noisy_student import io_utils  # pylint: disable=g-import-not-at-top

@@ -104,7 +104,14 @@ def main(argv):
         experiment.migrate(config)
         # A workdir of other settings fails here, before flags.txt is
         # written; the checked plan is the one that runs.
-        steps = experiment.check(config)
+        try:
+            steps = experiment.check(config)
+        except ValueError as e:
+            changed = common.changed_flags(FLAGS.workdir)
+            if not changed:
+                raise
+            raise ValueError(f"{e} Flags that differ from its last run "
+                             f"(flags.txt): {', '.join(changed)}.") from e
         common.write_flags(FLAGS.workdir)
         experiment.run(config, steps)
 

@@ -69,7 +69,8 @@ def evaluate_and_print():
         imagenet_a_dir=FLAGS.imagenet_a_dir)
     # Folder sources' scan reports go beside the results (if written).
     data = common.data_config(scan_dir=FLAGS.output_dir or None)
-    results = stages.run_eval(config, data, FLAGS.part)
+    results = stages.run_eval(config, data, FLAGS.part,
+                              channels_given=FLAGS["channels"].present)
     print({k: v for k, v in results.get("clean", {}).items()
            if k in ("top1", "top5", "ece", "num_examples")})
 

@@ -188,10 +188,17 @@ MIN_IMAGE_SIZE = 3
 def define_float(name, default, help_text, lower_bound=None,
                  upper_bound=None, above=None, below=None):
     """flags.DEFINE_float that also refuses what the configs would refuse
-    later: NaN and infinities, and the open bounds absl's inclusive
-    lower_bound/upper_bound cannot state (`above`: value > above; `below`:
-    value < below). A refused value fails when the flags are parsed, as
-    "flag --NAME=VALUE: expected ...", before any work."""
+    later: NaN, infinities and values at an open bound.
+
+    A refused value fails when the flags are parsed, as
+    "flag --NAME=VALUE: expected ...", before any work.
+
+    Args:
+      name, default, help_text: As flags.DEFINE_float's.
+      lower_bound, upper_bound: Inclusive bounds (absl's, shown in --help).
+      above: Open lower bound: the value must be > above.
+      below: Open upper bound: the value must be < below.
+    """
     flags.DEFINE_float(name, default, help_text, lower_bound=lower_bound,
                        upper_bound=upper_bound)
 

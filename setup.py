@@ -32,6 +32,9 @@ setuptools.setup(
     extras_require={
         "test": [
             "pytest>=8",
+            # Runs the suite on every core (up to 4), one test module per
+            # worker so a module's fixtures are built once.
+            "pytest-xdist>=3",
             # Reference implementations the augmentation ops are checked
             # against, and real sample images.
             "pillow>=10",

@@ -21,10 +21,12 @@ idea; the names are read here too (`block_prefixes`, `freeze_blocks`,
 `stage_outputs`), so no other module re-derives them.
 """
 
+import contextlib
 import dataclasses
 import math
 import re
 import string
+import sys
 
 import keras
 
@@ -343,7 +345,28 @@ def build_efficientnet(variant=None, *, width=None, depth=None,
     x = _blocks(x, width, depth, small_images, stochastic_depth_rate,
                 batch_norm)
     outputs = _head(x, width, num_classes, dropout_rate, batch_norm)
-    return keras.Model(inputs, outputs, name=name)
+    with deep_graph_recursion():
+        return keras.Model(inputs, outputs, name=name)
+
+
+# Python frames Keras may take to map a functional graph: it recurses once
+# per layer on the graph's longest path, about 950 frames for L2, next to
+# Python's default limit of 1000, so L2 failed to build or load from any
+# deeper call stack (a notebook, a test runner's worker).
+GRAPH_RECURSION_LIMIT = 10_000
+
+
+@contextlib.contextmanager
+def deep_graph_recursion():
+    """Raises Python's recursion limit to GRAPH_RECURSION_LIMIT (never
+    lowers it) while Keras builds or loads a functional model; restores it
+    after."""
+    before = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(before, GRAPH_RECURSION_LIMIT))
+    try:
+        yield
+    finally:
+        sys.setrecursionlimit(before)
 
 
 def _resolve_variant(variant, width, depth, image_size, dropout_rate, name):

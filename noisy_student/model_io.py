@@ -19,7 +19,7 @@ Paths are local or gs:// (everything goes through tf.io.gfile).
 import keras
 import tensorflow as tf
 
-from noisy_student import efficientnet  # noqa: F401  (registers layers)
+from noisy_student import efficientnet
 from noisy_student import io_utils
 from noisy_student import layers  # noqa: F401  (registers layers)
 
@@ -150,7 +150,8 @@ def keras_path(path):
 
 def _load_keras(path, what):
     try:
-        return keras.saving.load_model(path, compile=False)
+        with efficientnet.deep_graph_recursion():
+            return keras.saving.load_model(path, compile=False)
     except Exception as e:  # pylint: disable=broad-except
         raise ValueError(
             f"Expected a readable Keras model file. Received: {what}={path} "

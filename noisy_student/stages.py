@@ -293,19 +293,35 @@ def run_select(select_config):
     return select_lib.select(select_config)
 
 
-def run_eval(eval_config, data, part="test"):
+def run_eval(eval_config, data, part="test", channels_given=True):
     """Evaluates a trained model on the test (or validation) images.
+
+    The images are read with the model's channels, as its SavedModel
+    serves them.
 
     Args:
       eval_config: An `evaluate.EvalConfig` (its class names default to the
         model's, then the source's).
       data: The `DataConfig` of the test / validation source.
       part: "test" or "validation".
+      channels_given: Whether the user set data.channels (--channels); when
+        not, the model's are used.
 
     Returns:
       The results dict of `evaluate.run_evaluation`.
+
+    Raises:
+      ValueError: for given channels that differ from the model's.
     """
     model = model_io.load_model(eval_config.model_path)
+    model_channels = model_io.channels(model)
+    if model_channels and data.channels != model_channels:
+        if channels_given:
+            raise ValueError(
+                f"--channels={data.channels}, but the model at "
+                f"{eval_config.model_path} takes {model_channels}-channel "
+                "images; leave --channels out to read them as it does.")
+        data = dataclasses.replace(data, channels=model_channels)
     model_names = model_info.read_class_names(eval_config.model_path)
     source = data.eval_source(
         part, num_classes=model_io.check_num_classes(

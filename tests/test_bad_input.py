@@ -226,9 +226,28 @@ BAD_NUMBERS = {
                  "--steps_per_loop=0", "--iterations=-1", "--ema_decay=2",
                  "--label_smoothing=-1", "--validation_size=-3",
                  "--seed=-1", "--split_seed=4294967296", "--image_size=2",
-                 "--select_seed=-2"],
-    "evaluate": ["--eval_batch_size=0", "--pgd_steps=-1"],
+                 "--select_seed=-2",
+                 # Open bounds and non-finite numbers (absl's own bounds
+                 # are inclusive and let NaN through).
+                 "--temperature=0", "--base_learning_rate=0",
+                 "--lr_decay_epochs=0", "--ema_decay=1",
+                 "--student_dropout_rate=1", "--label_smoothing=1",
+                 "--teacher_stochastic_depth_rate=1", "--log_every=0",
+                 "--channels=2", "--base_learning_rate=nan",
+                 "--student_magnitude=inf", "--weight_decay=-inf",
+                 "--min_confidence=nan"],
+    "evaluate": ["--eval_batch_size=0", "--pgd_steps=-1", "--epsilons=abc",
+                 "--epsilons=2,-1", "--epsilons=nan", "--channels=4"],
     "predict": ["--num_shards=0", "--shard_index=-1", "--num_classes=0"],
+}
+# Values at those bounds that are valid: accepted.
+GOOD_NUMBERS = {
+    "pipeline": ["--temperature=0.01", "--ema_decay=0", "--ema_decay=0.99999",
+                 "--student_dropout_rate=0", "--label_smoothing=0",
+                 "--teacher_stochastic_depth_rate=0.999", "--log_every=1",
+                 "--channels=1", "--channels=3", "--min_confidence=1"],
+    "evaluate": ["--epsilons=0,2,8", "--epsilons=0.5"],
+    "predict": ["--num_shards=1"],
 }
 # Required flags, so that only the number under test can be wrong.
 REQUIRED = {"pipeline": ["--workdir=w"], "evaluate": ["--model_path=m"],
@@ -243,23 +262,30 @@ for arg in sys.argv[1:]:
         print("ACCEPTED", arg)
     except flags.Error as e:
         print("REFUSED", e)
+    flags.FLAGS.unparse_flags()  # Back to the defaults: one bad flag a time.
 """
 
 
 def test_out_of_range_numbers_are_refused_naming_the_flag():
     processes = {m: subprocess.Popen(
         [sys.executable, "-c",
-         PARSE_EACH.format(module=m, required=REQUIRED[m]), *args],
+         PARSE_EACH.format(module=m, required=REQUIRED[m]),
+         *BAD_NUMBERS[m], *GOOD_NUMBERS[m]],
         cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for m, args in BAD_NUMBERS.items()}
+        for m in BAD_NUMBERS}
     for module, process in processes.items():
         out, err = process.communicate(timeout=300)
         assert process.returncode == 0, err[-2000:]
         lines = out.splitlines()
-        assert len(lines) == len(BAD_NUMBERS[module]), out
-        for arg, line in zip(BAD_NUMBERS[module], lines):
-            assert line.startswith(f"REFUSED flag {arg}: "), (module, line)
+        bad, good = BAD_NUMBERS[module], GOOD_NUMBERS[module]
+        assert len(lines) == len(bad) + len(good), out
+        for arg, line in zip(bad, lines):
+            # absl names the flag with its parsed value (2 -> 2.0).
+            name = arg.split("=")[0]
+            assert line.startswith(f"REFUSED flag {name}="), (module, line)
+        for arg, line in zip(good, lines[len(bad):]):
+            assert line == f"ACCEPTED {arg}", (module, line)
 
 
 def test_user_errors_exit_2_with_a_message_naming_the_flag(tmp_path):

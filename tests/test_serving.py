@@ -5,6 +5,7 @@ it with ns-eval's stage, exports the model, and serves the same files in a
 fresh process that imports only TensorFlow.
 """
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -104,6 +105,17 @@ def parity(tmp_path_factory):
         data = stages.DataConfig(test=f"folder:{folder}", channels=channels)
         stages.run_eval(config, data)
         evaluated[channels] = dict(np.load(eval_dir / "predictions.npz"))
+        # ns-eval without --channels: read with the model's, whatever the
+        # data config's default says.
+        other = dataclasses.replace(data, channels=4 - channels)
+        stages.run_eval(dataclasses.replace(
+            config, output_dir=str(eval_dir) + "_default"), other,
+            channels_given=False)
+        evaluated[f"{channels} by default"] = dict(
+            np.load(f"{eval_dir}_default/predictions.npz"))
+        with pytest.raises(ValueError, match=rf"--channels={4 - channels}, "
+                           rf"but the model .* takes {channels}-channel"):
+            stages.run_eval(config, other)
         out_dir = tmp / f"served{channels}"
         export.export_from_config(export.ExportConfig(
             model_path=str(model_dir), out_dir=str(out_dir)))
@@ -116,6 +128,14 @@ def parity(tmp_path_factory):
                    timeout=300)
     served = {c: dict(np.load(tmp / f"out{c}.npz")) for c in (3, 1)}
     return evaluated, served, len(files)
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_eval_reads_images_with_the_models_channels(parity, channels):
+    evaluated, _, _ = parity
+    np.testing.assert_array_equal(
+        evaluated[f"{channels} by default"]["probabilities"],
+        evaluated[channels]["probabilities"])
 
 
 @pytest.mark.parametrize("channels", [3, 1])

@@ -13,6 +13,7 @@ every command.
 """
 
 import contextlib
+import math
 import os
 import sys
 
@@ -184,6 +185,36 @@ MAX_SEED = 2**32 - 1
 MIN_IMAGE_SIZE = 3
 
 
+def define_float(name, default, help_text, lower_bound=None,
+                 upper_bound=None, above=None, below=None):
+    """flags.DEFINE_float that also refuses what the configs would refuse
+    later: NaN, infinities and values at an open bound.
+
+    A refused value fails when the flags are parsed, as
+    "flag --NAME=VALUE: expected ...", before any work.
+
+    Args:
+      name, default, help_text: As flags.DEFINE_float's.
+      lower_bound, upper_bound: Inclusive bounds (absl's, shown in --help).
+      above: Open lower bound: the value must be > above.
+      below: Open upper bound: the value must be < below.
+    """
+    flags.DEFINE_float(name, default, help_text, lower_bound=lower_bound,
+                       upper_bound=upper_bound)
+
+    def check(value):
+        return value is None or (
+            math.isfinite(value) and (above is None or value > above)
+            and (below is None or value < below))
+    expected = ["a finite number"]
+    if above is not None:
+        expected.append(f"> {above:g}")
+    if below is not None:
+        expected.append(f"< {below:g}")
+    flags.register_validator(name, check,
+                             message="expected " + ", ".join(expected))
+
+
 def define_data_flags(demo=False):
     """The data source flags; `demo`: default to the digits demo (only the
     noisy-student command, which runs it); other commands have no default
@@ -217,8 +248,9 @@ def define_data_flags(demo=False):
     flags.DEFINE_string("data_dir", None,
                         "TFDS data folder (local or gs://).")
     flags.DEFINE_integer("channels", 3,
-                         "Image channels given to the model (1 or 3).",
-                         lower_bound=1)
+                         "Image channels given to the model (1 or 3).")
+    flags.register_validator("channels", lambda value: value in (1, 3),
+                             message="expected 1 or 3")
     flags.DEFINE_bool("skip_corrupt", True,
                       "Folder sources: leave out image files that do not "
                       "decode (checked once before any work, named in the "
@@ -286,20 +318,20 @@ def define_role_flags(prefix, role, default_model="b0", steps=1000,
                       ["randaugment", "keras_cv", "none"],
                       f"Input noise of the {role}: the paper's RandAugment "
                       "(ours), keras_cv's, or none.")
-    flags.DEFINE_float(prefix + "magnitude", magnitude,
-                       f"RandAugment magnitude M of the {role} on the paper's "
-                       "0..10 scale, > 10 allowed (paper: 27 for B7, 5 SVHN).",
-                       lower_bound=0)
+    define_float(prefix + "magnitude", magnitude,
+                 f"RandAugment magnitude M of the {role} on the paper's "
+                 "0..10 scale, > 10 allowed (paper: 27 for B7, 5 SVHN).",
+                 lower_bound=0)
     flags.DEFINE_integer(prefix + "num_layers", 2,
                          f"RandAugment ops per image N of the {role} (2).",
                          lower_bound=0)
-    flags.DEFINE_float(prefix + "dropout_rate", None,
-                       f"Head dropout of the {role}; default: the variant's "
-                       "(B0 0.2 ... B7 0.5).", lower_bound=0, upper_bound=1)
-    flags.DEFINE_float(prefix + "stochastic_depth_rate", 0.2,
-                       f"Base stochastic-depth drop rate of the {role} "
-                       "(paper: 0.2; rate of block i is 0.2*i/n).",
-                       lower_bound=0, upper_bound=1)
+    define_float(prefix + "dropout_rate", None,
+                 f"Head dropout of the {role}; default: the variant's "
+                 "(B0 0.2 ... B7 0.5).", lower_bound=0, below=1)
+    define_float(prefix + "stochastic_depth_rate", 0.2,
+                 f"Base stochastic-depth drop rate of the {role} "
+                 "(paper: 0.2; rate of block i is 0.2*i/n).",
+                 lower_bound=0, below=1)
 
 
 def define_train_flags():
@@ -325,12 +357,12 @@ def define_train_flags():
                                                "adamw"],
                       "Optimizer (paper: RMSProp rho 0.9, momentum 0.9, "
                       "eps 1e-3).")
-    flags.DEFINE_float("base_learning_rate", 0.016,
-                       "Learning rate per 256 labeled images, scaled to "
-                       "--batch_size (official code's flag: 0.016).",
-                       lower_bound=0)
-    flags.DEFINE_float("warmup_epochs", 5.0, "Linear warm-up epochs (5).",
-                       lower_bound=0)
+    define_float("base_learning_rate", 0.016,
+                 "Learning rate per 256 labeled images, scaled to "
+                 "--batch_size (official code's flag: 0.016).",
+                 above=0)
+    define_float("warmup_epochs", 5.0, "Linear warm-up epochs (5).",
+                 lower_bound=0)
     flags.DEFINE_integer("warmup_steps", None,
                          "Warm-up in steps; overrides --warmup_epochs.",
                          lower_bound=0)
@@ -338,25 +370,25 @@ def define_train_flags():
                       ["exponential", "cosine", "constant"],
                       "exponential: x0.97 every 2.4 epochs (paper); cosine "
                       "over the run.")
-    flags.DEFINE_float("lr_decay_epochs", 2.4,
-                       "Epochs between x0.97 decays (paper: 2.4).",
-                       lower_bound=0)
-    flags.DEFINE_float("weight_decay", 1e-5,
-                       "L2 weight decay on non-batch-norm weights (1e-5).",
-                       lower_bound=0)
-    flags.DEFINE_float("label_smoothing", 0.1,
-                       "Label smoothing of the labeled loss (0.1).",
-                       lower_bound=0, upper_bound=1)
-    flags.DEFINE_float("labeled_loss_weight", 1.0,
-                       "Weight of the labeled cross-entropy in a student's "
-                       "loss (1: the paper's; 0: pseudo-labels only, the "
-                       "labeled images still forwarded; an ablation, not in "
-                       "the paper). The pipeline's teacher always uses 1.",
-                       lower_bound=0)
-    flags.DEFINE_float("ema_decay", 0.9999,
-                       "Decay of the weights' moving average used to "
-                       "evaluate, teach and export (0.9999; 0 = off).",
-                       lower_bound=0, upper_bound=1)
+    define_float("lr_decay_epochs", 2.4,
+                 "Epochs between x0.97 decays (paper: 2.4).",
+                 above=0)
+    define_float("weight_decay", 1e-5,
+                 "L2 weight decay on non-batch-norm weights (1e-5).",
+                 lower_bound=0)
+    define_float("label_smoothing", 0.1,
+                 "Label smoothing of the labeled loss (0.1).",
+                 lower_bound=0, below=1)
+    define_float("labeled_loss_weight", 1.0,
+                 "Weight of the labeled cross-entropy in a student's "
+                 "loss (1: the paper's; 0: pseudo-labels only, the "
+                 "labeled images still forwarded; an ablation, not in "
+                 "the paper). The pipeline's teacher always uses 1.",
+                 lower_bound=0)
+    define_float("ema_decay", 0.9999,
+                 "Decay of the weights' moving average used to "
+                 "evaluate, teach and export (0.9999; 0 = off).",
+                 lower_bound=0, below=1)
     _define_device_flags()
     flags.DEFINE_integer("steps_per_loop", 50,
                          "Steps per tf.function call (TPU host loop).",
@@ -368,7 +400,7 @@ def define_train_flags():
                          "Steps between validations (0: only at the end).",
                          lower_bound=0)
     flags.DEFINE_integer("log_every", 50,
-                         "Steps between progress lines.", lower_bound=0)
+                         "Steps between progress lines.", lower_bound=1)
     flags.DEFINE_integer("seed", 0, "Seed of weights, noise and shuffling.",
                          lower_bound=0, upper_bound=MAX_SEED)
 
@@ -508,15 +540,15 @@ def define_select_flags():
         "classes with fewer are duplicated up to K (paper: 130,000 on "
         "ImageNet). Unset or 0: keep every confident image once.",
         lower_bound=0)
-    flags.DEFINE_float("min_confidence", 0.3,
-                       "Drop images whose top probability is below this "
-                       "(paper: 0.3).", lower_bound=0, upper_bound=1)
+    define_float("min_confidence", 0.3,
+                 "Drop images whose top probability is below this "
+                 "(paper: 0.3).", lower_bound=0, upper_bound=1)
     flags.DEFINE_enum("label_type", "soft", ["soft", "hard"],
                       "Soft (probabilities, paper's best) or hard (one-hot) "
                       "pseudo-labels.")
-    flags.DEFINE_float("temperature", 1.0,
-                       "T of soft targets p^(1/T), renormalised (1 keeps the "
-                       "teacher's; -> 0 approaches one-hot).", lower_bound=0)
+    define_float("temperature", 1.0,
+                 "T of soft targets p^(1/T), renormalised (1 keeps the "
+                 "teacher's; -> 0 approaches one-hot).", above=0)
     flags.DEFINE_bool("duplicate", True,
                       "Duplicate the images of classes with fewer than K up "
                       "to K (the paper's balancing; --noduplicate keeps at "

@@ -4,6 +4,8 @@
   ns-eval --model_path=... --corruptions=gaussian_noise,jpeg --epsilons=0,2,8
 """
 
+import math
+
 from absl import flags
 
 from noisy_student import corruptions
@@ -23,6 +25,18 @@ flags.DEFINE_integer("eval_batch_size", 64, "Images per batch.", lower_bound=1)
 flags.DEFINE_list("corruptions", [], "On-the-fly corruptions to score "
                   f"(any of {', '.join(corruptions.CORRUPTION_NAMES)}).")
 flags.DEFINE_list("epsilons", [], "FGSM/PGD epsilons in pixels of [0, 255].")
+
+
+def _epsilons_are_numbers(values):
+    try:
+        return all(math.isfinite(float(v)) and float(v) >= 0 for v in values)
+    except ValueError:
+        return False
+
+
+flags.register_validator(
+    "epsilons", _epsilons_are_numbers,
+    message="expected comma-separated numbers >= 0 (pixels of [0, 255])")
 flags.DEFINE_enum("attack", "fgsm", ["fgsm", "pgd"], "Adversarial attack.")
 flags.DEFINE_integer("pgd_steps", 10, "PGD iterations.", lower_bound=0)
 flags.DEFINE_string("imagenet_c_dir", "", "TFDS data_dir holding "
@@ -55,7 +69,8 @@ def evaluate_and_print():
         imagenet_a_dir=FLAGS.imagenet_a_dir)
     # Folder sources' scan reports go beside the results (if written).
     data = common.data_config(scan_dir=FLAGS.output_dir or None)
-    results = stages.run_eval(config, data, FLAGS.part)
+    results = stages.run_eval(config, data, FLAGS.part,
+                              channels_given=FLAGS["channels"].present)
     print({k: v for k, v in results.get("clean", {}).items()
            if k in ("top1", "top5", "ece", "num_examples")})
 

@@ -113,7 +113,8 @@ class EvalConfig:
             fail(f"{self.num_classes} class_names", "class_names")
 
 
-def run_evaluation(config, dataset=None, model=None, recipe=None):
+def run_evaluation(config, dataset=None, model=None, recipe=None,
+                   paths=None):
     """Runs every evaluation the config asks for and writes results.json.
 
     The images go through the model's eval transform
@@ -128,6 +129,8 @@ def run_evaluation(config, dataset=None, model=None, recipe=None):
         `model_io.load_model(model_path)`.
       recipe: The model's `preprocess.Recipe`; by default the one recorded
         with config.model_path.
+      paths: The images' file paths in data set order (folder sources),
+        written beside their results; None when they have none.
 
     Returns:
       The results dict (also written to output_dir/results.json, with the
@@ -151,7 +154,7 @@ def run_evaluation(config, dataset=None, model=None, recipe=None):
         if recipe is None and config.model_path:
             recipe = preprocess_lib.read_recipe(config.model_path)
         dataset = inference.model_pixels(dataset, model, recipe)
-        results.update(_evaluate_dataset(config, model, dataset))
+        results.update(_evaluate_dataset(config, model, dataset, paths))
         clean_error = results["clean"]["error"]
     if config.imagenet_c_dir:
         results["imagenet_c"] = imagenet_c.evaluate_imagenet_c(
@@ -165,13 +168,14 @@ def run_evaluation(config, dataset=None, model=None, recipe=None):
     return results
 
 
-def _evaluate_dataset(config, model, dataset):
+def _evaluate_dataset(config, model, dataset, paths=None):
     """Clean, corruption and adversarial results on the model's pixels.
 
     Args:
       config: The `EvalConfig`.
       model: The loaded model.
       dataset: Labeled data set already through the eval transform.
+      paths: Its images' file paths, or None.
 
     Returns:
       {"clean": ..., and "corruptions" / "adversarial" when asked for}.
@@ -186,7 +190,7 @@ def _evaluate_dataset(config, model, dataset):
         else None,
         class_names=names, preprocess=inference.as_model_pixels,
         predictions_path=io_utils.join(out, "predictions.npz") if out
-        else None)}
+        else None, paths=paths)}
     if out:
         mistakes = results["clean"]["most_confident_mistakes"]
         report.write_png(io_utils.join(out, "mistakes.png"),

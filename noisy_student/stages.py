@@ -337,7 +337,7 @@ def run_eval(eval_config, data, part="test", channels_given=True):
                            data=data, part=part)
     # run_evaluation applies the model's eval transform (and its recipe).
     return evaluate.run_evaluation(eval_config, dataset=source.dataset,
-                                   model=model)
+                                   model=model, paths=source.files)
 
 
 def run_export(export_config):

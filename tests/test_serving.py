@@ -93,7 +93,7 @@ def parity(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("parity")
     folder, files, turns = user_folder(tmp / "images")
     request = {"models": [], "files": files, "rot90": turns}
-    evaluated = {}
+    evaluated = {"files": files}
     for channels in (3, 1):
         model_dir = tmp / f"model{channels}"
         model_dir.mkdir()
@@ -103,7 +103,7 @@ def parity(tmp_path_factory):
                                      output_dir=str(eval_dir),
                                      num_classes=len(CLASSES))
         data = stages.DataConfig(test=f"folder:{folder}", channels=channels)
-        stages.run_eval(config, data)
+        evaluated[f"{channels} results"] = stages.run_eval(config, data)
         evaluated[channels] = dict(np.load(eval_dir / "predictions.npz"))
         # ns-eval without --channels: read with the model's, whatever the
         # data config's default says.
@@ -128,6 +128,18 @@ def parity(tmp_path_factory):
                    timeout=300)
     served = {c: dict(np.load(tmp / f"out{c}.npz")) for c in (3, 1)}
     return evaluated, served, len(files)
+
+
+def test_eval_results_name_the_files(parity):
+    evaluated, _, _ = parity
+    files = sorted(evaluated["files"])  # the folder's order
+    for channels in (3, 1):
+        assert list(evaluated[channels]["paths"]) == files
+        mistakes = evaluated[f"{channels} results"]["clean"][
+            "most_confident_mistakes"]
+        assert mistakes, "the untrained model should make some"
+        for mistake in mistakes:
+            assert mistake["path"] == files[mistake["index"]]
 
 
 @pytest.mark.parametrize("channels", [3, 1])

@@ -88,6 +88,7 @@ class ImageSource:
         them (a folder's sorted sub-folder names, a TFDS label's names).
       scan: A folder source's `image_scan.ScanResult` (what it decoded,
         skipped and ignored), else None.
+      files: A folder source's image paths in data set order, else None.
     """
     dataset: tf.data.Dataset
     num_examples: int | None
@@ -97,6 +98,7 @@ class ImageSource:
     spec: str
     class_names: tuple | None = None
     scan: image_scan.ScanResult | None = None
+    files: tuple | None = None
 
 
 def parse_spec(spec):
@@ -190,7 +192,8 @@ def load_source(spec, *, labeled=True, subset=None, channels=None,
                              keep_encoded)
         return ImageSource(ds, len(files), n_classes if labeled else None,
                            None, _allows_flip(path), spec,
-                           tuple(class_names) if labeled else None, scan)
+                           tuple(class_names) if labeled else None, scan,
+                           tuple(files))
     if kind == "npz":
         x, y = arrays.read_npz(path, need_labels)
     elif kind == "idx":

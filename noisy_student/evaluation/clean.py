@@ -59,7 +59,8 @@ def confusion_matrix_png(matrix, class_names=None, title=None):
 
 def evaluate_clean(model, dataset, *, num_classes=None, batch_size=64,
                    top_k=5, ece_bins=metrics.ECE_BINS, confusion_png=None,
-                   class_names=None, preprocess=None, predictions_path=None):
+                   class_names=None, preprocess=None, predictions_path=None,
+                   paths=None):
     """Clean accuracy, calibration and confusion matrix on a data set.
 
     Args:
@@ -75,28 +76,40 @@ def evaluate_clean(model, dataset, *, num_classes=None, batch_size=64,
         `inference.predict_logits`).
       predictions_path: Optional .npz path for the per-image results, in
         data set order: `probabilities` float32 [N, K] (softmax),
-        `labels` int64 [N], `predictions` int64 [N].
+        `labels` int64 [N], `predictions` int64 [N], and with `paths`
+        `paths` str [N].
+      paths: Optional file path of every image, in data set order: saved
+        with the predictions and named in the mistakes.
 
     Returns:
       The dict of `metrics.classification_metrics`, plus
-      "most_confident_mistakes" (see `metrics.most_confident_mistakes`).
+      "most_confident_mistakes" (see `metrics.most_confident_mistakes`;
+      each with its "path" when `paths` is given).
 
     Raises:
-      ValueError: if num_classes differs from the model's class count or a
-        label is outside the model's classes.
+      ValueError: if num_classes differs from the model's class count, a
+        label is outside the model's classes, or `paths` is not one per
+        image.
     """
     model_classes = model_io.check_num_classes(model, num_classes)
     logits, labels = inference.predict_logits(model, dataset, batch_size,
                                               preprocess)
     results = metrics.classification_metrics(logits, labels, model_classes,
                                              top_k, ece_bins)
-    results["most_confident_mistakes"] = metrics.most_confident_mistakes(
-        logits, labels)
+    mistakes = metrics.most_confident_mistakes(logits, labels)
+    if paths is not None:
+        if len(paths) != len(labels):
+            raise ValueError(f"Expected a path per image ({len(labels)}). "
+                             f"Received: {len(paths)} paths")
+        for mistake in mistakes:
+            mistake["path"] = paths[mistake["index"]]
+    results["most_confident_mistakes"] = mistakes
     if predictions_path:
         buffer = io.BytesIO()
         probabilities = np.asarray(tf.nn.softmax(logits, axis=-1))
+        extra = {} if paths is None else {"paths": np.asarray(paths, str)}
         np.savez(buffer, probabilities=probabilities, labels=labels,
-                 predictions=logits.argmax(axis=1))
+                 predictions=logits.argmax(axis=1), **extra)
         io_utils.atomic_write(predictions_path, buffer.getvalue())
     if confusion_png:
         io_utils.atomic_write(confusion_png, confusion_matrix_png(

@@ -207,13 +207,30 @@ COMMAND_FLAGS = {
 }
 
 
+SCRIPTS = {"train": "ns-train", "predict": "ns-predict",
+           "select": "ns-select", "evaluate": "ns-eval",
+           "pipeline": "noisy-student", "export": "ns-export",
+           "convert": "ns-convert"}
+
+
 def test_help_of_every_command_lists_its_flags():
-    processes = {m: _command(m, "--help") for m in COMMAND_FLAGS}
-    for module, process in processes.items():
+    # As `python -m noisy_student.cli.X` and as the installed console
+    # script (absl lists the key flags of the module it runs as main).
+    bin_dir = os.path.dirname(sys.executable)
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    processes = {}
+    for module in COMMAND_FLAGS:
+        processes[module] = _command(module, "--help")
+        processes[SCRIPTS[module]] = subprocess.Popen(
+            [os.path.join(bin_dir, SCRIPTS[module]), "--help"], cwd=ROOT,
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True)
+    for command, process in processes.items():
         code, out, _ = _finish(process)
-        assert code == 0, module  # Help asked for is not an error.
+        assert code == 0, command  # Help asked for is not an error.
+        module = {v: k for k, v in SCRIPTS.items()}.get(command, command)
         for flag in COMMAND_FLAGS[module]:
-            assert flag + ":" in out, (module, flag)
+            assert flag + ":" in out, (command, flag, out[-500:])
         assert "--tf_" not in out  # Not the ~40 unrelated absl/TF flags.
 
 

@@ -87,6 +87,11 @@ def run_command(main, name):
             print(f"{name}: error: {e}\n(--help lists the flags)",
                   file=sys.stderr, flush=True)
             sys.exit(2)
+    # absl's --help lists the key flags of the module named by sys.argv[0]:
+    # the command's module when run with `python -m`, but a console script
+    # (ns-train) is another file, whose list would be empty.
+    for flag in FLAGS.get_key_flags_for_module(main.__module__):
+        FLAGS.register_key_flag_for_module(sys.argv[0], flag)
     try:
         app.run(guarded, flags_parser=parse)
     except SystemExit as e:

@@ -243,18 +243,54 @@ def run_train(train_config, input_config, data, model_dir, pseudo_dir=None,
                                         log_prefix=log_prefix)
 
 
-def run_predict(predict_config, data):
+def with_model_channels(data, model, model_path, channels_given):
+    """`data` reading its images with the model's input channels.
+
+    Args:
+      data: A `DataConfig`.
+      model: The loaded model.
+      model_path: Where it was loaded from (named in the error).
+      channels_given: Whether the user set data.channels (--channels).
+
+    Returns:
+      `data`, its channels replaced by the model's when not given.
+
+    Raises:
+      ValueError: for given channels that differ from the model's.
+    """
+    model_channels = model_io.channels(model)
+    if not model_channels or data.channels == model_channels:
+        return data
+    if channels_given:
+        raise ValueError(
+            f"--channels={data.channels}, but the model at {model_path} "
+            f"takes {model_channels}-channel images; leave --channels out "
+            "to read them as it does.")
+    return dataclasses.replace(data, channels=model_channels)
+
+
+def run_predict(predict_config, data, channels_given=True):
     """Labels (this worker's part of) the unlabeled images with a teacher.
+
+    The images are read (and array sources' images stored in the records)
+    with the teacher's channels.
 
     Args:
       predict_config: A `predict.PredictConfig` (validated when built).
       data: The `DataConfig` whose unlabeled source is labeled.
+      channels_given: Whether the user set data.channels (--channels); when
+        not, the teacher's are used.
 
     Returns:
       The `predict.PredictSummary` as a dict.
+
+    Raises:
+      ValueError: for given channels that differ from the teacher's.
     """
-    source = data.unlabeled_source(keep_encoded=True)
     teacher = model_io.load_model(predict_config.teacher, what="teacher")
+    data = with_model_channels(data, teacher, predict_config.teacher,
+                               channels_given)
+    source = data.unlabeled_source(keep_encoded=True)
     size = predict_config.image_size or model_io.image_size(teacher)
     clean = predict_lib.default_preprocess(
         size, model_io.channels(teacher),
@@ -314,14 +350,8 @@ def run_eval(eval_config, data, part="test", channels_given=True):
       ValueError: for given channels that differ from the model's.
     """
     model = model_io.load_model(eval_config.model_path)
-    model_channels = model_io.channels(model)
-    if model_channels and data.channels != model_channels:
-        if channels_given:
-            raise ValueError(
-                f"--channels={data.channels}, but the model at "
-                f"{eval_config.model_path} takes {model_channels}-channel "
-                "images; leave --channels out to read them as it does.")
-        data = dataclasses.replace(data, channels=model_channels)
+    data = with_model_channels(data, model, eval_config.model_path,
+                               channels_given)
     model_names = model_info.read_class_names(eval_config.model_path)
     source = data.eval_source(
         part, num_classes=model_io.check_num_classes(

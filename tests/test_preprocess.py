@@ -16,6 +16,7 @@ import tensorflow as tf
 from noisy_student import efficientnet
 from noisy_student.evaluation import inference
 from noisy_student import predict as predict_lib
+from noisy_student import pseudo_labels as pl
 from noisy_student import stages
 from noisy_student.data import pipeline
 from noisy_student.data import preprocess
@@ -163,6 +164,31 @@ def test_predict_stage_labels_1x1_and_1x500_images(tmp_path):
         num_classes=3, batch_size=2, records_per_file=10)
     summary = stages.run_predict(config, data)
     assert summary["images_written"] == 3
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_predict_reads_and_stores_images_with_the_teachers_channels(
+        tmp_path, channels):
+    colour = np.stack([smooth(12, 10, seed=i) for i in range(4)])
+    np.savez(tmp_path / "unlabeled.npz", x=colour)
+    model_dir = tmp_path / "teacher"
+    model_dir.mkdir()
+    _tiny_model(channels=channels).save(str(model_dir / "model.keras"))
+    other = stages.DataConfig(unlabeled=f"npz:{tmp_path}/unlabeled.npz",
+                              channels=4 - channels)
+    config = predict_lib.PredictConfig(
+        teacher=str(model_dir), out_dir=str(tmp_path / "predict"),
+        num_classes=3, batch_size=2, records_per_file=10)
+    with pytest.raises(ValueError, match=rf"--channels={4 - channels}, but "
+                       rf"the model .* takes {channels}-channel"):
+        stages.run_predict(config, other)
+    # --channels left out: the teacher's, in the records too.
+    stages.run_predict(config, other, channels_given=False)
+    stored = [r["image"] for r in pl.prediction_dataset(
+        config.out_dir, decode_image=True).as_numpy_iterator()]
+    expected = colour if channels == 3 else tf.image.rgb_to_grayscale(
+        colour).numpy()
+    np.testing.assert_array_equal(np.stack(stored), expected)
 
 
 # Fault 7: one eval transform; library defaults are the pipeline's.

@@ -253,7 +253,9 @@ def define_data_flags(demo=False):
     flags.DEFINE_string("data_dir", None,
                         "TFDS data folder (local or gs://).")
     flags.DEFINE_integer("channels", 3,
-                         "Image channels given to the model (1 or 3).")
+                         "Image channels given to the model (1 or 3); "
+                         "ns-eval and ns-predict read the model's when "
+                         "this is left out.")
     flags.register_validator("channels", lambda value: value in (1, 3),
                              message="expected 1 or 3")
     flags.DEFINE_bool("skip_corrupt", True,
@@ -609,11 +611,13 @@ def changed_flags(folder):
     except (OSError, tf.errors.OpError):
         return []
     now = _flag_values(FLAGS.flags_into_string())
-    # A flag absent from one side is at its default there.
+    # A flag absent from one side is at its default there. --overwrite is
+    # what to do this time, not a setting of the run.
     return [f"{name}={now.get(name, '(default)')} "
             f"(was {recorded.get(name, '(default)')})"
             for name in sorted(set(now) | set(recorded))
-            if now.get(name) != recorded.get(name)]
+            if now.get(name) != recorded.get(name)
+            and name != "--overwrite"]
 
 
 def write_flags(folder):

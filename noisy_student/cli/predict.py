@@ -55,7 +55,8 @@ def main(argv):
             num_classes=num_classes, batch_size=FLAGS.predict_batch_size,
             shard_index=FLAGS.shard_index, num_shards=FLAGS.num_shards,
             records_per_file=FLAGS.records_per_file)
-        summary = stages.run_predict(config, data)
+        summary = stages.run_predict(
+            config, data, channels_given=FLAGS["channels"].present)
     print(summary)
 
 

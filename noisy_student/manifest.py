@@ -62,11 +62,14 @@ class Manifest:
 
         Raises:
           ValueError: naming the stage, unless `overwrite` or
-            `redo_if_changed` is set.
+            `redo_if_changed` is set or the stage failed (an exception,
+            recorded by `run`; not a kill).
         """
         entry = self.stages.get(name)
+        # A stage that failed holds no work to resume: other settings (the
+        # fix) redo it. A killed one may: other settings are refused.
         if entry and entry["fingerprint"] != stage_fingerprint and not (
-                self.overwrite or redo_if_changed):
+                self.overwrite or redo_if_changed or "failed" in entry):
             raise ValueError(
                 f"Expected the configuration that made {self.workdir}. "
                 f"Received: different settings for its stage {name!r} "
@@ -127,7 +130,12 @@ class Manifest:
                              "runs": entry.get("runs", 0) + 1 if resumed
                              else 1}
         self._save()
-        summary = fn()
+        try:
+            summary = fn()
+        except Exception as e:  # Recorded, then raised (not KeyboardInterrupt).
+            self.stages[name]["failed"] = f"{type(e).__name__}: {e}"[:1000]
+            self._save()
+            raise
         self.stages[name].update(
             finished_at=time.time(), summary=summary,
             seconds=round(earlier + time.time() - started, 1))

@@ -143,8 +143,16 @@ class DataConfig:
             beyond it are refused.
           class_names: The model's classes: a test folder's sub-folders are
             labelled by them (see sources.load_source).
+
+        Raises:
+          ValueError: for the validation part without a validation_size.
         """
         if part == "validation":
+            if not self.validation_size:
+                raise ValueError(
+                    "Expected --validation_size > 0 to evaluate the "
+                    "validation part (held out of --labeled after "
+                    "--labels_per_class). Received: --validation_size=0")
             return self._load("labeled", subset=self._subset("validation"),
                               num_classes=num_classes)
         return self._load("test", num_classes=num_classes,
@@ -232,6 +240,8 @@ def run_train(train_config, input_config, data, model_dir, pseudo_dir=None,
                              class_names=labeled.class_names),
             model.resolved_image_size, channels=model.channels,
             recipe=recipe)
+    # A refused resume must leave the model_dir's records as they were.
+    train_lib.check_resumable(train_config, model_dir)
     tf.io.gfile.makedirs(model_dir)
     write_stage_config(model_dir, train=train_config, input=input_config,
                        data=data, pseudo_dir=pseudo_dir)
@@ -287,10 +297,13 @@ def run_predict(predict_config, data, channels_given=True):
     Raises:
       ValueError: for given channels that differ from the teacher's.
     """
+    source = data.unlabeled_source(keep_encoded=True)  # Its errors first.
     teacher = model_io.load_model(predict_config.teacher, what="teacher")
-    data = with_model_channels(data, teacher, predict_config.teacher,
-                               channels_given)
-    source = data.unlabeled_source(keep_encoded=True)
+    with_teachers = with_model_channels(data, teacher, predict_config.teacher,
+                                        channels_given)
+    if with_teachers is not data:
+        data = with_teachers
+        source = data.unlabeled_source(keep_encoded=True)
     size = predict_config.image_size or model_io.image_size(teacher)
     clean = predict_lib.default_preprocess(
         size, model_io.channels(teacher),

@@ -41,6 +41,7 @@ state is not saved, so the last checkpoint is the last good one.
 """
 
 import dataclasses
+import json
 import shutil
 import time
 
@@ -57,10 +58,14 @@ from noisy_student import train_step
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
-# Fields that shape the saved state: a model_dir holding a run with other
-# values cannot be resumed by this config.
-_STATE_FIELDS = ("variant", "width", "depth", "num_classes", "channels",
-                 "small_images", "optimizer", "freeze_blocks")
+# The config.json fields a resumed run may change: how long it trains and
+# how it runs (and init_from, used only at its start). Any other change
+# would make the rest of the run, and its config.json, another run's.
+_RESUMABLE_FIELDS = ("train_steps", "checkpoint_every", "eval_every",
+                     "log_every", "steps_per_loop", "keep_checkpoints",
+                     "verbose", "cpu_kernels", "jit_compile",
+                     "fused_batch_norm", "strategy", "tpu", "sync_batch_norm",
+                     "init_from")
 
 
 @dataclasses.dataclass
@@ -372,23 +377,47 @@ def _evaluate(config, state, metrics, eval_loop, log, step):
         _write_metrics(log, step)
 
 
-def _write_config(config, model_dir, replicas):
-    """Writes config.json; refuses a model_dir holding another model."""
+def check_resumable(config, model_dir):
+    """Raises unless `config` may start or resume the run in `model_dir`.
+
+    A model_dir with checkpoints resumes only with the settings its
+    config.json records, but for how long it trains and how it runs
+    (`_RESUMABLE_FIELDS`: --train_steps to train longer, the logging and
+    checkpoint intervals, the strategy, the CPU kernels...).
+
+    Args:
+      config: The `TrainConfig` of the run.
+      model_dir: Its folder (local or gs://).
+
+    Raises:
+      ValueError: naming every other field that differs, with its recorded
+        and new values.
+    """
     path = f"{model_dir}/{CONFIG_FILE}"
-    if tf.io.gfile.exists(path):
-        # A field missing from an older config.json had its default
-        # (e.g. channels=3 before the field existed).
-        old = {**config_lib.default_fields(),
-               **config_lib.flat_fields(io_utils.read_json(path))}
-        new = config.fields()
-        changed = [k for k in _STATE_FIELDS if old[k] != new[k]]
-        if changed and tf.io.gfile.exists(
-                f"{model_dir}/{state_lib.CHECKPOINT_DIR}"):
-            raise ValueError(
-                f"Expected model_dir to be empty or to hold a run of the "
-                f"same model; its {CONFIG_FILE} differs in {changed}. "
-                f"Received: model_dir={model_dir}")
-    io_utils.write_json(path, {**config.to_dict(), "num_replicas": replicas})
+    if not (tf.io.gfile.exists(path) and tf.io.gfile.exists(
+            f"{model_dir}/{state_lib.CHECKPOINT_DIR}")):
+        return
+    # A field missing from an older config.json had its default (e.g.
+    # channels=3 before the field existed); JSON turns tuples into lists.
+    old = {**config_lib.default_fields(),
+           **config_lib.flat_fields(io_utils.read_json(path))}
+    new = json.loads(json.dumps(config.fields()))
+    changed = [f"{k}={new[k]!r} (was {old.get(k)!r})" for k in sorted(new)
+               if k not in _RESUMABLE_FIELDS and old.get(k) != new[k]]
+    if changed:
+        raise ValueError(
+            f"Expected model_dir to be empty or to hold a run of the same "
+            f"settings (a resumed run may change only "
+            f"{', '.join(_RESUMABLE_FIELDS)}). Received: model_dir="
+            f"{model_dir}, whose {CONFIG_FILE} differs in {', '.join(changed)}"
+            ". Use a new model_dir, or restore those settings.")
+
+
+def _write_config(config, model_dir, replicas):
+    """Writes config.json; refuses a model_dir holding another run."""
+    check_resumable(config, model_dir)
+    io_utils.write_json(f"{model_dir}/{CONFIG_FILE}",
+                        {**config.to_dict(), "num_replicas": replicas})
 
 
 def _write_metrics(log, step):

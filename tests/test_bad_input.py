@@ -61,8 +61,23 @@ def test_class_folder_without_images_is_refused(tmp_path):
 def test_labels_per_class_checks_classes_without_images():
     # Class 2 exists (num_classes=3, e.g. from TFDS) but has no image.
     subset = sources.Subset("labeled", per_class=1)
-    with pytest.raises(ValueError, match="class 2 has 0"):
+    with pytest.raises(ValueError, match=r"\(--labels_per_class=1\).*"
+                                         "class 2 has 0"):
         sources.subset_mask([0, 0, 1, 1], subset, num_classes=3)
+
+
+def test_validation_part_needs_a_validation_size():
+    data = stages.DataConfig(labeled="digits:train", labels_per_class=5)
+    with pytest.raises(ValueError, match=r"--validation_size > 0.*"
+                                         r"Received: --validation_size=0"):
+        data.eval_source("validation")
+
+
+def test_negative_labels_are_refused_without_a_class_count(tmp_path):
+    spec = write_npz(tmp_path / "negative.npz", [0, 1, -1, 1])
+    with pytest.raises(ValueError, match=r"Expected labels >= 0 in "
+                                         r"npz:.*from -1 to 1"):
+        sources.load_source(spec)
 
 
 def test_one_class_names_the_flag(tmp_path):
@@ -80,6 +95,34 @@ def test_pseudo_labels_with_unlabel_ratio_0_are_refused(tmp_path):
         stages.run_train(config, input_config, stages.DataConfig(),
                          str(tmp_path / "run"), pseudo_dir=str(tmp_path))
     assert not (tmp_path / "run").exists()
+
+
+def test_resume_with_other_settings_is_refused_and_records_kept(tmp_path):
+    config = train_config.TrainConfig.from_fields(
+        width=0.25, depth=0.25, num_classes=10, image_size=16,
+        small_images=True, batch_size=8, train_steps=2, warmup_steps=0,
+        lr_schedule="constant", steps_per_loop=1, log_every=1,
+        checkpoint_every=0, verbose=False)
+    input_config = pipeline.InputConfig(image_size=16, batch_size=8,
+                                        augment="none")
+    data = stages.DataConfig(labeled="digits:train", labels_per_class=2)
+    model_dir = tmp_path / "m"
+    stages.run_train(config, input_config, data, str(model_dir))
+    records = {f: (model_dir / f).read_bytes()
+               for f in ("config.json", "stage_config.json")}
+    for changed, message in (
+            (dict(base_learning_rate=0.5), "base_learning_rate=0.5 "),
+            (dict(dropout_rate=0.5, seed=3), "dropout_rate=0.5 .*seed=3 "),
+            (dict(optimizer="sgd"), "optimizer='sgd' [(]was 'rmsprop'[)]")):
+        with pytest.raises(ValueError, match="differs in .*" + message):
+            stages.run_train(config.replace(**changed), input_config, data,
+                             str(model_dir))
+        for name, content in records.items():
+            assert (model_dir / name).read_bytes() == content, name
+    # Training longer, logging less often: resumed.
+    result = stages.run_train(config.replace(train_steps=3, log_every=3),
+                              input_config, data, str(model_dir))
+    assert result["start_step"] == 2 and result["step"] == 3
 
 
 def test_test_set_with_more_classes_than_the_model(tmp_path):

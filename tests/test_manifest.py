@@ -57,6 +57,35 @@ def test_started_but_unfinished_stage_reruns(tmp_path):
     assert manifest.Manifest(work).stages["s"]["runs"] == 2
 
 
+def test_failed_stage_takes_other_settings_killed_one_refuses_them(tmp_path):
+    work = str(tmp_path)
+    fp = manifest.fingerprint({"min_confidence": 0.3})
+    fixed = manifest.fingerprint({"min_confidence": 0.0})
+
+    def failed():
+        raise ValueError("no image passes the confidence threshold")
+
+    with pytest.raises(ValueError, match="threshold"):
+        manifest.Manifest(work).run("select", fp, f"{work}/select", failed)
+    assert "threshold" in manifest.Manifest(work).stages["select"]["failed"]
+    # The failure is fixed by other settings, without --overwrite.
+    assert manifest.Manifest(work).run(
+        "select", fixed, f"{work}/select", lambda: {"ok": 1}) == {"ok": 1}
+    assert manifest.Manifest(work).finished("select", fixed)
+    # A killed stage (its work resumable) still refuses other settings.
+    with pytest.raises(KeyboardInterrupt):
+        manifest.Manifest(work).run("train", fp, f"{work}/train",
+                                    _raise(KeyboardInterrupt))
+    with pytest.raises(ValueError, match="'train'.*--overwrite"):
+        manifest.Manifest(work).check("train", fixed)
+
+
+def _raise(error):
+    def fn():
+        raise error
+    return fn
+
+
 def test_fingerprint_depends_on_args_and_upstream():
     a = manifest.fingerprint({"x": 1}, "up1")
     assert a == manifest.fingerprint({"x": 1}, "up1")

@@ -12,6 +12,7 @@ from absl import flags
 
 from noisy_student import stages
 from noisy_student import strategy as strategy_lib
+from noisy_student import train_lib
 from noisy_student import workdir_lock
 from noisy_student.cli import common
 
@@ -62,6 +63,8 @@ def main(argv):
     lock = (workdir_lock.WorkdirLock(FLAGS.model_dir)
             if strategy_lib.is_chief(strategy) else contextlib.nullcontext())
     with lock:
+        # Refused before flags.txt is rewritten.
+        train_lib.check_resumable(train_config, FLAGS.model_dir)
         common.write_flags(FLAGS.model_dir)
         metrics = stages.run_train(train_config, input_config, data,
                                    FLAGS.model_dir, FLAGS.pseudo_labels,

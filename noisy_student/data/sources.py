@@ -231,8 +231,9 @@ def subset_mask(labels, subset, num_classes=None):
         members = order[labels[order] == c]
         if len(members) < subset.per_class:
             raise ValueError(
-                f"Expected at least per_class={subset.per_class} examples of "
-                f"every class. Received: class {c} has {len(members)}")
+                f"Expected at least {subset.per_class} examples of every "
+                f"class (--labels_per_class={subset.per_class}). Received: "
+                f"class {c} has {len(members)}")
         labeled[members[:subset.per_class]] = True
     rest = order[~labeled[order]]
     validation = np.zeros(len(labels), bool)
@@ -299,8 +300,10 @@ def _check_contiguous(spec, y):
 def _check_labels(spec, y, num_classes):
     if y.size and (y.min() < 0 or (num_classes is not None
                                    and y.max() >= num_classes)):
+        expected = ("labels >= 0" if num_classes is None
+                    else f"labels in [0, {num_classes})")
         raise ValueError(
-            f"Expected labels in [0, {num_classes}) in {spec}. Received: "
+            f"Expected {expected} in {spec}. Received: "
             f"labels from {y.min()} to {y.max()}")
 
 

@@ -227,8 +227,8 @@ def _exists(path):
 def _check_out_dir(out_dir, overwrite):
     if _exists(out_dir) and not overwrite:
         raise ExportDirExistsError(
-            "Expected a new export folder, or overwrite=True to replace it. "
-            f"Received: out_dir={out_dir} (exists)")
+            "Expected a new export folder, or --overwrite (overwrite=True) "
+            f"to replace it. Received: --out_dir={out_dir} (exists)")
 
 
 def _copy_tree(src, dst):

@@ -297,7 +297,8 @@ BAD_NUMBERS = {
                  "--student_magnitude=inf", "--weight_decay=-inf",
                  "--min_confidence=nan"],
     "evaluate": ["--eval_batch_size=0", "--pgd_steps=-1", "--epsilons=abc",
-                 "--epsilons=2,-1", "--epsilons=nan", "--channels=4"],
+                 "--epsilons=2,-1", "--epsilons=nan", "--channels=4",
+                 "--corruptions=gaussian_noise,fog"],
     "predict": ["--num_shards=0", "--shard_index=-1", "--num_classes=0"],
 }
 # Values at those bounds that are valid: accepted.
@@ -306,7 +307,8 @@ GOOD_NUMBERS = {
                  "--student_dropout_rate=0", "--label_smoothing=0",
                  "--teacher_stochastic_depth_rate=0.999", "--log_every=1",
                  "--channels=1", "--channels=3", "--min_confidence=1"],
-    "evaluate": ["--epsilons=0,2,8", "--epsilons=0.5"],
+    "evaluate": ["--epsilons=0,2,8", "--epsilons=0.5",
+                 "--corruptions=gaussian_noise,jpeg_compression"],
     "predict": ["--num_shards=1"],
 }
 # Required flags, so that only the number under test can be wrong.

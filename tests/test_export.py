@@ -191,7 +191,7 @@ def test_existing_dir_without_overwrite_is_a_clear_error(model, tmp_path):
     out_dir = tmp_path / "served"
     out_dir.mkdir()
     (out_dir / "keep.txt").write_text("precious")
-    with pytest.raises(FileExistsError, match="overwrite"):
+    with pytest.raises(FileExistsError, match="--overwrite .*--out_dir="):
         export.export(model, str(out_dir))
     with pytest.raises(ValueError, match=r"out_dir=.*served"):
         export.export_from_config(

@@ -24,6 +24,11 @@ flags.DEFINE_enum("part", "test", ["test", "validation"],
 flags.DEFINE_integer("eval_batch_size", 64, "Images per batch.", lower_bound=1)
 flags.DEFINE_list("corruptions", [], "On-the-fly corruptions to score "
                   f"(any of {', '.join(corruptions.CORRUPTION_NAMES)}).")
+flags.register_validator(
+    "corruptions",
+    lambda names: set(names) <= set(corruptions.CORRUPTION_NAMES),
+    message="expected names among "
+    f"{', '.join(corruptions.CORRUPTION_NAMES)}")
 flags.DEFINE_list("epsilons", [], "FGSM/PGD epsilons in pixels of [0, 255].")
 
 

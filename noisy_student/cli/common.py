@@ -549,7 +549,7 @@ def define_select_flags():
         lower_bound=0)
     define_float("min_confidence", 0.3,
                  "Drop images whose top probability is below this "
-                 "(paper: 0.3).", lower_bound=0, upper_bound=1)
+                 "(paper: 0.3).", lower_bound=0, below=1)
     flags.DEFINE_enum("label_type", "soft", ["soft", "hard"],
                       "Soft (probabilities, paper's best) or hard (one-hot) "
                       "pseudo-labels.")

@@ -137,8 +137,8 @@ def parse_model_name(name):
         raise ValueError(
             f"Expected a model name in {sorted(VARIANTS)} or 'wW-dD' (e.g. "
             f"w0.5-d0.5). Received: model={name!r}") from None
-    if width <= 0 or depth <= 0:
-        raise ValueError(f"Expected width and depth > 0. Received: "
+    if not (0 < width < math.inf and 0 < depth < math.inf):  # NaN too.
+        raise ValueError(f"Expected finite width and depth > 0. Received: "
                          f"model={name!r}")
     return None, width, depth
 

@@ -149,7 +149,7 @@ def test_bad_arguments_raise_value_error_naming_them(kwargs, message):
 def test_model_names():
     assert efficientnet.parse_model_name("B3") == ("b3", 1.2, 1.4)
     assert efficientnet.parse_model_name("w0.5-d0.25") == (None, 0.5, 0.25)
-    for bad in ("b9", "w0.5", "wx-d1", "w0-d1", ""):
+    for bad in ("b9", "w0.5", "wx-d1", "w0-d1", "", "wnan-d1", "w1-dinf"):
         with pytest.raises(ValueError, match="Received: model="):
             efficientnet.parse_model_name(bad)
     assert efficientnet.is_smaller("b0", "b1")

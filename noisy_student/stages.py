@@ -362,7 +362,7 @@ def run_eval(eval_config, data, part="test", channels_given=True):
     Raises:
       ValueError: for given channels that differ from the model's.
     """
-    model = model_io.load_model(eval_config.model_path)
+    model = model_io.load_model(eval_config.model_path, what="model_path")
     data = with_model_channels(data, model, eval_config.model_path,
                                channels_given)
     model_names = model_info.read_class_names(eval_config.model_path)

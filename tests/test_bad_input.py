@@ -412,6 +412,14 @@ def test_user_errors_exit_2_with_a_message_naming_the_flag(tmp_path):
                      "--model=w0.25-d0.25", "--image_size=16",
                      "--train_steps=1"),
             (f"{corrupt}/dog/b.jpg: empty file", "--noskip_corrupt")),
+        "missing selection": (
+            _command("train", f"--model_dir={tmp_path}/t3",
+                     "--labeled=digits:train", "--model=w0.25-d0.25",
+                     "--image_size=16", "--pseudo_labels=/no/such/selection"),
+            "/no/such/selection"),
+        "missing prediction folder": (
+            _command("select", "--pred_dir=/no/such/predictions",
+                     f"--out_dir={tmp_path}/s"), "/no/such/predictions"),
     }
     for name, (process, messages) in cases.items():
         code, _, err = _finish(process)
@@ -426,7 +434,8 @@ def test_user_errors_exit_2_with_a_message_naming_the_flag(tmp_path):
     assert not os.path.exists(tmp_path / "w1" / "manifest.json")
     # Nothing trained; an output folder made for a failed command is gone.
     assert os.listdir(tmp_path / "t2") == ["skipped_images.json"]
-    assert not os.path.exists(tmp_path / "p2")
+    for folder in ("p2", "t3", "s"):  # (t3 held flags.txt, s its config)
+        assert not os.path.exists(tmp_path / folder), folder
 
 
 def test_predict_takes_the_class_count_from_the_teacher(tmp_path):

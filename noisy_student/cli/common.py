@@ -155,12 +155,20 @@ def check_writable_parent(path, flag):
                          f"--{flag}={path} ({parent}: {reason})")
 
 
+# Records a command writes before its work: a folder made for a command that
+# failed holding only these is removed with them. (skipped_images.json is
+# kept: it lists the files that made a --noskip_corrupt command fail.)
+RECORD_FILES = ("flags.txt", "stage_config.json", "config.json",
+                "preprocess.json", "class_names.json")
+
+
 @contextlib.contextmanager
 def output_folder(folder, flag):
     """A context that checks `folder` is writable and cleans up on failure.
 
-    If the block fails and the folder was made for it and is still empty,
-    the folder is removed: a failed command leaves no empty --out_dir.
+    If the block fails and the folder was made for it and holds nothing but
+    RECORD_FILES (no checkpoint, prediction or result), the folder is
+    removed: a failed command leaves no --out_dir that looks like a run.
 
     Args:
       folder: The command's output folder.
@@ -174,7 +182,8 @@ def output_folder(folder, flag):
     try:
         yield
     except BaseException:
-        if not existed and not tf.io.gfile.listdir(folder):
+        if not existed and tf.io.gfile.exists(folder) and set(
+                tf.io.gfile.listdir(folder)) <= set(RECORD_FILES):
             tf.io.gfile.rmtree(folder)
         raise
 

@@ -23,7 +23,8 @@ def main(argv):
     """ns-select: selects and balances pseudo-labels from the parsed FLAGS."""
     del argv
     config = common.select_config(FLAGS.pred_dir, FLAGS.out_dir)
-    report = stages.run_select(config)
+    with common.output_folder(FLAGS.out_dir, "out_dir"):
+        report = stages.run_select(config)
     print(report["totals"])
 
 

@@ -58,17 +58,18 @@ def main(argv):
         train_config, input_config = common.role_configs(
             "", FLAGS.model, labeled.num_classes, ratio, labeled,
             init_from=FLAGS.init_from, freeze_blocks=FLAGS.freeze_blocks)
-    # One run per model_dir; the workers of one multi-worker run share it,
-    # so only the chief takes the lock.
-    lock = (workdir_lock.WorkdirLock(FLAGS.model_dir)
-            if strategy_lib.is_chief(strategy) else contextlib.nullcontext())
-    with lock:
-        # Refused before flags.txt is rewritten.
-        train_lib.check_resumable(train_config, FLAGS.model_dir)
-        common.write_flags(FLAGS.model_dir)
-        metrics = stages.run_train(train_config, input_config, data,
-                                   FLAGS.model_dir, FLAGS.pseudo_labels,
-                                   strategy=strategy)
+        # One run per model_dir; the workers of one multi-worker run share
+        # it, so only the chief takes the lock.
+        lock = (workdir_lock.WorkdirLock(FLAGS.model_dir)
+                if strategy_lib.is_chief(strategy)
+                else contextlib.nullcontext())
+        with lock:
+            # Refused before flags.txt is rewritten.
+            train_lib.check_resumable(train_config, FLAGS.model_dir)
+            common.write_flags(FLAGS.model_dir)
+            metrics = stages.run_train(train_config, input_config, data,
+                                       FLAGS.model_dir, FLAGS.pseudo_labels,
+                                       strategy=strategy)
     print(metrics)
 
 

@@ -24,9 +24,11 @@ import tensorflow as tf
 
 from noisy_student import checkpoints
 from noisy_student import efficientnet
+from noisy_student import model_info
 from noisy_student import predict as predict_lib
 from noisy_student import select as select_lib
 from noisy_student import train_config as train_config_lib
+from noisy_student import train_lib
 from noisy_student.data import pipeline
 from noisy_student.data import preprocess
 from noisy_student import stages
@@ -155,11 +157,13 @@ def check_writable_parent(path, flag):
                          f"--{flag}={path} ({parent}: {reason})")
 
 
+# The resolved flags each command writes into its output folder.
+FLAGS_FILE = "flags.txt"
 # Records a command writes before its work: a folder made for a command that
 # failed holding only these is removed with them. (skipped_images.json is
 # kept: it lists the files that made a --noskip_corrupt command fail.)
-RECORD_FILES = ("flags.txt", "stage_config.json", "config.json",
-                "preprocess.json", "class_names.json")
+RECORD_FILES = (FLAGS_FILE, stages.STAGE_CONFIG, train_lib.CONFIG_FILE,
+                preprocess.RECIPE_FILE, model_info.CLASS_NAMES_FILE)
 
 
 @contextlib.contextmanager
@@ -615,7 +619,7 @@ def changed_flags(folder):
       flags.txt can be read.
     """
     try:
-        with tf.io.gfile.GFile(os.path.join(folder, "flags.txt")) as f:
+        with tf.io.gfile.GFile(os.path.join(folder, FLAGS_FILE)) as f:
             recorded = _flag_values(f.read())
     except (OSError, tf.errors.OpError):
         return []
@@ -632,7 +636,7 @@ def changed_flags(folder):
 def write_flags(folder):
     """Writes the resolved flags (a flagfile) into `folder`."""
     from noisy_student import io_utils  # pylint: disable=g-import-not-at-top
-    io_utils.atomic_write(os.path.join(folder, "flags.txt"),
+    io_utils.atomic_write(os.path.join(folder, FLAGS_FILE),
                           FLAGS.flags_into_string())
-    logging.info("Flags written to %s/flags.txt", folder)
+    logging.info("Flags written to %s/%s", folder, FLAGS_FILE)
 

@@ -34,9 +34,10 @@ flags.DEFINE_list("epsilons", [], "FGSM/PGD epsilons in pixels of [0, 255].")
 
 def _epsilons_are_numbers(values):
     try:
-        return all(math.isfinite(float(v)) and float(v) >= 0 for v in values)
+        epsilons = [float(v) for v in values]
     except ValueError:
         return False
+    return all(math.isfinite(e) and e >= 0 for e in epsilons)
 
 
 flags.register_validator(

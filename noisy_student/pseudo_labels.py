@@ -74,6 +74,7 @@ import numpy as np
 import tensorflow as tf
 
 from noisy_student import io_utils
+from noisy_student.data import pipeline
 from noisy_student.data import preprocess
 
 DEFAULT_NUM_BINS = 1000
@@ -572,7 +573,8 @@ def selected_dataset(path, num_classes=None, channels=None, cycle_length=8,
 
     dataset = tf.data.Dataset.from_tensor_slices(files)
     if shuffle_files:
-        dataset = dataset.shuffle(len(files), seed=seed)
+        dataset = (dataset.shuffle(len(files)) if seed is None else
+                   pipeline.seeded_shuffle(dataset, len(files), seed, seed))
     dataset = dataset.interleave(
         tf.data.TFRecordDataset, cycle_length=max(1, min(cycle_length,
                                                          len(files))),

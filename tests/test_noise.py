@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from noisy_student import augment
 from noisy_student import losses
 from noisy_student import train_state
 from noisy_student.data import pipeline
@@ -97,11 +98,20 @@ def test_unlabeled_images_are_randaugmented_versions_of_the_teachers(
     base = plain["image"].numpy()
     per_image = lambda a, b: np.abs(a - b).mean(axis=(1, 2, 3))  # noqa: E731
     assert noised.shape == clean.shape == (32, 16, 16, 3)
-    # Most student images differ by RandAugment from the same image through
-    # the base crop and flip alone: two ops of M=5 per image (a few of the
-    # 16 ops leave a grey digit nearly as it is, e.g. Color, so not all).
+    # The student batch is the paper's RandAugment (N=2, M=5, the small-image
+    # translate and cutout sizes) of the same images through the base crop
+    # and flip alone, with the stream's seed of its first unlabeled batch:
+    # [seed * 1000 + 2 (the unlabeled stream), batch index 0].
+    seed = tf.constant([input_config.seed * 1000 + 2, 0], tf.int32)
+    expected = augment.randaugment(
+        tf.cast(base, tf.uint8), 2, 5, seed,
+        **pipeline.SMALL_IMAGE_AUGMENT).numpy()
+    np.testing.assert_array_equal(noised, expected)
+    # Most of them are changed by it: two ops of M=5 per image (a few of the
+    # 16 ops leave a grey digit nearly as it is, e.g. Color, so not all; 25
+    # of these 32 are changed by more than 1 grey level on average).
     changed = per_image(noised, base) > 1.0
-    assert changed.mean() >= 0.8, per_image(noised, base)
+    assert changed.mean() >= 0.5, per_image(noised, base)
     # And the student images differ from the clean ones their targets came
     # from (an image can come through unchanged: a crop at offset 0, no
     # flip and two ops that leave a grey digit as it is).

@@ -1,5 +1,10 @@
 """Training and evaluation streams: shapes, ratios, replicas, determinism."""
 
+import os
+import subprocess
+import sys
+
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -103,3 +108,39 @@ def test_stream_from_start_step_equals_the_rest_of_the_stream():
             for field in expected[key]:
                 np.testing.assert_array_equal(got[key][field],
                                               expected[key][field])
+
+
+def first_batches(num_batches=2):
+    """The first batches of the seeded test stream, as {name: array}."""
+    labeled, pseudo = labeled_and_pseudo()
+    dataset = pipeline.train_dataset_fn(labeled, config(), pseudo,
+                                        NUM_CLASSES)()
+    arrays = {}
+    for k, batch in enumerate(dataset.take(num_batches)):
+        for key in ("labeled", "unlabeled"):
+            for field, value in batch[key].items():
+                arrays[f"{k}/{key}/{field}"] = value.numpy()
+    return arrays
+
+
+def test_stream_does_not_depend_on_what_ran_before_in_the_process(tmp_path):
+    """A seeded stream is a function of its config: the batches a fresh
+    process gets are the batches this one gets after other work seeded
+    TensorFlow (as every training run and many tests do), drew random
+    numbers and built other streams."""
+    out = tmp_path / "fresh.npz"
+    script = (f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r})"
+              "\nimport numpy as np, test_pipeline\n"
+              f"np.savez({str(out)!r}, **test_pipeline.first_batches())")
+    subprocess.run([sys.executable, "-c", script], check=True)
+    fresh = dict(np.load(out))
+    for global_seed in (0, 3):
+        keras.utils.set_random_seed(global_seed)
+        tf.random.uniform(())
+        next(iter(pipeline.train_dataset_fn(
+            labeled_and_pseudo()[0],
+            config(seed=global_seed, unlabel_ratio=0))()))
+        got = first_batches()
+        assert got.keys() == fresh.keys()
+        for name, value in fresh.items():
+            np.testing.assert_array_equal(got[name], value, err_msg=name)

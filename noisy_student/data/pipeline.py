@@ -15,7 +15,9 @@ is seeded, and image i's crop and batch k's RandAugment take the stateless
 seeds [seed, i] and [seed, k]. A run resumed at step k asks for the stream
 from batch k (`start_step`): the skipped images are read and shuffled but not
 cropped or augmented, and the batches that follow are the ones an
-uninterrupted run would have got.
+uninterrupted run would have got. The stream does not depend on anything
+else in the process (`seeded_shuffle`): the same config gives the same
+batches whatever ran before it.
 """
 
 import dataclasses
@@ -69,6 +71,42 @@ class InputConfig:
                              f"unlabel_ratio={self.unlabel_ratio}")
 
 
+def seeded_shuffle(dataset, buffer_size, seed, op_seed):
+    """`dataset.shuffle` whose order depends on its seeds alone.
+
+    `tf.data.Dataset.shuffle(seed=op_seed)` pairs `op_seed` with the
+    process's global seed (`tf.random.set_seed`, which
+    `keras.utils.set_random_seed` calls) as it stands when the dataset is
+    built, or with a fixed default when none was set: the same call gave
+    another order after other code had seeded TensorFlow. This builds the
+    same shuffle with both seeds given, which is what `shuffle` does after
+    `tf.random.set_seed(seed)`: a training run's stream (built after
+    `train_state.create_train_state` seeds TensorFlow with the run's seed)
+    is unchanged.
+
+    Args:
+      dataset: Any tf.data.Dataset.
+      buffer_size: Elements in the shuffle buffer (int > 0).
+      seed: The global half of the seed pair (int).
+      op_seed: The op half (int).
+
+    Returns:
+      The shuffled dataset, reshuffled on each iteration (each epoch of a
+      `repeat` gets another order), with `dataset`'s element_spec.
+    """
+    specs = tf.nest.flatten(dataset.element_spec)
+    variant = tf.raw_ops.ShuffleDatasetV3(
+        input_dataset=tf.data.experimental.to_variant(dataset),
+        buffer_size=tf.constant(buffer_size, tf.int64),
+        seed=tf.constant(seed, tf.int64),
+        seed2=tf.constant(op_seed, tf.int64),
+        seed_generator=tf.raw_ops.DummySeedGenerator(),
+        reshuffle_each_iteration=True,
+        output_types=[spec.dtype for spec in specs],
+        output_shapes=[spec.shape for spec in specs])
+    return tf.data.experimental.from_variant(variant, dataset.element_spec)
+
+
 def _stream(dataset, config, per_replica_batch, input_context, augmenter,
             salt, start_step=0):
     """One shuffled, repeated, preprocessed, batched and augmented stream,
@@ -77,11 +115,15 @@ def _stream(dataset, config, per_replica_batch, input_context, augmenter,
         dataset = dataset.shard(input_context.num_input_pipelines,
                                 input_context.input_pipeline_id)
     seed = None
-    if config.seed is not None:
+    if config.seed is None:
+        dataset = dataset.shuffle(config.shuffle_buffer,
+                                  reshuffle_each_iteration=True)
+    else:
         pipeline_id = input_context.input_pipeline_id if input_context else 0
         seed = config.seed * 1000 + pipeline_id * 10 + salt
-    dataset = dataset.shuffle(config.shuffle_buffer, seed=seed,
-                              reshuffle_each_iteration=True).repeat()
+        dataset = seeded_shuffle(dataset, config.shuffle_buffer, config.seed,
+                                 seed)
+    dataset = dataset.repeat()
     # Element i is cropped with the stateless seed [seed, i]: reproducible
     # under parallel map. Without a seed, each run draws its own base seed.
     base_seed = seed if seed is not None else int(

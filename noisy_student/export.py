@@ -10,7 +10,12 @@ graph), so a served image gets the pixels ns-eval gives the same file:
   `tf.io.decode_image` in its own channels (CMYK JPEG -> RGB); a JPEG's
   EXIF orientation (tag 0x0112, 1-8) applied by flips and quarter turns as
   Pillow's `ImageOps.exif_transpose` (EXIF in PNG is not read); then as
-  `serve_images`.
+  `serve_images`. An image that cannot be decoded (empty, another format,
+  corrupt or truncated: TensorFlow 2.21 refused every prefix of the JPEG,
+  PNG, BMP and WebP files tried, and of a GIF decoded only the one missing
+  its trailer byte) does not fail the request: its row is marked invalid
+  (below) and the other images get what they get in a request without it,
+  bit for bit.
 - `serving_default` and `serve_images`: `images`, uint8 [None, None, None,
   None], any height and width (one size per request) and 1 (grey), 2
   (grey+alpha), 3 (RGB) or 4 (RGBA) channels. Per image: channels
@@ -19,13 +24,21 @@ graph), so a served image gets the pixels ns-eval gives the same file:
   `Recipe.small_image_max` (64) px on its longer side used whole, a larger
   one centre-cropped to size / (size + `Recipe.crop_padding`) (32) of its
   shorter side, at least 1 px; resized to the model's side, bilinear with
-  anti-aliasing, rounded to uint8.
+  anti-aliasing, rounded to uint8. Every image is valid; more than 4
+  channels fails the request (InvalidArgumentError).
 
-each returning {"probabilities": float32 [None, K], "top_k_classes": int32
-[None, k], "top_k_scores": float32 [None, k], "top_k_names": string [None,
-k], "class_names": string [K]}. The recipe and class names come from the
-model's folder (preprocess.json, class_names.json, written by training) and
-are copied into the SavedModel folder.
+each returning, for N images and K classes, {"probabilities": float32 [N,
+K], "top_k_classes": int32 [N, k], "top_k_scores": float32 [N, k],
+"top_k_names": string [N, k], "valid": bool [N], "error": string [N],
+"class_names": string [K]}. A valid row has `error` "" and the model's
+answer; an invalid row has `error` "empty input", "undecodable image:
+unknown format (not JPEG, PNG, GIF, BMP, WebP or JPEG XL)" or
+"undecodable image: corrupt or truncated JPEG" (or PNG, ...; TensorFlow's
+own message cannot be caught inside the graph), probabilities and
+top_k_scores 0, top_k_classes -1 and top_k_names "". An empty request
+(N = 0) returns outputs with 0 rows. The recipe and class names come from
+the model's folder (preprocess.json, class_names.json, written by training)
+and are copied into the SavedModel folder.
 
 Also saved (not serving signatures): `serve_logits(images float32 [None, S,
 S, C] in [0, 255]) -> logits` and the variables `image_size`,
@@ -58,6 +71,39 @@ from noisy_student.data import preprocess
 SAVED_MODEL_FILE = "saved_model.pb"
 TFLITE_FILE = "model.tflite"
 SIGNATURES = ("serving_default", "serve_images", "serve_bytes")
+
+# The leading bytes by which tf.io.decode_image tells its formats apart
+# (decode_image_op.cc): (name, [(offset, bytes), ...]). Only used to word the
+# error of a file that failed to decode; whether it decodes is decided by
+# decoding it.
+_MAGIC = (("JPEG", [(0, b"\xff\xd8\xff")]),
+          ("PNG", [(0, b"\x89PNG\r\n\x1a\n")]),
+          ("GIF", [(0, b"GIF8")]),
+          ("BMP", [(0, b"BM")]),
+          ("WebP", [(0, b"RIFF"), (8, b"WEBP")]),
+          ("JPEG XL", [(0, b"\xff\x0a")]),
+          ("JPEG XL", [(0, b"\x00\x00\x00\x0cJXL \r\n\x87\n")]))
+_UNKNOWN_FORMAT = ("undecodable image: unknown format (not JPEG, PNG, GIF, "
+                   "BMP, WebP or JPEG XL)")
+
+
+def _decode_errors(image_bytes):
+    """The `error` of each image, string [N], as if none had decoded.
+
+    "empty input", "undecodable image: corrupt or truncated JPEG" (the
+    format its first bytes claim) or `_UNKNOWN_FORMAT`.
+    """
+    # Padded so that substr never reads past the end (it raises there).
+    head = tf.strings.join([image_bytes, b"\0" * 16])
+    error = tf.fill(tf.shape(image_bytes), _UNKNOWN_FORMAT)
+    for name, parts in reversed(_MAGIC):  # the first match wins
+        match = tf.reduce_all(
+            [tf.strings.substr(head, offset, len(magic)) == magic
+             for offset, magic in parts], axis=0)
+        error = tf.where(
+            match, f"undecodable image: corrupt or truncated {name}", error)
+    return tf.where(tf.strings.length(image_bytes) == 0, "empty input",
+                    error)
 
 
 class ExportDirExistsError(FileExistsError, ValueError):
@@ -111,6 +157,7 @@ class _ServingModule(tf.Module):
         self.model = model
         self._size = image_size
         self._channels = channels
+        self._num_classes = num_classes
         self._top_k = top_k
         self._recipe = recipe
         # Saved as variables so a loader can read them without the project.
@@ -147,19 +194,53 @@ class _ServingModule(tf.Module):
         return preprocess.eval_image(image, self._size, self._channels,
                                      self._recipe)
 
-    def _map(self, fn, elements):
-        return tf.map_fn(fn, elements, fn_output_signature=tf.TensorSpec(
-            [self._size, self._size, self._channels], tf.uint8))
-
-    def _outputs(self, pixels):
+    def _predict(self, pixels):
+        """Probabilities and top k of uint8 [M, S, S, C] eval pixels."""
         probabilities = tf.nn.softmax(
             self._logits(tf.cast(pixels, tf.float32)), axis=-1)
         scores, classes = tf.math.top_k(probabilities, k=self._top_k)
         return {"probabilities": probabilities,
                 "top_k_classes": tf.cast(classes, tf.int32),
                 "top_k_scores": scores,
-                "top_k_names": tf.gather(self.class_names, classes),
-                "class_names": tf.identity(self.class_names)}
+                "top_k_names": tf.gather(self.class_names, classes)}
+
+    def _outputs(self, indices, pixels, errors):
+        """The outputs of a request of N images, M of them valid.
+
+        Args:
+          indices: int32 [M], the rows of the valid images, ascending.
+          pixels: uint8 [M, S, S, C], their eval pixels.
+          errors: string [N], the error of each row were it invalid.
+        """
+        n = tf.shape(errors)[0]
+        k = self._top_k
+        # The model runs on the valid images only, as one batch in request
+        # order: each gets the same numbers as in a request without the
+        # invalid ones. Never on zero images: the stem's batch norm was
+        # seen to crash on an empty batch.
+        predicted = tf.cond(
+            tf.size(indices) > 0, lambda: self._predict(pixels),
+            self._predict_nothing)
+        fills = {"probabilities": tf.zeros([n, self._num_classes]),
+                 "top_k_classes": tf.fill([n, k], -1),
+                 "top_k_scores": tf.zeros([n, k]),
+                 "top_k_names": tf.fill([n, k], "")}
+        rows = indices[:, None]
+        out = {key: tf.tensor_scatter_nd_update(fill, rows, predicted[key])
+               for key, fill in fills.items()}
+        out["valid"] = tf.tensor_scatter_nd_update(
+            tf.zeros([n], tf.bool), rows, tf.ones_like(indices, tf.bool))
+        out["error"] = tf.where(out["valid"], "", errors)
+        out["class_names"] = tf.identity(self.class_names)
+        return out
+
+    def _predict_nothing(self):
+        """What `_predict` returns for no image, without running the model."""
+        k = self._top_k
+        return {"probabilities": tf.zeros([0, self._num_classes]),
+                "top_k_classes": tf.zeros([0, k], tf.int32),
+                "top_k_scores": tf.zeros([0, k]),
+                "top_k_names": tf.zeros([0, k], tf.string)}
 
     def _serve_images(self, images):
         channels = tf.shape(images)[-1]
@@ -168,13 +249,31 @@ class _ServingModule(tf.Module):
             "alpha), 3 (RGB) or 4 (RGBA) channels")
         with tf.control_dependencies([check]):
             images = tf.identity(images)
-        return self._outputs(self._map(self._eval_image, images))
+        pixels = tf.map_fn(self._eval_image, images,
+                           fn_output_signature=tf.TensorSpec(
+                               [self._size, self._size, self._channels],
+                               tf.uint8))
+        n = tf.shape(images)[0]
+        return self._outputs(tf.range(n), pixels, tf.fill([n], ""))
 
     def _serve_bytes(self, image_bytes):
-        def transform(data):
-            return self._eval_image(preprocess.decode_image(data))
-
-        return self._outputs(self._map(transform, image_bytes))
+        n = tf.size(image_bytes)
+        # Decoded one by one in a tf.data pipeline: ignore_errors drops an
+        # image whose decode (or transform) fails where tf.map_fn would fail
+        # the whole request, and the index kept with each image says which
+        # ones are left. Sequential map: the survivors stay in request order.
+        images = tf.data.Dataset.from_tensor_slices((tf.range(n), image_bytes))
+        images = images.map(lambda i, data: (i, self._eval_image(
+            preprocess.decode_image(data))))
+        images = images.ignore_errors().batch(
+            tf.maximum(tf.cast(n, tf.int64), 1))
+        # One batch holds all survivors; the initial state is the answer when
+        # none survives (the dataset is then empty).
+        empty = (tf.zeros([0], tf.int32),
+                 tf.zeros([0, self._size, self._size, self._channels],
+                          tf.uint8))
+        indices, pixels = images.reduce(empty, lambda _, batch: batch)
+        return self._outputs(indices, pixels, _decode_errors(image_bytes))
 
     def tflite_bytes(self):
         """A TFLite flatbuffer: uint8 [1, S, S, C] model pixels -> outputs.
@@ -190,7 +289,7 @@ class _ServingModule(tf.Module):
         keys = sorted(("probabilities", "top_k_classes", "top_k_scores"))
 
         def numeric(images):
-            out = self._outputs(images)
+            out = self._predict(images)
             return {key: out[key] for key in keys}
 
         outputs = tf.function(numeric, input_signature=[spec])

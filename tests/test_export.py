@@ -169,7 +169,8 @@ def test_saved_model_cli_lists_both_signatures(fresh_outputs):
         assert f"signature_def['{name}']" in shown, name
     assert "image_bytes" in shown and "DT_STRING" in shown
     assert "DT_UINT8" in shown
-    for output in ("probabilities", "top_k_classes", "top_k_scores"):
+    for output in ("probabilities", "top_k_classes", "top_k_scores",
+                   "valid", "error"):
         assert output in shown
 
 

@@ -15,8 +15,11 @@ probabilities equal ns-eval's for the same file:
       whole image, else the central size/(size+32) of the shorter side (at
       least 1 px); resized bilinear with anti-aliasing, rounded to uint8.
 
-Outputs: probabilities, top_k_classes, top_k_scores, top_k_names and
-class_names. The crop numbers and class names are read from the model's
+Outputs: probabilities, top_k_classes, top_k_scores, top_k_names, valid,
+error and class_names. An image serve_bytes cannot decode does not fail the
+request: its row has valid false, an error ("empty input", "undecodable
+image: ..."), probabilities 0 and top_k_classes -1 (see export.py). An
+empty request returns 0 rows. The crop numbers and class names are read from the model's
 folder (preprocess.json, class_names.json), not from flags.
 """
 

@@ -12,7 +12,7 @@ import numpy as np
 from noisy_student import report
 
 
-def contact_sheet_png(rows, title=None, dpi=100):
+def contact_sheet_png(rows, title=None, dpi=100, labels=None):
     """A grid of captioned images, one labelled row per entry of `rows`.
 
     Args:
@@ -21,6 +21,8 @@ def contact_sheet_png(rows, title=None, dpi=100):
         different lengths (empty cells stay blank).
       title: Optional title of the sheet.
       dpi: Resolution of the PNG.
+      labels: The `report.ClassLabels` of class names in the title or
+        captions (their font, and their note as the caption), or None.
 
     Returns:
       PNG bytes.
@@ -31,6 +33,7 @@ def contact_sheet_png(rows, title=None, dpi=100):
     if not rows or not any(cells for _, cells in rows):
         raise ValueError("Expected at least one image for a contact sheet. "
                          f"Received: {len(rows)} rows without images")
+    font = labels.font if labels else {}
     num_cols = max(len(cells) for _, cells in rows)
     fig = report.new_figure(1.3 * num_cols + 1.4,
                             1.45 * len(rows) + (0.4 if title else 0.0))
@@ -50,10 +53,11 @@ def contact_sheet_png(rows, title=None, dpi=100):
                               interpolation="nearest")
                 else:
                     ax.imshow(image[..., :3], interpolation="nearest")
-                ax.set_title(caption, fontsize=7)
+                ax.set_title(caption, fontsize=7, **font)
             if c == 0:
                 ax.set_ylabel(label, fontsize=8, rotation=0, ha="right",
                               va="center")
     if title:
-        fig.suptitle(title, fontsize=9)
+        fig.suptitle(title, fontsize=9, **font)
+    report.add_note(fig, labels.note if labels else "")
     return report.figure_png(fig, dpi)

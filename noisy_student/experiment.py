@@ -18,17 +18,20 @@ before the round -> iteration rename is renamed first (`workdir_layout`).
 """
 
 import dataclasses
-import time
+
+from absl import logging
+import tensorflow as tf
 
 from noisy_student import checkpoints
 from noisy_student import efficientnet
 from noisy_student import evaluate
 from noisy_student import export as export_lib
 from noisy_student import manifest as manifest_lib
-from noisy_student import model_info
+from noisy_student import pipeline_report
 from noisy_student import predict as predict_lib
 from noisy_student import report as report_lib
 from noisy_student import select as select_lib
+from noisy_student import stage_inputs
 from noisy_student import stages
 from noisy_student import train_config as train_config_lib
 from noisy_student import train_state
@@ -150,6 +153,27 @@ def _without_paths(config, *fields):
             if k not in fields}
 
 
+def _data_fingerprints(data, sources):
+    """(fingerprint of training and evaluation data, of the unlabeled data).
+
+    Where the folder scans are written is no data setting; what the sources
+    hold is: the labeled and test images count for training and evaluation,
+    the unlabeled ones for prediction (new unlabeled images leave the
+    teacher as it is). Without `sources`, the settings alone count (and the
+    second fingerprint is None), as in work directories made before the
+    sources' contents did.
+    """
+    if sources is None:
+        return manifest_lib.fingerprint(_without_paths(data, "scan_dir")), None
+
+    def contents(unlabeled):
+        return [source["content"] for name, source in sources.items()
+                if ("unlabeled" in name) == unlabeled]
+    return (manifest_lib.fingerprint(_without_paths(data, "scan_dir"),
+                                     *contents(False)),
+            manifest_lib.fingerprint({}, *contents(True)))
+
+
 @dataclasses.dataclass(frozen=True)
 class Stage:
     """One step of the plan: its manifest name, fingerprint, folder, work."""
@@ -162,16 +186,21 @@ class Stage:
     redo_if_changed: bool = False
 
 
-def plan(config):
+def plan(config, sources=None):
     """Every stage of the run, in order, with fingerprints known up front.
 
-    A fingerprint depends only on settings (never on results), so a whole
-    work directory is checked against the configuration before any work.
+    A fingerprint depends only on settings and on what the sources hold
+    (never on results), so a whole work directory is checked against the
+    configuration before any work.
+
+    Args:
+      config: The `ExperimentConfig`.
+      sources: The run's sources as `stage_inputs.data_inputs` gives them,
+        whose contents count in the fingerprints; None: the settings alone
+        count (a work directory made before the contents did, `check`).
     """
     workdir = config.workdir.rstrip("/")
-    # Where the folder scans are written is no data setting.
-    data_fp = manifest_lib.fingerprint(_without_paths(config.data,
-                                                      "scan_dir"))
+    data_fp, unlabeled_fp = _data_fingerprints(config.data, sources)
     steps = []
 
     def train_and_eval(r, train_config, input_config, pseudo_dir, upstream):
@@ -206,30 +235,13 @@ def plan(config):
     teacher_dir, fp = train_and_eval(0, config.teacher, config.teacher_input,
                                      None, ())
     for r in range(1, config.iterations + 1):
-        predict_config = dataclasses.replace(
-            config.predict, teacher=teacher_dir,
-            out_dir=workdir_layout.stage_folder(workdir, r, "predict"),
-            num_classes=config.teacher.model.num_classes)
-        predict_fp = manifest_lib.fingerprint(
-            _without_paths(predict_config, "teacher", "out_dir",
-                           "log_every_s"), fp)
-        steps.append(Stage(
-            workdir_layout.stage_name(r, "predict"), predict_fp,
-            predict_config.out_dir,
-            lambda c=predict_config: stages.run_predict(c, config.data)))
-        select_config = dataclasses.replace(
-            config.select, pred_dir=predict_config.out_dir,
-            out_dir=workdir_layout.stage_folder(workdir, r, "select"))
-        select_fp = manifest_lib.fingerprint(
-            _without_paths(select_config, "pred_dir", "out_dir"), predict_fp)
-        steps.append(Stage(
-            workdir_layout.stage_name(r, "select"), select_fp,
-            select_config.out_dir,
-            lambda c=select_config: report_lib.jsonable(
-                stages.run_select(c)["totals"])))
+        labeling, pseudo_dir, select_fp = _label_stages(
+            config, r, teacher_dir,
+            (fp,) if unlabeled_fp is None else (fp, unlabeled_fp))
+        steps += labeling
         student, student_input = _student_configs(config, r, teacher_dir)
         teacher_dir, fp = train_and_eval(
-            r, student, student_input, select_config.out_dir,
+            r, student, student_input, pseudo_dir,
             (select_fp, config.init_student_from_teacher))
     if config.export:
         # From the model_dir: its class names and recipe go along.
@@ -242,6 +254,44 @@ def plan(config):
             # More iterations change what is exported, not how.
             redo_if_changed=True))
     return steps
+
+
+def _label_stages(config, r, teacher_dir, upstream):
+    """Iteration r's predict and select stages.
+
+    Args:
+      config: The `ExperimentConfig`.
+      r: The iteration, 1-based.
+      teacher_dir: The model_dir of the teacher that labels the images.
+      upstream: Fingerprints of the teacher's stage and of the unlabeled
+        images.
+
+    Returns:
+      ([predict Stage, select Stage], the selection folder, the select
+      stage's fingerprint).
+    """
+    workdir = config.workdir.rstrip("/")
+    predict_config = dataclasses.replace(
+        config.predict, teacher=teacher_dir,
+        out_dir=workdir_layout.stage_folder(workdir, r, "predict"),
+        num_classes=config.teacher.model.num_classes)
+    predict_fp = manifest_lib.fingerprint(
+        _without_paths(predict_config, "teacher", "out_dir", "log_every_s"),
+        *upstream)
+    select_config = dataclasses.replace(
+        config.select, pred_dir=predict_config.out_dir,
+        out_dir=workdir_layout.stage_folder(workdir, r, "select"))
+    select_fp = manifest_lib.fingerprint(
+        _without_paths(select_config, "pred_dir", "out_dir"), predict_fp)
+    return [
+        Stage(workdir_layout.stage_name(r, "predict"), predict_fp,
+              predict_config.out_dir,
+              lambda: stages.run_predict(predict_config, config.data)),
+        Stage(workdir_layout.stage_name(r, "select"), select_fp,
+              select_config.out_dir,
+              lambda: report_lib.jsonable(
+                  stages.run_select(select_config)["totals"])),
+    ], select_config.out_dir, select_fp
 
 
 def _student_configs(config, r, teacher_dir):
@@ -281,9 +331,25 @@ def check(config):
       ValueError: if the workdir was made by other settings, or a
         pretrained checkpoint does not fit its model.
     """
-    steps = plan(config)
-    manifest = manifest_lib.Manifest(config.workdir.rstrip("/"),
-                                     config.overwrite)
+    workdir = config.workdir.rstrip("/")
+    manifest = manifest_lib.Manifest(workdir, config.overwrite)
+    sources = None
+    if manifest.stages and not tf.io.gfile.exists(
+            f"{workdir}/{stage_inputs.INPUTS_FILE}"):
+        # Made before the data was recorded: its stages keep their
+        # fingerprints (settings only), and a change of data goes unseen.
+        logging.warning("%s records no data (%s): a change of the images "
+                        "is not detected there.", workdir,
+                        stage_inputs.INPUTS_FILE)
+    else:
+        sources = stage_inputs.data_inputs(config.data, config.iterations)
+        # Data that changed since the stages ran is named as such (before
+        # the stages' fingerprints, which it changes).
+        stage_inputs.check_inputs(
+            workdir, sources, "--workdir", overwrite=config.overwrite,
+            remedy="restore the data, or pass --overwrite to redo the "
+                   "stages that read it")
+    steps = plan(config, sources)
     _check_iterations_kept(manifest, config)
     for stage in steps:
         manifest.check(stage.name, stage.fingerprint, stage.redo_if_changed)
@@ -384,114 +450,18 @@ def _run(config, workdir, steps):
                                            stage.redo_if_changed)
         r, kind = workdir_layout.parse_stage_name(stage.name) or (None, None)
         if kind == "eval":
-            iterations.append(_iteration_entry(
+            iterations.append(pipeline_report.iteration_entry(
                 r, "teacher" if r == 0 else "student",
                 config.teacher.model.model_name if r == 0
                 else config.student_model(r),
                 results[workdir_layout.stage_name(r, "train")],
                 results[stage.name], manifest,
                 results.get(workdir_layout.stage_name(r, "select"))))
-            write_report(workdir, iterations, _class_names(workdir))
-    report = write_report(workdir, iterations, _class_names(workdir))
-    print_table(report)
+            pipeline_report.write_report(workdir, iterations)
+    report = pipeline_report.write_report(workdir, iterations)
+    pipeline_report.print_table(report)
     print(f"Report: {workdir}/report.json (also report.md, report.png)",
           flush=True)
     if config.export:
         print(f"SavedModel: {workdir}/export", flush=True)
     return report
-
-
-def _iteration_entry(r, role, name, metrics, results, manifest, selection):
-    """Iteration r's line of the report (its eval, train and select)."""
-    clean = results.get("clean", {})
-    entry = {
-        "iteration": r, "role": role, "model": name,
-        "test_top1": clean.get("top1"), "test_top5": clean.get("top5"),
-        "test_ece": clean.get("ece"),
-        "train_steps": metrics.get("step"),
-        "train_seconds": manifest.stages[
-            workdir_layout.stage_name(r, "train")].get("seconds"),
-        "best_eval_top1": metrics.get("best_eval_top1"),
-    }
-    if selection is not None:
-        entry["pseudo_labels"] = selection
-    return entry
-
-
-def _class_names(workdir):
-    """The class names the teacher's run recorded (None if it has none)."""
-    return model_info.read_class_names(
-        workdir_layout.stage_folder(workdir, 0, "train"))
-
-
-def write_report(workdir, iterations, class_names=None):
-    """Writes report.json, report.md and report.png; returns the report.
-
-    Args:
-      workdir: The run's folder, local or gs://.
-      iterations: One entry per evaluated iteration (see
-        `_iteration_entry`).
-      class_names: Class names in label order, or None.
-    """
-    report = {"iterations": iterations, "updated_at": time.strftime(
-        "%Y-%m-%d %H:%M:%S")}
-    if class_names:
-        report["class_names"] = list(class_names)
-        model_info.write_class_names(workdir, class_names)
-    report_lib.write_report(workdir, "report", report, markdown_table(report),
-                            lambda: _plot(iterations))
-    return report
-
-
-def _fmt(value, digits=4):
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-def markdown_table(report):
-    """The report as a Markdown table."""
-    lines = ["# Noisy Student report", ""]
-    names = report.get("class_names") or []
-    if names:
-        shown = ", ".join(f"{i} {name}" for i, name in enumerate(names[:50]))
-        more = f" ... ({len(names)} classes)" if len(names) > 50 else ""
-        lines += [f"classes: {shown}{more}", ""]
-    lines += ["| iteration | role | model | test top-1 | test top-5 | "
-              "pseudo-labels (unique / total) | train s |",
-             "|---|---|---|---|---|---|---|"]
-    for r in report["iterations"]:
-        pl = r.get("pseudo_labels") or {}
-        pseudo = f"{pl.get('unique', '-')} / {pl.get('total', '-')}" if pl \
-            else "-"
-        lines.append(
-            f"| {r['iteration']} | {r['role']} | {r['model']} | "
-            f"{_fmt(r['test_top1'])} | {_fmt(r['test_top5'])} | {pseudo} | "
-            f"{_fmt(r['train_seconds'], 0)} |")
-    return "\n".join(lines) + "\n"
-
-
-def print_table(report):
-    """Prints the report's table to the terminal."""
-    print(markdown_table(report), flush=True)
-
-
-def _plot(iterations):
-    """Test top-1 and pseudo-label counts per iteration, as PNG bytes."""
-    fig = report_lib.new_figure(9, 3.5)
-    ax1, ax2 = fig.subplots(1, 2)
-    xs = [r["iteration"] for r in iterations]
-    ax1.plot(xs, [r["test_top1"] or 0 for r in iterations], "o-")
-    ax1.set_xlabel("iteration (0 = teacher)")
-    ax1.set_ylabel("test top-1")
-    ax1.set_xticks(xs)
-    counts = [(r["iteration"], r["pseudo_labels"]) for r in iterations
-              if r.get("pseudo_labels")]
-    if counts:
-        ax2.bar([c[0] - 0.2 for c in counts],
-                [c[1].get("unique", 0) for c in counts], 0.4, label="unique")
-        ax2.bar([c[0] + 0.2 for c in counts],
-                [c[1].get("total", 0) for c in counts], 0.4, label="total")
-        ax2.legend()
-    ax2.set_xticks(xs)
-    ax2.set_xlabel("iteration")
-    ax2.set_ylabel("pseudo-labeled images")
-    return report_lib.figure_png(fig, dpi=90)

@@ -16,6 +16,8 @@ evaluate, export). A model here is anything called as
 Paths are local or gs:// (everything goes through tf.io.gfile).
 """
 
+import hashlib
+
 import keras
 import tensorflow as tf
 
@@ -137,6 +139,40 @@ def load_model(path, what="model"):
         "Expected model.keras, a folder holding model.keras, or a SavedModel "
         "folder (pretrained TF1 or .h5 checkpoints: convert them with "
         f"ns-convert first). Received: {what}={path}")
+
+
+def content_hash(path):
+    """What identifies a trained model wherever it lies: a hash of its files.
+
+    Args:
+      path: As `load_model`: model.keras, a folder holding it, or a
+        SavedModel folder (every file under it). Local or gs://.
+
+    Returns:
+      The first 16 hex digits of the SHA-256 of the files' names (relative
+      to the model) and bytes, read in 1 MiB chunks (about 1 s per GB).
+
+    Raises:
+      FileNotFoundError: if `path` holds none of these.
+    """
+    path = str(path).rstrip("/")
+    if tf.io.gfile.exists(keras_path(path)):
+        files = [keras_path(path)]
+    elif tf.io.gfile.exists(io_utils.join(path, SAVED_MODEL_FILE)):
+        files = sorted(io_utils.join(root, name)
+                       for root, _, names in tf.io.gfile.walk(path)
+                       for name in names)
+    else:
+        raise FileNotFoundError(
+            "Expected model.keras, a folder holding model.keras, or a "
+            f"SavedModel folder. Received: {path}")
+    digest = hashlib.sha256()
+    for name in files:
+        digest.update(name[len(path):].encode("utf-8"))
+        with tf.io.gfile.GFile(name, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
 
 
 def keras_path(path):

@@ -7,11 +7,18 @@ every figure is drawn the same way: matplotlib's object API, a
 `matplotlib.figure.Figure` on its own `FigureCanvasAgg`. No pyplot and no
 global backend switch (`matplotlib.use`), so drawing is safe in any thread
 and does not change the backend of a program that imports this package.
+
+Class names are drawn through `class_labels`: in a font that has their
+glyphs (matplotlib's default, DejaVu Sans, has none for CJK scripts and
+would draw boxes), or, when no installed font has them, as class numbers
+with a note saying which file names the classes.
 """
 
 import dataclasses
+import functools
 import io
 import math
+import textwrap
 from collections.abc import Mapping
 
 from absl import logging
@@ -67,6 +74,137 @@ def new_figure(width, height):
     fig = figure.Figure(figsize=(width, height))
     backend_agg.FigureCanvasAgg(fig)
     return fig
+
+
+# Wide-coverage fonts (CJK above all) tried first, by family name, for text
+# the default font cannot draw; any other installed font is tried after.
+# matplotlib finds fonts installed after its font cache was built only once
+# that cache (~/.cache/matplotlib/fontlist-*.json) is removed.
+WIDE_FONTS = (
+    "Noto Sans CJK JP", "Noto Sans CJK SC", "Noto Sans CJK TC",
+    "Noto Sans CJK KR", "Source Han Sans", "Source Han Sans SC",
+    "WenQuanYi Zen Hei", "WenQuanYi Micro Hei", "Droid Sans Fallback",
+    "AR PL UMing CN", "IPAGothic", "Noto Sans", "Arial Unicode MS",
+    "Microsoft YaHei", "SimHei", "MS Gothic", "Malgun Gothic",
+    "PingFang SC", "Hiragino Sans", "Apple SD Gothic Neo", "Unifont")
+# matplotlib's stand-in of last resort: its "glyphs" are boxes.
+_STAND_IN = "Last Resort"
+_ASCII = frozenset(map(chr, range(0x20, 0x7f)))
+
+
+def text_font(texts):
+    """Text keyword arguments that draw every character of `texts`, or None.
+
+    Args:
+      texts: Strings to draw (class names).
+
+    Returns:
+      {} if matplotlib's default font has every glyph. Else the first
+      installed font with the glyphs it lacks: {"fontfamily": [name],
+      "fontweight": w} if that font has them all and ASCII (drawn at its
+      weight nearest regular: matplotlib warns of a weight it lacks), or
+      {"fontfamily": [*default, name]} (matplotlib >= 3.6 falls back glyph
+      by glyph). None if no installed font has them.
+    """
+    from matplotlib import font_manager  # pylint: disable=g-import-not-at-top
+    chars = frozenset("".join(texts)) - frozenset(" \n\t")
+    missing = chars - _glyphs(font_manager.findfont(
+        font_manager.FontProperties()))
+    if not missing:
+        return {}
+    found = _font_with(missing)
+    if found is None:
+        return None
+    name, weight, path = found
+    # The whole text in that font if it has ASCII too (the rest of a title
+    # or caption), at its own weight.
+    if chars | _ASCII <= _glyphs(path):
+        return {"fontfamily": [name], "fontweight": weight}
+    default = list(font_manager.FontProperties().get_family())
+    return {"fontfamily": default + [name]}
+
+
+@functools.lru_cache(maxsize=None)
+def _font_with(chars):
+    """(family name, weight, path) of the first installed font with glyphs
+    of every one of `chars` (a frozenset), WIDE_FONTS first, or None."""
+    from matplotlib import font_manager  # pylint: disable=g-import-not-at-top
+    # Each family's upright face nearest the regular weight (CJK fonts
+    # often have 500 only).
+    weights = {}
+    for face in font_manager.fontManager.ttflist:
+        if face.style == "normal" and not face.name.startswith(_STAND_IN):
+            weight = font_manager.weight_dict.get(face.weight, face.weight)
+            weights[face.name] = min(weights.get(face.name, weight), weight,
+                                     key=lambda w: abs(w - 400))
+    order = [n for n in WIDE_FONTS if n in weights] + sorted(
+        n for n in weights if n not in WIDE_FONTS)
+    for name in order:
+        path = font_manager.findfont(font_manager.FontProperties(
+            family=[name], weight=weights[name]), fallback_to_default=False)
+        if chars <= _glyphs(path):
+            return name, weights[name], path
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _glyphs(path):
+    """The characters the font at `path` (findfont's) has glyphs for."""
+    from matplotlib import font_manager  # pylint: disable=g-import-not-at-top
+    return frozenset(map(chr, font_manager.get_font(path).get_charmap()))
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassLabels:
+    """How a figure labels classes; call it with a class id for its label.
+
+    Attributes:
+      names: The class names, or None: the classes are drawn by number
+        (no names given, or no installed font draws them).
+      font: Keyword arguments of the texts that draw a label (see
+        `text_font`).
+      note: "" or a line for the figure's caption (`add_note`) saying the
+        classes are drawn by number and which file names them.
+    """
+    names: tuple | None = None
+    font: dict = dataclasses.field(default_factory=dict)
+    note: str = ""
+
+    def __call__(self, class_id):
+        return self.names[class_id] if self.names else str(class_id)
+
+
+def class_labels(class_names, where):
+    """The `ClassLabels` of a figure: names if a font draws them, else ids.
+
+    Args:
+      class_names: Names in label order, or None (ids are drawn).
+      where: The file that lists the names, for the note (results.json).
+
+    Returns:
+      A `ClassLabels`: the names with a font that has their glyphs, or
+      (none installed) the ids with a note, never boxes.
+    """
+    if not class_names:
+        return ClassLabels()
+    font = text_font(class_names)
+    if font is None:
+        return ClassLabels(note=(
+            "classes by number: no installed font draws their names "
+            f"(listed in {where})"))
+    return ClassLabels(tuple(class_names), font)
+
+
+def add_note(fig, note):
+    """Writes `note` as the figure's caption, at the bottom, in small type.
+
+    Args:
+      fig: A figure from `new_figure`.
+      note: One line, wrapped here (e.g. a `ClassLabels.note`); "" adds
+        nothing.
+    """
+    if note:
+        fig.supxlabel(textwrap.fill(note, 64), fontsize=8)
 
 
 def figure_png(fig, dpi=100):

@@ -72,7 +72,8 @@ def write_contact_sheets(out_dir, extremes, class_names):
       out_dir: The selection folder; sheets go to out_dir/contact_sheets/
         class-<id>.png.
       extremes: An `Extremes` filled while selecting.
-      class_names: Names in label order, or None (ids are shown).
+      class_names: Names in label order, or None (ids are shown; also when
+        no installed font draws the names, with a note).
 
     Returns:
       The written paths, relative to out_dir.
@@ -80,17 +81,18 @@ def write_contact_sheets(out_dir, extremes, class_names):
     folder = io_utils.join(out_dir, CONTACT_SHEET_DIR)
     tf.io.gfile.makedirs(folder)
     written = []
+    name = report_lib.class_labels(class_names, "report.json")
     for c in sorted(extremes.most):
-        name = class_names[c] if class_names else str(c)
         rows = [("most\nconfident", [
             (_decode(image), f"{conf:.3f}")
             for conf, _, image in extremes.most[c]]),
                 ("least\nconfident", [
             (_decode(image), f"{conf:.3f}")
             for conf, _, image in extremes.least[c]])]
+        title = (f"class {c}: {name(c)}" if name.names else f"class {c}")
         data = contact_sheet.contact_sheet_png(
-            rows, title=f"class {c}: {name} (kept pseudo-labels, teacher "
-            "confidence)")
+            rows, title=f"{title} (kept pseudo-labels, teacher confidence)",
+            labels=name)
         relative = f"{CONTACT_SHEET_DIR}/class-{c:04d}.png"
         io_utils.atomic_write(io_utils.join(out_dir, relative), data)
         written.append(relative)
@@ -284,8 +286,10 @@ def _report_png(report, histogram, plan):
              label="after (unique)")
     top.set_xlabel("class")
     if report.get("class_names") and len(rows) <= 40:
-        top.set_xticks(classes, report["class_names"], rotation=90,
-                       fontsize=7)
+        name = report_lib.class_labels(report["class_names"], "report.json")
+        top.set_xticks(classes, [name(c) for c in classes], rotation=90,
+                       fontsize=7, **name.font)
+        report_lib.add_note(fig, name.note)
     top.set_ylabel("images")
     top.set_title(f"per-class counts (K={report['config']['per_class']})")
     top.legend(fontsize=8)

@@ -18,13 +18,15 @@ from noisy_student import model_io
 from noisy_student import predict as predict_lib
 from noisy_student import pseudo_labels
 from noisy_student import select as select_lib
+from noisy_student import stage_inputs
 from noisy_student import train_lib
 from noisy_student.data import image_scan
 from noisy_student.data import pipeline
 from noisy_student.data import preprocess
 from noisy_student.data import sources
 
-STAGE_CONFIG = "stage_config.json"
+STAGE_CONFIG = stage_inputs.STAGE_CONFIG
+INPUTS_FILE = stage_inputs.INPUTS_FILE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +115,14 @@ class DataConfig:
                 f"--labeled={self.labeled} with {source.num_classes}")
         return source
 
+    def unlabeled_flag(self):
+        """The flag whose source holds the unlabeled images: "unlabeled",
+        or "labeled" when they are the rest of it (labels_per_class)."""
+        if not self.unlabeled or (self.unlabeled == self.labeled
+                                  and self.labels_per_class):
+            return "labeled"
+        return "unlabeled"
+
     def unlabeled_source(self, keep_encoded=False):
         """The unlabeled images; never reads labels of a separate source.
 
@@ -121,8 +131,7 @@ class DataConfig:
             files and TFDS images, so the prediction records keep them
             (see sources.load_source).
         """
-        if not self.unlabeled or (self.unlabeled == self.labeled
-                                  and self.labels_per_class):
+        if self.unlabeled_flag() == "labeled":
             if not self.labels_per_class:
                 raise ValueError(
                     "Expected an unlabeled source --unlabeled or "
@@ -205,7 +214,14 @@ def run_train(train_config, input_config, data, model_dir, pseudo_dir=None,
 
     Returns:
       The final metrics of train_lib.train_and_evaluate.
+
+    Raises:
+      ValueError: for configs that disagree, a model_dir that holds another
+        stage's records (`check_owner`) or checkpoints made with other
+        settings (`train_lib.check_resumable`) or other images
+        (`check_inputs`).
     """
+    stage_inputs.check_owner(model_dir, "train", "--model_dir")
     model, loop = train_config.model, train_config.loop
     if (input_config.image_size != model.image_size
             or input_config.batch_size != loop.batch_size
@@ -242,6 +258,11 @@ def run_train(train_config, input_config, data, model_dir, pseudo_dir=None,
             recipe=recipe)
     # A refused resume must leave the model_dir's records as they were.
     train_lib.check_resumable(train_config, model_dir)
+    # Its checkpoints are resumed only on the same images.
+    inputs = {"--labeled": stage_inputs.source_input(labeled)}
+    if pseudo_dir:
+        inputs["--pseudo_labels"] = stage_inputs.selection_input(pseudo_dir)
+    stage_inputs.check_inputs(model_dir, inputs, "--model_dir")
     tf.io.gfile.makedirs(model_dir)
     write_stage_config(model_dir, train=train_config, input=input_config,
                        data=data, pseudo_dir=pseudo_dir)
@@ -295,8 +316,11 @@ def run_predict(predict_config, data, channels_given=True):
       The `predict.PredictSummary` as a dict.
 
     Raises:
-      ValueError: for given channels that differ from the teacher's.
+      ValueError: for given channels that differ from the teacher's, or
+        an out_dir made from another teacher, other images or other
+        settings (`check_inputs`).
     """
+    stage_inputs.check_owner(predict_config.out_dir, "predict", "--out_dir")
     source = data.unlabeled_source(keep_encoded=True)  # Its errors first.
     teacher = model_io.load_model(predict_config.teacher, what="teacher")
     with_teachers = with_model_channels(data, teacher, predict_config.teacher,
@@ -305,11 +329,17 @@ def run_predict(predict_config, data, channels_given=True):
         data = with_teachers
         source = data.unlabeled_source(keep_encoded=True)
     size = predict_config.image_size or model_io.image_size(teacher)
-    clean = predict_lib.default_preprocess(
-        size, model_io.channels(teacher),
-        preprocess.read_recipe(predict_config.teacher))
-
-    tf.io.gfile.makedirs(predict_config.out_dir)
+    recipe = preprocess.read_recipe(predict_config.teacher)
+    clean = predict_lib.default_preprocess(size, model_io.channels(teacher),
+                                           recipe)
+    # The teacher's files, its images and how it sees them: a finished
+    # block made from other ones is never reused.
+    stage_inputs.check_inputs(predict_config.out_dir, {
+        "--teacher": {"sha256": model_io.content_hash(predict_config.teacher),
+                      "path": predict_config.teacher},
+        f"--{data.unlabeled_flag()}": stage_inputs.source_input(source),
+        "image_size": size, "channels": data.channels,
+        "recipe": dataclasses.asdict(recipe)}, "--out_dir")
     # The select stage's report and contact sheets name the classes.
     model_info.write_class_names(
         predict_config.out_dir,
@@ -337,6 +367,7 @@ def run_select(select_config):
     Returns:
       The selection report dict (see `select.select`).
     """
+    stage_inputs.check_owner(select_config.out_dir, "select", "--out_dir")
     tf.io.gfile.makedirs(select_config.out_dir)
     write_stage_config(select_config.out_dir, select=select_config)
     return select_lib.select(select_config)
@@ -362,6 +393,8 @@ def run_eval(eval_config, data, part="test", channels_given=True):
     Raises:
       ValueError: for given channels that differ from the model's.
     """
+    if eval_config.output_dir:
+        stage_inputs.check_owner(eval_config.output_dir, "eval", "--output_dir")
     model = model_io.load_model(eval_config.model_path, what="model_path")
     data = with_model_channels(data, model, eval_config.model_path,
                                channels_given)
@@ -384,5 +417,11 @@ def run_eval(eval_config, data, part="test", channels_given=True):
 
 
 def run_export(export_config):
-    """Writes the serving SavedModel of a trained model (EMA weights)."""
+    """Writes the serving SavedModel of a trained model (EMA weights).
+
+    Raises:
+      ValueError: also for an out_dir that holds another stage's records
+        (which --overwrite would delete).
+    """
+    stage_inputs.check_owner(export_config.out_dir, "export", "--out_dir")
     return export_lib.export_from_config(export_config)

@@ -188,7 +188,7 @@ def _run(config, state, strategy, model_dir, is_chief, train_dataset_fn,
     if state.manager.latest_checkpoint is None or (
             state_lib.checkpoint_step(state.manager.latest_checkpoint)
             != step):
-        state.manager.save(checkpoint_number=step)
+        state_lib.save_checkpoint(state, step)
     if eval_loop is not None:
         _evaluate(config, state, metrics, eval_loop, log, step)
     if is_chief:
@@ -247,7 +247,7 @@ def _loop(config, state, metrics, train_loop, iterator, eval_loop, log):
             window = _Window()
         if step == loop.train_steps or (
                 loop.checkpoint_every and step % loop.checkpoint_every == 0):
-            state.manager.save(checkpoint_number=step)
+            state_lib.save_checkpoint(state, step)
         if eval_loop is not None and loop.eval_every and (
                 step % loop.eval_every == 0 and step != loop.train_steps):
             _evaluate(config, state, metrics, eval_loop, log, step)

@@ -295,10 +295,61 @@ def _checkpoint_manager(state, config, model_dir, is_chief):
         # chief's copy is kept.
         temp_dir = tempfile.mkdtemp(prefix="ns-worker-ckpt-")
         write_dir = temp_dir
+    else:
+        # A save that was killed (or whose clean-up failed) leaves its
+        # ckpt-N_temp/ folder: never read, and the run holds the folder.
+        for partial in tf.io.gfile.glob(f"{write_dir}/ckpt-*_temp"):
+            io_utils.remove_quietly(partial)
     manager = tf.train.CheckpointManager(
         tf.train.Checkpoint(**state.checkpoint_items()), write_dir,
         max_to_keep=config.loop.keep_checkpoints, checkpoint_name="ckpt")
     return manager, temp_dir
+
+
+def save_checkpoint(state, step):
+    """Saves the state as checkpoint `step` of its CheckpointManager.
+
+    Args:
+      state: The run's `TrainState`.
+      step: The checkpoint's number, the global step.
+
+    Returns:
+      The checkpoint's path prefix.
+
+    Raises:
+      io_utils.DiskFullError: naming the checkpoint folder, if the device
+        is full. Whatever the error, the failed save's files (its
+        ckpt-N_temp/ folder) are removed and the last checkpoint stays
+        the latest.
+    """
+    folder = state.manager.directory
+    try:
+        return state.manager.save(checkpoint_number=step)
+    except BaseException as e:
+        _remove_failed_save(folder, step)
+        last = tf.train.latest_checkpoint(folder)  # ckpt-<step>
+        note = (f"it resumes from its last checkpoint, step "
+                f"{last.rsplit('-', 1)[1]}" if last
+                else "no checkpoint was saved: it starts again")
+        full = io_utils.DiskFullError.of(
+            e, f"the checkpoint into {folder}", note)
+        if full is None:
+            raise
+        raise full from e
+
+
+def _remove_failed_save(folder, step):
+    """Removes what a failed save of checkpoint `step` left in `folder`."""
+    name = f"ckpt-{step}"
+    io_utils.remove_quietly(f"{folder}/{name}_temp")
+    state = tf.train.get_checkpoint_state(folder)
+    recorded = [p.rsplit("/", 1)[-1]
+                for p in state.all_model_checkpoint_paths] if state else []
+    if name not in recorded:
+        # Written, but the save failed before recording it (a recorded
+        # one is whole, and may be the latest).
+        for path in tf.io.gfile.glob(f"{folder}/{name}.*"):
+            io_utils.remove_quietly(path)
 
 
 def _preemption_handler(state, strategy, model_dir):
@@ -376,6 +427,10 @@ def export_ema_model(state, config, model_dir):
       state: The run's `TrainState`.
       config: Its `train_config.TrainConfig` (builds the export model).
       model_dir: The run's folder (or a .keras path), local or gs://.
+
+    Raises:
+      io_utils.DiskFullError: naming model.keras, if the device is full
+        (no partial file is left).
     """
     averages = state.ema.numpy_averages() if state.ema else {}
     values = [averages.get(id(v)) if id(v) in averages else v.numpy()
@@ -394,5 +449,10 @@ def export_ema_model(state, config, model_dir):
     norm.mean, norm.stddev = source.mean, source.stddev
     path = model_io.keras_path(model_dir)
     temp = io_utils.temp_path(path)
-    keras.saving.save_model(export, temp)
+    try:
+        with io_utils.naming_full_disk(f"the model {path}"):
+            keras.saving.save_model(export, temp)
+    except BaseException:
+        io_utils.remove_quietly(temp)  # No partial file beside the model.
+        raise
     tf.io.gfile.rename(temp, path, overwrite=True)

@@ -7,6 +7,7 @@ status, no traceback, the message naming the flag).
 
 import gc
 import os
+import re
 import subprocess
 import sys
 import weakref
@@ -448,3 +449,97 @@ def test_predict_takes_the_class_count_from_the_teacher(tmp_path):
         f"--out_dir={tmp_path}/p", "--records_per_file=400"))
     assert code == 0, err[-3000:]
     assert "'num_images': 360" in out
+
+
+def test_dangling_symlink_in_a_folder_source_is_skipped(tmp_path):
+    """Issue 32, 4b: a dangling symlink refused the whole run with
+    `ns-predict: error: .../dangling.png; No such file or directory`."""
+    model = efficientnet.build_efficientnet(
+        width=0.25, depth=0.25, image_size=16, small_images=True,
+        num_classes=3)
+    model.save(str(tmp_path / "model.keras"))
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        Image.new("RGB", (8, 8), (i, i, i)).save(images / f"{i}.png")
+    os.symlink(tmp_path / "nowhere.png", images / "dangling.png")
+    skipping = _command("predict", f"--teacher={tmp_path}",
+                        f"--unlabeled=folder:{images}",
+                        f"--out_dir={tmp_path}/p")
+    refusing = _command("predict", f"--teacher={tmp_path}",
+                        f"--unlabeled=folder:{images}", "--noskip_corrupt",
+                        f"--out_dir={tmp_path}/p2")
+    code, out, err = _finish(skipping)
+    assert code == 0, err[-3000:]
+    assert "'num_images': 3" in out
+    assert f"folder:{images}: 3 decoded, 1 skipped" in err
+    report = (tmp_path / "p" / "skipped_images.json").read_text()
+    assert (f'"{images}/dangling.png": "dangling symlink (to '
+            f'{tmp_path}/nowhere.png)"') in report
+    code, _, err = _finish(refusing)
+    assert code == 2, err[-3000:]
+    assert (f"{images}/dangling.png: dangling symlink" in err
+            and "--noskip_corrupt" in err), err[-2000:]
+    assert "Traceback" not in err
+
+
+# A command run with the disk full at its write (`sys.argv[1]`: what).
+FULL_DISK = """
+import os, sys
+import tensorflow as tf
+
+real_save = tf.train.CheckpointManager.save
+
+def ckpt_save(self, checkpoint_number=None, **kwargs):  # Full at step 2.
+    if checkpoint_number != 2:
+        return real_save(self, checkpoint_number=checkpoint_number, **kwargs)
+    temp = f"{self.directory}/ckpt-{checkpoint_number}_temp"
+    os.makedirs(temp)
+    raise tf.errors.ResourceExhaustedError(None, None, f"{temp}/part-00000-"
+        "of-00001.data-00000-of-00001.tempstate1; No space left on device")
+
+gfile_write = tf.io.gfile.GFile.write
+
+def json_write(self, data):
+    if self.name.endswith(".json"):
+        raise tf.errors.ResourceExhaustedError(
+            None, None, f"{self.name}; No space left on device")
+    return gfile_write(self, data)
+
+what, module, *sys.argv[1:] = sys.argv[1:]
+if what == "checkpoint":
+    tf.train.CheckpointManager.save = ckpt_save
+else:
+    tf.io.gfile.GFile.write = json_write
+__import__(f"noisy_student.cli.{module}", fromlist=["run"]).run()
+"""
+
+
+def test_full_disk_is_one_line_naming_the_folder(tmp_path):
+    """Issue 32, 4c: a full disk gave a raw ResourceExhaustedError."""
+    tiny = ["--labeled=digits:train", "--model=w0.25-d0.25",
+            "--image_size=16", "--batch_size=8", "--train_steps=2",
+            "--steps_per_loop=1", "--log_every=1", "--checkpoint_every=1"]
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    runs = {what: subprocess.Popen(
+        [sys.executable, "-c", FULL_DISK, what, "train",
+         f"--model_dir={tmp_path}/{what}", *tiny], cwd=ROOT, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for what in ("checkpoint", "json")}
+    code, _, err = _finish(runs["checkpoint"])
+    assert code == 2, err[-3000:]
+    assert (f"ns-train: error: no space left on the device while writing "
+            f"the checkpoint into {tmp_path}/checkpoint/checkpoints: free "
+            "space and rerun (it resumes from its last checkpoint, step 1), "
+            "or use another --model_dir\n") in err, err[-3000:]
+    assert "Traceback" not in err
+    assert not [n for n in os.listdir(tmp_path / "checkpoint" / "checkpoints")
+                if n.endswith("_temp")]
+    code, _, err = _finish(runs["json"])
+    assert code == 2, err[-3000:]
+    # The first JSON file ns-train writes, named (not its temporary name).
+    written = re.escape(f"{tmp_path}/json/") + r"[a-z_]+\.json"
+    assert re.search(f"ns-train: error: no space left on the device while "
+                     f"writing {written}: free space and rerun, or use "
+                     f"another --model_dir\n", err), err[-3000:]
+    assert "Traceback" not in err

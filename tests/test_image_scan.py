@@ -12,6 +12,9 @@ import io
 import json
 import logging
 import os
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 from PIL import Image
@@ -199,3 +202,99 @@ def test_images_outside_the_class_folders_are_named(tmp_path, caplog):
     assert sources.load_source(f"folder:{tmp_path}",
                                labeled=False).num_examples == 3
     assert "not in a class sub-folder" not in caplog.text
+
+
+def test_unreadable_files_are_skipped_with_a_reason(tmp_path, monkeypatch):
+    """Issue 32, 4b: a dangling symlink refused the whole run (the listing's
+    stat failed) while undecodable files were skipped. Now every file that
+    cannot be stat'ed or read (dangling or looping symlink, removed after
+    the listing, unreadable sub-folder) is skipped, named and counted."""
+    root = tmp_path / "images"
+    for name in ("cat", "dog", "bird"):
+        (root / name).mkdir(parents=True)
+        Image.fromarray(_pixels(0)).save(root / name / "a_good.png")
+    Image.fromarray(_pixels(1)).save(root / "dog" / "b_gone.png")
+    os.symlink(tmp_path / "nowhere.png", root / "cat" / "dangling.png")
+    os.symlink("loop.jpg", root / "dog" / "loop.jpg")
+    real_list = image_scan._list  # pylint: disable=protected-access
+    real_listdir = tf.io.gfile.listdir
+
+    def list_then_remove(folder):  # A file removed after the listing.
+        listing = real_list(folder)
+        if folder == str(root):
+            (root / "dog" / "b_gone.png").unlink()
+        return listing
+
+    def listdir(path):  # A sub-folder that cannot be listed.
+        if str(path).rstrip("/").endswith("/bird"):
+            raise tf.errors.PermissionDeniedError(
+                None, None, f"{path}; Permission denied")
+        return real_listdir(path)
+    monkeypatch.setattr(image_scan, "_list", list_then_remove)
+    monkeypatch.setattr(tf.io.gfile, "listdir", listdir)
+    work = tmp_path / "work"
+    source = sources.load_source(f"folder:{root}/cat", labeled=False,
+                                 scan_dir=str(work))
+    assert source.num_examples == 1
+    assert source.scan.skipped == {
+        f"{root}/cat/dangling.png":
+            f"dangling symlink (to {tmp_path}/nowhere.png)"}
+    image_scan.clear_memory_cache()
+    source = sources.load_source(f"folder:{root}", labeled=False,
+                                 scan_dir=str(work))
+    assert source.num_examples == 2  # cat/a_good.png, dog/a_good.png
+    skipped = json.loads((work / image_scan.REPORT_FILE).read_text())[
+        str(root)]["skipped"]
+    assert skipped == {
+        f"{root}/bird/": "unreadable folder: Permission denied",
+        f"{root}/cat/dangling.png":
+            f"dangling symlink (to {tmp_path}/nowhere.png)",
+        f"{root}/dog/b_gone.png": "unreadable: No such file or directory",
+        f"{root}/dog/loop.jpg":
+            "unreadable: Too many levels of symbolic links"}
+    # --noskip_corrupt refuses them as it refuses undecodable files.
+    monkeypatch.setattr(image_scan, "_list", real_list)
+    image_scan.clear_memory_cache()
+    with pytest.raises(image_scan.UndecodableImagesError,
+                       match=r"cat/dangling\.png: dangling symlink"):
+        sources.load_source(f"folder:{root}/cat", skip_corrupt=False,
+                            labeled=False)
+    # The symlink mended is a new listing: scanned again, and read.
+    Image.fromarray(_pixels(2)).save(tmp_path / "nowhere.png")
+    image_scan.clear_memory_cache()
+    mended = sources.load_source(f"folder:{root}/cat", labeled=False,
+                                 scan_dir=str(work))
+    assert mended.num_examples == 2 and not mended.scan.skipped
+
+
+def test_files_and_folders_without_read_permission_are_skipped(tmp_path):
+    Image.fromarray(_pixels(0)).save(tmp_path / "a.png")
+    Image.fromarray(_pixels(1)).save(tmp_path / "b.png")
+    (tmp_path / "sub").mkdir()
+    Image.fromarray(_pixels(2)).save(tmp_path / "sub" / "c.png")
+    os.chmod(tmp_path / "b.png", 0)
+    os.chmod(tmp_path / "sub", 0)
+    # Root reads any file: run as root without the capabilities to.
+    command = [sys.executable, "-c", SCAN_SKIPPED, str(tmp_path)]
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            pytest.skip("root without setpriv reads any file")
+        caps = "-dac_override,-dac_read_search"
+        command = ["setpriv", f"--bounding-set={caps}",
+                   f"--inh-caps={caps}", "--", *command]
+    out = subprocess.run(command, capture_output=True, text=True,
+                         check=True, env={**os.environ, "PYTHONPATH": ROOT},
+                         timeout=300).stdout
+    os.chmod(tmp_path / "sub", 0o755)  # So that pytest can remove it.
+    assert json.loads(out.splitlines()[-1]) == {
+        f"{tmp_path}/b.png": "unreadable: Permission denied",
+        f"{tmp_path}/sub/": "unreadable folder: Permission denied"}
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCAN_SKIPPED = """
+import json, sys
+from noisy_student.data import sources
+print(json.dumps(sources.load_source("folder:" + sys.argv[1],
+                                     labeled=False).scan.skipped))
+"""

@@ -186,6 +186,107 @@ def test_serve_bytes_takes_any_size_in_one_request(tmp_path):
                                    by_bytes[i], atol=1e-5)
 
 
+# Issue 32: one bad image in a serve_bytes request, and empty requests.
+
+
+def _good_and_bad_files(folder):
+    """4 decodable files of 4 sizes and types between 4 that are not.
+
+    Returns (files, indices of the good ones).
+    """
+    image = lambda h, w, seed: Image.fromarray(tp.smooth(h, w, seed=seed))  # noqa
+    jpeg = tp.encode(image(28, 28, 4), "JPEG")
+    blobs = [
+        ("a.jpg", tp.encode(image(20, 30, 0), "JPEG")),
+        ("truncated.jpg", jpeg[:len(jpeg) // 2]),
+        ("b.png", tp.encode(image(12, 12, 1).convert("L"), "PNG")),
+        ("text.jpg", b"plain text, not an image\n"),
+        ("c.gif", tp.encode(image(24, 32, 2), "GIF")),
+        ("empty.png", b""),
+        ("d.bmp", tp.encode(image(32, 32, 3), "BMP")),
+        ("e.tif", tp.encode(image(16, 16, 5), "TIFF")),
+    ]
+    folder.mkdir()
+    for name, blob in blobs:
+        (folder / name).write_bytes(blob)
+    return [str(folder / name) for name, _ in blobs], [0, 2, 4, 6]
+
+
+@pytest.fixture(scope="module")
+def bad_input(tmp_path_factory):
+    """serve_bytes of good and bad files, and empty requests, in a process
+    that imports only TensorFlow (tests/serve_check.py)."""
+    tmp = tmp_path_factory.mktemp("bad_input")
+    files, good = _good_and_bad_files(tmp / "files")
+    out_dir = export.export(tiny_model(3), str(tmp / "served"),
+                            class_names=CLASSES)
+    request = {"bad_input": [{"saved_model": out_dir, "files": files,
+                              "good": good, "out": str(tmp / "out.npz")}]}
+    (tmp / "request.json").write_text(json.dumps(request))
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    subprocess.run([sys.executable, str(HERE / "serve_check.py"),
+                    str(tmp / "request.json")], check=True, env=env,
+                   timeout=300)
+    return dict(np.load(tmp / "out.npz")), good, len(files)
+
+
+def test_bad_images_are_flagged_and_good_ones_answered_as_alone(bad_input):
+    out, good, count = bad_input
+    assert not out["project_imported"]
+    bad = [i for i in range(count) if i not in good]
+    valid = out["mixed_valid"]
+    assert valid.dtype == bool and valid.tolist() == [
+        i in good for i in range(count)]
+    errors = out["mixed_error"]
+    assert errors.shape == (count,)
+    assert all(errors[i] == "" for i in good)
+    assert all(errors[i].startswith("undecodable image: ") or
+               errors[i] == "empty input" for i in bad), errors
+    # Bit for bit what the good images get in a request of their own.
+    for key in ("probabilities", "top_k_classes", "top_k_scores",
+                "top_k_names"):
+        mixed, alone = out[f"mixed_{key}"], out[f"alone_{key}"]
+        assert mixed.shape[0] == count and alone.shape[0] == len(good)
+        if key in ("probabilities", "top_k_scores"):
+            assert np.abs(mixed[good] - alone).max() == 0.0, key
+        else:
+            np.testing.assert_array_equal(mixed[good], alone)
+    np.testing.assert_allclose(out["alone_probabilities"].sum(1), 1.0,
+                               atol=1e-5)
+    assert out["alone_valid"].all() and not any(out["alone_error"])
+    # Bad rows: defined fill values, in a mixed and an all-bad request.
+    for prefix, rows in (("mixed_", bad), ("bad_", slice(None))):
+        assert not out[prefix + "valid"][rows].any()
+        assert (out[prefix + "probabilities"][rows] == 0).all()
+        assert (out[prefix + "top_k_scores"][rows] == 0).all()
+        assert (out[prefix + "top_k_classes"][rows] == -1).all()
+        assert (out[prefix + "top_k_names"][rows] == "").all()
+    np.testing.assert_array_equal(out["bad_error"], errors[bad])
+    np.testing.assert_array_equal(out["mixed_class_names"], CLASSES)
+
+
+def test_each_bad_image_gets_its_reason(bad_input):
+    out, _, _ = bad_input
+    errors = out["mixed_error"]
+    # TensorFlow refuses a truncated JPEG, wherever it is cut.
+    assert errors[1] == "undecodable image: corrupt or truncated JPEG"
+    assert errors[3].startswith("undecodable image: unknown format")
+    assert errors[5] == "empty input"
+    assert errors[7].startswith("undecodable image: unknown format")
+
+
+def test_empty_requests_get_empty_outputs(bad_input):
+    out, _, _ = bad_input
+    for prefix in ("empty_bytes_", "empty_images_"):
+        assert out[prefix + "probabilities"].shape == (0, len(CLASSES))
+        assert out[prefix + "probabilities"].dtype == np.float32
+        for key in ("top_k_classes", "top_k_scores", "top_k_names"):
+            assert out[prefix + key].shape == (0, len(CLASSES)), key
+        assert out[prefix + "valid"].shape == (0,)
+        assert out[prefix + "error"].shape == (0,)
+        np.testing.assert_array_equal(out[prefix + "class_names"], CLASSES)
+
+
 def test_serve_images_refuses_more_than_four_channels(tmp_path):
     loaded = tf.saved_model.load(export.export(tiny_model(3),
                                                str(tmp_path / "served")))
@@ -293,7 +394,7 @@ def test_recipe_recorded_in_the_model_dir_is_what_eval_and_serving_use(
 
 
 def test_folder_class_names_travel_from_training_to_serving(tmp_path):
-    from noisy_student import experiment  # pylint: disable=g-import-not-at-top
+    from noisy_student import pipeline_report  # pylint: disable=g-import-not-at-top
     folder = tmp_path / "images"
     for c, name in enumerate(CLASSES):
         (folder / name).mkdir(parents=True)
@@ -338,7 +439,7 @@ def test_folder_class_names_travel_from_training_to_serving(tmp_path):
     names = [n.decode() for n in out["top_k_names"].numpy()[0]]
     assert names == [CLASSES[c] for c in out["top_k_classes"].numpy()[0]]
     # The pipeline's report names the classes too.
-    report = experiment.write_report(str(tmp_path), [], CLASSES)
+    report = pipeline_report.write_report(str(tmp_path), [], CLASSES)
     assert report["class_names"] == list(CLASSES)
     assert "0 circle, 1 square, 2 triangle" in (
         tmp_path / "report.md").read_text()

@@ -4,6 +4,7 @@ The subprocess tests (multi-worker, kill -9) run tests/train_worker.py.
 """
 
 import dataclasses
+import errno
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from noisy_student import io_utils
 from noisy_student import model_io
 from noisy_student import report
 from noisy_student import strategy as strategy_lib
@@ -667,3 +669,64 @@ def test_checkpoint_without_seed_states_still_resumes(tmp_path,
                         str(tmp_path), _dataset_fn(config))
     result = train_lib.train_and_evaluate(config, str(tmp_path), _dataset_fn(config))
     assert result["start_step"] == 2 and result["step"] == 4
+
+
+def _full_disk_at(step):
+    """A CheckpointManager.save that fails as on a full disk at `step`: the
+    SaveV2 op's error, its empty `ckpt-N_temp/` folder left behind (as
+    measured on a full tmpfs)."""
+    real = tf.train.CheckpointManager.save
+
+    def save(self, checkpoint_number=None, **kwargs):
+        if checkpoint_number != step:
+            return real(self, checkpoint_number=checkpoint_number, **kwargs)
+        temp = f"{self.directory}/ckpt-{step}_temp"
+        os.makedirs(temp)
+        raise tf.errors.ResourceExhaustedError(
+            None, None, "{{function_node __wrapped__SaveV2_dtypes_3}} "
+            f"{temp}/part-00000-of-00001.data-00000-of-00001.tempstate1; "
+            "No space left on device [Op:SaveV2]")
+    return save
+
+
+def test_full_disk_names_the_checkpoint_folder_and_leaves_no_partial_save(
+        tmp_path, monkeypatch):
+    """Issue 32, 4c: a full disk gave a raw ResourceExhaustedError and left
+    checkpoints/ckpt-N_temp/ behind."""
+    config = _config(train_steps=4, checkpoint_every=2, steps_per_loop=2,
+                     log_every=2, keep_checkpoints=5)
+    folder = tmp_path / "checkpoints"
+    with monkeypatch.context() as patch:
+        patch.setattr(tf.train.CheckpointManager, "save", _full_disk_at(4))
+        with pytest.raises(io_utils.DiskFullError) as error:
+            train_lib.train_and_evaluate(config, str(tmp_path),
+                                         _dataset_fn(config))
+    assert str(error.value) == (
+        f"no space left on the device while writing the checkpoint into "
+        f"{folder}: free space and rerun (it resumes from its last "
+        f"checkpoint, step 2)")
+    assert sorted(os.listdir(folder)) == [
+        "checkpoint", "ckpt-2.data-00000-of-00001", "ckpt-2.index"]
+    # A save killed half-way leaves its temp folder too: removed on resume.
+    (folder / "ckpt-3_temp").mkdir()
+    result = train_lib.train_and_evaluate(config, str(tmp_path),
+                                          _dataset_fn(config))
+    assert result["start_step"] == 2 and result["step"] == 4
+    assert not [n for n in os.listdir(folder) if n.endswith("_temp")]
+
+
+def test_full_disk_while_writing_the_model_leaves_no_partial_file(
+        tmp_path, monkeypatch):
+    config = _config(train_steps=1, log_every=1)
+
+    def save_model(model, path, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"PK partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(keras.saving, "save_model", save_model)
+    with pytest.raises(io_utils.DiskFullError,
+                       match=f"^no space left on the device while writing "
+                             f"the model {tmp_path}/model.keras: free"):
+        train_lib.train_and_evaluate(config, str(tmp_path),
+                                     _dataset_fn(config))
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")]

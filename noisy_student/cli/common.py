@@ -24,6 +24,7 @@ import tensorflow as tf
 
 from noisy_student import checkpoints
 from noisy_student import efficientnet
+from noisy_student import io_utils
 from noisy_student import model_info
 from noisy_student import predict as predict_lib
 from noisy_student import select as select_lib
@@ -50,7 +51,9 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError,
 
 def _user_errors():
     from noisy_student import workdir_lock  # pylint: disable=g-import-not-at-top
-    return USER_ERRORS + (workdir_lock.WorkdirBusyError,)
+    # A full disk too: the user frees space (or writes elsewhere) and reruns.
+    return USER_ERRORS + (workdir_lock.WorkdirBusyError,
+                          io_utils.DiskFullError)
 
 
 # absl's help flags print the help and exit with status 1.
@@ -63,7 +66,9 @@ def run_command(main, name):
 
     User errors (bad or missing flags included) are printed as
     `name: error: message` on stderr (tracebacks with --verbosity=1 or
-    more); help asked for (`--help`) exits with status 0.
+    more); help asked for (`--help`) exits with status 0. So is a full
+    device (or quota), from any write: `io_utils.DiskFullError`'s message
+    names what was being written, where possible.
 
     Args:
       main: The command's main(argv).
@@ -71,7 +76,8 @@ def run_command(main, name):
     """
     def guarded(argv):
         try:
-            return main(argv)
+            with io_utils.naming_full_disk():
+                return main(argv)
         except _user_errors() as e:
             if FLAGS.verbosity >= 1:
                 raise
@@ -105,7 +111,6 @@ def run_command(main, name):
 
 def _write_problem(folder):
     """None if `folder` (made if missing) takes a new file, else why not."""
-    from noisy_student import io_utils  # pylint: disable=g-import-not-at-top
     # A unique name: the workers of one ns-predict share --out_dir.
     probe = io_utils.temp_path(f"{str(folder).rstrip('/')}/write-test")
     try:
@@ -162,8 +167,9 @@ FLAGS_FILE = "flags.txt"
 # Records a command writes before its work: a folder made for a command that
 # failed holding only these is removed with them. (skipped_images.json is
 # kept: it lists the files that made a --noskip_corrupt command fail.)
-RECORD_FILES = (FLAGS_FILE, stages.STAGE_CONFIG, train_lib.CONFIG_FILE,
-                preprocess.RECIPE_FILE, model_info.CLASS_NAMES_FILE)
+RECORD_FILES = (FLAGS_FILE, stages.STAGE_CONFIG, stages.INPUTS_FILE,
+                train_lib.CONFIG_FILE, preprocess.RECIPE_FILE,
+                model_info.CLASS_NAMES_FILE)
 
 
 @contextlib.contextmanager
@@ -180,16 +186,21 @@ def output_folder(folder, flag):
 
     Raises:
       UsageError: from `check_writable_dir`, before the block runs.
+      io_utils.DiskFullError: for a full device in the block, naming
+        --flag as the other place to write to.
     """
     existed = tf.io.gfile.exists(folder)
     check_writable_dir(folder, flag)
     try:
         yield
-    except BaseException:
+    except BaseException as e:
         if not existed and tf.io.gfile.exists(folder) and set(
                 tf.io.gfile.listdir(folder)) <= set(RECORD_FILES):
             tf.io.gfile.rmtree(folder)
-        raise
+        full = io_utils.DiskFullError.of(e)
+        if full is None:
+            raise
+        raise full.with_flag(flag) from e
 
 
 # The noisy-student command's demo (README quickstart): scikit-learn's digits.
@@ -635,7 +646,6 @@ def changed_flags(folder):
 
 def write_flags(folder):
     """Writes the resolved flags (a flagfile) into `folder`."""
-    from noisy_student import io_utils  # pylint: disable=g-import-not-at-top
     io_utils.atomic_write(os.path.join(folder, FLAGS_FILE),
                           FLAGS.flags_into_string())
     logging.info("Flags written to %s/%s", folder, FLAGS_FILE)

@@ -10,6 +10,7 @@ import contextlib
 
 from absl import flags
 
+from noisy_student import stage_inputs
 from noisy_student import stages
 from noisy_student import strategy as strategy_lib
 from noisy_student import train_lib
@@ -65,6 +66,7 @@ def main(argv):
                 else contextlib.nullcontext())
         with lock:
             # Refused before flags.txt is rewritten.
+            stage_inputs.check_owner(FLAGS.model_dir, "train", "--model_dir")
             train_lib.check_resumable(train_config, FLAGS.model_dir)
             common.write_flags(FLAGS.model_dir)
             metrics = stages.run_train(train_config, input_config, data,

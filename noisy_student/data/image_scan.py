@@ -30,6 +30,14 @@ TensorFlow version are unchanged, so a rerun or a resumed run does not scan
 again; within one process a listing is scanned once (each load lists the
 folder again, so a changed folder is seen).
 
+A file that cannot be read is skipped like one that does not decode, with
+its reason: a dangling symlink ("dangling symlink (to TARGET)"), a file
+removed after the listing, a looping symlink or one without read
+permission ("unreadable: No such file or directory", ...); a sub-folder
+that cannot be listed is one entry, its path ending in "/" ("unreadable
+folder: Permission denied"). They used to fail the whole run with TF's
+"PATH; No such file or directory" (the listing's stat), naming no flag.
+
 Files with an image extension the decoder cannot read (TIFF, PPM, ICO,
 JPEG 2000, HEIC, ...: `UNSUPPORTED_EXTENSIONS`) are not read and are listed
 as ignored, with a count, so nothing is left out silently; serving cannot
@@ -49,6 +57,7 @@ is logged every `LOG_EVERY_S` seconds.
 import dataclasses
 import hashlib
 import json
+import os
 import re
 import time
 
@@ -84,7 +93,8 @@ class ScanResult:
     Attributes:
       folder: The folder (no trailing slash).
       decoded: Paths the pipeline decodes, sorted.
-      skipped: {path: reason} of image files the decoder rejects.
+      skipped: {path: reason} of image files the decoder rejects or that
+        cannot be read, and of sub-folders that cannot be listed ("DIR/").
       ignored: {path: reason} of files of an unsupported image type.
       key: Hash of the listing (paths, sizes, mtimes) and the decoder.
       cached: Whether this came from an earlier scan (REPORT_FILE).
@@ -158,15 +168,16 @@ def scan_folder(folder, report_dir=None, log_every_s=LOG_EVERY_S):
     if not tf.io.gfile.isdir(folder):
         raise FileNotFoundError(f"Expected a folder of images. Received: "
                                 f"path={folder}")
-    images, ignored = _list(folder)
-    key = _listing_key(folder, images + list(ignored))
+    images, ignored, unlisted = _list(folder)
+    key = _listing_key(folder, images + list(ignored) + list(unlisted))
     report = f"{str(report_dir).rstrip('/')}/{REPORT_FILE}" if (
         report_dir) else None
     result = _from_report(report, folder, key, images, ignored)
     if result is None:
         result = _SCANS.get(key)
         if result is None:
-            result = _scan(folder, key, images, ignored, log_every_s)
+            result = _scan(folder, key, images, ignored, unlisted,
+                           log_every_s)
         if report:
             _write_entry(report, result)
         result = dataclasses.replace(result, report=report)
@@ -176,10 +187,10 @@ def scan_folder(folder, report_dir=None, log_every_s=LOG_EVERY_S):
 
 
 def _list(folder):
-    """(sorted image paths, {path: reason} of unsupported image types)."""
-    images, ignored = [], {}
-    for root, _, names in tf.io.gfile.walk(folder):
-        root = root.rstrip("/")
+    """(sorted image paths, {path: reason} of unsupported image types,
+    {"DIR/": reason} of sub-folders that cannot be listed)."""
+    images, ignored, unlisted = [], {}, {}
+    for root, names in _walk(folder, unlisted):
         for name in names:
             lower = name.lower()
             if lower.endswith(IMAGE_EXTENSIONS):
@@ -187,7 +198,30 @@ def _list(folder):
             elif lower.endswith(UNSUPPORTED_EXTENSIONS):
                 ext = lower[lower.rindex("."):]
                 ignored[f"{root}/{name}"] = f"ignored: unsupported type {ext}"
-    return sorted(images), dict(sorted(ignored.items()))
+    return sorted(images), dict(sorted(ignored.items())), unlisted
+
+
+def _walk(folder, unlisted):
+    """Yields (folder, file names) for `folder` and its sub-folders.
+
+    A folder that cannot be listed goes into `unlisted` ({"DIR/": reason})
+    instead of failing the scan (tf.io.gfile.walk raises on one without
+    read permission, and passes over one removed while walking).
+    """
+    try:
+        names = tf.io.gfile.listdir(folder)
+    except tf.errors.OpError as e:
+        unlisted[f"{folder}/"] = f"unreadable folder: {_cause(e)}"
+        return
+    files = []
+    for name in sorted(names):
+        path = f"{folder}/{name.rstrip('/')}"
+        # gs:// marks sub-folders with "/": no request needed for them.
+        if name.endswith("/") or tf.io.gfile.isdir(path):
+            yield from _walk(path, unlisted)
+        else:
+            files.append(name)
+    yield folder, files
 
 
 def _decoder_name():
@@ -196,15 +230,25 @@ def _decoder_name():
 
 
 def _listing_key(folder, paths):
-    """Hash of every path with its size and mtime (names only if remote)."""
+    """Hash of every path with its size, mtime and whether it is readable
+    (names only if remote)."""
     remote = "://" in folder
     rows = []
     for path in paths:
         if remote:
             rows.append(path)
-        else:
+            continue
+        try:
             stat = tf.io.gfile.stat(path)
-            rows.append([path, stat.length, stat.mtime_nsec])
+        except tf.errors.OpError:
+            # A dangling symlink, or removed since the listing: the scan
+            # skips it, and says why.
+            rows.append([path, None])
+            continue
+        # Readability too: a file made readable (chmod) keeps its size and
+        # mtime, and must not stay skipped by a reused scan.
+        rows.append([path, stat.length, stat.mtime_nsec,
+                     os.access(path, os.R_OK)])
     text = json.dumps([_decoder_name(), folder, rows])
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
@@ -247,10 +291,10 @@ def _write_entry(report, result):
     io_utils.write_json(report, entries)
 
 
-def _scan(folder, key, images, ignored, log_every_s):
+def _scan(folder, key, images, ignored, unlisted, log_every_s):
     start = time.time()
     good = _decodable(images, log_every_s=log_every_s, folder=folder)
-    skipped = {}
+    skipped = dict(unlisted)
     for path in images:
         if path not in good:
             reason = _reason(path)
@@ -309,15 +353,26 @@ def _decode_op(data):
 
 
 def _reason(path):
-    """Why `path` does not decode, one line; None if it does now."""
+    """Why `path` does not decode (or read), one line; None if it does now."""
     try:
         data = tf.io.read_file(path)
-        if not len(data.numpy()):
-            return "empty file (0 bytes)"
+    except tf.errors.OpError as e:
+        if isinstance(e, tf.errors.NotFoundError) and (
+                "://" not in path and os.path.islink(path)):
+            return f"dangling symlink (to {os.readlink(path)})"
+        return f"unreadable: {_cause(e)}"
+    if not len(data.numpy()):
+        return "empty file (0 bytes)"
+    try:
         _decode_op(data)
     except tf.errors.OpError as e:
         return _clean(e.message)
     return None
+
+
+def _cause(error):
+    """A file system error's reason without its path ("PATH; reason")."""
+    return _clean(error.message).rpartition("; ")[2]
 
 
 def _clean(message):

@@ -27,13 +27,15 @@ the rest into validation and unlabeled parts (the standard SSL protocol).
 """
 
 import dataclasses
-import os
+import hashlib
+import json
 
 from absl import logging
 import numpy as np
 import tensorflow as tf
 
 from noisy_student.data import arrays
+from noisy_student.data import folders
 from noisy_student.data import image_scan
 from noisy_student.data import preprocess
 
@@ -89,6 +91,9 @@ class ImageSource:
       scan: A folder source's `image_scan.ScanResult` (what it decoded,
         skipped and ignored), else None.
       files: A folder source's image paths in data set order, else None.
+      content: A short hash of what the source yields (`content_key`):
+        the images it reads, their labels and order, its subset and
+        channels; another value means other data. None when unknown.
     """
     dataset: tf.data.Dataset
     num_examples: int | None
@@ -99,6 +104,28 @@ class ImageSource:
     class_names: tuple | None = None
     scan: image_scan.ScanResult | None = None
     files: tuple | None = None
+    content: str | None = None
+
+
+def content_key(*parts):
+    """A short hash of JSON-able `parts` (and of the bytes of any NumPy
+    arrays among them): what identifies a source's content cheaply.
+
+    A folder source counts by its scan's listing key (every file's path,
+    size and modification time) and the files it keeps, an array source by
+    its arrays' bytes, a TFDS source by its builder's name, version and
+    split: a stage that resumes from earlier work compares this to the
+    value it recorded (stages.check_inputs).
+    """
+    digest = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, np.ndarray):
+            digest.update(str((part.dtype, part.shape)).encode("utf-8"))
+            digest.update(np.ascontiguousarray(part).tobytes())
+        else:
+            digest.update(json.dumps(part, sort_keys=True,
+                                     default=str).encode("utf-8"))
+    return digest.hexdigest()[:16]
 
 
 def parse_spec(spec):
@@ -176,24 +203,29 @@ def load_source(spec, *, labeled=True, subset=None, channels=None,
     if kind == "folder":
         known = class_names
         scan = image_scan.scan_folder(path, scan_dir)
-        _check_scan(spec, scan, skip_corrupt)
-        files, labels, class_names = _list_folder(scan, need_labels, known)
+        folders.check_scan(spec, scan, skip_corrupt)
+        files, labels, class_names = folders.list_files(scan, need_labels, known)
         if need_labels and known is None:
             # A test set scored against a model may hold some of its
             # classes; a training set must have images of every class.
-            _check_every_class_has_images(spec, labels, class_names)
+            folders.check_every_class_has_images(spec, labels,
+                                                      class_names)
         if subset is not None:
             keep = subset_mask(labels, subset, len(class_names))
             files = [f for f, k in zip(files, keep) if k]
             labels = labels[keep]
         n_classes = len(class_names) if need_labels else None
         _check_num_classes(spec, n_classes, num_classes)
-        ds = _folder_dataset(files, labels if labeled else None, channels,
+        ds = folders.dataset(files, labels if labeled else None, channels,
                              keep_encoded)
+        content = content_key(scan.key, files,
+                              labels if labeled else None,
+                              list(class_names) if labeled else None,
+                              channels)
         return ImageSource(ds, len(files), n_classes if labeled else None,
                            None, _allows_flip(path), spec,
                            tuple(class_names) if labeled else None, scan,
-                           tuple(files))
+                           tuple(files), content)
     if kind == "npz":
         x, y = arrays.read_npz(path, need_labels)
     elif kind == "idx":
@@ -253,34 +285,6 @@ def _check_num_classes(spec, found, expected):
     if expected is not None and found is not None and found != expected:
         raise ValueError(
             f"Expected {expected} classes in {spec}. Received: {found} classes")
-
-
-def _check_scan(spec, scan, skip_corrupt):
-    """Raises before any reading if the folder has nothing to read, or
-    (skip_corrupt False) any undecodable file."""
-    if not scan.decoded and not scan.skipped:
-        raise ValueError(
-            "Expected image files (" + ", ".join(IMAGE_EXTENSIONS) + ") "
-            f"in the folder. Received: path={scan.folder} with none"
-            + (f" ({len(scan.ignored)} of an unsupported type, e.g. "
-               f"{next(iter(scan.ignored))})" if scan.ignored else ""))
-    if scan.skipped and not skip_corrupt:
-        raise image_scan.UndecodableImagesError(scan)
-    if not scan.decoded:
-        raise ValueError(
-            f"Expected at least one decodable image in {spec}. Received: "
-            f"{scan.summary()}: " + "; ".join(scan.examples(3)))
-
-
-def _check_every_class_has_images(spec, labels, class_names):
-    """Raises ValueError naming the class folders with no decodable image."""
-    counts = np.bincount(labels, minlength=len(class_names))
-    empty = [name for name, n in zip(class_names, counts) if n == 0]
-    if empty:
-        raise ValueError(
-            f"Expected decodable image files in every class folder of "
-            f"{spec}. Received: no decodable image in {empty[:10]}"
-            + (f" and {len(empty) - 10} more" if len(empty) > 10 else ""))
 
 
 def _check_contiguous(spec, y):
@@ -350,83 +354,10 @@ def _array_source(spec, x, y, labeled, subset, channels, num_classes,
     if out_channels != x.shape[-1]:
         ds = ds.map(lambda d: {**d, "image": _convert_channels(d["image"],
                                                                out_channels)})
+    content = content_key(x, y if labeled else None, out_channels)
     return ImageSource(ds, len(x), n_classes if labeled else None,
-                       x.shape[1:3] + (out_channels,), allows_flip, spec)
-
-
-def _list_folder(scan, need_labels, known_classes=None):
-    """(files, labels, class names) of a scanned folder's decodable files.
-
-    Labeled: each file takes the label of the class sub-folder it is in (at
-    any depth below it), classes in sorted folder order, files sorted
-    within; files directly in the folder are not used. Unlabeled: every
-    decodable file, sorted.
-    """
-    path = scan.folder
-    if not need_labels:
-        return list(scan.decoded), np.asarray([], np.int32), []
-    class_names = sorted(d.rstrip("/") for d in tf.io.gfile.listdir(path)
-                         if tf.io.gfile.isdir(os.path.join(path, d)))
-    index = {name: i for i, name in enumerate(class_names)}
-    if known_classes is not None:
-        unknown = [n for n in class_names if n not in known_classes]
-        if unknown:
-            raise ValueError(
-                f"Expected sub-folders named after the model's classes "
-                f"{list(known_classes)[:20]}. Received: path={path} with "
-                f"sub-folders {unknown[:10]} that are none of them")
-        index = {name: list(known_classes).index(name)
-                 for name in class_names}
-        class_names = list(known_classes)
-    by_class = {name: [] for name in index}
-    outside = []
-    for file in scan.decoded:
-        name, sep, _ = file[len(path) + 1:].partition("/")
-        if sep and name in by_class:
-            by_class[name].append(file)
-        else:
-            outside.append(file)
-    if outside:
-        # Counted as decoded by the scan, but without a class: say so.
-        logging.warning(
-            "folder:%s: %d decodable images are not in a class sub-folder "
-            "and are not used as labeled images: %s%s", path, len(outside),
-            ", ".join(outside[:image_scan.SHOWN]),
-            " ..." if len(outside) > image_scan.SHOWN else "")
-    files, labels = [], []
-    for name in sorted(index):
-        files += by_class[name]
-        labels += [index[name]] * len(by_class[name])
-    if not files:
-        raise ValueError(
-            "Expected decodable image files in one sub-folder per class of "
-            f"the folder. Received: path={path} with none")
-    return files, np.asarray(labels, np.int32), class_names
-
-
-def _folder_dataset(files, labels, channels, keep_encoded=False):
-    """Reads and decodes `files`, all checked by the scan to decode."""
-    def decode(element):
-        # The serving signature decodes bytes with the same function:
-        # EXIF orientation applied, channels converted the same way.
-        data = tf.io.read_file(element["path"])
-        image = preprocess.decode_image(data, channels=channels or 3)
-        image.set_shape([None, None, channels or 3])
-        out = {"image": image}
-        if keep_encoded:
-            out["encoded"] = data
-        if "label" in element:
-            out["label"] = element["label"]
-        return out
-
-    columns = {"path": tf.constant(files)}
-    if labels is not None:
-        columns["label"] = tf.constant(labels, tf.int32)
-    # No ignore_errors: every file was decoded by the scan, so a failure
-    # here means a file changed during the run, which must not pass
-    # silently (a rerun scans the changed listing again).
-    return tf.data.Dataset.from_tensor_slices(columns).map(
-        decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+                       x.shape[1:3] + (out_channels,), allows_flip, spec,
+                       content=content)
 
 
 def _load_tfds(spec, name, split, need_labels, labeled, subset, channels,
@@ -495,5 +426,8 @@ def _load_tfds(spec, name, split, need_labels, labeled, subset, channels,
     if labeled and label_feature is not None and getattr(
             label_feature, "names", None):
         names = tuple(label_feature.names)
+    content = content_key(
+        name, str(info.version), split, count, labeled, out_channels,
+        None if subset is None else dataclasses.asdict(subset))
     return ImageSource(ds, count, num_classes if labeled else None, fixed,
-                       _allows_flip(name), spec, names)
+                       _allows_flip(name), spec, names, content=content)

@@ -25,8 +25,9 @@ def confusion_matrix_png(matrix, class_names=None, title=None):
 
     Args:
       matrix: Counts [K, K] (row = true class).
-      class_names: Optional K names for the axes (shown when K <= 40;
-        ids otherwise). Counts are printed in the cells when K <= 20.
+      class_names: Optional K names for the axes (shown when K <= 40 and
+        an installed font draws them; ids otherwise, with a note naming
+        results.json). Counts are printed in the cells when K <= 20.
       title: Optional title.
 
     Returns:
@@ -43,10 +44,11 @@ def confusion_matrix_png(matrix, class_names=None, title=None):
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     if num_classes <= 40:
-        names = (list(class_names) if class_names is not None
-                 else [str(i) for i in range(num_classes)])
-        ax.set_xticks(range(num_classes), names, rotation=90)
-        ax.set_yticks(range(num_classes), names)
+        label = report.class_labels(class_names, "results.json")
+        names = [label(c) for c in range(num_classes)]
+        ax.set_xticks(range(num_classes), names, rotation=90, **label.font)
+        ax.set_yticks(range(num_classes), names, **label.font)
+        report.add_note(fig, label.note)
         if num_classes <= 20:
             for (i, j), count in np.ndenumerate(matrix):
                 if count:
@@ -124,7 +126,8 @@ def mistakes_png(dataset, mistakes, class_names=None, per_row=8):
       dataset: The evaluated data set ({"image": uint8 [S, S, C], ...}, the
         model's pixels), in the order the indices refer to.
       mistakes: The list of `metrics.most_confident_mistakes`.
-      class_names: Names in label order, or None (ids are shown).
+      class_names: Names in label order, or None (ids are shown; also when
+        no installed font draws the names, with a note).
       per_row: Images per row.
 
     Returns:
@@ -136,10 +139,7 @@ def mistakes_png(dataset, mistakes, class_names=None, per_row=8):
     found = dataset.enumerate().filter(
         lambda i, element: tf.reduce_any(tf.equal(i, wanted)))
     images = {int(i): element["image"].numpy() for i, element in found}
-
-    def name(c):
-        return class_names[c] if class_names else str(c)
-
+    name = report.class_labels(class_names, "results.json")
     cells = [(images[m["index"]],
               f"true {name(m['label'])}\npred {name(m['predicted'])} "
               f"{m['confidence']:.2f}") for m in mistakes]
@@ -149,5 +149,5 @@ def mistakes_png(dataset, mistakes, class_names=None, per_row=8):
         rows.append((f"#{start + 1}-{start + len(row)}", row))
     return contact_sheet.contact_sheet_png(
         rows, title="most confident mistakes (true class, predicted class, "
-        "confidence)")
+        "confidence)", labels=name)
 

@@ -15,7 +15,8 @@ graph), so a served image gets the pixels ns-eval gives the same file:
   PNG, BMP and WebP files tried, and of a GIF decoded only the one missing
   its trailer byte) does not fail the request: its row is marked invalid
   (below) and the other images get what they get in a request without it,
-  bit for bit.
+  bit for bit (the model runs on the good ones as one batch; in a request
+  of another size a row can differ by float rounding, ~1e-7).
 - `serving_default` and `serve_images`: `images`, uint8 [None, None, None,
   None], any height and width (one size per request) and 1 (grey), 2
   (grey+alpha), 3 (RGB) or 4 (RGBA) channels. Per image: channels
@@ -24,8 +25,10 @@ graph), so a served image gets the pixels ns-eval gives the same file:
   `Recipe.small_image_max` (64) px on its longer side used whole, a larger
   one centre-cropped to size / (size + `Recipe.crop_padding`) (32) of its
   shorter side, at least 1 px; resized to the model's side, bilinear with
-  anti-aliasing, rounded to uint8. Every image is valid; more than 4
-  channels fails the request (InvalidArgumentError).
+  anti-aliasing, rounded to uint8. Every image is valid unless they have
+  no pixel (height or width 0: every row invalid, "empty image (0
+  pixels)", the model not run); more than 4 channels fails the request
+  (InvalidArgumentError).
 
 each returning, for N images and K classes, {"probabilities": float32 [N,
 K], "top_k_classes": int32 [N, k], "top_k_scores": float32 [N, k],
@@ -249,12 +252,21 @@ class _ServingModule(tf.Module):
             "alpha), 3 (RGB) or 4 (RGBA) channels")
         with tf.control_dependencies([check]):
             images = tf.identity(images)
-        pixels = tf.map_fn(self._eval_image, images,
-                           fn_output_signature=tf.TensorSpec(
-                               [self._size, self._size, self._channels],
-                               tf.uint8))
-        n = tf.shape(images)[0]
-        return self._outputs(tf.range(n), pixels, tf.fill([n], ""))
+        n, height, width = tf.unstack(tf.shape(images)[:3])
+        # Images of no pixel (one size per request: all of them) have no
+        # answer: every row invalid, the model not run.
+        empty = tf.logical_or(height == 0, width == 0)
+        indices = tf.cond(empty, lambda: tf.zeros([0], tf.int32),
+                          lambda: tf.range(n))
+        pixels = tf.cond(
+            empty, lambda: tf.zeros([0, self._size, self._size,
+                                     self._channels], tf.uint8),
+            lambda: tf.map_fn(self._eval_image, images,
+                              fn_output_signature=tf.TensorSpec(
+                                  [self._size, self._size, self._channels],
+                                  tf.uint8)))
+        return self._outputs(indices, pixels,
+                             tf.fill([n], "empty image (0 pixels)"))
 
     def _serve_bytes(self, image_bytes):
         n = tf.size(image_bytes)
@@ -417,21 +429,23 @@ def export(model, out_dir, *, overwrite=False, image_size=None, top_k=5,
                             min(int(top_k), num_classes), names, recipe)
     tmp = io_utils.temp_path(out_dir)
     try:
-        tf.saved_model.save(
-            module, tmp,
-            signatures={"serving_default": module.serve_images,
-                        "serve_images": module.serve_images,
-                        "serve_bytes": module.serve_bytes})
-        # Read back by model_info / preprocess when the SavedModel is used
-        # as a teacher or evaluated.
-        preprocess.write_recipe(tmp, recipe)
-        model_info.write_class_names(tmp, names)
-        if tflite:
-            io_utils.atomic_write(f"{tmp}/{TFLITE_FILE}",
-                                  module.tflite_bytes())
-        # Checked again: another process may have created it meanwhile.
-        _check_out_dir(out_dir, overwrite)
-        _move_into_place(tmp, out_dir)
+        # A full disk is named as the export, not its temporary folder.
+        with io_utils.naming_full_disk(f"the SavedModel into {out_dir}"):
+            tf.saved_model.save(
+                module, tmp,
+                signatures={"serving_default": module.serve_images,
+                            "serve_images": module.serve_images,
+                            "serve_bytes": module.serve_bytes})
+            # Read back by model_info / preprocess when the SavedModel is
+            # used as a teacher or evaluated.
+            preprocess.write_recipe(tmp, recipe)
+            model_info.write_class_names(tmp, names)
+            if tflite:
+                io_utils.atomic_write(f"{tmp}/{TFLITE_FILE}",
+                                      module.tflite_bytes())
+            # Checked again: another process may have created it meanwhile.
+            _check_out_dir(out_dir, overwrite)
+            _move_into_place(tmp, out_dir)
     finally:
         if _exists(tmp):
             tf.io.gfile.rmtree(tmp)

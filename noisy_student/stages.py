@@ -257,12 +257,7 @@ def run_train(train_config, input_config, data, model_dir, pseudo_dir=None,
             model.resolved_image_size, channels=model.channels,
             recipe=recipe)
     # A refused resume must leave the model_dir's records as they were.
-    train_lib.check_resumable(train_config, model_dir)
-    # Its checkpoints are resumed only on the same images.
-    inputs = {"--labeled": stage_inputs.source_input(labeled)}
-    if pseudo_dir:
-        inputs["--pseudo_labels"] = stage_inputs.selection_input(pseudo_dir)
-    stage_inputs.check_inputs(model_dir, inputs, "--model_dir")
+    check_train_folder(train_config, labeled, model_dir, pseudo_dir)
     tf.io.gfile.makedirs(model_dir)
     write_stage_config(model_dir, train=train_config, input=input_config,
                        data=data, pseudo_dir=pseudo_dir)
@@ -272,6 +267,33 @@ def run_train(train_config, input_config, data, model_dir, pseudo_dir=None,
     return train_lib.train_and_evaluate(train_config, model_dir, dataset_fn,
                                         eval_ds, strategy=strategy,
                                         log_prefix=log_prefix)
+
+
+def check_train_folder(train_config, labeled, model_dir, pseudo_dir=None):
+    """Refuses a model_dir whose checkpoints would not be this run's.
+
+    Checked before anything is written there: the folder must be a
+    training run's (`stage_inputs.check_owner`), made from the same images
+    (`stage_inputs.check_inputs`, which records them in a new folder) and
+    with the same settings (`train_lib.check_resumable`). Images first: a
+    changed image count would otherwise be named as a setting
+    (images_per_epoch).
+
+    Args:
+      train_config: The run's `train_config.TrainConfig`.
+      labeled: The labeled `sources.ImageSource` it trains on.
+      model_dir: The run's folder.
+      pseudo_dir: The selection a student trains on, or None.
+
+    Raises:
+      ValueError: naming what differs.
+    """
+    stage_inputs.check_owner(model_dir, "train", "--model_dir")
+    inputs = {"--labeled": stage_inputs.source_input(labeled)}
+    if pseudo_dir:
+        inputs["--pseudo_labels"] = stage_inputs.selection_input(pseudo_dir)
+    stage_inputs.check_inputs(model_dir, inputs, "--model_dir")
+    train_lib.check_resumable(train_config, model_dir)
 
 
 def with_model_channels(data, model, model_path, channels_given):
@@ -338,8 +360,11 @@ def run_predict(predict_config, data, channels_given=True):
         "--teacher": {"sha256": model_io.content_hash(predict_config.teacher),
                       "path": predict_config.teacher},
         f"--{data.unlabeled_flag()}": stage_inputs.source_input(source),
-        "image_size": size, "channels": data.channels,
-        "recipe": dataclasses.asdict(recipe)}, "--out_dir")
+        "teacher image_size": size, "--channels": data.channels,
+        "teacher recipe": dataclasses.asdict(recipe),
+        "--num_classes": predict_config.num_classes,
+        "--records_per_file": predict_config.records_per_file,
+        "num_bins": predict_config.num_bins}, "--out_dir")
     # The select stage's report and contact sheets name the classes.
     model_info.write_class_names(
         predict_config.out_dir,

@@ -71,6 +71,8 @@ def bad_input(saved_model, files, good):
     _keep(out, "empty_bytes_", by_bytes(image_bytes=tf.zeros([0], tf.string)))
     _keep(out, "empty_images_", signatures["serve_images"](
         images=tf.zeros([0, 20, 20, 3], tf.uint8)))
+    _keep(out, "no_pixel_images_", signatures["serve_images"](
+        images=tf.zeros([2, 0, 5, 3], tf.uint8)))
     return out
 
 

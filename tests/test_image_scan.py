@@ -298,3 +298,29 @@ from noisy_student.data import sources
 print(json.dumps(sources.load_source("folder:" + sys.argv[1],
                                      labeled=False).scan.skipped))
 """
+
+
+def test_a_named_pipe_or_other_special_file_is_skipped_not_read(tmp_path):
+    """A named pipe with an image's name hung every command that scanned
+    the folder (opening it waits for a writer). Files that are not regular
+    files are skipped, named, without being opened."""
+    root = tmp_path / "images"
+    root.mkdir()
+    Image.fromarray(_pixels(0)).save(root / "a_good.png")
+    os.mkfifo(root / "pipe.png")
+    os.symlink(root / "pipe.png", root / "to_pipe.jpg")
+    script = (
+        "import json, sys\n"
+        f"sys.path.insert(0, {ROOT!r})\n"
+        "from noisy_student.data import sources\n"
+        f"s = sources.load_source('folder:{root}', labeled=False)\n"
+        "print(json.dumps([s.num_examples, s.scan.skipped]))\n")
+    result = subprocess.run([sys.executable, "-c", script], timeout=60,
+                            capture_output=True, text=True,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    count, skipped = json.loads(result.stdout.strip().splitlines()[-1])
+    assert count == 1
+    reason = "not a regular file (a named pipe, socket or device)"
+    assert skipped == {f"{root}/pipe.png": reason,
+                       f"{root}/to_pipe.jpg": reason}

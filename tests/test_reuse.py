@@ -53,21 +53,25 @@ def inputs(tmp_path_factory):
 
 
 def _predict(out_dir, teacher, unlabeled, **settings):
+    settings.setdefault("records_per_file", 16)
     config = predict_lib.PredictConfig(
         teacher=teacher, out_dir=str(out_dir), num_classes=NUM_CLASSES,
-        batch_size=8, records_per_file=16, **settings)
+        batch_size=8, **settings)
     return stages.run_predict(config, stages.DataConfig(unlabeled=unlabeled))
 
 
-def _records(out_dir):
-    return {name: open(os.path.join(out_dir, name), "rb").read()
-            for name in sorted(os.listdir(out_dir))}
+def _records(folder):
+    """{relative path: bytes} of every file under `folder`."""
+    return {os.path.relpath(os.path.join(root, name), folder):
+            open(os.path.join(root, name), "rb").read()
+            for root, _, names in os.walk(folder) for name in names}
 
 
 @pytest.mark.parametrize("change, named", [
     ({"teacher": "other_teacher"}, "--teacher"),
     ({"unlabeled": "other_unlabeled"}, "--unlabeled"),
-    ({"image_size": 12}, "image_size"),
+    ({"image_size": 12}, "teacher image_size"),
+    ({"records_per_file": 8}, "--records_per_file"),
 ])
 def test_predict_refuses_a_folder_made_from_other_inputs(inputs, tmp_path,
                                                          change, named):
@@ -233,3 +237,51 @@ def test_ns_eval_refuses_a_model_dir_as_its_output_dir(inputs, tmp_path):
     assert f"--output_dir={model_dir}, which holds the records of a train " \
            "stage" in result.stderr, result.stderr[-2000:]
     assert _records(model_dir) == before
+
+
+def test_ns_train_names_the_images_that_changed_not_a_setting(tmp_path):
+    """A resumed ns-train on other --labeled images is refused naming them
+    (was: 'config.json differs in images_per_epoch=41 (was 40)', a setting
+    without a flag)."""
+    from noisy_student import train_config  # pylint: disable=g-import-not-at-top
+    from noisy_student.data import pipeline  # pylint: disable=g-import-not-at-top
+
+    def train(count, steps):
+        labeled = _images(tmp_path / "labeled.npz", 0, count)
+        data = stages.DataConfig(labeled=labeled, test=labeled)
+        config = train_config.TrainConfig.from_fields(
+            width=0.25, depth=0.25, num_classes=NUM_CLASSES, image_size=16,
+            small_images=True, batch_size=4, train_steps=steps,
+            warmup_steps=0, lr_schedule="constant", steps_per_loop=1,
+            log_every=1, checkpoint_every=1, eval_every=0,
+            images_per_epoch=count, verbose=False)
+        return stages.run_train(config, pipeline.InputConfig(
+            image_size=16, batch_size=4, augment="none", seed=0), data,
+            str(tmp_path / "train"))
+
+    train(40, 1)
+    before = _records(tmp_path / "train")
+    with pytest.raises(ValueError, match=r"Received: --labeled=npz:\S+ "
+                       r"\(41 images\), changed since \(was 40 images\)"):
+        train(41, 2)
+    assert _records(tmp_path / "train") == before
+
+
+def test_ns_train_leaves_another_stages_folder_as_it_was(inputs, tmp_path):
+    pred_dir = tmp_path / "predict"
+    _predict(pred_dir, inputs["teacher"], inputs["unlabeled"])
+    before = _records(pred_dir)
+    labeled = tmp_path / "labeled"
+    for name in ("a", "b"):
+        _png_folder(labeled / name, 4, seed=ord(name))
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    result = subprocess.run(
+        [sys.executable, "-m", "noisy_student.cli.train",
+         f"--model_dir={pred_dir}", f"--labeled=folder:{labeled}",
+         "--model=w0.25-d0.25", "--image_size=16", "--train_steps=1",
+         "--batch_size=4"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "holds the records of a predict stage" in result.stderr
+    # Not even the scan of --labeled wrote its report there.
+    assert _records(pred_dir) == before

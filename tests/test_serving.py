@@ -287,6 +287,18 @@ def test_empty_requests_get_empty_outputs(bad_input):
         np.testing.assert_array_equal(out[prefix + "class_names"], CLASSES)
 
 
+def test_images_of_no_pixel_are_invalid_rows_not_a_failed_request(
+        bad_input):
+    out, _, _ = bad_input
+    prefix = "no_pixel_images_"
+    np.testing.assert_array_equal(out[prefix + "valid"], [False, False])
+    np.testing.assert_array_equal(out[prefix + "error"],
+                                  ["empty image (0 pixels)"] * 2)
+    np.testing.assert_array_equal(out[prefix + "probabilities"],
+                                  np.zeros((2, len(CLASSES)), np.float32))
+    np.testing.assert_array_equal(out[prefix + "top_k_classes"], -1)
+
+
 def test_serve_images_refuses_more_than_four_channels(tmp_path):
     loaded = tf.saved_model.load(export.export(tiny_model(3),
                                                str(tmp_path / "served")))

@@ -13,6 +13,7 @@ from absl import flags
 
 from noisy_student import model_io
 from noisy_student import predict as predict_lib
+from noisy_student import stage_inputs
 from noisy_student import stages
 from noisy_student.cli import common
 
@@ -43,6 +44,8 @@ def main(argv):
     # Writable first: the sources' scan reports go into the out_dir, which
     # is removed again if the command fails before writing anything there.
     with common.output_folder(FLAGS.out_dir, "out_dir"):
+        # Before a scan writes its report into the folder.
+        stage_inputs.check_owner(FLAGS.out_dir, "predict", "--out_dir")
         if FLAGS.num_classes:
             num_classes = FLAGS.num_classes
         elif data.labeled:

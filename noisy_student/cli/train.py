@@ -13,7 +13,6 @@ from absl import flags
 from noisy_student import stage_inputs
 from noisy_student import stages
 from noisy_student import strategy as strategy_lib
-from noisy_student import train_lib
 from noisy_student import workdir_lock
 from noisy_student.cli import common
 
@@ -54,6 +53,8 @@ def main(argv):
     data = common.data_config(scan_dir=FLAGS.model_dir)
     # Writable first: the sources' scan reports go into the model_dir.
     with common.output_folder(FLAGS.model_dir, "model_dir"):
+        # Before the scan writes its report into the folder.
+        stage_inputs.check_owner(FLAGS.model_dir, "train", "--model_dir")
         labeled = data.labeled_source()
         ratio = FLAGS.unlabel_ratio if FLAGS.pseudo_labels else 0
         train_config, input_config = common.role_configs(
@@ -66,8 +67,8 @@ def main(argv):
                 else contextlib.nullcontext())
         with lock:
             # Refused before flags.txt is rewritten.
-            stage_inputs.check_owner(FLAGS.model_dir, "train", "--model_dir")
-            train_lib.check_resumable(train_config, FLAGS.model_dir)
+            stages.check_train_folder(train_config, labeled, FLAGS.model_dir,
+                                      FLAGS.pseudo_labels)
             common.write_flags(FLAGS.model_dir)
             metrics = stages.run_train(train_config, input_config, data,
                                        FLAGS.model_dir, FLAGS.pseudo_labels,

@@ -33,9 +33,10 @@ folder again, so a changed folder is seen).
 A file that cannot be read is skipped like one that does not decode, with
 its reason: a dangling symlink ("dangling symlink (to TARGET)"), a file
 removed after the listing, a looping symlink or one without read
-permission ("unreadable: No such file or directory", ...); a sub-folder
-that cannot be listed is one entry, its path ending in "/" ("unreadable
-folder: Permission denied"). They used to fail the whole run with TF's
+permission ("unreadable: No such file or directory", ...), a named pipe,
+socket or device (`SPECIAL_FILE`; never opened: reading a pipe waits for
+a writer); a sub-folder that cannot be listed is one entry, its path
+ending in "/" ("unreadable folder: Permission denied"). They used to fail the whole run with TF's
 "PATH; No such file or directory" (the listing's stat), naming no flag.
 
 Files with an image extension the decoder cannot read (TIFF, PPM, ICO,
@@ -79,6 +80,7 @@ UNSUPPORTED_EXTENSIONS = (
     ".svg", ".dng", ".cr2", ".nef", ".arw", ".raw", ".exr", ".hdr", ".qoi",
     ".pcx", ".xbm", ".xpm", ".dds", ".icns", ".sgi")
 SHOWN = 5  # Files named in the log; all of them are in REPORT_FILE.
+SPECIAL_FILE = "not a regular file (a named pipe, socket or device)"
 LOG_EVERY_S = 30.0
 _SCAN_VERSION = 1  # Bump when what the scan accepts changes.
 
@@ -293,9 +295,12 @@ def _write_entry(report, result):
 
 def _scan(folder, key, images, ignored, unlisted, log_every_s):
     start = time.time()
-    good = _decodable(images, log_every_s=log_every_s, folder=folder)
-    skipped = dict(unlisted)
-    for path in images:
+    # Never opened: reading a named pipe waits for a writer (forever).
+    skipped = {**unlisted, **{path: SPECIAL_FILE for path in images
+                              if _is_special(path)}}
+    readable = [path for path in images if path not in skipped]
+    good = _decodable(readable, log_every_s=log_every_s, folder=folder)
+    for path in readable:
         if path not in good:
             reason = _reason(path)
             if reason is None:  # Decodes now (a passing read error).
@@ -350,6 +355,13 @@ def _decode_op(data):
     cheaper.
     """
     return tf.io.decode_image(data, **preprocess.DECODE_ARGS)
+
+
+def _is_special(path):
+    """Whether a local `path` (or its symlink's target) is there but not a
+    regular file: a named pipe, a socket or a device."""
+    return "://" not in path and os.path.exists(path) and (
+        not os.path.isfile(path))
 
 
 def _reason(path):

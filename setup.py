@@ -30,6 +30,10 @@ setuptools.setup(
         "matplotlib>=3.7",
     ],
     extras_require={
+        # A faster runtime for the teacher's forward pass in the predict
+        # stage (--inference_runtime=openvino): about 1.7x TensorFlow's
+        # float32 on CPUs (BENCHMARKS.md).
+        "openvino": ["openvino>=2024.0"],
         "test": [
             "pytest>=8",
             # Runs the suite on every core (up to 4), one test module per

@@ -26,6 +26,7 @@ from noisy_student import checkpoints
 from noisy_student import efficientnet
 from noisy_student import evaluate
 from noisy_student import export as export_lib
+from noisy_student import inference_runtime
 from noisy_student import manifest as manifest_lib
 from noisy_student import pipeline_report
 from noisy_student import predict as predict_lib
@@ -275,9 +276,14 @@ def _label_stages(config, r, teacher_dir, upstream):
         config.predict, teacher=teacher_dir,
         out_dir=workdir_layout.stage_folder(workdir, r, "predict"),
         num_classes=config.teacher.model.num_classes)
+    # The reference runtime is left out of the fingerprint, so that work
+    # directories made before the runtime was a choice resume.
+    leave_out = ["teacher", "out_dir", "log_every_s"]
+    if inference_runtime.is_default(predict_config.inference_runtime,
+                                    predict_config.inference_precision):
+        leave_out += ["inference_runtime", "inference_precision"]
     predict_fp = manifest_lib.fingerprint(
-        _without_paths(predict_config, "teacher", "out_dir", "log_every_s"),
-        *upstream)
+        _without_paths(predict_config, *leave_out), *upstream)
     select_config = dataclasses.replace(
         config.select, pred_dir=predict_config.out_dir,
         out_dir=workdir_layout.stage_folder(workdir, r, "select"))

@@ -21,16 +21,19 @@ but it only preprocesses and predicts its own, unfinished blocks.
 
 Memory does not grow with the unlabeled set: images stream through tf.data in
 batches and each batch is written out before the next one is kept.
+
+Size: the stage's config, its input stream and its labelling loop are read
+together; the teacher's runtime and the block writer are modules of their own.
 """
 
 import dataclasses
 import time
-import weakref
 
 from absl import logging
 import numpy as np
 import tensorflow as tf
 
+from noisy_student import inference_runtime
 from noisy_student import model_io
 from noisy_student import prediction_writer
 from noisy_student import pseudo_labels as pl
@@ -65,6 +68,10 @@ class PredictConfig:
       num_bins: Bins over [0, 1] of the per-class confidence histograms.
       image_size: The teacher's input side; None reads it from the teacher.
       log_every_s: Seconds between progress lines.
+      inference_precision: The precision of the teacher's forward pass,
+        one of `inference_runtime.PRECISIONS` (bfloat16 with OpenVINO only).
+      inference_runtime: What runs it, one of `inference_runtime.RUNTIMES`
+        (TensorFlow, the reference, or OpenVINO).
     """
     teacher: str
     out_dir: str
@@ -76,6 +83,9 @@ class PredictConfig:
     num_bins: int = pl.DEFAULT_NUM_BINS
     image_size: int | None = None
     log_every_s: float = 30.0
+    # In this order: the runtime field's name hides the module below it.
+    inference_precision: str = inference_runtime.DEFAULT_PRECISION
+    inference_runtime: str = inference_runtime.DEFAULT_RUNTIME
 
     def __post_init__(self):
         # Checked when built: the pipeline builds every iteration's config
@@ -90,6 +100,8 @@ class PredictConfig:
         if not self.log_every_s > 0:
             raise ValueError("Expected log_every_s > 0. Received: "
                              f"log_every_s={self.log_every_s!r}")
+        inference_runtime.check(self.inference_runtime,
+                                self.inference_precision)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,31 +231,12 @@ def _input_pipeline(dataset, *, records_per_file, shard_index, num_shards,
     return dataset.map(pad).prefetch(tf.data.AUTOTUNE)
 
 
-# One traced function per teacher, so that repeated calls in one process
-# (several shards, a rerun) do not trace the model again (seconds for B0).
-# The function holds the teacher only weakly: a value that referred to its
-# key would keep every iteration's teacher (and its weights) alive.
-_PROBABILITY_FNS = weakref.WeakKeyDictionary()
-
-
-def _probabilities_fn(teacher):
-    """A tf.function (no XLA) mapping pixels to the teacher's probabilities."""
-    fn = _PROBABILITY_FNS.get(teacher)
-    if fn is None:
-        teacher_ref = weakref.ref(teacher)
-
-        @tf.function(jit_compile=False)
-        def fn(pixels):
-            logits = teacher_ref()(pixels, training=False)
-            return tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1)
-        _PROBABILITY_FNS[teacher] = fn
-    return fn
-
-
 def predict(teacher, dataset, out_dir, num_classes, batch_size=BATCH_SIZE,
             shard_index=0, num_shards=1, records_per_file=RECORDS_PER_FILE,
             preprocess=None, image_size=None, num_bins=pl.DEFAULT_NUM_BINS,
-            log_every_s=30.0):
+            log_every_s=30.0,
+            runtime=inference_runtime.DEFAULT_RUNTIME,
+            precision=inference_runtime.DEFAULT_PRECISION):
     """Labels this worker's part of the unlabeled set with the teacher.
 
     Args:
@@ -264,18 +257,22 @@ def predict(teacher, dataset, out_dir, num_classes, batch_size=BATCH_SIZE,
       image_size: The teacher's input side S; None reads it from the teacher.
       num_bins: Bins over [0, 1] of the confidence histograms.
       log_every_s: Seconds between progress lines.
+      runtime: What runs the teacher, one of `inference_runtime.RUNTIMES`.
+      precision: Its precision, one of `inference_runtime.PRECISIONS`.
 
     Returns:
       A `PredictSummary`.
 
     Raises:
       ValueError: for a teacher whose class count differs from
-        `num_classes`, an empty dataset, a bad argument, or a teacher
-        path whose model cannot be read.
+        `num_classes`, an empty dataset, a bad argument, a teacher path
+        whose model cannot be read, or a runtime this machine cannot run.
       FileNotFoundError: for a teacher path that holds no model.
+      inference_runtime.RuntimeNotInstalledError: OpenVINO is missing.
     """
     _check_args(num_classes, batch_size, shard_index, num_shards,
                 records_per_file, num_bins)
+    inference_runtime.check(runtime, precision)
     teacher, recipe, image_size, channels = _load_teacher(
         teacher, num_classes, image_size)
     _check_dataset(dataset)
@@ -294,32 +291,57 @@ def predict(teacher, dataset, out_dir, num_classes, batch_size=BATCH_SIZE,
                                      0)
         return PredictSummary(total, 0, 0, len(complete), 0.0, 0.0)
 
-    seen = tf.Variable(0, dtype=tf.int64, trainable=False)
-    batches = _input_pipeline(
-        dataset, records_per_file=records_per_file, shard_index=shard_index,
-        num_shards=num_shards, skip_blocks=complete, preprocess=preprocess,
-        image_size=image_size, channels=channels, batch_size=batch_size,
-        seen=seen)
-
+    probabilities = inference_runtime.probabilities_fn(
+        teacher, runtime, precision, batch_size, image_size, channels)
     what = f"predict shard {shard_index}/{num_shards}"
-    logging.info("%s: %d of its blocks already complete, %s images to label",
-                 what, len(complete),
-                 todo if todo is not None else "an unknown number of")
-    progress = _progress_logger(what, todo, start, log_every_s)
+    logging.info("%s: %d of its blocks already complete, %s images to "
+                 "label; the teacher runs on %s in %s", what, len(complete),
+                 todo if todo is not None else "an unknown number of",
+                 runtime, precision)
     sink = prediction_writer.ThreadedSink(prediction_writer.BlockSink(
         out_dir, records_per_file, num_classes, num_bins))
-    written = _label_batches(batches, _probabilities_fn(teacher), sink,
-                             num_classes, progress)
+    num_images, written = _label_unfinished_blocks(
+        dataset, probabilities, sink, num_classes,
+        _progress_logger(what, todo, start, log_every_s),
+        records_per_file=records_per_file, shard_index=shard_index,
+        num_shards=num_shards, skip_blocks=complete, preprocess=preprocess,
+        image_size=image_size, channels=channels, batch_size=batch_size)
     blocks_written = sink.finish()
+    prediction_writer.write_done(out_dir, shard_index, num_shards, num_images,
+                                 written)
+    return _summary(num_images, written, blocks_written, len(complete),
+                    time.time() - start, what)
+
+
+def _label_unfinished_blocks(dataset, probabilities, sink, num_classes,
+                             progress, **pipeline):
+    """Runs the teacher over this worker's unfinished blocks.
+
+    Args:
+      dataset: The unlabeled source.
+      probabilities: The teacher's pixels -> probabilities function.
+      sink: The `prediction_writer.ThreadedSink` that writes the blocks.
+      num_classes: K, checked against the teacher's output.
+      progress: Called with the number of images labeled so far.
+      **pipeline: The arguments of `_input_pipeline` but `seen`.
+
+    Returns:
+      (images in the whole source, images labeled).
+
+    Raises:
+      ValueError: for a source that yielded no images, or a teacher of
+        another class count.
+    """
+    seen = tf.Variable(0, dtype=tf.int64, trainable=False)
+    batches = _input_pipeline(dataset, seen=seen, **pipeline)
+    written = _label_batches(batches, probabilities, sink, num_classes,
+                             progress)
     num_images = int(seen.numpy())
     if num_images == 0:
         raise ValueError(
             "Expected a non-empty unlabeled dataset. Received: a dataset "
             "that yielded no images")
-    prediction_writer.write_done(out_dir, shard_index, num_shards, num_images,
-                                 written)
-    return _summary(num_images, written, blocks_written, len(complete),
-                    time.time() - start, what)
+    return num_images, written
 
 
 def _summary(num_images, written, blocks_written, blocks_skipped, seconds,
@@ -436,7 +458,8 @@ def _label_batches(batches, probabilities, sink, num_classes, progress):
 
     Args:
       batches: Batches of {"index", "pixels", "encoded"} (`_input_pipeline`).
-      probabilities: pixels -> float32 probabilities [B, K].
+      probabilities: pixels -> float32 numpy probabilities [B, K]
+        (`inference_runtime.probabilities_fn`).
       sink: A `prediction_writer.ThreadedSink`; aborted (temporary files removed) on any
         exception, which is re-raised.
       num_classes: K, checked against the teacher's output.
@@ -452,7 +475,7 @@ def _label_batches(batches, probabilities, sink, num_classes, progress):
     try:
         for batch in batches:
             indices = batch["index"].numpy()
-            probs = probabilities(batch["pixels"]).numpy()[:len(indices)]
+            probs = probabilities(batch["pixels"])[:len(indices)]
             if probs.shape[-1] != num_classes:
                 raise ValueError(
                     f"Expected a teacher with num_classes={num_classes} "
@@ -487,4 +510,5 @@ def run_predict(config, dataset, preprocess=None):
         shard_index=config.shard_index, num_shards=config.num_shards,
         records_per_file=config.records_per_file, preprocess=preprocess,
         image_size=config.image_size, num_bins=config.num_bins,
-        log_every_s=config.log_every_s)
+        log_every_s=config.log_every_s, runtime=config.inference_runtime,
+        precision=config.inference_precision)

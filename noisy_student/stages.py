@@ -11,6 +11,7 @@ import dataclasses
 import tensorflow as tf
 
 from noisy_student import evaluate
+from noisy_student import inference_runtime
 from noisy_student import export as export_lib
 from noisy_student import io_utils
 from noisy_student import model_info
@@ -364,7 +365,8 @@ def run_predict(predict_config, data, channels_given=True):
         "teacher recipe": dataclasses.asdict(recipe),
         "--num_classes": predict_config.num_classes,
         "--records_per_file": predict_config.records_per_file,
-        "num_bins": predict_config.num_bins}, "--out_dir")
+        "num_bins": predict_config.num_bins,
+        **_runtime_input(predict_config)}, "--out_dir")
     # The select stage's report and contact sheets name the classes.
     model_info.write_class_names(
         predict_config.out_dir,
@@ -379,8 +381,22 @@ def run_predict(predict_config, data, channels_given=True):
         num_shards=predict_config.num_shards,
         records_per_file=predict_config.records_per_file, preprocess=clean,
         image_size=size, num_bins=predict_config.num_bins,
-        log_every_s=predict_config.log_every_s)
+        log_every_s=predict_config.log_every_s,
+        runtime=predict_config.inference_runtime,
+        precision=predict_config.inference_precision)
     return dataclasses.asdict(summary)
+
+
+def _runtime_input(predict_config):
+    """What ran the teacher, as an input of the prediction folder; nothing
+    for the reference (TensorFlow float32), so that folders made before the
+    runtime was a choice resume."""
+    runtime = predict_config.inference_runtime
+    precision = predict_config.inference_precision
+    if inference_runtime.is_default(runtime, precision):
+        return {}
+    return {"--inference_runtime": runtime,
+            "--inference_precision": precision}
 
 
 def run_select(select_config):

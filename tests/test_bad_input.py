@@ -5,17 +5,14 @@ table. The command-line tests run the real commands in subprocesses (exit
 status, no traceback, the message naming the flag).
 """
 
-import gc
 import os
 import re
 import subprocess
 import sys
-import weakref
 
 import numpy as np
 from PIL import Image
 import pytest
-import tensorflow as tf
 
 from noisy_student import efficientnet
 from noisy_student import evaluate
@@ -207,18 +204,6 @@ def test_pipeline_predict_stage_honours_log_every_s(monkeypatch, tmp_path):
         num_classes=10, log_every_s=7.0)
     stages.run_predict(config, stages.DataConfig(unlabeled="digits:test"))
     assert seen["log_every_s"] == 7.0
-
-
-def test_predict_cache_does_not_keep_teachers_alive():
-    model = efficientnet.build_efficientnet(
-        width=0.25, depth=0.25, image_size=16, small_images=True,
-        num_classes=10)
-    fn = predict_lib._probabilities_fn(model)  # pylint: disable=protected-access
-    fn(tf.zeros([1, 16, 16, 3]))
-    alive = weakref.ref(model)
-    del model, fn
-    gc.collect()
-    assert alive() is None
 
 
 # --------------------------------------------------- the commands ---

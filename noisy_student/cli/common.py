@@ -24,6 +24,7 @@ import tensorflow as tf
 
 from noisy_student import checkpoints
 from noisy_student import efficientnet
+from noisy_student import inference_runtime
 from noisy_student import io_utils
 from noisy_student import model_info
 from noisy_student import predict as predict_lib
@@ -53,7 +54,8 @@ def _user_errors():
     from noisy_student import workdir_lock  # pylint: disable=g-import-not-at-top
     # A full disk too: the user frees space (or writes elsewhere) and reruns.
     return USER_ERRORS + (workdir_lock.WorkdirBusyError,
-                          io_utils.DiskFullError)
+                          io_utils.DiskFullError,
+                          inference_runtime.RuntimeNotInstalledError)
 
 
 # absl's help flags print the help and exit with status 1.
@@ -561,6 +563,19 @@ def define_predict_flags():
                          "Unlabeled images per prediction file (the unit of "
                          "resume and of --shard_index/--num_shards work).",
                          lower_bound=1)
+    flags.DEFINE_enum(
+        "inference_runtime", inference_runtime.DEFAULT_RUNTIME,
+        list(inference_runtime.RUNTIMES),
+        "What runs the teacher's forward pass when pseudo-labeling: "
+        "tensorflow (the reference) or openvino (faster on CPUs; pip "
+        "install 'noisy-student[openvino]'). A prediction folder is "
+        "resumed only by the runtime that began it.")
+    flags.DEFINE_enum(
+        "inference_precision", inference_runtime.DEFAULT_PRECISION,
+        list(inference_runtime.PRECISIONS),
+        "Precision of the teacher's forward pass: float32 (the reference) "
+        "or bfloat16 (--inference_runtime=openvino on a CPU with "
+        "AVX512-BF16 or AMX).")
 
 
 def define_select_flags():

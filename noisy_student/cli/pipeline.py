@@ -85,7 +85,9 @@ def experiment_config():
         predict=predict_lib.PredictConfig(
             teacher="", out_dir="", num_classes=labeled.num_classes,
             batch_size=FLAGS.predict_batch_size,
-            records_per_file=FLAGS.records_per_file),
+            records_per_file=FLAGS.records_per_file,
+            inference_runtime=FLAGS.inference_runtime,
+            inference_precision=FLAGS.inference_precision),
         select=common.select_config(pred_dir="", out_dir=""),
         export=FLAGS.export, overwrite=FLAGS.overwrite,
         student_resolution_from_model=FLAGS.image_size is None)

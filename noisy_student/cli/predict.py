@@ -57,7 +57,9 @@ def main(argv):
             teacher=FLAGS.teacher, out_dir=FLAGS.out_dir,
             num_classes=num_classes, batch_size=FLAGS.predict_batch_size,
             shard_index=FLAGS.shard_index, num_shards=FLAGS.num_shards,
-            records_per_file=FLAGS.records_per_file)
+            records_per_file=FLAGS.records_per_file,
+            inference_runtime=FLAGS.inference_runtime,
+            inference_precision=FLAGS.inference_precision)
         summary = stages.run_predict(
             config, data, channels_given=FLAGS["channels"].present)
     print(summary)

@@ -1,0 +1,224 @@
+"""The runtime that runs the teacher's forward pass in the predict stage.
+
+At the paper's scale the teacher's pass over the unlabeled images (300M in
+Sec. 3 of the paper) is the compute of pseudo-labelling, so the predict stage
+can hand it to a faster inference runtime than TensorFlow:
+
+- "tensorflow" (the default and the reference): the Keras model or
+  SavedModel in a `tf.function` (no XLA, which is slower on CPUs), float32.
+- "openvino" (`pip install 'noisy-student[openvino]'`): the same function
+  converted once by OpenVINO (batch norm folded into the convolutions,
+  activations fused, the graph compiled for this CPU) and run in its
+  throughput mode, several inference requests at once (one per CPU stream).
+  Its float32 probabilities agree with TensorFlow's to about 1e-5; bfloat16
+  (`inference_precision="bfloat16"`) only where the CPU computes in it
+  (AVX512-BF16 or AMX).
+
+Whichever runs, the records, histograms and selection are made the same way;
+ns-predict records the runtime and precision in its folder's inputs, so a
+folder labelled by one is never resumed by another.
+"""
+
+import math
+import weakref
+
+import numpy as np
+import tensorflow as tf
+
+RUNTIMES = ("tensorflow", "openvino")
+PRECISIONS = ("float32", "bfloat16")
+DEFAULT_RUNTIME = "tensorflow"
+DEFAULT_PRECISION = "float32"
+# OpenVINO's names of the two precisions (its INFERENCE_PRECISION_HINT).
+_OPENVINO_PRECISIONS = {"float32": "f32", "bfloat16": "bf16"}
+
+
+class RuntimeNotInstalledError(ImportError):
+    """The chosen runtime's package is not installed (a user error: the
+    commands print its one line and exit with status 2)."""
+
+
+def is_default(runtime, precision):
+    """Whether these are the reference settings: TensorFlow in float32.
+
+    Args:
+      runtime: One of RUNTIMES.
+      precision: One of PRECISIONS.
+
+    Returns:
+      A bool.
+    """
+    return (runtime, precision) == (DEFAULT_RUNTIME, DEFAULT_PRECISION)
+
+
+def check(runtime, precision):
+    """Checks that this machine can run the teacher with these settings.
+
+    Args:
+      runtime: One of RUNTIMES.
+      precision: One of PRECISIONS.
+
+    Raises:
+      ValueError: for an unknown runtime or precision, bfloat16 with
+        TensorFlow (on CPUs its bfloat16 is no faster than float32), or
+        bfloat16 on a CPU without it.
+      RuntimeNotInstalledError: for "openvino" when OpenVINO is not
+        installed (one line saying how to install it).
+    """
+    if runtime not in RUNTIMES:
+        raise ValueError(f"Expected --inference_runtime in {list(RUNTIMES)}. "
+                         f"Received: --inference_runtime={runtime!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(
+            f"Expected --inference_precision in {list(PRECISIONS)}. "
+            f"Received: --inference_precision={precision!r}")
+    if runtime == "tensorflow":
+        if precision != "float32":
+            raise ValueError(
+                "Expected --inference_precision=float32 with "
+                "--inference_runtime=tensorflow (bfloat16 needs "
+                "--inference_runtime=openvino). Received: "
+                f"--inference_precision={precision}")
+        return
+    capabilities = _openvino().Core().get_property(
+        "CPU", "OPTIMIZATION_CAPABILITIES")
+    if precision == "bfloat16" and "BF16" not in capabilities:
+        raise ValueError(
+            "Expected a CPU that computes in bfloat16 (AVX512-BF16 or AMX) "
+            "for --inference_precision=bfloat16. Received: a CPU whose "
+            f"OpenVINO capabilities are {', '.join(capabilities)}")
+
+
+def _openvino():
+    try:
+        import openvino  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+        raise RuntimeNotInstalledError(
+            "Expected OpenVINO for --inference_runtime=openvino. Received: "
+            f"no openvino package ({e}); install it with "
+            "pip install 'noisy-student[openvino]'") from None
+    return openvino
+
+
+def probabilities_fn(teacher, runtime, precision, batch_size, image_size,
+                     channels):
+    """The teacher's forward pass, pixels to probabilities, on a runtime.
+
+    Args:
+      teacher: A keras.Model returning logits, or a
+        `model_io.SavedModelClassifier`; called with `training=False`.
+      runtime: One of RUNTIMES (checked with `check`).
+      precision: One of PRECISIONS.
+      batch_size: B, the images of every call (the predict stage pads its
+        last batch).
+      image_size: S, the teacher's input side.
+      channels: C, the teacher's input channels.
+
+    Returns:
+      A function float32 pixels [B, S, S, C] in [0, 255] (a tf.Tensor or
+      numpy array) -> float32 numpy probabilities [B, K].
+
+    Raises:
+      As `check`; RuntimeError when OpenVINO cannot convert the teacher.
+    """
+    check(runtime, precision)
+    if runtime == "tensorflow":
+        fn = _tensorflow_fn(teacher)
+        return lambda pixels: fn(pixels).numpy()
+    key = (precision, batch_size, image_size, channels)
+    compiled = _OPENVINO_TEACHERS.setdefault(teacher, {})
+    if key not in compiled:
+        compiled[key] = _OpenVinoTeacher(teacher, precision, batch_size,
+                                         image_size, channels)
+    return compiled[key]
+
+
+# One traced function (and one OpenVINO compilation) per teacher, so that
+# repeated calls in one process (several shards, a rerun) do not trace or
+# convert the model again (seconds for B0). Held weakly: a value that
+# referred to its key would keep every iteration's teacher alive.
+_TENSORFLOW_FNS = weakref.WeakKeyDictionary()
+_OPENVINO_TEACHERS = weakref.WeakKeyDictionary()
+
+
+def _softmax_fn(teacher_ref):
+    def probabilities(pixels):
+        logits = teacher_ref()(pixels, training=False)
+        return tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1)
+    return probabilities
+
+
+def _tensorflow_fn(teacher):
+    """A tf.function (no XLA) mapping pixels to the teacher's probabilities."""
+    fn = _TENSORFLOW_FNS.get(teacher)
+    if fn is None:
+        fn = tf.function(_softmax_fn(weakref.ref(teacher)),
+                         jit_compile=False)
+        _TENSORFLOW_FNS[teacher] = fn
+    return fn
+
+
+class _OpenVinoTeacher:
+    """The teacher compiled by OpenVINO for batches of B images.
+
+    Throughput mode runs one inference request per CPU stream, each on its
+    own cores, so a batch is split into as many equal chunks (the last one
+    padded): every image is computed in the same static shape whatever its
+    position, and a rerun writes the same probabilities.
+    """
+
+    def __init__(self, teacher, precision, batch_size, image_size, channels):
+        ov = _openvino()
+        spec = tf.TensorSpec([None, image_size, image_size, channels],
+                             tf.float32)
+        fn = tf.function(_softmax_fn(weakref.ref(teacher)),
+                         input_signature=[spec], jit_compile=False)
+        try:
+            model = ov.convert_model(fn.get_concrete_function())
+        except Exception as e:  # pylint: disable=broad-except
+            raise RuntimeError(
+                "Expected a teacher that OpenVINO can convert. Received: "
+                f"{type(e).__name__}: {e}") from e
+        # TF's SiLU (a custom gradient) leaves its forward values as extra
+        # outputs of the converted graph; only the probabilities are wanted.
+        model = ov.Model([model.output(0)], model.get_parameters())
+        core = ov.Core()
+        settings = {"PERFORMANCE_HINT": "THROUGHPUT",
+                    # Explicit: on CPUs with bfloat16 OpenVINO uses it by
+                    # default.
+                    "INFERENCE_PRECISION_HINT":
+                        _OPENVINO_PRECISIONS[precision]}
+        requests = core.compile_model(model, "CPU", settings).get_property(
+            "OPTIMAL_NUMBER_OF_INFER_REQUESTS")
+        self.requests = max(1, min(int(requests), batch_size))
+        self.chunk = math.ceil(batch_size / self.requests)
+        model.reshape([self.chunk, image_size, image_size, channels])
+        self.compiled = core.compile_model(model, "CPU", settings)
+        self.queue = ov.AsyncInferQueue(self.compiled, self.requests)
+        self.queue.set_callback(self._keep)
+        self.batch_size = batch_size
+        self.outputs = None
+
+    def _keep(self, request, index):
+        start = index * self.chunk
+        self.outputs[start:start + self.chunk] = (
+            request.get_output_tensor(0).data)
+
+    def __call__(self, pixels):
+        pixels = np.asarray(pixels, np.float32)
+        count = len(pixels)
+        padded = self.requests * self.chunk
+        if count < padded:
+            pixels = np.concatenate(
+                [pixels, np.zeros((padded - count,) + pixels.shape[1:],
+                                  np.float32)])
+        self.outputs = np.empty(
+            (padded, self.compiled.output(0).get_partial_shape()[1].
+             get_length()), np.float32)
+        for index in range(self.requests):
+            start = index * self.chunk
+            self.queue.start_async(
+                {0: np.ascontiguousarray(pixels[start:start + self.chunk])},
+                userdata=index)
+        self.queue.wait_all()
+        return self.outputs[:count]

@@ -31,6 +31,11 @@ DEFAULT_RUNTIME = "tensorflow"
 DEFAULT_PRECISION = "float32"
 # OpenVINO's names of the two precisions (its INFERENCE_PRECISION_HINT).
 _OPENVINO_PRECISIONS = {"float32": "f32", "bfloat16": "bf16"}
+# Images per OpenVINO inference request at most: a batch is split into
+# requests of up to this many, which OpenVINO spreads over its CPU streams
+# (B0 at 224 px ran faster in requests of 32 than of 64 or 128:
+# BENCHMARKS.md, "Predict").
+MAX_CHUNK = 32
 
 
 class RuntimeNotInstalledError(ImportError):
@@ -116,29 +121,31 @@ def probabilities_fn(teacher, runtime, precision, batch_size, image_size,
 
     Returns:
       A function float32 pixels [B, S, S, C] in [0, 255] (a tf.Tensor or
-      numpy array) -> float32 numpy probabilities [B, K].
+      numpy array) -> float32 numpy probabilities [B, K]. Its `start`
+      method takes the same pixels and returns at once a function that
+      waits for their probabilities: the caller prepares the next batch
+      while the runtime computes (one batch may be pending at a time).
 
     Raises:
       As `check`; RuntimeError when OpenVINO cannot convert the teacher.
     """
     check(runtime, precision)
-    if runtime == "tensorflow":
-        fn = _tensorflow_fn(teacher)
-        return lambda pixels: fn(pixels).numpy()
-    key = (precision, batch_size, image_size, channels)
-    compiled = _OPENVINO_TEACHERS.setdefault(teacher, {})
-    if key not in compiled:
-        compiled[key] = _OpenVinoTeacher(teacher, precision, batch_size,
-                                         image_size, channels)
-    return compiled[key]
+    cache = _TEACHERS.setdefault(teacher, {})
+    key = (runtime, precision, batch_size, image_size, channels)
+    if key not in cache:
+        if runtime == "tensorflow":
+            cache[key] = _TensorFlowTeacher(teacher)
+        else:
+            cache[key] = _OpenVinoTeacher(teacher, precision, batch_size,
+                                          image_size, channels)
+    return cache[key]
 
 
-# One traced function (and one OpenVINO compilation) per teacher, so that
-# repeated calls in one process (several shards, a rerun) do not trace or
-# convert the model again (seconds for B0). Held weakly: a value that
-# referred to its key would keep every iteration's teacher alive.
-_TENSORFLOW_FNS = weakref.WeakKeyDictionary()
-_OPENVINO_TEACHERS = weakref.WeakKeyDictionary()
+# One traced function (or one OpenVINO compilation) per teacher and shape,
+# so that repeated calls in one process (several shards, a rerun) do not
+# trace or convert the model again (seconds for B0). Held weakly: a value
+# that referred to its key would keep every iteration's teacher alive.
+_TEACHERS = weakref.WeakKeyDictionary()
 
 
 def _softmax_fn(teacher_ref):
@@ -148,23 +155,30 @@ def _softmax_fn(teacher_ref):
     return probabilities
 
 
-def _tensorflow_fn(teacher):
-    """A tf.function (no XLA) mapping pixels to the teacher's probabilities."""
-    fn = _TENSORFLOW_FNS.get(teacher)
-    if fn is None:
-        fn = tf.function(_softmax_fn(weakref.ref(teacher)),
-                         jit_compile=False)
-        _TENSORFLOW_FNS[teacher] = fn
-    return fn
+class _TensorFlowTeacher:
+    """The teacher in a tf.function (no XLA), computed when started."""
+
+    def __init__(self, teacher):
+        self.fn = tf.function(_softmax_fn(weakref.ref(teacher)),
+                              jit_compile=False)
+
+    def start(self, pixels):
+        probabilities = self.fn(pixels).numpy()
+        return lambda: probabilities
+
+    def __call__(self, pixels):
+        return self.start(pixels)()
 
 
 class _OpenVinoTeacher:
     """The teacher compiled by OpenVINO for batches of B images.
 
-    Throughput mode runs one inference request per CPU stream, each on its
-    own cores, so a batch is split into as many equal chunks (the last one
-    padded): every image is computed in the same static shape whatever its
-    position, and a rerun writes the same probabilities.
+    Throughput mode runs each inference request on one CPU stream (its own
+    cores), so a batch is split into chunks of at least one per stream and
+    at most MAX_CHUNK images (the last one padded): every image is computed
+    in the same static shape whatever its position, and a rerun writes the
+    same probabilities. Two sets of requests take turns, so that one batch
+    runs while the next is started.
     """
 
     def __init__(self, teacher, precision, batch_size, image_size, channels):
@@ -187,38 +201,43 @@ class _OpenVinoTeacher:
                     # Explicit: on CPUs with bfloat16 OpenVINO uses it by
                     # default.
                     "INFERENCE_PRECISION_HINT":
-                        _OPENVINO_PRECISIONS[precision]}
-        requests = core.compile_model(model, "CPU", settings).get_property(
-            "OPTIMAL_NUMBER_OF_INFER_REQUESTS")
-        self.requests = max(1, min(int(requests), batch_size))
-        self.chunk = math.ceil(batch_size / self.requests)
+                        _OPENVINO_PRECISIONS[precision],
+                    # The input pipeline's decoding threads share the
+                    # cores: pinned inference threads ran at half speed in
+                    # some runs (BENCHMARKS.md, "Predict").
+                    "ENABLE_CPU_PINNING": False}
+        streams = int(core.compile_model(model, "CPU", settings).get_property(
+            "OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+        self.chunk = min(math.ceil(batch_size / max(1, streams)), MAX_CHUNK)
         model.reshape([self.chunk, image_size, image_size, channels])
-        self.compiled = core.compile_model(model, "CPU", settings)
-        self.queue = ov.AsyncInferQueue(self.compiled, self.requests)
-        self.queue.set_callback(self._keep)
-        self.batch_size = batch_size
-        self.outputs = None
+        compiled = core.compile_model(model, "CPU", settings)
+        self.request_sets = [
+            [compiled.create_infer_request()
+             for _ in range(math.ceil(batch_size / self.chunk))]
+            for _ in range(2)]
+        self.turn = 0
 
-    def _keep(self, request, index):
-        start = index * self.chunk
-        self.outputs[start:start + self.chunk] = (
-            request.get_output_tensor(0).data)
-
-    def __call__(self, pixels):
+    def start(self, pixels):
         pixels = np.asarray(pixels, np.float32)
         count = len(pixels)
-        padded = self.requests * self.chunk
+        requests = self.request_sets[self.turn]
+        self.turn = 1 - self.turn
+        padded = len(requests) * self.chunk
         if count < padded:
             pixels = np.concatenate(
                 [pixels, np.zeros((padded - count,) + pixels.shape[1:],
                                   np.float32)])
-        self.outputs = np.empty(
-            (padded, self.compiled.output(0).get_partial_shape()[1].
-             get_length()), np.float32)
-        for index in range(self.requests):
-            start = index * self.chunk
-            self.queue.start_async(
-                {0: np.ascontiguousarray(pixels[start:start + self.chunk])},
-                userdata=index)
-        self.queue.wait_all()
-        return self.outputs[:count]
+        for index, request in enumerate(requests):
+            chunk = pixels[index * self.chunk:(index + 1) * self.chunk]
+            request.start_async({0: np.ascontiguousarray(chunk)})
+
+        def wait():
+            outputs = []
+            for request in requests:
+                request.wait()
+                outputs.append(request.get_output_tensor(0).data.copy())
+            return np.concatenate(outputs)[:count]
+        return wait
+
+    def __call__(self, pixels):
+        return self.start(pixels)()

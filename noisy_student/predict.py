@@ -27,6 +27,7 @@ together; the teacher's runtime and the block writer are modules of their own.
 """
 
 import dataclasses
+import itertools
 import time
 
 from absl import logging
@@ -456,12 +457,14 @@ def _images_to_do(dataset, records_per_file, shard_index, num_shards,
 def _label_batches(batches, probabilities, sink, num_classes, progress):
     """Runs the teacher over the batches and hands the results to the sink.
 
+    The teacher computes one batch while the next one is read and started
+    (`probabilities.start`), and the sink's thread writes the one before.
+
     Args:
       batches: Batches of {"index", "pixels", "encoded"} (`_input_pipeline`).
-      probabilities: pixels -> float32 numpy probabilities [B, K]
-        (`inference_runtime.probabilities_fn`).
-      sink: A `prediction_writer.ThreadedSink`; aborted (temporary files removed) on any
-        exception, which is re-raised.
+      probabilities: From `inference_runtime.probabilities_fn`.
+      sink: A `prediction_writer.ThreadedSink`; aborted (temporary files
+        removed) on any exception, which is re-raised.
       num_classes: K, checked against the teacher's output.
       progress: Called with the number of images labeled so far.
 
@@ -472,26 +475,33 @@ def _label_batches(batches, probabilities, sink, num_classes, progress):
       ValueError: if the teacher outputs another class count.
     """
     written = 0
+    pending = None  # (batch, a function waiting for its probabilities)
     try:
-        for batch in batches:
-            indices = batch["index"].numpy()
-            probs = probabilities(batch["pixels"])[:len(indices)]
-            if probs.shape[-1] != num_classes:
-                raise ValueError(
-                    f"Expected a teacher with num_classes={num_classes} "
-                    f"outputs. Received: teacher outputs {probs.shape[-1]}")
-            labels = probs.argmax(axis=-1)
-            confidences = probs[np.arange(len(labels)), labels]
-            # Serialising and writing happen in the sink's thread while this
-            # one runs the teacher on the next batch.
-            sink.add(indices, batch["encoded"].numpy(), probs, labels,
-                     confidences)
-            written += len(indices)
-            progress(written)
+        for batch in itertools.chain(batches, [None]):
+            started = batch and (batch, probabilities.start(batch["pixels"]))
+            if pending:
+                written += _hand_to_sink(*pending, sink, num_classes)
+                progress(written)
+            pending = started
     except BaseException:
         sink.abort()
         raise
     return written
+
+
+def _hand_to_sink(batch, wait, sink, num_classes):
+    """Waits for a batch's probabilities and hands its records to the sink;
+    returns the batch's image count."""
+    indices = batch["index"].numpy()
+    probs = wait()[:len(indices)]
+    if probs.shape[-1] != num_classes:
+        raise ValueError(
+            f"Expected a teacher with num_classes={num_classes} "
+            f"outputs. Received: teacher outputs {probs.shape[-1]}")
+    labels = probs.argmax(axis=-1)
+    confidences = probs[np.arange(len(labels)), labels]
+    sink.add(indices, batch["encoded"].numpy(), probs, labels, confidences)
+    return len(indices)
 
 
 def run_predict(config, dataset, preprocess=None):

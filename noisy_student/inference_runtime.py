@@ -9,8 +9,8 @@ can hand it to a faster inference runtime than TensorFlow:
 - "openvino" (`pip install 'noisy-student[openvino]'`): the same function
   converted once by OpenVINO (batch norm folded into the convolutions,
   activations fused, the graph compiled for this CPU) and run in its
-  throughput mode, several inference requests at once (one per CPU stream).
-  Its float32 probabilities agree with TensorFlow's to about 1e-5; bfloat16
+  throughput mode, several inference requests at once over its CPU streams.
+  Its float32 probabilities agree with TensorFlow's within 1e-4; bfloat16
   (`inference_precision="bfloat16"`) only where the CPU computes in it
   (AVX512-BF16 or AMX).
 
@@ -34,7 +34,7 @@ _OPENVINO_PRECISIONS = {"float32": "f32", "bfloat16": "bf16"}
 # Images per OpenVINO inference request at most: a batch is split into
 # requests of up to this many, which OpenVINO spreads over its CPU streams
 # (B0 at 224 px ran faster in requests of 32 than of 64 or 128:
-# BENCHMARKS.md, "Predict").
+# BENCHMARKS.md, "The teacher's runtime").
 MAX_CHUNK = 32
 
 
@@ -204,7 +204,7 @@ class _OpenVinoTeacher:
                         _OPENVINO_PRECISIONS[precision],
                     # The input pipeline's decoding threads share the
                     # cores: pinned inference threads ran at half speed in
-                    # some runs (BENCHMARKS.md, "Predict").
+                    # some runs (BENCHMARKS.md, "The teacher's runtime").
                     "ENABLE_CPU_PINNING": False}
         streams = int(core.compile_model(model, "CPU", settings).get_property(
             "OPTIMAL_NUMBER_OF_INFER_REQUESTS"))

@@ -1,6 +1,7 @@
 """The one-command pipeline: outputs, report, resume after SIGKILL, bad flags."""
 
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -467,6 +468,24 @@ def test_labeled_loss_weight_is_the_students_and_fingerprinted_only_if_set(
                          if s.config is not None
                          and s.config.loop.unlabel_ratio > 0)
     assert changed and changed[0] == first_student
+
+
+@pytest.mark.skipif(importlib.util.find_spec("openvino") is None,
+                    reason="OpenVINO (the [openvino] extra) is not installed")
+def test_teacher_runtime_is_fingerprinted_from_the_first_predict_stage(
+        pipeline_flags, tmp_path):
+    """Another --inference_runtime redoes the pseudo-labels and what
+    follows them, not the teacher; the default moves no fingerprint (the
+    hashes of the test below)."""
+    from noisy_student import experiment  # pylint: disable=g-import-not-at-top
+    default = parse(pipeline_flags, tmp_path)
+    openvino = parse(pipeline_flags, tmp_path, "--inference_runtime=openvino")
+    assert openvino.predict.inference_runtime == "openvino"
+    before = [(s.name, s.fingerprint) for s in experiment.plan(default)]
+    after = [(s.name, s.fingerprint) for s in experiment.plan(openvino)]
+    changed = [a[0] for a, b in zip(before, after) if a != b]
+    assert changed and changed[0] == "iteration1/predict"
+    assert "iteration0/train" not in changed
 
 
 def test_fingerprints_of_work_directories_made_before_the_config_had_parts(

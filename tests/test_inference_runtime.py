@@ -76,6 +76,12 @@ def test_openvino_probabilities_equal_tensorflow_float32(
                                atol=1e-4)
 
 
+def _block_files(out_dir):
+    return {name: (out_dir / name).read_bytes()
+            for name in os.listdir(out_dir)
+            if name.endswith((".tfrecord", ".hist.npz"))}
+
+
 def _labeled_records(out_dir):
     return [(int(r["index"]), r["probs"].numpy(), int(r["label"]),
              r["image"].numpy())
@@ -109,6 +115,12 @@ def test_predict_stage_on_openvino_writes_the_same_records(folder_inputs,
                                                            tmp_path):
     _run_predict(folder_inputs, tmp_path / "tf", "tensorflow")
     _run_predict(folder_inputs, tmp_path / "ov", "openvino")
+    # Another conversion of the same teacher writes the same bytes: a
+    # resumed run's blocks match those written before the kill.
+    _run_predict(folder_inputs, tmp_path / "ov_again", "openvino")
+    blocks = _block_files(tmp_path / "ov")
+    assert len(blocks) == 6  # 3 blocks: records and histogram each
+    assert blocks == _block_files(tmp_path / "ov_again")
     reference = _labeled_records(tmp_path / "tf")
     fast = _labeled_records(tmp_path / "ov")
     assert len(fast) == len(reference) == 37

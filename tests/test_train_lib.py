@@ -1,6 +1,7 @@
 """Tests for the training loop (noisy_student.train_lib) on tiny models.
 
-The subprocess tests (multi-worker, kill -9) run tests/train_worker.py.
+The kill -9 tests run tests/train_worker.py; the tf.distribute strategies
+tests are in test_train_distributed.py.
 """
 
 import dataclasses
@@ -8,7 +9,6 @@ import errno
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,194 +26,21 @@ from noisy_student import train_config
 from noisy_student import train_lib
 from noisy_student import train_state
 
-import train_worker  # pylint: disable=g-bad-import-order
-
-WORKER = os.path.join(os.path.dirname(__file__), "train_worker.py")
-TINY = dict(width=0.25, depth=0.25, image_size=16, small_images=True,
-            num_classes=10, batch_size=8, warmup_steps=0,
-            lr_schedule="constant", verbose=False)
-
-
-def _config(**overrides):
-    return train_config.TrainConfig.from_fields(**{**TINY, **overrides})
-
-
-def _dataset_fn(config, delay_ms=0, num_images=64):
-    images, labels = train_worker.synthetic_data(
-        num_images=num_images, image_size=config.model.resolved_image_size,
-        num_classes=config.model.num_classes)
-    return train_worker.make_dataset_fn(
-        images, labels, config.loop.batch_size, config.model.num_classes,
-        config.loop.unlabel_ratio, delay_ms)
-
-
-def _eval_dataset(config, num_images=64):
-    images, labels = train_worker.synthetic_data(
-        num_images=num_images, image_size=config.model.resolved_image_size,
-        num_classes=config.model.num_classes)
-    return tf.data.Dataset.from_tensor_slices(
-        {"image": images, "label": labels}).batch(16)
-
-
-def _save_initial_model(config, path):
-    """Saves freshly initialised weights, so runs in different processes can
-    start from the same point (init_from)."""
-    model = train_state.build_model(config)
-    os.makedirs(path, exist_ok=True)
-    keras.saving.save_model(model, os.path.join(path, "model.keras"))
-    return [w.numpy() for w in model.weights]
-
-
-def _restored_model(config, model_dir):
-    """The raw (not averaged) weights of the latest checkpoint, as a model."""
-    model = train_state.build_model(config)
-    tf.train.Checkpoint(model=model).restore(tf.train.latest_checkpoint(
-        os.path.join(model_dir, "checkpoints"))).expect_partial()
-    return model
-
-
-def _checkpoint_weights(config, model_dir):
-    """{path: value} of the model's weights in the latest checkpoint."""
-    return {w.path: w.numpy()
-            for w in _restored_model(config, model_dir).weights}
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-# Grappler's graph rewrites cost seconds per traced training step and gain
-# nothing on these tiny models, so most tests turn them off (the production
-# setting, on, is what test_one_step_default_strategy_outputs and the
-# benchmark use). Subprocess workers get the same through this variable.
-FAST_ENV = {"NS_TEST_DISABLE_GRAPPLER": "1"}
-
-
-@pytest.fixture(autouse=True)
-def _no_grappler(request):
-    if request.node.name == "test_one_step_default_strategy_outputs":
-        yield
-        return
-    previous = tf.config.optimizer.get_experimental_options().get(
-        "disable_meta_optimizer", False)
-    tf.config.optimizer.set_experimental_options(
-        {"disable_meta_optimizer": True})
-    yield
-    tf.config.optimizer.set_experimental_options(
-        {"disable_meta_optimizer": previous})
-
-
-# ------------------------------------------------------------- distributed --
-
-# A student, 2 steps, no random noise and synchronised batch norm: the same
-# global batch must give the same loss and weights on any strategy.
-DISTRIBUTED = dict(train_steps=2, unlabel_ratio=1, dropout_rate=0.0,
-                   stochastic_depth_rate=0.0, sync_batch_norm=True,
-                   log_every=2, steps_per_loop=2, checkpoint_every=0,
-                   base_learning_rate=0.5)
-
-
-@pytest.fixture(scope="module")
-def distributed_setup(tmp_path_factory):
-    """The shared initial weights and a lazily computed single-process run."""
-    root = tmp_path_factory.mktemp("distributed")
-    init_dir = str(root / "init")
-    _save_initial_model(_config(**DISTRIBUTED), init_dir)
-    cache = {}
-
-    def reference():
-        if not cache:
-            config = _config(**DISTRIBUTED, init_from=init_dir)
-            model_dir = str(root / "single")
-            cache["result"] = train_lib.train_and_evaluate(config, model_dir,
-                                              _dataset_fn(config))
-            cache["weights"] = _checkpoint_weights(config, model_dir)
-            cache["initial"] = {
-                w.path: w.numpy()
-                for w in model_io.load_model(init_dir).weights}
-            cache["model_dir"] = model_dir
-        return cache
-    return root, init_dir, reference
-
-
-def _assert_same_run(result, weights, reference):
-    assert result["step"] == 2
-    assert result["loss"] == pytest.approx(reference["result"]["loss"],
-                                           rel=1e-4)
-    assert result["unlabeled_loss"] == pytest.approx(
-        reference["result"]["unlabeled_loss"], rel=1e-4)
-    assert weights.keys() == reference["weights"].keys()
-    changed = 0
-    for name, value in reference["weights"].items():
-        np.testing.assert_allclose(weights[name], value, rtol=1e-3,
-                                   atol=2e-5, err_msg=name)
-        changed += not np.allclose(value, reference["initial"][name])
-    # Training moved (nearly) every weight away from the shared start.
-    assert changed > 0.9 * len(weights)
-
-
-def test_multi_worker_matches_single_process(distributed_setup):
-    root, init_dir, reference = distributed_setup
-    config = _config(**DISTRIBUTED, init_from=init_dir,
-                     strategy="multi_worker_mirrored")
-    config_path = str(root / "mw_config.json")
-    with open(config_path, "w", encoding="utf-8") as f:
-        json.dump(dataclasses.asdict(config), f)
-    model_dir = str(root / "multi_worker")
-    cluster = {"worker": [f"127.0.0.1:{_free_port()}" for _ in range(2)]}
-    workers = []
-    for index in range(2):
-        env = dict(os.environ, **FAST_ENV, TF_CONFIG=json.dumps(
-            {"cluster": cluster, "task": {"type": "worker", "index": index}}))
-        log = open(root / f"worker{index}.log", "w", encoding="utf-8")
-        workers.append(subprocess.Popen(
-            [sys.executable, WORKER, model_dir, config_path,
-             str(root / f"worker{index}.json")],
-            env=env, stdout=log, stderr=subprocess.STDOUT))
-    try:
-        expected = reference()  # runs here while the workers start
-        for index, worker in enumerate(workers):
-            code = worker.wait(timeout=240)
-            assert code == 0, (root / f"worker{index}.log").read_text()
-    finally:
-        for worker in workers:
-            if worker.poll() is None:
-                worker.kill()
-    results = [json.loads((root / f"worker{i}.json").read_text())
-               for i in range(2)]
-    _assert_same_run(results[0], _checkpoint_weights(config, model_dir),
-                     expected)
-    # Every worker reports the same global metrics; only the chief exports.
-    assert results[1]["loss"] == pytest.approx(results[0]["loss"], rel=1e-6)
-    saved = json.loads((root / "multi_worker" / "config.json").read_text())
-    assert saved["num_replicas"] == 2
-    assert os.path.exists(os.path.join(model_dir, "model.keras"))
-
-
-def test_mirrored_two_replicas_match_single_process(distributed_setup,
-                                                    tmp_path):
-    _, init_dir, reference = distributed_setup
-    config = _config(**DISTRIBUTED, init_from=init_dir, strategy="mirrored")
-    model_dir = str(tmp_path / "mirrored")
-    result = train_lib.train_and_evaluate(config, model_dir, _dataset_fn(config))
-    saved = json.loads((tmp_path / "mirrored" / "config.json").read_text())
-    assert saved["num_replicas"] == 2
-    _assert_same_run(result, _checkpoint_weights(config, model_dir),
-                     reference())
-
+# no_grappler is an autouse fixture: imported, it applies here.
+from train_helpers import (  # pylint: disable=g-bad-import-order,unused-import
+    FAST_ENV, WORKER, checkpoint_weights, eval_dataset, no_grappler,
+    restored_model, save_initial_model, synthetic_dataset_fn, tiny_config)
 
 # ------------------------------------------------------------- single device --
 
 def test_one_step_default_strategy_outputs(tmp_path):
-    config = _config(unlabel_ratio=2, train_steps=1, log_every=1,
-                     eval_every=1)
+    config = tiny_config(unlabel_ratio=2, train_steps=1, log_every=1,
+                         eval_every=1)
     init_dir = str(tmp_path / "init")
-    initial = _save_initial_model(config, init_dir)
+    initial = save_initial_model(config, init_dir)
     config = config.replace(init_from=init_dir)
     model_dir = tmp_path / "run"
-    dataset_fn = _dataset_fn(config)
+    dataset_fn = synthetic_dataset_fn(config)
     seen_config = []
 
     def checking_dataset_fn(input_context):
@@ -223,7 +50,7 @@ def test_one_step_default_strategy_outputs(tmp_path):
 
     previous_policy = keras.mixed_precision.global_policy().name
     result = train_lib.train_and_evaluate(config, str(model_dir), checking_dataset_fn,
-                             eval_dataset=_eval_dataset(config))
+                             eval_dataset=eval_dataset(config))
     assert seen_config == [True]
     assert result["step"] == 1 and result["start_step"] == 0
     assert np.isfinite(result["loss"]) and result["unlabeled_loss"] > 0
@@ -241,7 +68,7 @@ def test_one_step_default_strategy_outputs(tmp_path):
     assert not [n for n in os.listdir(model_dir) if n.startswith(".tmp-")]
     # model.keras holds the EMA: after one update (decay 2/11 with the
     # warm-up) it is 2/11 * initial + 9/11 * trained weights.
-    trained = _restored_model(config, str(model_dir)).get_layer("stem_conv")
+    trained = restored_model(config, str(model_dir)).get_layer("stem_conv")
     trained = trained.kernel.numpy()
     model = model_io.load_model(str(model_dir))
     index = [w.path for w in model.weights].index("stem_conv/kernel")
@@ -252,12 +79,12 @@ def test_one_step_default_strategy_outputs(tmp_path):
 
 
 def test_tiny_model_overfits_small_labeled_set(tmp_path):
-    config = _config(train_steps=100, log_every=20, steps_per_loop=20,
-                     base_learning_rate=0.25, label_smoothing=0.0, dropout_rate=0.0,
-                     stochastic_depth_rate=0.0, bn_momentum=0.9,
-                     checkpoint_every=0, verbose=True)
-    result = train_lib.train_and_evaluate(config, str(tmp_path), _dataset_fn(
-        config, num_images=16), eval_dataset=_eval_dataset(config, 16))
+    config = tiny_config(train_steps=100, log_every=20, steps_per_loop=20,
+                         base_learning_rate=0.25, label_smoothing=0.0, dropout_rate=0.0,
+                         stochastic_depth_rate=0.0, bn_momentum=0.9,
+                         checkpoint_every=0, verbose=True)
+    result = train_lib.train_and_evaluate(config, str(tmp_path), synthetic_dataset_fn(
+        config, num_images=16), eval_dataset=eval_dataset(config, 16))
     losses = report.read_tensorboard_scalars(tmp_path / "logs" / "train", "loss")
     assert sorted(losses) == [20, 40, 60, 80, 100]
     assert losses[100] < 0.2 * losses[20]
@@ -268,15 +95,15 @@ def test_tiny_model_overfits_small_labeled_set(tmp_path):
 
 
 def test_jit_compile_one_step(tmp_path):
-    config = _config(train_steps=1, log_every=1, jit_compile=True)
-    result = train_lib.train_and_evaluate(config, str(tmp_path), _dataset_fn(config))
+    config = tiny_config(train_steps=1, log_every=1, jit_compile=True)
+    result = train_lib.train_and_evaluate(config, str(tmp_path), synthetic_dataset_fn(config))
     assert result["step"] == 1 and np.isfinite(result["loss"])
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-    config = _config(train_steps=10, checkpoint_every=2, steps_per_loop=2,
-                     log_every=2)
-    dataset_fn = _dataset_fn(config)
+    config = tiny_config(train_steps=10, checkpoint_every=2, steps_per_loop=2,
+                         log_every=2)
+    dataset_fn = synthetic_dataset_fn(config)
 
     def poisoned_fn(input_context):
         # Batches 5.. (the 6th step on) carry NaN pixels.
@@ -292,14 +119,14 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     checkpoints = tf.train.get_checkpoint_state(
         str(tmp_path / "checkpoints")).all_model_checkpoint_paths
     assert [int(p.rsplit("-", 1)[1]) for p in checkpoints] == [2, 4]
-    weights = _checkpoint_weights(config, str(tmp_path))
+    weights = checkpoint_weights(config, str(tmp_path))
     assert all(np.isfinite(v).all() for v in weights.values())
     assert not (tmp_path / "model.keras").exists()
 
 
 def test_kill_9_then_resume_finishes_at_configured_step(tmp_path):
-    config = _config(train_steps=40, checkpoint_every=5, steps_per_loop=5,
-                     log_every=5, keep_checkpoints=20)
+    config = tiny_config(train_steps=40, checkpoint_every=5, steps_per_loop=5,
+                         log_every=5, keep_checkpoints=20)
     config_path = tmp_path / "config.json.in"
     config_path.write_text(json.dumps(dataclasses.asdict(config)))
     model_dir = tmp_path / "run"
@@ -327,7 +154,7 @@ def test_kill_9_then_resume_finishes_at_configured_step(tmp_path):
     assert 5 <= killed_at < 40
     assert not (model_dir / "model.keras").exists()
 
-    result = train_lib.train_and_evaluate(config, str(model_dir), _dataset_fn(config))
+    result = train_lib.train_and_evaluate(config, str(model_dir), synthetic_dataset_fn(config))
     assert result["start_step"] == killed_at
     assert result["step"] == 40
     state = tf.train.get_checkpoint_state(str(ckpt_dir))
@@ -340,20 +167,20 @@ def test_kill_9_then_resume_finishes_at_configured_step(tmp_path):
             int(path.rsplit("-", 1)[1])
     assert model_io.load_model(str(model_dir)).count_params() > 0
     # A rerun of a finished run trains no further.
-    again = train_lib.train_and_evaluate(config, str(model_dir), _dataset_fn(config))
+    again = train_lib.train_and_evaluate(config, str(model_dir), synthetic_dataset_fn(config))
     assert again["start_step"] == again["step"] == 40
 
 
 def test_student_init_from_teacher_and_freeze_blocks(tmp_path):
     # Any saved model serves as the teacher; these are fresh weights.
-    teacher = _config()
-    _save_initial_model(teacher, str(tmp_path / "teacher"))
+    teacher = tiny_config()
+    save_initial_model(teacher, str(tmp_path / "teacher"))
     teacher_model = model_io.load_model(str(tmp_path / "teacher"))
     # FixRes-style: a larger resolution, early blocks frozen.
-    student = _config(train_steps=2, log_every=2, image_size=24,
-                      init_from=str(tmp_path / "teacher"), freeze_blocks=2,
-                      base_learning_rate=0.5)
-    train_lib.train_and_evaluate(student, str(tmp_path / "student"), _dataset_fn(student))
+    student = tiny_config(train_steps=2, log_every=2, image_size=24,
+                          init_from=str(tmp_path / "teacher"), freeze_blocks=2,
+                          base_learning_rate=0.5)
+    train_lib.train_and_evaluate(student, str(tmp_path / "student"), synthetic_dataset_fn(student))
     model = model_io.load_model(str(tmp_path / "student"))
     assert model.input_shape[1:3] == (24, 24)
     for name in ("stem_conv", "stem_bn", "block1a_dwconv", "block2a_bn"):
@@ -365,10 +192,10 @@ def test_student_init_from_teacher_and_freeze_blocks(tmp_path):
                                teacher_model.get_layer(name).weights[0].numpy())
     with pytest.raises(ValueError, match="freeze_blocks"):
         train_lib.train_and_evaluate(student.replace(freeze_blocks=99),
-                        str(tmp_path / "bad"), _dataset_fn(student))
+                        str(tmp_path / "bad"), synthetic_dataset_fn(student))
     with pytest.raises(FileNotFoundError, match="init_from"):
         train_lib.train_and_evaluate(student.replace(init_from=str(tmp_path)),
-                        str(tmp_path / "bad2"), _dataset_fn(student))
+                        str(tmp_path / "bad2"), synthetic_dataset_fn(student))
 
 
 # ------------------------------------------------------------ fail fast ------
@@ -376,7 +203,7 @@ def test_student_init_from_teacher_and_freeze_blocks(tmp_path):
 def test_tpu_strategy_without_tpu_fails_fast(tmp_path):
     start = time.time()
     with pytest.raises(RuntimeError, match="Expected a reachable TPU"):
-        train_lib.train_and_evaluate(_config(strategy="tpu", tpu="local"), str(tmp_path),
+        train_lib.train_and_evaluate(tiny_config(strategy="tpu", tpu="local"), str(tmp_path),
                         lambda ctx: None)
     # Fast = no resolver retries (minutes); the bound leaves room for a
     # loaded CI machine (37 s was seen under a load of 11 on 2 cores).
@@ -384,7 +211,7 @@ def test_tpu_strategy_without_tpu_fails_fast(tmp_path):
     with pytest.raises(ValueError, match="tpu"):
         strategy_lib.make_strategy("tpu")
     with pytest.raises(ValueError, match="tpu=None"):
-        _config(strategy="tpu")
+        tiny_config(strategy="tpu")
 
 
 @pytest.mark.parametrize("field, value", [
@@ -395,16 +222,16 @@ def test_tpu_strategy_without_tpu_fails_fast(tmp_path):
 ])
 def test_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=field):
-        _config(**{field: value})
+        tiny_config(**{field: value})
 
 
 def test_config_checks_the_labeled_loss_weight():
     with pytest.raises(ValueError, match="labeled_loss_weight=-0.5"):
-        _config(unlabel_ratio=2, labeled_loss_weight=-0.5)
+        tiny_config(unlabel_ratio=2, labeled_loss_weight=-0.5)
     # A teacher's loss is the labeled term alone: weight 0 leaves nothing.
     with pytest.raises(ValueError, match="labeled_loss_weight=0.0"):
-        _config(labeled_loss_weight=0.0)
-    assert _config(unlabel_ratio=2, labeled_loss_weight=0.0).optimizer \
+        tiny_config(labeled_loss_weight=0.0)
+    assert tiny_config(unlabel_ratio=2, labeled_loss_weight=0.0).optimizer \
         .labeled_loss_weight == 0.0
 
 
@@ -434,8 +261,8 @@ def test_pseudo_labels_only_step_ignores_the_labeled_labels():
         num_classes=10, dropout_rate=0.0, stochastic_depth_rate=0.0)
 
     def loss_and_grads(weight, b):
-        config = _config(batch_size=n_lab, unlabel_ratio=ratio,
-                         labeled_loss_weight=weight)
+        config = tiny_config(batch_size=n_lab, unlabel_ratio=ratio,
+                             labeled_loss_weight=weight)
         with tf.GradientTape() as tape:
             loss = train_step._forward_loss(model, b, config)[1]
         return loss, tape.gradient(loss, model.trainable_variables)
@@ -452,17 +279,17 @@ def test_pseudo_labels_only_step_ignores_the_labeled_labels():
 
 def test_config_needs_images_per_epoch_for_epoch_schedules():
     with pytest.raises(ValueError, match="images_per_epoch"):
-        _config(warmup_steps=None, warmup_epochs=5.0)
+        tiny_config(warmup_steps=None, warmup_epochs=5.0)
     with pytest.raises(ValueError, match="images_per_epoch"):
-        _config(lr_schedule="exponential")
-    config = _config(lr_schedule="exponential", images_per_epoch=800,
-                     warmup_steps=None)
+        tiny_config(lr_schedule="exponential")
+    config = tiny_config(lr_schedule="exponential", images_per_epoch=800,
+                         warmup_steps=None)
     assert config.resolved_warmup_steps == 500
     assert train_config.TrainConfig.from_dict(config.to_dict()) == config
 
 
 def test_config_parts_and_the_flat_config_json_of_older_runs():
-    config = _config(base_learning_rate=0.5, dropout_rate=0.3, seed=7)
+    config = tiny_config(base_learning_rate=0.5, dropout_rate=0.3, seed=7)
     # Each leaf field lives in one part; the model part is the builder's
     # keyword arguments as they are.
     assert config.model.dropout_rate == 0.3 and config.loop.seed == 7
@@ -472,9 +299,9 @@ def test_config_parts_and_the_flat_config_json_of_older_runs():
         "top_dropout").rate == 0.3
     # A tpu strategy turns synchronized batch norm on, as before.
     assert not config.model.sync_batch_norm
-    assert _config(strategy="tpu", tpu="local").model.sync_batch_norm
+    assert tiny_config(strategy="tpu", tpu="local").model.sync_batch_norm
     with pytest.raises(TypeError, match="learning_rate"):
-        _config(learning_rate=0.5)
+        tiny_config(learning_rate=0.5)
     # config.json of runs made before the parts: flat, with base_lr and
     # dropout.
     flat = config.fields()
@@ -484,28 +311,28 @@ def test_config_parts_and_the_flat_config_json_of_older_runs():
 
 
 def test_dataset_that_breaks_the_contract_is_rejected(tmp_path):
-    teacher = _config(train_steps=1)
+    teacher = tiny_config(train_steps=1)
     with pytest.raises(ValueError, match="per-replica labeled batches of 16"):
         train_lib.train_and_evaluate(teacher.replace(batch_size=16),
-                        str(tmp_path / "a"), _dataset_fn(teacher))
-    student = _config(train_steps=1, unlabel_ratio=1)
+                        str(tmp_path / "a"), synthetic_dataset_fn(teacher))
+    student = tiny_config(train_steps=1, unlabel_ratio=1)
     with pytest.raises(ValueError, match="no \"unlabeled\" part"):
-        train_lib.train_and_evaluate(teacher, str(tmp_path / "b"), _dataset_fn(student))
+        train_lib.train_and_evaluate(teacher, str(tmp_path / "b"), synthetic_dataset_fn(student))
     with pytest.raises(ValueError, match="an \"unlabeled\" part"):
-        train_lib.train_and_evaluate(student, str(tmp_path / "c"), _dataset_fn(teacher))
+        train_lib.train_and_evaluate(student, str(tmp_path / "c"), synthetic_dataset_fn(teacher))
     with pytest.raises(ValueError, match="unlabel_ratio"):
         train_lib.train_and_evaluate(student.replace(unlabel_ratio=3),
-                        str(tmp_path / "d"), _dataset_fn(student))
+                        str(tmp_path / "d"), synthetic_dataset_fn(student))
     with pytest.raises(FileNotFoundError, match="Received: model=.*nothing"):
         model_io.load_model(str(tmp_path / "nothing"))
 
 
 @pytest.mark.parametrize("precision", ["mixed_float16", "bfloat16"])
 def test_mixed_precision_one_step(tmp_path, precision):
-    config = _config(train_steps=1, log_every=1, unlabel_ratio=1,
-                     precision=precision)
+    config = tiny_config(train_steps=1, log_every=1, unlabel_ratio=1,
+                         precision=precision)
     previous_policy = keras.mixed_precision.global_policy().name
-    result = train_lib.train_and_evaluate(config, str(tmp_path), _dataset_fn(config))
+    result = train_lib.train_and_evaluate(config, str(tmp_path), synthetic_dataset_fn(config))
     assert np.isfinite(result["loss"])
     assert keras.mixed_precision.global_policy().name == previous_policy
     reader = tf.train.load_checkpoint(
@@ -613,10 +440,10 @@ NOISY_STUDENT = dict(train_steps=12, checkpoint_every=4, steps_per_loop=4,
 
 @pytest.fixture(scope="module")
 def uninterrupted_run(tmp_path_factory):
-    config = _config(**NOISY_STUDENT)
+    config = tiny_config(**NOISY_STUDENT)
     reference_dir = str(tmp_path_factory.mktemp("uninterrupted"))
     tf.config.optimizer.set_experimental_options(
-        {"disable_meta_optimizer": True})  # As _no_grappler.
+        {"disable_meta_optimizer": True})  # As no_grappler.
     train_lib.train_and_evaluate(config, reference_dir, _pipeline_dataset_fn(config))
     return reference_dir
 
@@ -625,7 +452,7 @@ def uninterrupted_run(tmp_path_factory):
                                                   "mid_interval"])
 def test_resumed_run_equals_uninterrupted_run(tmp_path, fail_at,
                                               uninterrupted_run):
-    config = _config(**NOISY_STUDENT)
+    config = tiny_config(**NOISY_STUDENT)
     reference_dir = uninterrupted_run
     model_dir = str(tmp_path / "resumed")
     with pytest.raises(tf.errors.InvalidArgumentError,
@@ -645,9 +472,9 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, fail_at,
 
 
 def test_speed_and_eta_leave_out_the_tracing_call(tmp_path, capsys):
-    config = _config(train_steps=6, steps_per_loop=2, log_every=2,
-                     checkpoint_every=0, verbose=True)
-    result = train_lib.train_and_evaluate(config, str(tmp_path), _dataset_fn(config),
+    config = tiny_config(train_steps=6, steps_per_loop=2, log_every=2,
+                         checkpoint_every=0, verbose=True)
+    result = train_lib.train_and_evaluate(config, str(tmp_path), synthetic_dataset_fn(config),
                              log_prefix="[teacher] ")
     lines = [l for l in capsys.readouterr().out.splitlines()
              if "step" in l and "loss" in l]
@@ -661,13 +488,13 @@ def test_speed_and_eta_leave_out_the_tracing_call(tmp_path, capsys):
 def test_checkpoint_without_seed_states_still_resumes(tmp_path,
                                                      monkeypatch):
     # Checkpoints written before the seed states were saved.
-    config = _config(train_steps=4, checkpoint_every=2, steps_per_loop=2,
-                     log_every=2, dropout_rate=0.3, keep_checkpoints=5)
+    config = tiny_config(train_steps=4, checkpoint_every=2, steps_per_loop=2,
+                         log_every=2, dropout_rate=0.3, keep_checkpoints=5)
     with monkeypatch.context() as patch:
         patch.setattr(train_state, "seed_states", lambda model: [])
         train_lib.train_and_evaluate(config.replace(train_steps=2),
-                        str(tmp_path), _dataset_fn(config))
-    result = train_lib.train_and_evaluate(config, str(tmp_path), _dataset_fn(config))
+                        str(tmp_path), synthetic_dataset_fn(config))
+    result = train_lib.train_and_evaluate(config, str(tmp_path), synthetic_dataset_fn(config))
     assert result["start_step"] == 2 and result["step"] == 4
 
 
@@ -693,14 +520,14 @@ def test_full_disk_names_the_checkpoint_folder_and_leaves_no_partial_save(
         tmp_path, monkeypatch):
     """Issue 32, 4c: a full disk gave a raw ResourceExhaustedError and left
     checkpoints/ckpt-N_temp/ behind."""
-    config = _config(train_steps=4, checkpoint_every=2, steps_per_loop=2,
-                     log_every=2, keep_checkpoints=5)
+    config = tiny_config(train_steps=4, checkpoint_every=2, steps_per_loop=2,
+                         log_every=2, keep_checkpoints=5)
     folder = tmp_path / "checkpoints"
     with monkeypatch.context() as patch:
         patch.setattr(tf.train.CheckpointManager, "save", _full_disk_at(4))
         with pytest.raises(io_utils.DiskFullError) as error:
             train_lib.train_and_evaluate(config, str(tmp_path),
-                                         _dataset_fn(config))
+                                         synthetic_dataset_fn(config))
     assert str(error.value) == (
         f"no space left on the device while writing the checkpoint into "
         f"{folder}: free space and rerun (it resumes from its last "
@@ -710,14 +537,14 @@ def test_full_disk_names_the_checkpoint_folder_and_leaves_no_partial_save(
     # A save killed half-way leaves its temp folder too: removed on resume.
     (folder / "ckpt-3_temp").mkdir()
     result = train_lib.train_and_evaluate(config, str(tmp_path),
-                                          _dataset_fn(config))
+                                          synthetic_dataset_fn(config))
     assert result["start_step"] == 2 and result["step"] == 4
     assert not [n for n in os.listdir(folder) if n.endswith("_temp")]
 
 
 def test_full_disk_while_writing_the_model_leaves_no_partial_file(
         tmp_path, monkeypatch):
-    config = _config(train_steps=1, log_every=1)
+    config = tiny_config(train_steps=1, log_every=1)
 
     def save_model(model, path, **kwargs):
         with open(path, "wb") as f:
@@ -728,5 +555,5 @@ def test_full_disk_while_writing_the_model_leaves_no_partial_file(
                        match=f"^no space left on the device while writing "
                              f"the model {tmp_path}/model.keras: free"):
         train_lib.train_and_evaluate(config, str(tmp_path),
-                                     _dataset_fn(config))
+                                     synthetic_dataset_fn(config))
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")]

@@ -31,8 +31,9 @@ setuptools.setup(
     ],
     extras_require={
         # A faster runtime for the teacher's forward pass in the predict
-        # stage (--inference_runtime=openvino): about 1.7x TensorFlow's
-        # float32 on CPUs (BENCHMARKS.md).
+        # stage (--inference_runtime=openvino): the stage labels about 2.3x
+        # the images per second of TensorFlow on CPUs for B0 at 224 px
+        # (BENCHMARKS.md, "The teacher's runtime").
         "openvino": ["openvino>=2024.0"],
         "test": [
             "pytest>=8",

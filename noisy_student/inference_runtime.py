@@ -19,9 +19,11 @@ ns-predict records the runtime and precision in its folder's inputs, so a
 folder labelled by one is never resumed by another.
 """
 
+import logging as python_logging
 import math
 import weakref
 
+from absl import logging
 import numpy as np
 import tensorflow as tf
 
@@ -95,13 +97,20 @@ def check(runtime, precision):
 
 
 def _openvino():
+    # Importing OpenVINO empties the root logger's handlers (absl's among
+    # them), which would turn the rest of the run's log lines into bare
+    # "INFO:absl:..." ones: they are put back.
+    handlers = list(python_logging.root.handlers)
     try:
         import openvino  # pylint: disable=g-import-not-at-top
     except ImportError as e:
         raise RuntimeNotInstalledError(
             "Expected OpenVINO for --inference_runtime=openvino. Received: "
-            f"no openvino package ({e}); install it with "
-            "pip install 'noisy-student[openvino]'") from None
+            f"no openvino package ({e}); install it with pip install "
+            "openvino (or pip install '.[openvino]' in a checkout of "
+            "noisy-student)") from None
+    finally:
+        python_logging.root.handlers = handlers
     return openvino
 
 
@@ -196,6 +205,8 @@ class _OpenVinoTeacher:
         # TF's SiLU (a custom gradient) leaves its forward values as extra
         # outputs of the converted graph; only the probabilities are wanted.
         model = ov.Model([model.output(0)], model.get_parameters())
+        logging.info("OpenVINO: converting the teacher (%s) for batches of "
+                     "%d at %d px", precision, batch_size, image_size)
         core = ov.Core()
         settings = {"PERFORMANCE_HINT": "THROUGHPUT",
                     # Explicit: on CPUs with bfloat16 OpenVINO uses it by

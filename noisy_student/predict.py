@@ -92,7 +92,8 @@ class PredictConfig:
         # Checked when built: the pipeline builds every iteration's config
         # before any work.
         _check_args(self.num_classes, self.batch_size, self.shard_index,
-                    self.num_shards, self.records_per_file, self.num_bins)
+                    self.num_shards, self.records_per_file, self.num_bins,
+                    self.inference_runtime, self.inference_precision)
         if self.image_size is not None and not (
                 isinstance(self.image_size, (int, np.integer))
                 and self.image_size > 0):
@@ -101,8 +102,6 @@ class PredictConfig:
         if not self.log_every_s > 0:
             raise ValueError("Expected log_every_s > 0. Received: "
                              f"log_every_s={self.log_every_s!r}")
-        inference_runtime.check(self.inference_runtime,
-                                self.inference_precision)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,8 +111,11 @@ class PredictSummary:
     images_written: int      # images this call predicted and wrote
     blocks_written: int
     blocks_skipped: int      # this worker's blocks already complete
-    seconds: float
+    seconds: float           # labelling, the runtime's start-up left out
     images_per_second: float
+    # In this order: the runtime field's name hides the module below it.
+    inference_precision: str = inference_runtime.DEFAULT_PRECISION
+    inference_runtime: str = inference_runtime.DEFAULT_RUNTIME
 
 
 def default_preprocess(image_size, channels=None, recipe=None):
@@ -138,7 +140,10 @@ def default_preprocess(image_size, channels=None, recipe=None):
 
 
 def _check_args(num_classes, batch_size, shard_index, num_shards,
-                records_per_file, num_bins):
+                records_per_file, num_bins, runtime, precision):
+    """Raises ValueError for a bad setting of the stage (naming it), and as
+    `inference_runtime.check` for a runtime this machine cannot run."""
+    inference_runtime.check(runtime, precision)
     for name, value in (("num_classes", num_classes),
                         ("batch_size", batch_size),
                         ("num_shards", num_shards),
@@ -272,8 +277,7 @@ def predict(teacher, dataset, out_dir, num_classes, batch_size=BATCH_SIZE,
       inference_runtime.RuntimeNotInstalledError: OpenVINO is missing.
     """
     _check_args(num_classes, batch_size, shard_index, num_shards,
-                records_per_file, num_bins)
-    inference_runtime.check(runtime, precision)
+                records_per_file, num_bins, runtime, precision)
     teacher, recipe, image_size, channels = _load_teacher(
         teacher, num_classes, image_size)
     _check_dataset(dataset)
@@ -285,15 +289,16 @@ def predict(teacher, dataset, out_dir, num_classes, batch_size=BATCH_SIZE,
         shard_index, num_shards)
     total, todo = _images_to_do(dataset, records_per_file, shard_index,
                                 num_shards, complete)
-    start = time.time()
     if todo == 0:
         # Everything of this worker is already there; no need to read.
         prediction_writer.write_done(out_dir, shard_index, num_shards, total,
                                      0)
-        return PredictSummary(total, 0, 0, len(complete), 0.0, 0.0)
+        return PredictSummary(total, 0, 0, len(complete), 0.0, 0.0,
+                              precision, runtime)
 
     probabilities = inference_runtime.probabilities_fn(
         teacher, runtime, precision, batch_size, image_size, channels)
+    start = time.time()
     what = f"predict shard {shard_index}/{num_shards}"
     logging.info("%s: %d of its blocks already complete, %s images to "
                  "label; the teacher runs on %s in %s", what, len(complete),
@@ -311,7 +316,7 @@ def predict(teacher, dataset, out_dir, num_classes, batch_size=BATCH_SIZE,
     prediction_writer.write_done(out_dir, shard_index, num_shards, num_images,
                                  written)
     return _summary(num_images, written, blocks_written, len(complete),
-                    time.time() - start, what)
+                    time.time() - start, what, precision, runtime)
 
 
 def _label_unfinished_blocks(dataset, probabilities, sink, num_classes,
@@ -346,7 +351,7 @@ def _label_unfinished_blocks(dataset, probabilities, sink, num_classes,
 
 
 def _summary(num_images, written, blocks_written, blocks_skipped, seconds,
-             what):
+             what, precision, runtime):
     """Logs the end of a worker's run and returns its `PredictSummary`.
 
     Args:
@@ -356,6 +361,8 @@ def _summary(num_images, written, blocks_written, blocks_skipped, seconds,
       blocks_skipped: Blocks already complete before it.
       seconds: Wall time of the labeling, in seconds.
       what: The log prefix, e.g. "predict shard 0/4".
+      precision: The teacher's inference precision.
+      runtime: Its inference runtime.
 
     Returns:
       The `PredictSummary`.
@@ -364,7 +371,7 @@ def _summary(num_images, written, blocks_written, blocks_skipped, seconds,
     logging.info("%s done: %d images in %d files, %.1f images/s", what,
                  written, blocks_written, rate)
     return PredictSummary(num_images, written, blocks_written, blocks_skipped,
-                          seconds, rate)
+                          seconds, rate, precision, runtime)
 
 
 def _progress_logger(what, todo, start, log_every_s):

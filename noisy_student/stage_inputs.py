@@ -42,7 +42,7 @@ def selection_input(pseudo_dir):
 
 
 def check_inputs(folder, inputs, flag, overwrite=False,
-                 remedy="or restore the inputs"):
+                 remedy="or restore the inputs", recorded_defaults=None):
     """Refuses an output folder made from other inputs; records them in a
     new one (INPUTS_FILE), before the stage writes anything else there.
 
@@ -63,6 +63,9 @@ def check_inputs(folder, inputs, flag, overwrite=False,
       overwrite: Record `inputs` in place of other ones instead of
         refusing (the work made from those is being redone).
       remedy: What else the user can do, said after "Use another FLAG,".
+      recorded_defaults: {name: value} of inputs that folders made before
+        they were recorded were made with (a setting added since, at its
+        default): a record without `name` counts as holding `value`.
 
     Raises:
       ValueError: naming every input that differs, with the recorded one.
@@ -78,7 +81,7 @@ def check_inputs(folder, inputs, flag, overwrite=False,
             tf.io.gfile.rename(temp, path, overwrite=False)
         except tf.errors.OpError:
             tf.io.gfile.remove(temp)
-    recorded = io_utils.read_json(path)
+    recorded = {**(recorded_defaults or {}), **io_utils.read_json(path)}
     differ = [_describe_input(name, inputs.get(name), recorded.get(name))
               for name in sorted(set(inputs) | set(recorded))
               if _compared(inputs.get(name)) != _compared(recorded.get(name))]

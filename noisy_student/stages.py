@@ -366,7 +366,12 @@ def run_predict(predict_config, data, channels_given=True):
         "--num_classes": predict_config.num_classes,
         "--records_per_file": predict_config.records_per_file,
         "num_bins": predict_config.num_bins,
-        **_runtime_input(predict_config)}, "--out_dir")
+        "--inference_runtime": predict_config.inference_runtime,
+        "--inference_precision": predict_config.inference_precision},
+        "--out_dir", recorded_defaults={
+            # Folders made before the runtime was a choice: TensorFlow's.
+            "--inference_runtime": inference_runtime.DEFAULT_RUNTIME,
+            "--inference_precision": inference_runtime.DEFAULT_PRECISION})
     # The select stage's report and contact sheets name the classes.
     model_info.write_class_names(
         predict_config.out_dir,
@@ -385,18 +390,6 @@ def run_predict(predict_config, data, channels_given=True):
         runtime=predict_config.inference_runtime,
         precision=predict_config.inference_precision)
     return dataclasses.asdict(summary)
-
-
-def _runtime_input(predict_config):
-    """What ran the teacher, as an input of the prediction folder; nothing
-    for the reference (TensorFlow float32), so that folders made before the
-    runtime was a choice resume."""
-    runtime = predict_config.inference_runtime
-    precision = predict_config.inference_precision
-    if inference_runtime.is_default(runtime, precision):
-        return {}
-    return {"--inference_runtime": runtime,
-            "--inference_precision": precision}
 
 
 def run_select(select_config):

@@ -2,7 +2,9 @@
 
 import gc
 import importlib.util
+import json
 import os
+import re
 import subprocess
 import sys
 import weakref
@@ -142,13 +144,53 @@ def test_folder_labelled_by_one_runtime_refuses_another(
     _run_predict(folder_inputs, out_dir, first)
     before = {name: os.path.getmtime(out_dir / name)
               for name in os.listdir(out_dir)}
-    with pytest.raises(ValueError, match="--inference_runtime"):
+    with pytest.raises(ValueError) as refused:
         _run_predict(folder_inputs, out_dir, second)
+    # Names what changed, with both values; not the unchanged precision.
+    assert f'--inference_runtime="{second}" (was "{first}")' in str(
+        refused.value)
+    assert "--inference_precision" not in str(refused.value)
     assert before == {name: os.path.getmtime(out_dir / name)
                       for name in os.listdir(out_dir)}
     # The same runtime resumes: every block is already there.
     summary = _run_predict(folder_inputs, out_dir, first)
     assert (summary["images_written"], summary["blocks_skipped"]) == (0, 3)
+
+
+@needs_openvino
+def test_folder_made_before_the_runtime_was_recorded_is_tensorflows(
+        folder_inputs, tmp_path):
+    out_dir = tmp_path / "predict"
+    _run_predict(folder_inputs, out_dir, "tensorflow")
+    inputs_path = out_dir / "inputs.json"
+    inputs = json.loads(inputs_path.read_text())
+    del inputs["--inference_runtime"], inputs["--inference_precision"]
+    inputs_path.write_text(json.dumps(inputs))
+    summary = _run_predict(folder_inputs, out_dir, "tensorflow")
+    assert summary["blocks_skipped"] == 3
+    with pytest.raises(ValueError, match='--inference_runtime="openvino" '
+                                         r'\(was "tensorflow"\)'):
+        _run_predict(folder_inputs, out_dir, "openvino")
+
+
+@needs_openvino
+def test_openvino_run_keeps_the_log_format(folder_inputs, tmp_path):
+    """Importing OpenVINO empties the root logger's handlers; the command's
+    lines keep absl's format (level, time, file:line)."""
+    teacher, unlabeled = folder_inputs
+    result = subprocess.run(
+        [sys.executable, "-m", "noisy_student.cli.predict",
+         f"--teacher={teacher}", f"--unlabeled={unlabeled}",
+         f"--out_dir={tmp_path / 'predict'}", f"--num_classes={NUM_CLASSES}",
+         "--inference_runtime=openvino"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines()
+             if "the teacher runs on openvino in float32" in line]
+    assert len(lines) == 1 and re.match(r"I\d{4} [\d:.]+ +\d+ predict\.py:",
+                                        lines[0]), result.stderr[-3000:]
+    assert "INFO:absl:" not in result.stderr
+    assert "'inference_runtime': 'openvino'" in result.stdout
 
 
 def test_unknown_settings_are_refused_naming_the_flag():
@@ -197,7 +239,7 @@ def test_without_openvino_the_flag_fails_before_work(tmp_path):
     errors = [line for line in result.stderr.splitlines()
               if "openvino" in line.lower()]
     assert len(errors) == 1, result.stderr
-    assert "pip install 'noisy-student[openvino]'" in errors[0]
+    assert "pip install openvino" in errors[0]
     assert "Traceback" not in result.stderr
     assert not out_dir.exists()
 

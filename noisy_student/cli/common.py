@@ -569,7 +569,8 @@ def define_predict_flags():
         "What runs the teacher's forward pass when pseudo-labeling: "
         "tensorflow (the reference) or openvino (faster on CPUs; pip "
         "install 'noisy-student[openvino]'). A prediction folder is "
-        "resumed only by the runtime that began it.")
+        "resumed only with the runtime and --inference_precision that "
+        "began it.")
     flags.DEFINE_enum(
         "inference_precision", inference_runtime.DEFAULT_PRECISION,
         list(inference_runtime.PRECISIONS),

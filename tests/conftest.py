@@ -13,14 +13,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # wall, measured on three modules). Set before TensorFlow is imported.
 os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-# The Python processes the tests start run this checkout's code (not an
-# installed copy) without Grappler (subprocess_site/sitecustomize.py): much
-# of the suite's CPU time is spent in tiny pipelines and commands run as
-# subprocesses.
-_TESTS = os.path.dirname(os.path.abspath(__file__))
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    [os.path.join(_TESTS, "subprocess_site"), os.path.dirname(_TESTS)]
-    + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
 
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 

@@ -211,6 +211,7 @@ def test_pipeline_predict_stage_honours_log_every_s(monkeypatch, tmp_path):
 def _command(module, *args):
     env = {k: v for k, v in os.environ.items()
            if k != "TF_CPP_MIN_LOG_LEVEL"}  # The commands' own default.
+    env["PYTHONPATH"] = ROOT
     return subprocess.Popen(
         [sys.executable, "-m", f"noisy_student.cli.{module}", *args],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -245,7 +246,7 @@ def test_help_of_every_command_lists_its_flags():
     # As `python -m noisy_student.cli.X` and as the installed console
     # script (absl lists the key flags of the module it runs as main).
     bin_dir = os.path.dirname(sys.executable)
-    env = dict(os.environ)
+    env = {**os.environ, "PYTHONPATH": ROOT}
     processes = {}
     for module in COMMAND_FLAGS:
         processes[module] = _command(module, "--help")
@@ -318,7 +319,7 @@ def test_out_of_range_numbers_are_refused_naming_the_flag():
         [sys.executable, "-c",
          PARSE_EACH.format(module=m, required=REQUIRED[m]),
          *BAD_NUMBERS[m], *GOOD_NUMBERS[m]],
-        cwd=ROOT,
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for m in BAD_NUMBERS}
     for module, process in processes.items():
@@ -504,7 +505,7 @@ def test_full_disk_is_one_line_naming_the_folder(tmp_path):
     tiny = ["--labeled=digits:train", "--model=w0.25-d0.25",
             "--image_size=16", "--batch_size=8", "--train_steps=2",
             "--steps_per_loop=1", "--log_every=1", "--checkpoint_every=1"]
-    env = dict(os.environ)
+    env = {**os.environ, "PYTHONPATH": ROOT}
     runs = {what: subprocess.Popen(
         [sys.executable, "-c", FULL_DISK, what, "train",
          f"--model_dir={tmp_path}/{what}", *tiny], cwd=ROOT, env=env,

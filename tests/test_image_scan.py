@@ -283,7 +283,7 @@ def test_files_and_folders_without_read_permission_are_skipped(tmp_path):
         command = ["setpriv", f"--bounding-set={caps}",
                    f"--inh-caps={caps}", "--", *command]
     out = subprocess.run(command, capture_output=True, text=True,
-                         check=True,
+                         check=True, env={**os.environ, "PYTHONPATH": ROOT},
                          timeout=300).stdout
     os.chmod(tmp_path / "sub", 0o755)  # So that pytest can remove it.
     assert json.loads(out.splitlines()[-1]) == {

@@ -228,8 +228,7 @@ def test_without_openvino_the_flag_fails_before_work(tmp_path):
     (blocker / "__init__.py").write_text(
         "raise ImportError('No module named openvino')\n")
     out_dir = tmp_path / "predict"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(blocker.parent), os.environ["PYTHONPATH"]]))
+    env = dict(os.environ, PYTHONPATH=f"{blocker.parent}{os.pathsep}{ROOT}")
     result = subprocess.run(
         [sys.executable, "-m", "noisy_student.cli.predict",
          "--teacher=/nonexistent", f"--out_dir={out_dir}",

@@ -344,6 +344,7 @@ def _label_unfinished_blocks(dataset, probabilities, sink, num_classes,
                              progress)
     num_images = int(seen.numpy())
     if num_images == 0:
+        sink.abort()  # Ends its thread.
         raise ValueError(
             "Expected a non-empty unlabeled dataset. Received: a dataset "
             "that yielded no images")

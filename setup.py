@@ -13,8 +13,8 @@ setuptools.setup(
     python_requires=">=3.10",
     packages=setuptools.find_packages(include=["noisy_student",
                                                "noisy_student.*"]),
-    # C++ source of the CPU kernels, compiled on first use (cpu_kernels.py).
-    package_data={"noisy_student": ["kernels/*.cc"]},
+    # C++ source of the CPU kernels, compiled on first use (kernels/loader.py).
+    package_data={"noisy_student.kernels": ["*.cc"]},
     install_requires=[
         "tensorflow>=2.16,<3",
         "keras>=3.3,<4",

@@ -37,7 +37,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # pylint: disable=g-import-not-at-top
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-from noisy_student import augment  # pylint: disable=g-import-not-at-top
+from noisy_student.data import randaugment  # pylint: disable=g-import-not-at-top
 
 BATCH = 32
 POOL = 64
@@ -95,12 +95,12 @@ def make_methods(num_layers, magnitude):
     """name -> (fn(uint8 image(s)) -> uint8, per_image)."""
     import keras  # pylint: disable=g-import-not-at-top
 
-    ours = augment.make_augmenter("randaugment", num_layers, magnitude,
+    ours = randaugment.make_augmenter("randaugment", num_layers, magnitude,
                                   seed=0)
-    kcv = augment.make_augmenter("keras_cv", num_layers, magnitude, seed=0)
+    kcv = randaugment.make_augmenter("keras_cv", num_layers, magnitude, seed=0)
     core = keras.layers.RandAugment(
         value_range=(0, 255), num_ops=num_layers,
-        factor=augment.keras_cv_magnitude(magnitude), seed=0)
+        factor=randaugment.keras_cv_magnitude(magnitude), seed=0)
 
     def core_fn(image):
         out = core(tf.cast(image, tf.float32), training=True)
@@ -146,7 +146,7 @@ def main(argv=None):
 
     names = list(methods)
     print(f"\nRandAugment N={args.num_layers}, M={args.magnitude:g} "
-          f"(keras: {augment.keras_cv_magnitude(args.magnitude):g}), "
+          f"(keras: {randaugment.keras_cv_magnitude(args.magnitude):g}), "
           f"images/s, median of {args.rounds} x {args.seconds:g} s, "
           f"{os.cpu_count()} CPUs")
     header = f"{'method':24s}" + "".join(f"{s:>10d}px" for s in sizes)

@@ -157,7 +157,7 @@ def main():
                         "removed at the end).")
     args = parser.parse_args()
     from absl import flags  # pylint: disable=g-import-not-at-top
-    from noisy_student import experiment  # pylint: disable=g-import-not-at-top
+    from noisy_student.pipeline import experiment  # pylint: disable=g-import-not-at-top
     from noisy_student.cli import pipeline  # pylint: disable=g-import-not-at-top
 
     with tempfile.TemporaryDirectory(prefix="config_route-") as temp:

@@ -35,8 +35,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # pylint: disable=g-import-not-at-top
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-from noisy_student import efficientnet  # pylint: disable=g-import-not-at-top
-from noisy_student import predict as pr  # pylint: disable=g-import-not-at-top
+from noisy_student.model import efficientnet  # pylint: disable=g-import-not-at-top
+from noisy_student.pseudo_labels import prediction  # pylint: disable=g-import-not-at-top
 from noisy_student.data import sources  # pylint: disable=g-import-not-at-top
 
 SPEED_IMAGES = 1024
@@ -85,7 +85,7 @@ def speed():
     images = np.random.default_rng(0).integers(
         0, 256, (SPEED_IMAGES, 32, 32, 3), dtype=np.uint8)
     source = tf.data.Dataset.from_tensor_slices({"image": images})
-    preprocess = pr.default_preprocess(32)
+    preprocess = prediction.default_preprocess(32)
 
     def keras_predict():
         return _keras_rate(model, source, preprocess, BATCH_SIZE,
@@ -94,7 +94,7 @@ def speed():
     def ours():
         with tempfile.TemporaryDirectory() as out_dir:
             start = time.perf_counter()
-            summary = pr.predict(model, source, out_dir, 10,
+            summary = prediction.predict(model, source, out_dir, 10,
                                  batch_size=BATCH_SIZE,
                                  records_per_file=256)
             rate = SPEED_IMAGES / (time.perf_counter() - start)
@@ -151,7 +151,7 @@ def jpeg224():
         source = sources.load_source(f"folder:{folder}/unlabeled",
                                      labeled=False, channels=3,
                                      keep_encoded=True)
-        preprocess = pr.default_preprocess(224, 3)
+        preprocess = prediction.default_preprocess(224, 3)
 
         def keras_predict():
             return _keras_rate(model, source.dataset, preprocess,
@@ -160,7 +160,7 @@ def jpeg224():
         def ours():
             out_dir = tempfile.mkdtemp(dir=folder)
             start = time.perf_counter()
-            summary = pr.predict(model, source.dataset, out_dir, 10,
+            summary = prediction.predict(model, source.dataset, out_dir, 10,
                                  batch_size=JPEG_BATCH, records_per_file=64)
             rate = JPEG_IMAGES / (time.perf_counter() - start)
             assert summary.images_written == JPEG_IMAGES
@@ -232,14 +232,14 @@ def openvino224():
     (forward only). Its one-time start-up (conversion, compilation) is
     timed apart from both sides' rates.
     """
-    from noisy_student import inference_runtime  # pylint: disable=g-import-not-at-top
+    from noisy_student.pseudo_labels import inference_runtime  # pylint: disable=g-import-not-at-top
     model = efficientnet.build_efficientnet("b0", num_classes=10)
     with tempfile.TemporaryDirectory() as folder:
         _jpeg_folder(folder)
         source = sources.load_source(f"folder:{folder}/unlabeled",
                                      labeled=False, channels=3,
                                      keep_encoded=True)
-        preprocess = pr.default_preprocess(224, 3)
+        preprocess = prediction.default_preprocess(224, 3)
         pixels = np.stack([preprocess(e["image"]).numpy()
                            for e in source.dataset])
         batches = [np.ascontiguousarray(pixels[i:i + JPEG_BATCH])
@@ -257,7 +257,7 @@ def openvino224():
         def ours():
             out_dir = tempfile.mkdtemp(dir=folder)
             begin = time.perf_counter()
-            summary = pr.predict(model, source.dataset, out_dir, 10,
+            summary = prediction.predict(model, source.dataset, out_dir, 10,
                                  batch_size=JPEG_BATCH, records_per_file=64,
                                  runtime="openvino")
             assert summary.images_written == JPEG_IMAGES
@@ -298,7 +298,7 @@ def rss_child(num_images):
     before = _peak_rss_mb()
     with tempfile.TemporaryDirectory() as out_dir:
         start = time.perf_counter()
-        summary = pr.predict(model, source, out_dir, 10, batch_size=256,
+        summary = prediction.predict(model, source, out_dir, 10, batch_size=256,
                              records_per_file=1024)
         seconds = time.perf_counter() - start
     assert summary.images_written == num_images

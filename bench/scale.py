@@ -42,10 +42,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # pylint: disable=g-import-not-at-top
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-from noisy_student import efficientnet  # pylint: disable=g-import-not-at-top
-from noisy_student import predict as predict_lib  # pylint: disable=g-import-not-at-top
-from noisy_student import pseudo_labels as pl  # pylint: disable=g-import-not-at-top
-from noisy_student import select as select_lib  # pylint: disable=g-import-not-at-top
+from noisy_student.model import efficientnet  # pylint: disable=g-import-not-at-top
+from noisy_student.pseudo_labels import prediction  # pylint: disable=g-import-not-at-top
+from noisy_student.pseudo_labels import records as pl  # pylint: disable=g-import-not-at-top
+from noisy_student.pseudo_labels import selection  # pylint: disable=g-import-not-at-top
 
 SIZE = 8
 CLASSES = 10
@@ -98,7 +98,7 @@ def run_child(args):
         teacher = keras.saving.load_model(args.teacher, compile=False)
         before = _peak_rss_mb()
         start = time.perf_counter()  # The stage itself, not TF's start-up.
-        summary = predict_lib.predict(
+        summary = prediction.predict(
             teacher, source(args.images), args.pred_dir, CLASSES,
             batch_size=BATCH, shard_index=args.shard_index,
             num_shards=args.num_shards, records_per_file=RECORDS_PER_FILE,
@@ -107,7 +107,7 @@ def run_child(args):
     else:
         before = _peak_rss_mb()
         start = time.perf_counter()
-        report = select_lib.select(select_lib.SelectConfig(
+        report = selection.select(selection.SelectConfig(
             args.pred_dir, args.select_dir, per_class=args.per_class,
             min_confidence=MIN_CONFIDENCE))
         result = {"per_class": report["per_class"],
@@ -140,7 +140,7 @@ def direct_counts(pred_dir, select_dir, per_class):
         labels.append(batch["label"].numpy())
         confidences.append(batch["confidence"].numpy())
     labels, confidences = np.concatenate(labels), np.concatenate(confidences)
-    min_bin = select_lib.min_bin_of(MIN_CONFIDENCE, bins_total)
+    min_bin = selection.min_bin_of(MIN_CONFIDENCE, bins_total)
     passing = pl.confidence_bins(confidences, bins_total) >= min_bin
     confident = np.bincount(labels[passing], minlength=CLASSES)
     kept = np.minimum(confident, per_class)

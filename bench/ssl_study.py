@@ -67,7 +67,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # This checkout's package, not an installed one.
-from noisy_student import workdir_layout  # pylint: disable=g-import-not-at-top
+from noisy_student.pipeline import layout  # pylint: disable=g-import-not-at-top
 
 ABLATIONS = ("no_noise", "hard_labels", "no_filter", "init_from_teacher")
 DIGITS_SEEDS = ("digits_s1", "digits_s2")
@@ -75,7 +75,7 @@ RUNS = ("main",) + ABLATIONS + ("supervised", "digits") + DIGITS_SEEDS
 FLAGFILES = {"main": "flags/fashion_mnist_1000.cfg",
              "digits": "flags/digits.cfg"}
 # Stages an ablation takes from the main run.
-SHARED_STAGES = tuple(workdir_layout.stage_name(r, kind) for r, kind in (
+SHARED_STAGES = tuple(layout.stage_name(r, kind) for r, kind in (
     (0, "train"), (0, "eval"), (1, "predict"), (1, "select")))
 
 
@@ -143,14 +143,14 @@ def migrated(folder):
     """`folder`, its round{r}/ folders of a run made before the rename
     renamed (`workdir_layout.migrate`; nothing happens to a new one)."""
     if os.path.isdir(folder):
-        workdir_layout.migrate(folder)
+        layout.migrate(folder)
     return folder
 
 
 def train_minutes(stages, index):
     """Minutes iteration `index`'s training took (as the pipeline
     recorded)."""
-    return stages.get(workdir_layout.stage_name(index, "train"),
+    return stages.get(layout.stage_name(index, "train"),
                       {}).get("seconds", 0) / 60
 
 
@@ -544,7 +544,7 @@ def control_commands(workdir, seed, name):
     control = CONTROLS[name]
     seed_dir = os.path.join(workdir, f"s{seed}")
     folder = os.path.join(seed_dir, name)
-    teacher = workdir_layout.stage_folder(
+    teacher = layout.stage_folder(
         migrated(os.path.join(seed_dir, "main")), 0, "train")
     train = [sys.executable, "-m", "noisy_student.cli.train",
              f"--flagfile={control.flagfile}", f"--init_from={teacher}",
@@ -567,7 +567,7 @@ def run_control(workdir, seed, name=CONTROL):
     """One control at one seed: ns-train from the seed's teacher (resumed
     when rerun), then ns-eval on test (once)."""
     folder = os.path.join(workdir, f"s{seed}", name)
-    teacher = workdir_layout.stage_folder(
+    teacher = layout.stage_folder(
         migrated(os.path.join(workdir, f"s{seed}", "main")), 0, "train")
     if not os.path.exists(os.path.join(teacher, "model.keras")):
         raise SystemExit(f"Expected the teacher {teacher} before the "
@@ -604,7 +604,7 @@ def last_validation(folder, index):
     """Validation top-1 of iteration `index`'s model at its last step."""
     try:
         with open(os.path.join(migrated(folder),
-                               workdir_layout.folder_name(index), "train",
+                               layout.folder_name(index), "train",
                                "metrics.json")) as f:
             evals = json.load(f)["evals"]
     except FileNotFoundError:

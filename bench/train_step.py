@@ -49,11 +49,11 @@ import keras  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-from noisy_student import optim  # pylint: disable=g-import-not-at-top
-from noisy_student import train_config  # pylint: disable=g-import-not-at-top
-from noisy_student import report  # pylint: disable=g-import-not-at-top
-from noisy_student import train_lib  # pylint: disable=g-import-not-at-top
-from noisy_student import train_state  # pylint: disable=g-import-not-at-top
+from noisy_student.training import optimizers as optim  # pylint: disable=g-import-not-at-top
+from noisy_student.training import config as train_config  # pylint: disable=g-import-not-at-top
+from noisy_student.utils import reports  # pylint: disable=g-import-not-at-top
+from noisy_student.training import loop as train_lib  # pylint: disable=g-import-not-at-top
+from noisy_student.training import state  # pylint: disable=g-import-not-at-top
 
 BATCH = 64
 CLASSES = 10
@@ -114,7 +114,7 @@ def time_ours(size, **overrides):
 
     with tempfile.TemporaryDirectory() as model_dir:
         train_lib.train_and_evaluate(config, model_dir, dataset_fn)
-        rates = report.read_tensorboard_scalars(
+        rates = reports.read_tensorboard_scalars(
             os.path.join(model_dir, "logs", "train"), "images_per_sec")
     return max(rate for step, rate in rates.items()
                if step > config.loop.log_every)
@@ -206,7 +206,7 @@ def main():
     peak = matmul_flops_per_s()
     print(f"fp32 matmul 1024x1024: {peak / 1e9:.1f} GFLOP/s (best of 20)")
     for size in (32, 64):
-        ours_model = train_state.build_model(our_config(size))
+        ours_model = state.build_model(our_config(size))
         keras_rate, keras_model = time_keras_fit(size, **setting)
         ours_params = trainable_params(ours_model)
         keras_params = trainable_params(keras_model)
@@ -229,7 +229,7 @@ def main():
                   f"give {ours_rate / plain_rate:.2f}x, TF's ops alone "
                   f"{plain_rate / keras_rate:.2f}x Keras fit", flush=True)
     study_config = our_config(32, **STUDY)
-    study_flops = 3 * forward_flops(train_state.build_model(study_config), 32)
+    study_flops = 3 * forward_flops(state.build_model(study_config), 32)
     study_rate = time_ours(32, **STUDY, **setting)
     print(f"study student (w0.5-d0.5, small-image strides, 32 px, 64 + 128 "
           f"images per step): {study_rate:.1f} img/s, "

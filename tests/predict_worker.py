@@ -42,9 +42,9 @@ def make_dataset(num_images, sleep_s=0.0):
 
 
 def main(argv):
-    from noisy_student import predict  # pylint: disable=g-import-not-at-top
+    from noisy_student.pseudo_labels import prediction  # pylint: disable=g-import-not-at-top
     model, out_dir, num_images, sleep_s = argv[1:5]
-    predict.predict(model, make_dataset(int(num_images), float(sleep_s)),
+    prediction.predict(model, make_dataset(int(num_images), float(sleep_s)),
                     out_dir, NUM_CLASSES, batch_size=BATCH_SIZE,
                     records_per_file=RECORDS_PER_FILE)
 

@@ -1,4 +1,4 @@
-"""Tests of noisy_student.augment on real images (scikit-image, digits).
+"""Tests of noisy_student.data.randaugment on real images (scikit-image, digits).
 
 Pillow tolerance: the eight colour ops are compared with Pillow's
 ImageOps / ImageEnhance on the same image at levels 0..27. We require a
@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image, ImageEnhance, ImageOps
 
-from noisy_student import augment
+from noisy_student.data import randaugment as augment
 
 LEVELS = (0.0, 3.0, 5.0, 7.0, 10.0, 27.0)
 

@@ -14,14 +14,14 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from noisy_student import efficientnet
-from noisy_student import evaluate
-from noisy_student import export as export_lib
-from noisy_student import predict as predict_lib
-from noisy_student import select as select_lib
-from noisy_student import stages
-from noisy_student import train_config
-from noisy_student.data import pipeline
+from noisy_student.model import efficientnet
+from noisy_student.evaluation import evaluator
+from noisy_student.serving import export
+from noisy_student.pseudo_labels import prediction
+from noisy_student.pseudo_labels import selection
+from noisy_student.pipeline import stages
+from noisy_student.training import config as train_config
+from noisy_student.data import streams
 from noisy_student.data import sources
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,7 +88,7 @@ def test_pseudo_labels_with_unlabel_ratio_0_are_refused(tmp_path):
     config = train_config.TrainConfig.from_fields(
         width=0.25, depth=0.25, image_size=16, warmup_steps=0,
         lr_schedule="constant")
-    input_config = pipeline.InputConfig(image_size=16, batch_size=128)
+    input_config = streams.InputConfig(image_size=16, batch_size=128)
     with pytest.raises(ValueError, match="unlabel_ratio > 0.*ignore them"):
         stages.run_train(config, input_config, stages.DataConfig(),
                          str(tmp_path / "run"), pseudo_dir=str(tmp_path))
@@ -101,7 +101,7 @@ def test_resume_with_other_settings_is_refused_and_records_kept(tmp_path):
         small_images=True, batch_size=8, train_steps=2, warmup_steps=0,
         lr_schedule="constant", steps_per_loop=1, log_every=1,
         checkpoint_every=0, verbose=False)
-    input_config = pipeline.InputConfig(image_size=16, batch_size=8,
+    input_config = streams.InputConfig(image_size=16, batch_size=8,
                                         augment="none")
     data = stages.DataConfig(labeled="digits:train", labels_per_class=2)
     model_dir = tmp_path / "m"
@@ -139,7 +139,7 @@ def test_test_set_with_more_classes_than_the_model(tmp_path):
 ])
 def test_select_config_is_checked_when_built(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        select_lib.SelectConfig(pred_dir="p", out_dir="o", **kwargs)
+        selection.SelectConfig(pred_dir="p", out_dir="o", **kwargs)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -151,7 +151,7 @@ def test_select_config_is_checked_when_built(kwargs, message):
 def test_predict_config_is_checked_when_built(kwargs, message):
     args = dict(teacher="t", out_dir="o", num_classes=10)
     with pytest.raises(ValueError, match=message):
-        predict_lib.PredictConfig(**{**args, **kwargs})
+        prediction.PredictConfig(**{**args, **kwargs})
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -164,7 +164,7 @@ def test_predict_config_is_checked_when_built(kwargs, message):
 ])
 def test_eval_config_is_checked_when_built(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        evaluate.EvalConfig(**kwargs)
+        evaluator.EvalConfig(**kwargs)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -174,7 +174,7 @@ def test_eval_config_is_checked_when_built(kwargs, message):
 ])
 def test_export_config_is_checked_when_built(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        export_lib.ExportConfig(**{"model_path": "m", "out_dir": "o",
+        export.ExportConfig(**{"model_path": "m", "out_dir": "o",
                                    **kwargs})
 
 
@@ -193,13 +193,13 @@ def test_pipeline_predict_stage_honours_log_every_s(monkeypatch, tmp_path):
 
     def fake_predict(*args, **kwargs):
         seen.update(kwargs)
-        return predict_lib.PredictSummary(0, 0, 0, 0, 0.0, 0.0)
-    monkeypatch.setattr(predict_lib, "predict", fake_predict)
+        return prediction.PredictSummary(0, 0, 0, 0, 0.0, 0.0)
+    monkeypatch.setattr(prediction, "predict", fake_predict)
     model = efficientnet.build_efficientnet(
         width=0.25, depth=0.25, image_size=16, small_images=True,
         num_classes=10)
     model.save(str(tmp_path / "model.keras"))
-    config = predict_lib.PredictConfig(
+    config = prediction.PredictConfig(
         teacher=str(tmp_path), out_dir=str(tmp_path / "predict"),
         num_classes=10, log_every_s=7.0)
     stages.run_predict(config, stages.DataConfig(unlabeled="digits:test"))

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from noisy_student import checkpoints
-from noisy_student import efficientnet
-from noisy_student import model_io
+from noisy_student.model import checkpoints
+from noisy_student.model import efficientnet
+from noisy_student.model import loading
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STDDEV = np.array([0.229, 0.224, 0.225], np.float32)
@@ -327,7 +327,7 @@ def test_converted_model_loads_everywhere_and_new_head(tmp_path):
     source = tiny_tf1(str(tmp_path / "ckpt"), classes=10)
     checkpoints.convert(str(tmp_path / "ckpt"), "w0.5-d0.5",
                         str(tmp_path / "ten"), image_size=32)
-    loaded = model_io.load_model(str(tmp_path / "ten"))
+    loaded = loading.load_model(str(tmp_path / "ten"))
     x = images(32)
     np.testing.assert_allclose(loaded(x), source(x), rtol=1e-5, atol=1e-5)
     # Our own model.keras as a source, with a new head.
@@ -336,8 +336,8 @@ def test_converted_model_loads_everywhere_and_new_head(tmp_path):
                                   image_size=32)
     assert summary["source"]["kind"] == "model.keras"
     assert summary["head"] == "new"
-    three = model_io.load_model(str(tmp_path / "three"))
-    assert model_io.num_classes(three) == 3
+    three = loading.load_model(str(tmp_path / "three"))
+    assert loading.num_classes(three) == 3
     pooled = [keras.Model(m.input, m.get_layer("avg_pool").output)(x)
               for m in (three, loaded)]
     np.testing.assert_allclose(pooled[0], pooled[1], rtol=1e-5, atol=1e-5)
@@ -412,7 +412,7 @@ def test_student_init_reaches_every_student_and_its_fingerprint(tmp_path):
     """--student_init: each iteration's student config starts from the
     checkpoint, whose files are part of the students' fingerprints."""
     from absl import flags  # pylint: disable=g-import-not-at-top
-    from noisy_student import experiment  # pylint: disable=g-import-not-at-top
+    from noisy_student.pipeline import experiment  # pylint: disable=g-import-not-at-top
     from noisy_student.cli import pipeline as cli  # pylint: disable=g-import-not-at-top
     from tests import test_experiment  # pylint: disable=g-import-not-at-top
     ckpt = str(tmp_path / "ckpt")
@@ -460,8 +460,8 @@ def test_training_from_a_checkpoint_keeps_its_normalisation(tmp_path):
     """ns-train --init_from: the run's model.keras keeps the source's pixel
     scaling (AdvProp here); with train_steps=0 it is the source unchanged."""
     import train_worker  # pylint: disable=g-import-not-at-top
-    from noisy_student import train_config  # pylint: disable=g-import-not-at-top
-    from noisy_student import train_lib  # pylint: disable=g-import-not-at-top
+    from noisy_student.training import config as train_config  # pylint: disable=g-import-not-at-top
+    from noisy_student.training import loop  # pylint: disable=g-import-not-at-top
     tiny_tf1(str(tmp_path / "ckpt"))
     checkpoints.convert(str(tmp_path / "ckpt"), "w0.5-d0.5",
                         str(tmp_path / "advprop"), image_size=32,
@@ -476,7 +476,7 @@ def test_training_from_a_checkpoint_keeps_its_normalisation(tmp_path):
         images_, labels = train_worker.synthetic_data(
             num_images=16, image_size=32, num_classes=10)
         model_dir = str(tmp_path / f"run{steps}")
-        train_lib.train_and_evaluate(
+        loop.train_and_evaluate(
             config, model_dir,
             train_worker.make_dataset_fn(images_, labels, 8, 10, 0, 0))
         trained = ours(model_dir)

@@ -1,11 +1,11 @@
-"""Tests of the on-the-fly corruptions (noisy_student/corruptions.py)."""
+"""Tests of the on-the-fly corruptions (noisy_student/evaluation/corruptions.py)."""
 
 import numpy as np
 import pytest
 import skimage.data
 import tensorflow as tf
 
-from noisy_student import corruptions as C
+from noisy_student.evaluation import corruptions as C
 
 NAMES = C.CORRUPTION_NAMES
 

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from noisy_student import cpu_kernels
-from noisy_student import efficientnet
-from noisy_student import layers
-from noisy_student import train_config
-from noisy_student import train_state
+from noisy_student.kernels import loader
+from noisy_student.model import efficientnet
+from noisy_student.model import layers
+from noisy_student.training import config as train_config
+from noisy_student.training import state
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def ops():
             or shutil.which("c++")):
         pytest.skip("no C++ compiler: training uses TF's ops (.ci/run "
                     "installs g++, so CI runs these tests)")
-    library = cpu_kernels.library()
+    library = loader.library()
     assert library is not None, "the CPU kernels must build with a compiler"
     return library
 
@@ -41,7 +41,7 @@ def test_silu_and_its_gradient_equal_tfs(ops, shape):
     rng = np.random.default_rng(0)
     x = tf.constant(rng.normal(0, 8, shape), tf.float32)
     dy = tf.constant(rng.normal(0, 1, shape), tf.float32)
-    y, dx = _silu_and_gradient(cpu_kernels.silu, x, dy)
+    y, dx = _silu_and_gradient(loader.silu, x, dy)
     y_ref, dx_ref = _silu_and_gradient(tf.nn.silu, x, dy)
     np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-6)
@@ -51,8 +51,8 @@ def test_silu_and_its_gradient_equal_tfs(ops, shape):
 
 def test_silu_of_other_dtypes_is_tfs():
     x = tf.constant([-2.0, 0.5, 3.0], tf.float16)
-    assert cpu_kernels.silu(x).dtype == tf.float16
-    np.testing.assert_allclose(cpu_kernels.silu(x), tf.nn.silu(x))
+    assert loader.silu(x).dtype == tf.float16
+    np.testing.assert_allclose(loader.silu(x), tf.nn.silu(x))
 
 
 def _depthwise_and_gradients(fn, x, kernel, dy):
@@ -77,7 +77,7 @@ def test_depthwise_gradients_equal_tfs(ops, size, channels, kernel_size,
     out = -(-size // stride), -(-(size + 1) // stride)
     dy = tf.constant(rng.normal(size=(3, *out, channels)), tf.float32)
     ours = _depthwise_and_gradients(
-        lambda a, b: cpu_kernels.depthwise_conv2d(a, b, stride), x, kernel,
+        lambda a, b: loader.depthwise_conv2d(a, b, stride), x, kernel,
         dy)
     plain = _depthwise_and_gradients(
         lambda a, b: tf.nn.depthwise_conv2d(a, b, (1, stride, stride, 1),
@@ -105,7 +105,7 @@ def test_channel_scale_and_its_gradients_equal_tfs(ops, shape):
             y = fn(x, gate)
         return (y, *tape.gradient(y, [x, gate], output_gradients=dy))
 
-    for got, want in zip(run(cpu_kernels.channel_scale),
+    for got, want in zip(run(loader.channel_scale),
                          run(lambda a, b: a * b)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(ops.ns_channel_scale(x, gate), x * gate,
@@ -144,7 +144,7 @@ def test_batch_norm_silu_and_its_gradients_equal_tfs(ops, shape):
         return (y, mean, variance,
                 *tape.gradient(y, [x, gamma, beta], output_gradients=dy))
 
-    ours = run(lambda a, g, b: cpu_kernels.batch_norm_silu(a, g, b, 1e-3))
+    ours = run(lambda a, g, b: loader.batch_norm_silu(a, g, b, 1e-3))
     for got, want in zip(ours, run(plain)):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     with pytest.raises(tf.errors.InvalidArgumentError, match="per-channel"):
@@ -184,12 +184,12 @@ def _layers_of(model, cls):
 def test_a_switched_model_trains_as_the_plain_one(ops):
     plain, switched = _tiny_model(), _tiny_model()
     switched.set_weights(plain.get_weights())
-    train_state.use_fused_batch_norm(plain)
-    train_state.use_fused_batch_norm(switched)
+    state.use_fused_batch_norm(plain)
+    state.use_fused_batch_norm(switched)
     names = [v.path for v in switched.weights]
-    count = train_state.use_cpu_kernels(switched)
+    count = state.use_cpu_kernels(switched)
     silus = [l for l in switched.layers
-             if getattr(l, "activation", None) is cpu_kernels.silu]
+             if getattr(l, "activation", None) is loader.silu]
     depthwise = _layers_of(switched, layers.SmallMapDepthwiseConv2D)
     gates = _layers_of(switched, layers.GateMultiply)
     pairs = _layers_of(switched, layers.BatchNormSilu)
@@ -233,18 +233,18 @@ def test_without_a_compiler_training_falls_back_to_tfs_ops(
         monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("NOISY_STUDENT_CACHE", str(tmp_path))
     monkeypatch.setenv("CXX", "/bin/false")
-    cpu_kernels.library.cache_clear()
+    loader.library.cache_clear()
     try:
         with caplog.at_level(std_logging.WARNING):
-            assert cpu_kernels.library() is None
+            assert loader.library() is None
         assert "CPU kernels unavailable" in caplog.text
         assert "/bin/false failed" in caplog.text
         model = _tiny_model()
-        assert train_state.use_cpu_kernels(model) == 0
+        assert state.use_cpu_kernels(model) == 0
         x = tf.constant([[-3.0, 0.0, 2.0]])
-        np.testing.assert_allclose(cpu_kernels.silu(x), tf.nn.silu(x))
+        np.testing.assert_allclose(loader.silu(x), tf.nn.silu(x))
     finally:
-        cpu_kernels.library.cache_clear()
+        loader.library.cache_clear()
     # No half-written library left; the failure is recorded.
     assert [p.suffix for p in tmp_path.iterdir()] == [".failed"]
 
@@ -261,17 +261,17 @@ def test_a_failed_build_is_not_retried_by_later_processes(
     cache = tmp_path / "cache"
     monkeypatch.setenv("NOISY_STUDENT_CACHE", str(cache))
     monkeypatch.setenv("CXX", str(compiler))
-    stale = cache / (cpu_kernels.TEMP_PREFIX + "killed.so")
+    stale = cache / (loader.TEMP_PREFIX + "killed.so")
     cache.mkdir()
     stale.write_bytes(b"half a library")
     os.utime(stale, (0, 0))
     try:
         for _ in range(2):
-            cpu_kernels.library.cache_clear()
+            loader.library.cache_clear()
             with caplog.at_level(std_logging.WARNING):
-                assert cpu_kernels.library() is None
+                assert loader.library() is None
     finally:
-        cpu_kernels.library.cache_clear()
+        loader.library.cache_clear()
     assert calls.read_text() == "x\n"
     assert "error: no such header" in caplog.text
     assert "delete" in caplog.text and ".failed to retry" in caplog.text
@@ -283,9 +283,9 @@ def test_a_truncated_library_is_rebuilt_not_loaded(monkeypatch, tmp_path,
     # Loading a truncated library kills the process (SIGBUS): the recorded
     # SHA-256 must stop it first.
     del ops  # Built: its file is the good copy.
-    good = cpu_kernels._library_path(open(cpu_kernels.SOURCE, "rb").read())  # pylint: disable=protected-access
+    good = loader._library_path(open(loader.SOURCE, "rb").read())  # pylint: disable=protected-access
     monkeypatch.setenv("NOISY_STUDENT_CACHE", str(tmp_path))
-    path = cpu_kernels._library_path(open(cpu_kernels.SOURCE, "rb").read())  # pylint: disable=protected-access
+    path = loader._library_path(open(loader.SOURCE, "rb").read())  # pylint: disable=protected-access
     data = open(good, "rb").read()
     open(path, "wb").write(data[:len(data) // 2])
     open(path + ".sha256", "w").write(open(good + ".sha256").read())
@@ -296,15 +296,15 @@ def test_a_truncated_library_is_rebuilt_not_loaded(monkeypatch, tmp_path,
         shutil.copy(good, target)
 
     loaded = []
-    monkeypatch.setattr(cpu_kernels, "_build", rebuild)
+    monkeypatch.setattr(loader, "_build", rebuild)
     # Recorded, not loaded: a second copy of the ops in one process would
     # register every kernel twice.
     monkeypatch.setattr(tf, "load_op_library", loaded.append)
-    cpu_kernels.library.cache_clear()
+    loader.library.cache_clear()
     try:
-        cpu_kernels.library()
+        loader.library()
     finally:
-        cpu_kernels.library.cache_clear()
+        loader.library.cache_clear()
     assert builds == [path] and loaded == [path]
 
 
@@ -312,12 +312,12 @@ def test_a_compiled_library_is_reused_from_the_cache(monkeypatch, ops):
     def no_compiler(target, compiler):
         raise AssertionError(f"recompiled {target} with {compiler}")
 
-    monkeypatch.setattr(cpu_kernels, "_compile", no_compiler)
-    cpu_kernels.library.cache_clear()
+    monkeypatch.setattr(loader, "_compile", no_compiler)
+    loader.library.cache_clear()
     try:
-        assert cpu_kernels.library() is not None
+        assert loader.library() is not None
     finally:
-        cpu_kernels.library.cache_clear()
+        loader.library.cache_clear()
 
 
 def test_cpu_kernels_is_not_fingerprinted():
@@ -332,10 +332,10 @@ def test_cpu_kernels_is_not_fingerprinted():
 def test_the_kernels_are_used_only_on_cpu_in_float32_without_xla():
     config = train_config.TrainConfig.from_fields(
         variant="b0", images_per_epoch=1000)
-    assert train_state._on_cpu_in_float32(config)  # pylint: disable=protected-access
+    assert state._on_cpu_in_float32(config)  # pylint: disable=protected-access
     for change in (dict(precision="mixed_float16"), dict(jit_compile=True),
                    dict(precision="bfloat16")):
-        assert not train_state._on_cpu_in_float32(config.replace(**change))  # pylint: disable=protected-access
+        assert not state._on_cpu_in_float32(config.replace(**change))  # pylint: disable=protected-access
 
 
 def test_depthwise_filter_gradient_is_deterministic(ops):

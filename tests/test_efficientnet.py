@@ -4,8 +4,8 @@ import keras
 import numpy as np
 import pytest
 
-from noisy_student import efficientnet
-from noisy_student import layers as ns_layers
+from noisy_student.model import efficientnet
+from noisy_student.model import layers as ns_layers
 
 
 def trainable_count(model):

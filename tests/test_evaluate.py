@@ -1,15 +1,15 @@
 """Tests of evaluation metrics, ImageNet-C/A/P arithmetic and adversarial
-accuracy (noisy_student/evaluate.py and noisy_student/evaluation/)."""
+accuracy (noisy_student/evaluation/evaluator.py and noisy_student/evaluation/)."""
 
 import numpy as np
 import pytest
 import tensorflow as tf
 import keras
 
-from noisy_student import efficientnet
-from noisy_student import evaluate as E
-from noisy_student import io_utils
-from noisy_student import model_io
+from noisy_student.model import efficientnet
+from noisy_student.evaluation import evaluator as E
+from noisy_student.utils import storage
+from noisy_student.model import loading
 from noisy_student.evaluation import adversarial
 from noisy_student.evaluation import clean
 from noisy_student.evaluation import imagenet_a
@@ -306,11 +306,11 @@ def test_load_model_from_file_dir_and_missing(tmp_path, untrained):
     x = x.astype(np.float32)
     expected = model(x, training=False).numpy()
     for path in (tmp_path / "model.keras", tmp_path):
-        loaded = model_io.load_model(str(path))
+        loaded = loading.load_model(str(path))
         np.testing.assert_allclose(loaded(x, training=False).numpy(),
                                    expected, atol=1e-6)
     with pytest.raises(FileNotFoundError, match="model.keras"):
-        model_io.load_model(str(tmp_path / "nothing"))
+        loading.load_model(str(tmp_path / "nothing"))
 
 
 def test_resizes_images_of_another_side(untrained):
@@ -330,7 +330,7 @@ def test_run_evaluation_writes_results_json(trained, digits, tmp_path):
                           severities=(1, 5), epsilons=(0.0, 4.0))
     data = _dataset(images[:96], labels[:96])
     results = E.run_evaluation(config, data, model=trained)
-    saved = io_utils.read_json(str(tmp_path / "eval" / "results.json"))
+    saved = storage.read_json(str(tmp_path / "eval" / "results.json"))
     assert saved["clean"]["top1"] == pytest.approx(results["clean"]["top1"])
     errors = saved["corruptions"]["errors"]["contrast"]
     assert len(errors) == 2 and errors[1] >= errors[0]

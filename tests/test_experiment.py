@@ -36,8 +36,8 @@ def pipeline_command(workdir, *extra):
 def _finished_block(name):
     """A prediction block's histogram renamed into place (a killed run's
     temporary file ends in .hist.npz too, and a rerun removes it)."""
-    from noisy_student import io_utils  # pylint: disable=g-import-not-at-top
-    return name.endswith(".hist.npz") and not io_utils.is_temp(name)
+    from noisy_student.utils import storage  # pylint: disable=g-import-not-at-top
+    return name.endswith(".hist.npz") and not storage.is_temp(name)
 
 
 def run_pipeline(workdir, *extra):
@@ -415,7 +415,7 @@ def test_smaller_student_allowed_when_asked(pipeline_flags, tmp_path):
 
 def test_students_train_at_their_variants_resolution(pipeline_flags,
                                                      tmp_path):
-    from noisy_student import experiment  # pylint: disable=g-import-not-at-top
+    from noisy_student.pipeline import experiment  # pylint: disable=g-import-not-at-top
     flags.FLAGS.unparse_flags()
     flags.FLAGS(["noisy-student", f"--workdir={tmp_path}",
                  "--teacher_model=b0", "--student_models=b1,b2",
@@ -435,7 +435,7 @@ def test_folder_scans_go_to_the_workdir_and_change_no_fingerprint(
     """skipped_images.json lives in the workdir (issue 19, fault 6); where
     it is written is not a data setting, so no stage's fingerprint moves."""
     import dataclasses  # pylint: disable=g-import-not-at-top
-    from noisy_student import experiment  # pylint: disable=g-import-not-at-top
+    from noisy_student.pipeline import experiment  # pylint: disable=g-import-not-at-top
     config = parse(pipeline_flags, tmp_path)
     assert config.data.scan_dir == str(tmp_path)
     moved = dataclasses.replace(config, data=dataclasses.replace(
@@ -454,7 +454,7 @@ def test_labeled_loss_weight_is_the_students_and_fingerprinted_only_if_set(
     teacher keeps 1 (its loss is the labeled term). At its default no
     fingerprint moves (work directories made before the option resume);
     set, only the students' training (and what follows it) is redone."""
-    from noisy_student import experiment  # pylint: disable=g-import-not-at-top
+    from noisy_student.pipeline import experiment  # pylint: disable=g-import-not-at-top
     default = parse(pipeline_flags, tmp_path)
     weighted = parse(pipeline_flags, tmp_path, "--labeled_loss_weight=0")
     assert weighted.teacher.optimizer.labeled_loss_weight == 1.0
@@ -477,7 +477,7 @@ def test_teacher_runtime_is_fingerprinted_from_the_first_predict_stage(
     """Another --inference_runtime redoes the pseudo-labels and what
     follows them, not the teacher; the default moves no fingerprint (the
     hashes of the test below)."""
-    from noisy_student import experiment  # pylint: disable=g-import-not-at-top
+    from noisy_student.pipeline import experiment  # pylint: disable=g-import-not-at-top
     default = parse(pipeline_flags, tmp_path)
     openvino = parse(pipeline_flags, tmp_path, "--inference_runtime=openvino")
     assert openvino.predict.inference_runtime == "openvino"
@@ -495,7 +495,7 @@ def test_fingerprints_of_work_directories_made_before_the_config_had_parts(
     hashes are what the code before that change computed for TINY (they
     change with flags/digits.cfg: recompute them with that code if it
     changes)."""
-    from noisy_student import experiment  # pylint: disable=g-import-not-at-top
+    from noisy_student.pipeline import experiment  # pylint: disable=g-import-not-at-top
     config = parse(pipeline_flags, tmp_path)
     fingerprints = {s.name: s.fingerprint for s in experiment.plan(config)}
     assert fingerprints["iteration0/train"] == "a8f0725830864a19"
@@ -507,7 +507,7 @@ def test_fingerprints_name_no_folder(pipeline_flags, tmp_path):
     """No fingerprint holds a folder's name: a workdir made before the
     round -> iteration rename, or moved elsewhere, keeps its stages."""
     import dataclasses  # pylint: disable=g-import-not-at-top
-    from noisy_student import experiment  # pylint: disable=g-import-not-at-top
+    from noisy_student.pipeline import experiment  # pylint: disable=g-import-not-at-top
     config = parse(pipeline_flags, tmp_path, "--init_student_from_teacher")
     moved = dataclasses.replace(config, workdir="/elsewhere/round7")
     assert ([s.fingerprint for s in experiment.plan(config)]
@@ -518,7 +518,7 @@ def test_old_and_new_folder_of_an_iteration_stop_the_pipeline(
         pipeline_flags, tmp_path):
     """round1/ and iteration1/ both present: one line naming both, before
     any work, and nothing in the workdir changed."""
-    from noisy_student import experiment  # pylint: disable=g-import-not-at-top
+    from noisy_student.pipeline import experiment  # pylint: disable=g-import-not-at-top
     workdir = tmp_path / "work"
     for folder in ("round0/train", "round1/train", "iteration1/train"):
         (workdir / folder).mkdir(parents=True)

@@ -1,4 +1,4 @@
-"""Tests of the SavedModel export (noisy_student/export.py)."""
+"""Tests of the SavedModel export (noisy_student/serving/export.py)."""
 
 import os
 import pathlib
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from noisy_student import efficientnet
-from noisy_student import export
-from noisy_student import model_io
+from noisy_student.model import efficientnet
+from noisy_student.serving import export
+from noisy_student.model import loading
 from noisy_student.data import preprocess
 from noisy_student.evaluation import clean
 import weights  # pylint: disable=g-bad-import-order
@@ -175,8 +175,8 @@ def test_saved_model_cli_lists_both_signatures(fresh_outputs):
 
 
 def test_load_model_serves_a_saved_model_like_keras(model, exported):
-    loaded = model_io.load_model(exported)
-    assert isinstance(loaded, model_io.SavedModelClassifier)
+    loaded = loading.load_model(exported)
+    assert isinstance(loaded, loading.SavedModelClassifier)
     assert loaded.image_size == SIZE and loaded.num_classes == NUM_CLASSES
     images = _images(3)
     np.testing.assert_allclose(

@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from noisy_student import io_utils
-from noisy_student import report
-from noisy_student import select as sel
+from noisy_student.utils import storage
+from noisy_student.utils import reports
+from noisy_student.pseudo_labels import selection
 from noisy_student.evaluation import clean
 from test_select import _probs_for, write_predictions  # pylint: disable=g-bad-import-order
 
@@ -53,8 +53,8 @@ def _selection(names, tmp_path):
     pred_dir, out_dir = str(tmp_path / "pred"), str(tmp_path / "sel")
     write_predictions(pred_dir, _probs_for(labels, rng.uniform(0.5, 1, 30),
                                            3))
-    io_utils.write_json(os.path.join(pred_dir, "class_names.json"), names)
-    sel.select(sel.SelectConfig(pred_dir, out_dir, min_confidence=0.3))
+    storage.write_json(os.path.join(pred_dir, "class_names.json"), names)
+    selection.select(selection.SelectConfig(pred_dir, out_dir, min_confidence=0.3))
     return "report.json"
 
 
@@ -65,12 +65,12 @@ FIGURES = {"confusion_matrix": _confusion_matrix, "mistakes": _mistakes,
 def _draw(figure, names, tmp_path, monkeypatch, caplog):
     """(figures drawn, glyph warnings, file naming the classes)."""
     drawn = []
-    real = report.figure_png
+    real = reports.figure_png
 
     def keeping(fig, *args, **kwargs):
         drawn.append(fig)
         return real(fig, *args, **kwargs)
-    monkeypatch.setattr(report, "figure_png", keeping)
+    monkeypatch.setattr(reports, "figure_png", keeping)
     caplog.set_level(logging.WARNING)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -112,7 +112,7 @@ def test_cjk_class_names_are_drawn_or_numbered_never_boxes(
     assert figs and not glyph_warnings
     assert not [bad for fig in figs for bad in _undrawable(fig)]
     texts = _texts(figs)
-    if report.text_font(CJK) is None:  # No CJK font installed.
+    if reports.text_font(CJK) is None:  # No CJK font installed.
         assert not set("".join(CJK)) & set(texts)
         assert f"(listed in {where})" in texts
     else:
@@ -122,7 +122,7 @@ def test_cjk_class_names_are_drawn_or_numbered_never_boxes(
 @pytest.mark.parametrize("figure", FIGURES)
 def test_without_a_font_for_the_names_classes_are_numbered_with_a_note(
         figure, tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(report, "_font_with", lambda chars: None)
+    monkeypatch.setattr(reports, "_font_with", lambda chars: None)
     figs, glyph_warnings, where = _draw(figure, CJK, tmp_path, monkeypatch,
                                         caplog)
     assert figs and not glyph_warnings
@@ -149,4 +149,4 @@ def test_an_installed_font_with_the_glyphs_is_used(names, tmp_path,
     ticks = [t.get_text() for t in figs[0].axes[0].get_xticklabels()]
     assert ticks == names
     # Names the default font draws keep it (no lookup, no change).
-    assert report.text_font(["circle", "Ünïcödé"]) == {}
+    assert reports.text_font(["circle", "Ünïcödé"]) == {}

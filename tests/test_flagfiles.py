@@ -93,7 +93,7 @@ def _check_jobs(module_name, jobs):
     import importlib
     from absl import flags
     importlib.import_module(module_name)
-    from noisy_student import efficientnet
+    from noisy_student.model import efficientnet
     from noisy_student.data import sources
     # pylint: enable=g-import-not-at-top
     flag_values = flags.FLAGS

@@ -21,7 +21,7 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
-from noisy_student import stages
+from noisy_student.pipeline import stages
 from noisy_student.data import image_scan
 from noisy_student.data import preprocess
 from noisy_student.data import sources

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from noisy_student import efficientnet
-from noisy_student import inference_runtime
-from noisy_student import predict as predict_lib
-from noisy_student import pseudo_labels as pl
-from noisy_student import stages
+from noisy_student.model import efficientnet
+from noisy_student.pseudo_labels import inference_runtime
+from noisy_student.pseudo_labels import prediction
+from noisy_student.pseudo_labels import records
+from noisy_student.pipeline import stages
 
 import weights
 
@@ -87,7 +87,7 @@ def _block_files(out_dir):
 def _labeled_records(out_dir):
     return [(int(r["index"]), r["probs"].numpy(), int(r["label"]),
              r["image"].numpy())
-            for r in pl.prediction_dataset(out_dir, decode_image=False)]
+            for r in records.prediction_dataset(out_dir, decode_image=False)]
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,7 @@ def folder_inputs(tmp_path_factory):
 
 def _run_predict(folder_inputs, out_dir, runtime, precision="float32"):
     teacher, unlabeled = folder_inputs
-    config = predict_lib.PredictConfig(
+    config = prediction.PredictConfig(
         teacher=teacher, out_dir=str(out_dir), num_classes=NUM_CLASSES,
         batch_size=8, records_per_file=16, inference_runtime=runtime,
         inference_precision=precision)
@@ -202,7 +202,7 @@ def test_unknown_settings_are_refused_naming_the_flag():
                        "--inference_runtime=openvino"):
         inference_runtime.check("tensorflow", "bfloat16")
     with pytest.raises(ValueError, match="--inference_runtime"):
-        predict_lib.PredictConfig(teacher="t", out_dir="o", num_classes=2,
+        prediction.PredictConfig(teacher="t", out_dir="o", num_classes=2,
                                   inference_runtime="onnx")
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from noisy_student import layers
+from noisy_student.model import layers
 
 
 def test_stochastic_depth_is_identity_at_inference():

@@ -1,11 +1,11 @@
-"""Tests for noisy_student.losses: smoothing, soft targets, weighting, decay."""
+"""Tests for noisy_student.training.losses: smoothing, soft targets, weighting, decay."""
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from noisy_student import efficientnet
-from noisy_student import losses
+from noisy_student.model import efficientnet
+from noisy_student.training import losses
 
 
 def _log_softmax(logits):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from noisy_student import manifest
+from noisy_student.pipeline import manifest
 
 
 def test_finished_stage_is_skipped_and_changed_settings_refused(tmp_path):

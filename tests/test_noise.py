@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from noisy_student import augment
-from noisy_student import losses
-from noisy_student import train_state
-from noisy_student.data import pipeline
+from noisy_student.data import randaugment as augment
+from noisy_student.training import losses
+from noisy_student.training import state
+from noisy_student.data import streams
 from noisy_student.data import preprocess
 from noisy_student.data import sources
 
@@ -69,7 +69,7 @@ def _first_batch(input_config, num_classes):
     images, targets = _unlabeled()
     unlabeled = tf.data.Dataset.from_tensor_slices(
         {"image": images, "target": targets})
-    dataset_fn = pipeline.train_dataset_fn(labeled, input_config, unlabeled,
+    dataset_fn = streams.train_dataset_fn(labeled, input_config, unlabeled,
                                            num_classes)
     return next(iter(dataset_fn()))
 
@@ -105,7 +105,7 @@ def test_unlabeled_images_are_randaugmented_versions_of_the_teachers(
     seed = tf.constant([input_config.seed * 1000 + 2, 0], tf.int32)
     expected = augment.randaugment(
         tf.cast(base, tf.uint8), 2, 5, seed,
-        **pipeline.SMALL_IMAGE_AUGMENT).numpy()
+        **streams.SMALL_IMAGE_AUGMENT).numpy()
     np.testing.assert_array_equal(noised, expected)
     # Most of them are changed by it: two ops of M=5 per image (a few of the
     # 16 ops leave a grey digit nearly as it is, e.g. Color, so not all; 25
@@ -126,7 +126,7 @@ def _model_and_batch(student, *extra):
                         batch["unlabeled"]["image"]], axis=0)
     # The student's forward pass is on labeled + unlabeled images at once
     # (train_lib's step); rows n_labeled: are the unlabeled half.
-    return config, train_state.build_model(config), images, batch
+    return config, state.build_model(config), images, batch
 
 
 @pytest.mark.parametrize("extra, noise", [
@@ -169,7 +169,7 @@ def test_noised_loss_is_higher_than_the_clean_loss_on_a_fitted_batch(
     config, model, images, batch = _model_and_batch(student)
     clean_config = config.replace(dropout_rate=0.0,
                                   stochastic_depth_rate=0.0)
-    clean = train_state.build_model(clean_config)
+    clean = state.build_model(clean_config)
     n_labeled = batch["labeled"]["image"].shape[0]
 
     def loss(net):

@@ -1,4 +1,4 @@
-"""Tests for noisy_student.optim: schedules, fused RMSprop, weight EMA."""
+"""Tests for noisy_student.training.optimizers: schedules, fused RMSprop, weight EMA."""
 
 import math
 
@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from noisy_student import efficientnet
-from noisy_student import optim
-from noisy_student import strategy as strategy_lib
-from noisy_student import train_config
-from noisy_student import train_state
+from noisy_student.model import efficientnet
+from noisy_student.training import optimizers as optim
+from noisy_student.training import strategy as strategy_lib
+from noisy_student.training import config as train_config
+from noisy_student.training import state
 
 
 def _lr(schedule, step):
@@ -26,7 +26,7 @@ def test_warmup_then_exponential_staircase():
         images_per_epoch=1000, train_steps=500)
     peak = 0.016 * 100 / 256
     assert config.peak_lr == pytest.approx(peak)
-    schedule = train_state.learning_rate_schedule(config)
+    schedule = state.learning_rate_schedule(config)
     assert _lr(schedule, 0) == pytest.approx(peak / 50, rel=1e-5)
     assert _lr(schedule, 24) == pytest.approx(peak * 25 / 50, rel=1e-5)
     assert _lr(schedule, 49) == pytest.approx(peak, rel=1e-5)

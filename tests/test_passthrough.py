@@ -7,10 +7,10 @@ from PIL import Image
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from noisy_student import efficientnet
-from noisy_student import predict as predict_lib
-from noisy_student import pseudo_labels as pl
-from noisy_student import select as select_lib
+from noisy_student.model import efficientnet
+from noisy_student.pseudo_labels import prediction
+from noisy_student.pseudo_labels import records as pl
+from noisy_student.pseudo_labels import selection
 from noisy_student.data import sources
 
 
@@ -42,7 +42,7 @@ def teacher():
 def run_predict(folder, out_dir, model, keep_encoded):
     source = sources.load_source(f"folder:{folder}", labeled=False,
                                  channels=3, keep_encoded=keep_encoded)
-    predict_lib.predict(model, source.dataset, out_dir, 4, batch_size=8,
+    prediction.predict(model, source.dataset, out_dir, 4, batch_size=8,
                         records_per_file=10)
     return source
 
@@ -76,7 +76,7 @@ def test_selection_over_file_bytes_equals_one_over_reencoded_images(
         pred_dir = str(tmp_path / f"pred{keep}")
         run_predict(str(tmp_path / "unlabeled"), pred_dir, model, keep)
         out_dir = str(tmp_path / f"select{keep}")
-        select_lib.select(select_lib.SelectConfig(
+        selection.select(selection.SelectConfig(
             pred_dir, out_dir, per_class=5, min_confidence=0.0))
         files, _ = pl.selected_files(out_dir)
         parsed = []
@@ -144,7 +144,7 @@ def test_tfds_records_hold_the_stored_bytes_and_the_teacher_sees_tfds_pixels(
         for element, pixels in zip(elements, tfds_pixels, strict=True):
             np.testing.assert_array_equal(element["image"], pixels)
         pred_dir = str(tmp_path / f"pred{keep}")
-        predict_lib.predict(model, source.dataset, pred_dir, 4, batch_size=8,
+        prediction.predict(model, source.dataset, pred_dir, 4, batch_size=8,
                             records_per_file=10)
         raw = records(pred_dir, decode=False)
         assert [r["index"] for r in raw] == list(range(len(stored)))

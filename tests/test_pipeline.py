@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from noisy_student.data import pipeline
+from noisy_student.data import streams
 from noisy_student.data import sources
 
 NUM_CLASSES = 10
@@ -31,12 +31,12 @@ def config(**kwargs):
     args = dict(image_size=16, batch_size=8, unlabel_ratio=3, seed=1,
                 shuffle_buffer=100, magnitude=5)
     args.update(kwargs)
-    return pipeline.InputConfig(**args)
+    return streams.InputConfig(**args)
 
 
 def test_zipped_stream_has_static_shapes_and_the_ratio():
     labeled, pseudo = labeled_and_pseudo()
-    ds = pipeline.train_dataset_fn(labeled, config(), pseudo, NUM_CLASSES)()
+    ds = streams.train_dataset_fn(labeled, config(), pseudo, NUM_CLASSES)()
     spec = ds.element_spec
     assert spec["labeled"]["image"].shape == (8, 16, 16, 3)
     assert spec["labeled"]["label"].shape == (8,)
@@ -52,13 +52,13 @@ def test_zipped_stream_has_static_shapes_and_the_ratio():
 
 def test_teacher_stream_has_only_labeled_images():
     labeled, _ = labeled_and_pseudo()
-    ds = pipeline.train_dataset_fn(labeled, config(unlabel_ratio=0))()
+    ds = streams.train_dataset_fn(labeled, config(unlabel_ratio=0))()
     assert set(ds.element_spec) == {"labeled"}
 
 
 def test_same_seed_same_batches():
     labeled, pseudo = labeled_and_pseudo()
-    first = [next(iter(pipeline.train_dataset_fn(
+    first = [next(iter(streams.train_dataset_fn(
         labeled, config(), pseudo, NUM_CLASSES)())) for _ in range(2)]
     for key in ("labeled", "unlabeled"):
         np.testing.assert_array_equal(first[0][key]["image"],
@@ -68,7 +68,7 @@ def test_same_seed_same_batches():
 def test_two_replica_mirrored_batches_have_configured_sizes():
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     labeled, pseudo = labeled_and_pseudo()
-    dataset_fn = pipeline.train_dataset_fn(labeled, config(), pseudo,
+    dataset_fn = streams.train_dataset_fn(labeled, config(), pseudo,
                                            NUM_CLASSES)
     ds = strategy.distribute_datasets_from_function(dataset_fn)
     batch = next(iter(ds))
@@ -83,23 +83,23 @@ def test_two_replica_mirrored_batches_have_configured_sizes():
 def test_missing_or_mismatched_pseudo_labels_are_errors():
     labeled, pseudo = labeled_and_pseudo()
     with pytest.raises(ValueError, match="Received: unlabeled=None"):
-        pipeline.train_dataset_fn(labeled, config())
+        streams.train_dataset_fn(labeled, config())
     with pytest.raises(ValueError, match="Received: length 10"):
-        pipeline.train_dataset_fn(labeled, config(), pseudo, num_classes=5)
+        streams.train_dataset_fn(labeled, config(), pseudo, num_classes=5)
     with pytest.raises(ValueError, match="unlabel_ratio=-1"):
         config(unlabel_ratio=-1)
 
 
 def test_eval_dataset_keeps_every_image():
     source = sources.load_source("digits:test", channels=3)
-    ds = pipeline.eval_dataset(source.dataset, 16, 64)
+    ds = streams.eval_dataset(source.dataset, 16, 64)
     sizes = [b["image"].shape[0] for b in ds]
     assert sum(sizes) == 360 and sizes[-1] == 360 % 64
 
 
 def test_stream_from_start_step_equals_the_rest_of_the_stream():
     labeled, pseudo = labeled_and_pseudo()
-    dataset_fn = pipeline.train_dataset_fn(labeled, config(), pseudo,
+    dataset_fn = streams.train_dataset_fn(labeled, config(), pseudo,
                                            NUM_CLASSES)
     whole = list(dataset_fn().take(5))
     resumed = list(dataset_fn(start_step=3).take(2))
@@ -113,7 +113,7 @@ def test_stream_from_start_step_equals_the_rest_of_the_stream():
 def first_batches(num_batches=2):
     """The first batches of the seeded test stream, as {name: array}."""
     labeled, pseudo = labeled_and_pseudo()
-    dataset = pipeline.train_dataset_fn(labeled, config(), pseudo,
+    dataset = streams.train_dataset_fn(labeled, config(), pseudo,
                                         NUM_CLASSES)()
     arrays = {}
     for k, batch in enumerate(dataset.take(num_batches)):
@@ -137,7 +137,7 @@ def test_stream_does_not_depend_on_what_ran_before_in_the_process(tmp_path):
     for global_seed in (0, 3):
         keras.utils.set_random_seed(global_seed)
         tf.random.uniform(())
-        next(iter(pipeline.train_dataset_fn(
+        next(iter(streams.train_dataset_fn(
             labeled_and_pseudo()[0],
             config(seed=global_seed, unlabel_ratio=0))()))
         got = first_batches()

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from noisy_student import efficientnet
-from noisy_student import export
-from noisy_student import io_utils
-from noisy_student import model_io
-from noisy_student import predict as pr
-from noisy_student import prediction_writer
-from noisy_student import pseudo_labels as pl
+from noisy_student.model import efficientnet
+from noisy_student.serving import export
+from noisy_student.utils import storage
+from noisy_student.model import loading
+from noisy_student.pseudo_labels import prediction
+from noisy_student.pseudo_labels import writer
+from noisy_student.pseudo_labels import records as pl
 
 _WORKER = os.path.join(os.path.dirname(__file__), "predict_worker.py")
 _spec = importlib.util.spec_from_file_location("predict_worker", _WORKER)
@@ -32,7 +32,7 @@ NUM_BLOCKS = 10
 def _predict(model, out_dir, num_images=NUM_IMAGES, **kwargs):
     kwargs.setdefault("batch_size", worker.BATCH_SIZE)
     kwargs.setdefault("records_per_file", worker.RECORDS_PER_FILE)
-    return pr.predict(model, worker.make_dataset(num_images), out_dir,
+    return prediction.predict(model, worker.make_dataset(num_images), out_dir,
                       worker.NUM_CLASSES, **kwargs)
 
 
@@ -139,7 +139,7 @@ def test_resume_skips_complete_blocks_and_redoes_the_rest(teacher, reference,
         pl.check_predictions(out_dir)
     second = _predict(teacher[1], out_dir, shard_index=1, num_shards=2)
     assert second.blocks_written == 1 and second.blocks_skipped == 4
-    assert not any(io_utils.is_temp(n) for n in os.listdir(out_dir))
+    assert not any(storage.is_temp(n) for n in os.listdir(out_dir))
     assert os.path.getmtime(kept) == 1
     assert _files(out_dir) == ref_files
     # Nothing left to do: a rerun writes nothing and reads nothing.
@@ -157,7 +157,7 @@ def test_kill_9_and_resume(teacher, reference, tmp_path):
         while time.time() < deadline and process.poll() is None:
             # Kill while a block is half-written (a temp file exists).
             if len(pl.complete_blocks(out_dir)) >= 2 and any(
-                    io_utils.is_temp(n) for n in os.listdir(out_dir)):
+                    storage.is_temp(n) for n in os.listdir(out_dir)):
                 break
             time.sleep(0.05)
         assert process.poll() is None, "the worker ended before the kill"
@@ -169,7 +169,7 @@ def test_kill_9_and_resume(teacher, reference, tmp_path):
             process.wait()
     complete = pl.complete_blocks(out_dir)
     assert 2 <= len(complete) < NUM_BLOCKS
-    assert any(io_utils.is_temp(n) for n in os.listdir(out_dir))
+    assert any(storage.is_temp(n) for n in os.listdir(out_dir))
     assert not any(n.startswith("done-") for n in os.listdir(out_dir))
     with pytest.raises(ValueError, match="finished prediction worker"):
         pl.check_predictions(out_dir)
@@ -177,7 +177,7 @@ def test_kill_9_and_resume(teacher, reference, tmp_path):
     summary = _predict(teacher[1], out_dir)
     assert summary.blocks_skipped == len(complete)
     assert summary.blocks_written == NUM_BLOCKS - len(complete)
-    assert not any(io_utils.is_temp(n) for n in os.listdir(out_dir))
+    assert not any(storage.is_temp(n) for n in os.listdir(out_dir))
     assert _files(out_dir) == _files(reference[0])
 
 
@@ -193,13 +193,13 @@ def _probs(pred_dir, take=None):
 def test_savedmodel_teacher(teacher, reference, tmp_path):
     export_dir = str(tmp_path / "export")
     teacher[1].export(export_dir, verbose=False)
-    loaded = model_io.load_model(export_dir, what="teacher")
-    assert isinstance(loaded, model_io.SavedModelClassifier)
+    loaded = loading.load_model(export_dir, what="teacher")
+    assert isinstance(loaded, loading.SavedModelClassifier)
     out_dir = str(tmp_path / "from_savedmodel")
-    config = pr.PredictConfig(teacher=export_dir, out_dir=out_dir,
+    config = prediction.PredictConfig(teacher=export_dir, out_dir=out_dir,
                               num_classes=worker.NUM_CLASSES, batch_size=16,
                               records_per_file=32)
-    summary = pr.run_predict(config, worker.make_dataset(64))
+    summary = prediction.run_predict(config, worker.make_dataset(64))
     assert summary.images_written == 64 and summary.blocks_written == 2
     ours, ref = _probs(out_dir), _probs(reference[0], 64)
     np.testing.assert_allclose(ours, ref, atol=1e-3)
@@ -209,10 +209,10 @@ def test_teacher_exported_by_ns_export(teacher, reference, tmp_path):
     # export.export's serving signatures return a dict of three outputs;
     # the teacher must be read through its serve_logits function.
     export_dir = export.export(teacher[1], str(tmp_path / "exported"))
-    loaded = model_io.load_model(export_dir, what="teacher")
-    assert isinstance(loaded, model_io.SavedModelClassifier)
-    assert model_io.image_size(loaded) == 16
-    assert model_io.num_classes(loaded) == worker.NUM_CLASSES
+    loaded = loading.load_model(export_dir, what="teacher")
+    assert isinstance(loaded, loading.SavedModelClassifier)
+    assert loading.image_size(loaded) == 16
+    assert loading.num_classes(loaded) == worker.NUM_CLASSES
     out_dir = str(tmp_path / "from_export")
     summary = _predict(export_dir, out_dir, num_images=64)
     assert summary.images_written == 64 and summary.blocks_written == 2
@@ -223,52 +223,52 @@ def test_teacher_exported_by_ns_export(teacher, reference, tmp_path):
 def test_clear_errors(teacher, tmp_path):
     out_dir = str(tmp_path / "out")
     with pytest.raises(ValueError, match="num_classes=5"):
-        pr.predict(teacher[1], worker.make_dataset(8), out_dir, 5)
+        prediction.predict(teacher[1], worker.make_dataset(8), out_dir, 5)
     assert not os.path.exists(out_dir)  # Nothing written.
 
     empty = tf.data.Dataset.from_tensor_slices(
         {"image": np.zeros((0, 12, 12, 3), np.uint8)})
     with pytest.raises(ValueError, match="non-empty"):
-        pr.predict(teacher[1], empty, out_dir, worker.NUM_CLASSES)
+        prediction.predict(teacher[1], empty, out_dir, worker.NUM_CLASSES)
     unknown_size = worker.make_dataset(8).filter(lambda x: False)
     with pytest.raises(ValueError, match="non-empty"):
-        pr.predict(teacher[1], unknown_size, out_dir, worker.NUM_CLASSES)
+        prediction.predict(teacher[1], unknown_size, out_dir, worker.NUM_CLASSES)
     assert not any(n.startswith("done-") for n in os.listdir(out_dir))
     floats = tf.data.Dataset.from_tensor_slices(
         {"image": np.zeros((2, 12, 12, 3), np.float32)})
     with pytest.raises(ValueError, match="uint8"):
-        pr.predict(teacher[1], floats, out_dir, worker.NUM_CLASSES)
+        prediction.predict(teacher[1], floats, out_dir, worker.NUM_CLASSES)
     with pytest.raises(ValueError, match="shard_index"):
-        pr.predict(teacher[1], worker.make_dataset(8), out_dir,
+        prediction.predict(teacher[1], worker.make_dataset(8), out_dir,
                    worker.NUM_CLASSES, shard_index=3, num_shards=3)
     with pytest.raises(ValueError, match="records_per_file=32"):
         # The folder already holds predictions with 1024 per file.
-        pr.predict(teacher[1], worker.make_dataset(8), out_dir,
+        prediction.predict(teacher[1], worker.make_dataset(8), out_dir,
                    worker.NUM_CLASSES, records_per_file=32)
 
     with pytest.raises(FileNotFoundError, match="teacher="):
-        model_io.load_model(str(tmp_path / "nowhere"), what="teacher")
+        loading.load_model(str(tmp_path / "nowhere"), what="teacher")
     with pytest.raises(FileNotFoundError, match="teacher="):
         # A folder without a model.
-        model_io.load_model(str(tmp_path), what="teacher")
+        loading.load_model(str(tmp_path), what="teacher")
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "model.keras").write_bytes(b"not a zip file")
     with pytest.raises(ValueError, match="readable Keras model"):
-        model_io.load_model(str(broken), what="teacher")
+        loading.load_model(str(broken), what="teacher")
     with pytest.raises(ValueError, match="readable Keras model"):
-        pr.predict(str(broken), worker.make_dataset(8), out_dir,
+        prediction.predict(str(broken), worker.make_dataset(8), out_dir,
                    worker.NUM_CLASSES)
 
 
 def test_writer_thread_errors_surface_and_leave_no_block(tmp_path):
-    class FailingSink(prediction_writer.BlockSink):
+    class FailingSink(writer.BlockSink):
 
         def add(self, *args):
             super().add(*args)
             raise OSError("disk full")
 
-    sink = prediction_writer.ThreadedSink(FailingSink(
+    sink = writer.ThreadedSink(FailingSink(
         str(tmp_path), 32, worker.NUM_CLASSES, 1000))
     probs = np.full((4, worker.NUM_CLASSES), 0.1, np.float32)
     pngs = np.array([b"png"] * 4, object)

@@ -13,12 +13,12 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
-from noisy_student import efficientnet
+from noisy_student.model import efficientnet
 from noisy_student.evaluation import inference
-from noisy_student import predict as predict_lib
-from noisy_student import pseudo_labels as pl
-from noisy_student import stages
-from noisy_student.data import pipeline
+from noisy_student.pseudo_labels import prediction
+from noisy_student.pseudo_labels import records
+from noisy_student.pipeline import stages
+from noisy_student.data import streams
 from noisy_student.data import preprocess
 from noisy_student.data import sources
 
@@ -159,7 +159,7 @@ def test_predict_stage_labels_1x1_and_1x500_images(tmp_path):
     _tiny_model().save(str(model_dir / "model.keras"))
     data = stages.DataConfig(labeled="digits:train",
                              unlabeled=f"folder:{folder}", channels=3)
-    config = predict_lib.PredictConfig(
+    config = prediction.PredictConfig(
         teacher=str(model_dir), out_dir=str(tmp_path / "predict"),
         num_classes=3, batch_size=2, records_per_file=10)
     summary = stages.run_predict(config, data)
@@ -176,7 +176,7 @@ def test_predict_reads_and_stores_images_with_the_teachers_channels(
     _tiny_model(channels=channels).save(str(model_dir / "model.keras"))
     other = stages.DataConfig(unlabeled=f"npz:{tmp_path}/unlabeled.npz",
                               channels=4 - channels)
-    config = predict_lib.PredictConfig(
+    config = prediction.PredictConfig(
         teacher=str(model_dir), out_dir=str(tmp_path / "predict"),
         num_classes=3, batch_size=2, records_per_file=10)
     with pytest.raises(ValueError, match=rf"--channels={4 - channels}, but "
@@ -184,7 +184,7 @@ def test_predict_reads_and_stores_images_with_the_teachers_channels(
         stages.run_predict(config, other)
     # --channels left out: the teacher's, in the records too.
     stages.run_predict(config, other, channels_given=False)
-    stored = [r["image"] for r in pl.prediction_dataset(
+    stored = [r["image"] for r in records.prediction_dataset(
         config.out_dir, decode_image=True).as_numpy_iterator()]
     expected = colour if channels == 3 else tf.image.rgb_to_grayscale(
         colour).numpy()
@@ -198,14 +198,14 @@ def test_library_defaults_use_the_one_eval_transform():
     image = tf.constant(smooth(100, 80))
     expected = tf.cast(preprocess.eval_image(image, 32), tf.float32).numpy()
     np.testing.assert_array_equal(
-        predict_lib.default_preprocess(32)(image).numpy(), expected)
+        prediction.default_preprocess(32)(image).numpy(), expected)
     model = _tiny_model(size=32)
     data = tf.data.Dataset.from_tensor_slices(
         {"image": image[None], "label": [0]})
     logits, _ = inference.predict_logits(model, data)
     np.testing.assert_allclose(
         logits, model(expected[None], training=False).numpy(), atol=1e-6)
-    batches = pipeline.eval_dataset(data, 32, 4)
+    batches = streams.eval_dataset(data, 32, 4)
     np.testing.assert_array_equal(next(iter(batches))["image"][0], expected)
 
 

@@ -16,9 +16,9 @@ import sys
 import numpy as np
 import pytest
 
-from noisy_student import efficientnet
-from noisy_student import predict as predict_lib
-from noisy_student import stages
+from noisy_student.model import efficientnet
+from noisy_student.pseudo_labels import prediction
+from noisy_student.pipeline import stages
 
 import weights  # pylint: disable=g-bad-import-order
 
@@ -54,7 +54,7 @@ def inputs(tmp_path_factory):
 
 def _predict(out_dir, teacher, unlabeled, **settings):
     settings.setdefault("records_per_file", 16)
-    config = predict_lib.PredictConfig(
+    config = prediction.PredictConfig(
         teacher=teacher, out_dir=str(out_dir), num_classes=NUM_CLASSES,
         batch_size=8, **settings)
     return stages.run_predict(config, stages.DataConfig(unlabeled=unlabeled))
@@ -243,8 +243,8 @@ def test_ns_train_names_the_images_that_changed_not_a_setting(tmp_path):
     """A resumed ns-train on other --labeled images is refused naming them
     (was: 'config.json differs in images_per_epoch=41 (was 40)', a setting
     without a flag)."""
-    from noisy_student import train_config  # pylint: disable=g-import-not-at-top
-    from noisy_student.data import pipeline  # pylint: disable=g-import-not-at-top
+    from noisy_student.training import config as train_config  # pylint: disable=g-import-not-at-top
+    from noisy_student.data import streams  # pylint: disable=g-import-not-at-top
 
     def train(count, steps):
         labeled = _images(tmp_path / "labeled.npz", 0, count)
@@ -255,7 +255,7 @@ def test_ns_train_names_the_images_that_changed_not_a_setting(tmp_path):
             warmup_steps=0, lr_schedule="constant", steps_per_loop=1,
             log_every=1, checkpoint_every=1, eval_every=0,
             images_per_epoch=count, verbose=False)
-        return stages.run_train(config, pipeline.InputConfig(
+        return stages.run_train(config, streams.InputConfig(
             image_size=16, batch_size=4, augment="none", seed=0), data,
             str(tmp_path / "train"))
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from noisy_student import io_utils
-from noisy_student import pseudo_labels as pl
-from noisy_student import select as sel
-from noisy_student import selection_report
+from noisy_student.utils import storage
+from noisy_student.pseudo_labels import records
+from noisy_student.pseudo_labels import selection
+from noisy_student.pseudo_labels import selection_report
 
 NUM_CLASSES = 5
 K = 50
@@ -33,16 +33,16 @@ def write_predictions(pred_dir, probs, records_per_file=64):
     for block in range(-(-num // records_per_file)):
         rows = np.arange(block * records_per_file,
                          min(num, (block + 1) * records_per_file))
-        writer = pl.BlockWriter(pred_dir, block, probs.shape[1],
-                                pl.DEFAULT_NUM_BINS)
+        writer = records.BlockWriter(pred_dir, block, probs.shape[1],
+                                records.DEFAULT_NUM_BINS)
         pngs = [tf.io.encode_png(_image(i)).numpy() for i in rows]
         writer.write_batch(pngs, probs[rows], labels[rows], confidences[rows],
                            rows)
         writer.close()
-    io_utils.write_json(io_utils.join(pred_dir, pl.PREDICT_CONFIG), {
+    storage.write_json(storage.join(pred_dir, records.PREDICT_CONFIG), {
         "num_classes": probs.shape[1], "records_per_file": records_per_file,
-        "num_bins": pl.DEFAULT_NUM_BINS, "channels": 1})
-    io_utils.write_json(io_utils.join(pred_dir, pl.done_name(0, 1)),
+        "num_bins": records.DEFAULT_NUM_BINS, "channels": 1})
+    storage.write_json(storage.join(pred_dir, records.done_name(0, 1)),
                         {"num_images": num})
     return labels, confidences
 
@@ -88,10 +88,10 @@ def synthetic_probs(seed=0):
 def read_selected(out_dir):
     """All selected records of a folder, parsed to numpy, with their file."""
     rows = []
-    info = json.loads(open(os.path.join(out_dir, pl.SELECTION_FILE)).read())
+    info = json.loads(open(os.path.join(out_dir, records.SELECTION_FILE)).read())
     for name in info["files"]:
         for raw in tf.data.TFRecordDataset(os.path.join(out_dir, name)):
-            f = tf.io.parse_single_example(raw, pl.SELECTED_FEATURES)
+            f = tf.io.parse_single_example(raw, records.SELECTED_FEATURES)
             rows.append({
                 "file": name, "index": int(f["index"]),
                 "copy": int(f["copy"]), "label": int(f["label"]),
@@ -102,7 +102,7 @@ def read_selected(out_dir):
 
 def expected_kept(labels, confidences, per_class, min_bin=300):
     """Brute force: per class the K best by (bin desc, index asc)."""
-    bins = pl.confidence_bins(confidences, pl.DEFAULT_NUM_BINS)
+    bins = records.confidence_bins(confidences, records.DEFAULT_NUM_BINS)
     kept = set()
     for c in range(NUM_CLASSES):
         idx = [i for i in range(len(labels))
@@ -123,7 +123,7 @@ def synthetic(tmp_path_factory):
 def test_balancing_exact_counts_thresholds_and_report(synthetic, tmp_path):
     pred_dir, _, labels, confidences = synthetic
     out_dir = str(tmp_path / "sel")
-    report = sel.select(sel.SelectConfig(
+    report = selection.select(selection.SelectConfig(
         pred_dir, out_dir, per_class=K, min_confidence=0.3, seed=3,
         num_files=4))
     per_class = report["per_class"]
@@ -149,7 +149,7 @@ def test_balancing_exact_counts_thresholds_and_report(synthetic, tmp_path):
     assert not any(confidences[i] < 0.3 for i in firsts)
     copies = collections.Counter(r["index"] for r in rows)
     for index, count in copies.items():
-        expected = sel.stochastic_copies(
+        expected = selection.stochastic_copies(
             [dup[labels[index]]], [index], seed=3)[0]
         assert count == expected
         if labels[index] in (0, 3):
@@ -182,17 +182,17 @@ def test_duplication_expectation_over_seeds():
     indices = np.arange(40)
     for factor in (2.5, 50 / 7, 1.2):
         draws = np.stack([
-            sel.stochastic_copies(np.full(40, factor), indices, seed)
+            selection.stochastic_copies(np.full(40, factor), indices, seed)
             for seed in range(300)])
         assert set(np.unique(draws)) <= {np.floor(factor),
                                          np.floor(factor) + 1}
         # 12,000 draws: the mean's standard error is < 0.005.
         assert draws.mean() == pytest.approx(factor, abs=0.03)
     # Different seeds give different draws; the same seed the same.
-    a = sel.stochastic_copies(np.full(40, 2.5), indices, 1)
-    assert np.array_equal(a, sel.stochastic_copies(np.full(40, 2.5),
+    a = selection.stochastic_copies(np.full(40, 2.5), indices, 1)
+    assert np.array_equal(a, selection.stochastic_copies(np.full(40, 2.5),
                                                     indices, 1))
-    assert not np.array_equal(a, sel.stochastic_copies(np.full(40, 2.5),
+    assert not np.array_equal(a, selection.stochastic_copies(np.full(40, 2.5),
                                                        indices, 2))
 
 
@@ -203,7 +203,7 @@ def test_plan_from_histogram_alone():
     hist[0, 100] = 50   # below min_confidence
     hist[1, 700] = 3
     hist[2, 200] = 4    # no confident image
-    plan = sel.plan_selection(hist, per_class=8, min_confidence=0.3)
+    plan = selection.plan_selection(hist, per_class=8, min_confidence=0.3)
     assert plan.kept_unique.tolist() == [8, 3, 0]
     assert plan.boundary_bin.tolist() == [500, -1, -1]
     assert plan.boundary_take.tolist() == [3, 0, 0]
@@ -211,9 +211,9 @@ def test_plan_from_histogram_alone():
     assert plan.duplication[1] == pytest.approx(8 / 3)
     assert plan.expected_total.tolist() == pytest.approx([8, 8, 0])
     # min_confidence is rounded up to the next bin edge.
-    assert sel.min_bin_of(0.3, 1000) == 300
-    assert sel.min_bin_of(0.3004, 1000) == 301
-    plan = sel.plan_selection(hist, per_class=None, min_confidence=0.3)
+    assert selection.min_bin_of(0.3, 1000) == 300
+    assert selection.min_bin_of(0.3004, 1000) == 301
+    plan = selection.plan_selection(hist, per_class=None, min_confidence=0.3)
     assert plan.kept_unique.tolist() == [15, 3, 0]
     assert plan.duplication.tolist() == [1.0, 1.0, 0.0]
 
@@ -223,7 +223,7 @@ def test_targets_sum_to_one_and_temperature(synthetic, tmp_path):
     probs16 = probs.astype(np.float16).astype(np.float32)
 
     out_dir = str(tmp_path / "soft")
-    sel.select(sel.SelectConfig(pred_dir, out_dir, per_class=K, num_files=2))
+    selection.select(selection.SelectConfig(pred_dir, out_dir, per_class=K, num_files=2))
     rows = read_selected(out_dir)
     for r in rows:
         # Stored float16 targets: sum to 1 within float16 tolerance, and
@@ -232,7 +232,7 @@ def test_targets_sum_to_one_and_temperature(synthetic, tmp_path):
             1.0, abs=2e-3)
         np.testing.assert_allclose(r["target"], probs16[r["index"]],
                                    atol=1e-3)
-    dataset = pl.selected_dataset(out_dir)
+    dataset = records.selected_dataset(out_dir)
     assert dataset.element_spec["target"].shape == (NUM_CLASSES,)
     assert dataset.element_spec["image"].shape.as_list() == [None, None, 1]
     count = 0
@@ -247,26 +247,26 @@ def test_targets_sum_to_one_and_temperature(synthetic, tmp_path):
     assert count == len(rows)
 
     hard_dir = str(tmp_path / "hard")
-    sel.select(sel.SelectConfig(pred_dir, hard_dir, per_class=K,
+    selection.select(selection.SelectConfig(pred_dir, hard_dir, per_class=K,
                                 label_type="hard", num_files=1))
     for r in read_selected(hard_dir):
         assert r["target"].tolist() == np.eye(NUM_CLASSES)[
             labels[r["index"]]].tolist()
 
     p = np.array([[0.5, 0.3, 0.2, 0.0, 0.0]], np.float32)
-    sharp = sel.make_targets(p, [0], "soft", 0.5)
+    sharp = selection.make_targets(p, [0], "soft", 0.5)
     np.testing.assert_allclose(sharp[0], p[0] ** 2 / (p[0] ** 2).sum(),
                                rtol=1e-6)
-    flat = sel.make_targets(p, [0], "soft", 2.0)
+    flat = selection.make_targets(p, [0], "soft", 2.0)
     assert flat[0, 0] < p[0, 0] < sharp[0, 0]
-    near_zero = sel.make_targets(p, [0], "soft", 0.01)
+    near_zero = selection.make_targets(p, [0], "soft", 0.01)
     np.testing.assert_allclose(near_zero[0], [1, 0, 0, 0, 0], atol=1e-6)
     for t in (0.05, 0.3, 1.0, 3.0):
-        targets = sel.make_targets(probs[:50], labels[:50], "soft", t)
+        targets = selection.make_targets(probs[:50], labels[:50], "soft", t)
         np.testing.assert_allclose(targets.sum(axis=1), 1.0, atol=1e-6)
         assert np.array_equal(targets.argmax(axis=1), labels[:50])
     # T -> 0 approaches one-hot monotonically.
-    tops = [sel.make_targets(probs[:50], labels[:50], "soft", t).max(axis=1)
+    tops = [selection.make_targets(probs[:50], labels[:50], "soft", t).max(axis=1)
             .min() for t in (1.0, 0.5, 0.1, 0.01, 0.001)]
     assert tops == sorted(tops) and tops[-1] > 0.999
 
@@ -275,43 +275,43 @@ def test_clear_errors(synthetic, tmp_path):
     pred_dir = synthetic[0]
     out_dir = str(tmp_path / "none")
     with pytest.raises(ValueError, match="min_confidence"):
-        sel.select(sel.SelectConfig(pred_dir, out_dir, per_class=K,
+        selection.select(selection.SelectConfig(pred_dir, out_dir, per_class=K,
                                     min_confidence=0.99))
-    assert not os.path.exists(os.path.join(out_dir, pl.SELECTION_FILE))
+    assert not os.path.exists(os.path.join(out_dir, records.SELECTION_FILE))
     with pytest.raises(ValueError, match="label_type"):
-        sel.select(sel.SelectConfig(pred_dir, out_dir, label_type="soft-ish"))
+        selection.select(selection.SelectConfig(pred_dir, out_dir, label_type="soft-ish"))
     with pytest.raises(ValueError, match="temperature"):
-        sel.select(sel.SelectConfig(pred_dir, out_dir, temperature=0.0))
+        selection.select(selection.SelectConfig(pred_dir, out_dir, temperature=0.0))
     with pytest.raises(ValueError, match="num_classes"):
-        sel.select(sel.SelectConfig(pred_dir, out_dir), num_classes=7)
+        selection.select(selection.SelectConfig(pred_dir, out_dir), num_classes=7)
     with pytest.raises(FileNotFoundError, match="pred_dir"):
-        sel.select(sel.SelectConfig(str(tmp_path / "nowhere"), out_dir))
+        selection.select(selection.SelectConfig(str(tmp_path / "nowhere"), out_dir))
     with pytest.raises(FileNotFoundError, match="selection"):
-        pl.selected_dataset(str(tmp_path))
+        records.selected_dataset(str(tmp_path))
 
     # An unfinished prediction folder (a block without its histogram).
     partial = str(tmp_path / "partial")
     write_predictions(partial, synthetic[1][:100], records_per_file=32)
-    os.remove(os.path.join(partial, pl.histogram_name(2)))
+    os.remove(os.path.join(partial, records.histogram_name(2)))
     with pytest.raises(ValueError, match=r"missing blocks \[2\]"):
-        sel.select(sel.SelectConfig(partial, out_dir))
+        selection.select(selection.SelectConfig(partial, out_dir))
 
 
 def test_reselect_replaces_previous_selection(synthetic, tmp_path):
     pred_dir = synthetic[0]
     out_dir = str(tmp_path / "sel")
-    sel.select(sel.SelectConfig(pred_dir, out_dir, per_class=K, num_files=3))
+    selection.select(selection.SelectConfig(pred_dir, out_dir, per_class=K, num_files=3))
     # A leftover temporary file of a killed run is cleaned up.
-    open(os.path.join(out_dir, io_utils.temp_path("selected-x")), "wb").close()
-    report = sel.select(sel.SelectConfig(
+    open(os.path.join(out_dir, storage.temp_path("selected-x")), "wb").close()
+    report = selection.select(selection.SelectConfig(
         pred_dir=pred_dir, out_dir=out_dir, per_class=10, num_files=2))
     assert [r["kept_unique"] for r in report["per_class"]] == [10, 10, 0, 10,
                                                                7]
     names = sorted(os.listdir(out_dir))
     assert [n for n in names if n.endswith(".tfrecord")] == [
         "selected-00000-of-00002.tfrecord", "selected-00001-of-00002.tfrecord"]
-    assert not any(io_utils.is_temp(n) for n in names)
-    assert sum(1 for _ in pl.selected_dataset(out_dir)) == len(
+    assert not any(storage.is_temp(n) for n in names)
+    assert sum(1 for _ in records.selected_dataset(out_dir)) == len(
         read_selected(out_dir))
 
 
@@ -338,8 +338,8 @@ def test_class_names_and_contact_sheets(tmp_path):
     pred_dir, out_dir = str(tmp_path / "pred"), str(tmp_path / "sel")
     write_predictions(pred_dir, _probs_for(labels, confidences, 3))
     names = ["circle", "square", "triangle"]
-    io_utils.write_json(os.path.join(pred_dir, "class_names.json"), names)
-    report = sel.select(sel.SelectConfig(pred_dir, out_dir, min_confidence=0.3))
+    storage.write_json(os.path.join(pred_dir, "class_names.json"), names)
+    report = selection.select(selection.SelectConfig(pred_dir, out_dir, min_confidence=0.3))
     assert report["class_names"] == names
     with open(os.path.join(out_dir, "report.md")) as f:
         text = f.read()

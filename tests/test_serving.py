@@ -19,15 +19,15 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
-from noisy_student import efficientnet
-from noisy_student import evaluate
+from noisy_student.model import efficientnet
+from noisy_student.evaluation import evaluator
 from noisy_student.evaluation import metrics
-from noisy_student import export
-from noisy_student import stages
-from noisy_student import train_config
-from noisy_student import train_state
-from noisy_student import train_lib
-from noisy_student.data import pipeline
+from noisy_student.serving import export
+from noisy_student.pipeline import stages
+from noisy_student.training import config as train_config
+from noisy_student.training import state
+from noisy_student.training import loop
+from noisy_student.data import streams
 from tests import test_preprocess as tp
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -99,7 +99,7 @@ def parity(tmp_path_factory):
         model_dir.mkdir()
         tiny_model(channels).save(str(model_dir / "model.keras"))
         eval_dir = tmp / f"eval{channels}"
-        config = evaluate.EvalConfig(model_path=str(model_dir),
+        config = evaluator.EvalConfig(model_path=str(model_dir),
                                      output_dir=str(eval_dir),
                                      num_classes=len(CLASSES))
         data = stages.DataConfig(test=f"folder:{folder}", channels=channels)
@@ -321,7 +321,7 @@ def _parse(cli, tmp_path, *extra):
 def test_channels_flag_reaches_the_model(pipeline_flags, tmp_path):
     config = _parse(pipeline_flags, tmp_path, "--channels=1")
     for role in (config.teacher, config.student):
-        model = train_state.build_model(role)
+        model = state.build_model(role)
         assert model.input_shape[-1] == 1
 
 
@@ -332,13 +332,13 @@ def test_one_channel_model_trains_and_evaluates(tmp_path):
         small_images=True, channels=1, batch_size=8, train_steps=2,
         warmup_steps=0, lr_schedule="constant", steps_per_loop=1,
         log_every=1, checkpoint_every=0, verbose=False)
-    input_config = pipeline.InputConfig(image_size=16, batch_size=8,
+    input_config = streams.InputConfig(image_size=16, batch_size=8,
                                         augment="none")
     data = stages.DataConfig(labeled="digits:train", test="digits:test",
                              labels_per_class=2, channels=1)
     stages.run_train(config, input_config, data, str(tmp_path / "m"))
     results = stages.run_eval(
-        evaluate.EvalConfig(model_path=str(tmp_path / "m"),
+        evaluator.EvalConfig(model_path=str(tmp_path / "m"),
                             num_classes=10), data)
     assert results["clean"]["num_examples"] == 360
     # The recipe ns-eval and ns-export read back from the model_dir.
@@ -361,10 +361,10 @@ def test_keras_cv_with_one_channel_images_is_refused_by_the_library():
     grey = tf.data.Dataset.from_tensor_slices(
         {"image": np.zeros((4, 8, 8, 1), np.uint8),
          "label": np.zeros(4, np.int32)})
-    config = pipeline.InputConfig(image_size=8, batch_size=2,
+    config = streams.InputConfig(image_size=8, batch_size=2,
                                   augment="keras_cv")
     with pytest.raises(ValueError, match="augment='keras_cv'.*channels=1"):
-        pipeline.train_dataset_fn(grey, config)
+        streams.train_dataset_fn(grey, config)
 
 
 # The recipe is read from the model, not from flags.
@@ -386,7 +386,7 @@ def test_recipe_recorded_in_the_model_dir_is_what_eval_and_serving_use(
         if recipe:
             preprocess.write_recipe(model_dir, recipe)
         out = tmp_path / f"eval_{name}"
-        stages.run_eval(evaluate.EvalConfig(
+        stages.run_eval(evaluator.EvalConfig(
             model_path=str(model_dir), output_dir=str(out), num_classes=3),
             data)
         probabilities[name] = np.load(out / "predictions.npz")["probabilities"]
@@ -406,7 +406,7 @@ def test_recipe_recorded_in_the_model_dir_is_what_eval_and_serving_use(
 
 
 def test_folder_class_names_travel_from_training_to_serving(tmp_path):
-    from noisy_student import pipeline_report  # pylint: disable=g-import-not-at-top
+    from noisy_student.pipeline import report as pipeline_report  # pylint: disable=g-import-not-at-top
     folder = tmp_path / "images"
     for c, name in enumerate(CLASSES):
         (folder / name).mkdir(parents=True)
@@ -421,12 +421,12 @@ def test_folder_class_names_travel_from_training_to_serving(tmp_path):
         lr_schedule="constant", steps_per_loop=1, log_every=1,
         checkpoint_every=0, verbose=False)
     model_dir = tmp_path / "train"
-    stages.run_train(config, pipeline.InputConfig(
+    stages.run_train(config, streams.InputConfig(
         image_size=SIZE, batch_size=4, augment="none"), data, str(model_dir))
     assert json.loads((model_dir / "class_names.json").read_text()) == list(
         CLASSES)
     eval_dir = tmp_path / "eval"
-    results = stages.run_eval(evaluate.EvalConfig(
+    results = stages.run_eval(evaluator.EvalConfig(
         model_path=str(model_dir), output_dir=str(eval_dir), num_classes=3),
         data)
     assert results["class_names"] == list(CLASSES)
@@ -472,7 +472,7 @@ def test_run_from_before_the_channels_field_resumes_and_grey_is_refused(
         num_images=32, image_size=SIZE, num_classes=10)
     dataset_fn = train_worker.make_dataset_fn(images, labels, 8, 10, 0, 0)
     model_dir = tmp_path / "run"
-    train_lib.train_and_evaluate(config, str(model_dir), dataset_fn)
+    loop.train_and_evaluate(config, str(model_dir), dataset_fn)
     path = model_dir / "config.json"
     saved = json.loads(path.read_text())
     old = {**saved["model"], **saved["optimizer"], **saved["loop"],
@@ -482,10 +482,10 @@ def test_run_from_before_the_channels_field_resumes_and_grey_is_refused(
     del old["channels"]
     path.write_text(json.dumps(old))
     more = config.replace(train_steps=2)
-    result = train_lib.train_and_evaluate(more, str(model_dir), dataset_fn)
+    result = loop.train_and_evaluate(more, str(model_dir), dataset_fn)
     assert result["start_step"] == 1 and result["step"] == 2
     with pytest.raises(ValueError, match="channels"):
-        train_lib.train_and_evaluate(more.replace(channels=1, train_steps=3),
+        loop.train_and_evaluate(more.replace(channels=1, train_steps=3),
                         str(model_dir), dataset_fn)
 
 
@@ -494,16 +494,16 @@ def test_eval_of_a_test_folder_with_some_classes_keeps_the_models_labels(
     """Review finding: a test folder holding only square/ and triangle/ was
     labelled 0 and 1 (circle, square) against a circle/square/triangle
     model."""
-    from noisy_student import model_info  # pylint: disable=g-import-not-at-top
+    from noisy_student.model import info  # pylint: disable=g-import-not-at-top
     model_dir = tmp_path / "model"
     model_dir.mkdir()
     tiny_model(3).save(str(model_dir / "model.keras"))
-    model_info.write_class_names(str(model_dir), CLASSES)
+    info.write_class_names(str(model_dir), CLASSES)
     for name in ("square", "triangle"):
         (tmp_path / "test" / name).mkdir(parents=True)
         Image.fromarray(tp.smooth(20, 20)).save(
             tmp_path / "test" / name / "a.png")
-    config = evaluate.EvalConfig(model_path=str(model_dir),
+    config = evaluator.EvalConfig(model_path=str(model_dir),
                                  output_dir=str(tmp_path / "eval"),
                                  num_classes=len(CLASSES))
     stages.run_eval(config, stages.DataConfig(test=f"folder:{tmp_path}/test"))

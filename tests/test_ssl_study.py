@@ -268,7 +268,7 @@ def test_supervised_split_is_the_pipelines_split_less_validation(tmp_path):
     """The bound trains on every image the pipeline does not hold out for
     validation, and validates on exactly the pipeline's validation slice."""
     import numpy as np  # pylint: disable=g-import-not-at-top
-    from noisy_student import stages  # pylint: disable=g-import-not-at-top
+    from noisy_student.pipeline import stages  # pylint: disable=g-import-not-at-top
     rng = np.random.default_rng(0)
     y = np.repeat(np.arange(3), 8)
     x = rng.integers(0, 255, (len(y), 4, 4)).astype(np.uint8)

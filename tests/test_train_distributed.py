@@ -11,8 +11,8 @@ import sys
 import numpy as np
 import pytest
 
-from noisy_student import model_io
-from noisy_student import train_lib
+from noisy_student.model import loading
+from noisy_student.training import loop as train_lib
 
 # no_grappler is an autouse fixture: imported, it applies here.
 from train_helpers import (  # pylint: disable=g-bad-import-order,unused-import
@@ -46,7 +46,7 @@ def distributed_setup(tmp_path_factory):
             cache["weights"] = checkpoint_weights(config, model_dir)
             cache["initial"] = {
                 w.path: w.numpy()
-                for w in model_io.load_model(init_dir).weights}
+                for w in loading.load_model(init_dir).weights}
             cache["model_dir"] = model_dir
         return cache
     return root, init_dir, reference

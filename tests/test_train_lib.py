@@ -1,4 +1,4 @@
-"""Tests for the training loop (noisy_student.train_lib) on tiny models.
+"""Tests for the training loop (noisy_student.training.loop) on tiny models.
 
 The kill -9 tests run tests/train_worker.py; the tf.distribute strategies
 tests are in test_train_distributed.py.
@@ -18,13 +18,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from noisy_student import io_utils
-from noisy_student import model_io
-from noisy_student import report
-from noisy_student import strategy as strategy_lib
-from noisy_student import train_config
-from noisy_student import train_lib
-from noisy_student import train_state
+from noisy_student.utils import storage
+from noisy_student.model import loading
+from noisy_student.utils import reports
+from noisy_student.training import strategy as strategy_lib
+from noisy_student.training import config as train_config
+from noisy_student.training import loop as train_lib
+from noisy_student.training import state as train_state
 
 # no_grappler is an autouse fixture: imported, it applies here.
 from train_helpers import (  # pylint: disable=g-bad-import-order,unused-import
@@ -70,7 +70,7 @@ def test_one_step_default_strategy_outputs(tmp_path):
     # warm-up) it is 2/11 * initial + 9/11 * trained weights.
     trained = restored_model(config, str(model_dir)).get_layer("stem_conv")
     trained = trained.kernel.numpy()
-    model = model_io.load_model(str(model_dir))
+    model = loading.load_model(str(model_dir))
     index = [w.path for w in model.weights].index("stem_conv/kernel")
     np.testing.assert_allclose(
         model.get_layer("stem_conv").kernel.numpy(),
@@ -85,7 +85,7 @@ def test_tiny_model_overfits_small_labeled_set(tmp_path):
                          checkpoint_every=0, verbose=True)
     result = train_lib.train_and_evaluate(config, str(tmp_path), synthetic_dataset_fn(
         config, num_images=16), eval_dataset=eval_dataset(config, 16))
-    losses = report.read_tensorboard_scalars(tmp_path / "logs" / "train", "loss")
+    losses = reports.read_tensorboard_scalars(tmp_path / "logs" / "train", "loss")
     assert sorted(losses) == [20, 40, 60, 80, 100]
     assert losses[100] < 0.2 * losses[20]
     assert losses[100] == pytest.approx(result["loss"], rel=1e-5)
@@ -165,7 +165,7 @@ def test_kill_9_then_resume_finishes_at_configured_step(tmp_path):
         reader = tf.train.load_checkpoint(path)
         assert int(reader.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE")) == \
             int(path.rsplit("-", 1)[1])
-    assert model_io.load_model(str(model_dir)).count_params() > 0
+    assert loading.load_model(str(model_dir)).count_params() > 0
     # A rerun of a finished run trains no further.
     again = train_lib.train_and_evaluate(config, str(model_dir), synthetic_dataset_fn(config))
     assert again["start_step"] == again["step"] == 40
@@ -175,13 +175,13 @@ def test_student_init_from_teacher_and_freeze_blocks(tmp_path):
     # Any saved model serves as the teacher; these are fresh weights.
     teacher = tiny_config()
     save_initial_model(teacher, str(tmp_path / "teacher"))
-    teacher_model = model_io.load_model(str(tmp_path / "teacher"))
+    teacher_model = loading.load_model(str(tmp_path / "teacher"))
     # FixRes-style: a larger resolution, early blocks frozen.
     student = tiny_config(train_steps=2, log_every=2, image_size=24,
                           init_from=str(tmp_path / "teacher"), freeze_blocks=2,
                           base_learning_rate=0.5)
     train_lib.train_and_evaluate(student, str(tmp_path / "student"), synthetic_dataset_fn(student))
-    model = model_io.load_model(str(tmp_path / "student"))
+    model = loading.load_model(str(tmp_path / "student"))
     assert model.input_shape[1:3] == (24, 24)
     for name in ("stem_conv", "stem_bn", "block1a_dwconv", "block2a_bn"):
         for got, want in zip(model.get_layer(name).weights,
@@ -239,8 +239,8 @@ def test_pseudo_labels_only_step_ignores_the_labeled_labels():
     """With labeled_loss_weight=0 the training step's loss and gradients do
     not depend on the labeled images' labels (the images are still
     forwarded, so batch norm sees them); with the default they do."""
-    from noisy_student import efficientnet  # pylint: disable=g-import-not-at-top
-    from noisy_student import train_step  # pylint: disable=g-import-not-at-top
+    from noisy_student.model import efficientnet  # pylint: disable=g-import-not-at-top
+    from noisy_student.training import step as train_step  # pylint: disable=g-import-not-at-top
     rng = np.random.default_rng(0)
     size, n_lab, ratio = 16, 4, 2
     batch = {
@@ -324,7 +324,7 @@ def test_dataset_that_breaks_the_contract_is_rejected(tmp_path):
         train_lib.train_and_evaluate(student.replace(unlabel_ratio=3),
                         str(tmp_path / "d"), synthetic_dataset_fn(student))
     with pytest.raises(FileNotFoundError, match="Received: model=.*nothing"):
-        model_io.load_model(str(tmp_path / "nothing"))
+        loading.load_model(str(tmp_path / "nothing"))
 
 
 @pytest.mark.parametrize("precision", ["mixed_float16", "bfloat16"])
@@ -342,7 +342,7 @@ def test_mixed_precision_one_step(tmp_path, precision):
     assert any("dynamic_scale" in n for n in names) == (
         precision == "mixed_float16")
     # Variables stay float32; the export runs in float32.
-    model = model_io.load_model(str(tmp_path))
+    model = loading.load_model(str(tmp_path))
     assert model.dtype_policy.name == "float32"
     assert all(w.dtype == "float32" for w in model.weights)
 
@@ -390,7 +390,7 @@ def _pipeline_dataset_fn(config, fail_at=None):
     """The real input pipeline (digits, RandAugment, a student's two zipped
     streams); with `fail_at`, fetching global batch `fail_at` raises, as if
     the process died there."""
-    from noisy_student.data import pipeline  # pylint: disable=g-import-not-at-top
+    from noisy_student.data import streams as pipeline  # pylint: disable=g-import-not-at-top
     from noisy_student.data import sources  # pylint: disable=g-import-not-at-top
     labeled = sources.load_source("digits:train", channels=3).dataset.take(96)
     unlabeled = sources.load_source("digits:test", labeled=False,
@@ -525,7 +525,7 @@ def test_full_disk_names_the_checkpoint_folder_and_leaves_no_partial_save(
     folder = tmp_path / "checkpoints"
     with monkeypatch.context() as patch:
         patch.setattr(tf.train.CheckpointManager, "save", _full_disk_at(4))
-        with pytest.raises(io_utils.DiskFullError) as error:
+        with pytest.raises(storage.DiskFullError) as error:
             train_lib.train_and_evaluate(config, str(tmp_path),
                                          synthetic_dataset_fn(config))
     assert str(error.value) == (
@@ -551,7 +551,7 @@ def test_full_disk_while_writing_the_model_leaves_no_partial_file(
             f.write(b"PK partial")
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(keras.saving, "save_model", save_model)
-    with pytest.raises(io_utils.DiskFullError,
+    with pytest.raises(storage.DiskFullError,
                        match=f"^no space left on the device while writing "
                              f"the model {tmp_path}/model.keras: free"):
         train_lib.train_and_evaluate(config, str(tmp_path),

@@ -1,4 +1,4 @@
-"""One run per work directory (noisy_student.workdir_lock)."""
+"""One run per work directory (noisy_student.pipeline.lock)."""
 
 import json
 import logging
@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from noisy_student import workdir_lock
+from noisy_student.pipeline import lock as workdir_lock
 
 
 def _write_lock(folder, **holder):

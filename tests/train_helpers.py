@@ -12,8 +12,8 @@ import keras
 import pytest
 import tensorflow as tf
 
-from noisy_student import train_config
-from noisy_student import train_state
+from noisy_student.training import config as train_config
+from noisy_student.training import state
 
 import train_worker  # pylint: disable=g-bad-import-order
 
@@ -47,7 +47,7 @@ def eval_dataset(config, num_images=64):
 def save_initial_model(config, path):
     """Saves freshly initialised weights, so runs in different processes can
     start from the same point (init_from)."""
-    model = train_state.build_model(config)
+    model = state.build_model(config)
     os.makedirs(path, exist_ok=True)
     keras.saving.save_model(model, os.path.join(path, "model.keras"))
     return [w.numpy() for w in model.weights]
@@ -55,7 +55,7 @@ def save_initial_model(config, path):
 
 def restored_model(config, model_dir):
     """The raw (not averaged) weights of the latest checkpoint, as a model."""
-    model = train_state.build_model(config)
+    model = state.build_model(config)
     tf.train.Checkpoint(model=model).restore(tf.train.latest_checkpoint(
         os.path.join(model_dir, "checkpoints"))).expect_partial()
     return model

@@ -74,9 +74,9 @@ def main(argv):
     model_dir, config_json, result_json = argv[1:4]
     delay_ms = float(argv[4]) if len(argv) > 4 else 0.0
     # Imported here: a multi-worker strategy must exist before other TF ops.
-    from noisy_student import strategy as strategy_lib  # pylint: disable=g-import-not-at-top
-    from noisy_student import train_config  # pylint: disable=g-import-not-at-top
-    from noisy_student import train_lib  # pylint: disable=g-import-not-at-top
+    from noisy_student.training import strategy as strategy_lib  # pylint: disable=g-import-not-at-top
+    from noisy_student.training import config as train_config  # pylint: disable=g-import-not-at-top
+    from noisy_student.training import loop as train_lib  # pylint: disable=g-import-not-at-top
     with open(config_json, encoding="utf-8") as f:
         config = train_config.TrainConfig.from_dict(json.load(f))
     strategy = strategy_lib.make_strategy(config.loop.strategy, config.loop.tpu)

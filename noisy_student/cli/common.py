@@ -22,18 +22,18 @@ from absl import flags
 from absl import logging
 import tensorflow as tf
 
-from noisy_student import checkpoints
-from noisy_student import efficientnet
-from noisy_student import inference_runtime
-from noisy_student import io_utils
-from noisy_student import model_info
-from noisy_student import predict as predict_lib
-from noisy_student import select as select_lib
-from noisy_student import train_config as train_config_lib
-from noisy_student import train_lib
-from noisy_student.data import pipeline
+from noisy_student.model import checkpoints
+from noisy_student.model import efficientnet
+from noisy_student.pseudo_labels import inference_runtime
+from noisy_student.utils import storage
+from noisy_student.model import info as model_info
+from noisy_student.pseudo_labels import prediction
+from noisy_student.pseudo_labels import selection
+from noisy_student.training import config
+from noisy_student.training import loop as train_lib
+from noisy_student.data import streams
 from noisy_student.data import preprocess
-from noisy_student import stages
+from noisy_student.pipeline import stages
 
 FLAGS = flags.FLAGS
 
@@ -51,10 +51,10 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError,
 
 
 def _user_errors():
-    from noisy_student import workdir_lock  # pylint: disable=g-import-not-at-top
+    from noisy_student.pipeline import lock  # pylint: disable=g-import-not-at-top
     # A full disk too: the user frees space (or writes elsewhere) and reruns.
-    return USER_ERRORS + (workdir_lock.WorkdirBusyError,
-                          io_utils.DiskFullError,
+    return USER_ERRORS + (lock.WorkdirBusyError,
+                          storage.DiskFullError,
                           inference_runtime.RuntimeNotInstalledError)
 
 
@@ -78,7 +78,7 @@ def run_command(main, name):
     """
     def guarded(argv):
         try:
-            with io_utils.naming_full_disk():
+            with storage.naming_full_disk():
                 return main(argv)
         except _user_errors() as e:
             if FLAGS.verbosity >= 1:
@@ -114,7 +114,7 @@ def run_command(main, name):
 def _write_problem(folder):
     """None if `folder` (made if missing) takes a new file, else why not."""
     # A unique name: the workers of one ns-predict share --out_dir.
-    probe = io_utils.temp_path(f"{str(folder).rstrip('/')}/write-test")
+    probe = storage.temp_path(f"{str(folder).rstrip('/')}/write-test")
     try:
         tf.io.gfile.makedirs(folder)
         with tf.io.gfile.GFile(probe, "w") as f:
@@ -199,7 +199,7 @@ def output_folder(folder, flag):
         if not existed and tf.io.gfile.exists(folder) and set(
                 tf.io.gfile.listdir(folder)) <= set(RECORD_FILES):
             tf.io.gfile.rmtree(folder)
-        full = io_utils.DiskFullError.of(e)
+        full = storage.DiskFullError.of(e)
         if full is None:
             raise
         raise full.with_flag(flag) from e
@@ -512,15 +512,15 @@ def role_configs(prefix, model_name, num_classes, unlabel_ratio, source,
     variant, width, depth = efficientnet.parse_model_name(model_name)
     if variant:
         width = depth = None
-    train_config = train_config_lib.TrainConfig(
-        model=train_config_lib.ModelConfig(
+    train_config = config.TrainConfig(
+        model=config.ModelConfig(
             variant=variant, width=width, depth=depth,
             num_classes=num_classes, image_size=image_size,
             small_images=small, channels=FLAGS.channels,
             dropout_rate=FLAGS[prefix + "dropout_rate"].value,
             stochastic_depth_rate=FLAGS[
                 prefix + "stochastic_depth_rate"].value),
-        optimizer=train_config_lib.OptimizerConfig(
+        optimizer=config.OptimizerConfig(
             optimizer=FLAGS.optimizer,
             base_learning_rate=FLAGS.base_learning_rate,
             warmup_epochs=FLAGS.warmup_epochs, warmup_steps=FLAGS.warmup_steps,
@@ -532,7 +532,7 @@ def role_configs(prefix, model_name, num_classes, unlabel_ratio, source,
             labeled_loss_weight=(1.0 if prefix == "teacher_"
                                  else FLAGS.labeled_loss_weight),
             ema_decay=FLAGS.ema_decay),
-        loop=train_config_lib.LoopConfig(
+        loop=config.LoopConfig(
             batch_size=batch_size, unlabel_ratio=unlabel_ratio,
             images_per_epoch=source.num_examples,
             train_steps=FLAGS[prefix + "train_steps"].value,
@@ -544,7 +544,7 @@ def role_configs(prefix, model_name, num_classes, unlabel_ratio, source,
             seed=FLAGS.seed),
         init_from=init_from, freeze_blocks=freeze_blocks)
     flip = FLAGS.flip if FLAGS.flip is not None else source.allows_flip
-    input_config = pipeline.InputConfig(
+    input_config = streams.InputConfig(
         image_size=image_size, batch_size=batch_size,
         unlabel_ratio=unlabel_ratio, augment=augment,
         num_layers=FLAGS[prefix + "num_layers"].value,
@@ -556,10 +556,10 @@ def role_configs(prefix, model_name, num_classes, unlabel_ratio, source,
 
 def define_predict_flags():
     """The flags of the predict stage (defaults: predict.py's)."""
-    flags.DEFINE_integer("predict_batch_size", predict_lib.BATCH_SIZE,
+    flags.DEFINE_integer("predict_batch_size", prediction.BATCH_SIZE,
                          "Images per teacher call when pseudo-labeling.",
                          lower_bound=1)
-    flags.DEFINE_integer("records_per_file", predict_lib.RECORDS_PER_FILE,
+    flags.DEFINE_integer("records_per_file", prediction.RECORDS_PER_FILE,
                          "Unlabeled images per prediction file (the unit of "
                          "resume and of --shard_index/--num_shards work).",
                          lower_bound=1)
@@ -613,7 +613,7 @@ def select_config(pred_dir, out_dir):
         which sets it per iteration).
       out_dir: The selection folder to write (likewise).
     """
-    return select_lib.SelectConfig(
+    return selection.SelectConfig(
         pred_dir=pred_dir, out_dir=out_dir,
         per_class=FLAGS.per_class or None,
         min_confidence=FLAGS.min_confidence, label_type=FLAGS.label_type,
@@ -662,7 +662,7 @@ def changed_flags(folder):
 
 def write_flags(folder):
     """Writes the resolved flags (a flagfile) into `folder`."""
-    io_utils.atomic_write(os.path.join(folder, FLAGS_FILE),
+    storage.atomic_write(os.path.join(folder, FLAGS_FILE),
                           FLAGS.flags_into_string())
     logging.info("Flags written to %s/%s", folder, FLAGS_FILE)
 

@@ -14,13 +14,13 @@ without top); or a model.keras of this package.
 The result (OUT_DIR/model.keras, OUT_DIR/convert.json) is accepted by
 --teacher, --init_from, --teacher_init, --student_init, ns-eval
 --model_path and ns-export --model_path. In Python, `import
-noisy_student.layers` before `keras.saving.load_model` (it registers the
+noisy_student.model.layers` before `keras.saving.load_model` (it registers the
 model's custom layers).
 """
 
 from absl import flags
 
-from noisy_student import checkpoints
+from noisy_student.model import checkpoints
 from noisy_student.cli import common
 
 FLAGS = flags.FLAGS

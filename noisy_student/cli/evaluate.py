@@ -8,9 +8,9 @@ import math
 
 from absl import flags
 
-from noisy_student import corruptions
-from noisy_student import evaluate
-from noisy_student import stages
+from noisy_student.evaluation import corruptions
+from noisy_student.evaluation import evaluator
+from noisy_student.pipeline import stages
 from noisy_student.cli import common
 
 FLAGS = flags.FLAGS
@@ -65,7 +65,7 @@ def main(argv):
 
 def evaluate_and_print():
     """Evaluates the model of the flags; prints the clean metrics."""
-    config = evaluate.EvalConfig(
+    config = evaluator.EvalConfig(
         model_path=FLAGS.model_path, output_dir=FLAGS.output_dir,
         batch_size=FLAGS.eval_batch_size,
         corruptions=tuple(FLAGS.corruptions),

@@ -25,8 +25,8 @@ folder (preprocess.json, class_names.json), not from flags.
 
 from absl import flags
 
-from noisy_student import export as export_lib
-from noisy_student import stages
+from noisy_student.serving import export
+from noisy_student.pipeline import stages
 from noisy_student.cli import common
 
 FLAGS = flags.FLAGS
@@ -47,7 +47,7 @@ def main(argv):
     """ns-export: exports a SavedModel from the parsed FLAGS."""
     del argv
     common.check_writable_parent(FLAGS.out_dir, "out_dir")
-    config = export_lib.ExportConfig(
+    config = export.ExportConfig(
         model_path=FLAGS.model_path, out_dir=FLAGS.out_dir,
         overwrite=FLAGS.overwrite, image_size=FLAGS.image_size,
         top_k=FLAGS.top_k, tflite=FLAGS.tflite)

@@ -10,9 +10,9 @@ rerunning the same command after a kill continues where it stopped.
 
 from absl import flags
 
-from noisy_student import experiment
-from noisy_student import predict as predict_lib
-from noisy_student import workdir_lock
+from noisy_student.pipeline import experiment
+from noisy_student.pseudo_labels import prediction
+from noisy_student.pipeline import lock
 from noisy_student.cli import common
 
 FLAGS = flags.FLAGS
@@ -82,7 +82,7 @@ def experiment_config():
         iterations=FLAGS.iterations,
         init_student_from_teacher=FLAGS.init_student_from_teacher,
         allow_smaller_student=FLAGS.allow_smaller_student,
-        predict=predict_lib.PredictConfig(
+        predict=prediction.PredictConfig(
             teacher="", out_dir="", num_classes=labeled.num_classes,
             batch_size=FLAGS.predict_batch_size,
             records_per_file=FLAGS.records_per_file,
@@ -101,7 +101,7 @@ def main(argv):
     with common.output_folder(FLAGS.workdir, "workdir"):
         config = experiment_config()
     # A second process on this workdir fails here, before it writes.
-    with workdir_lock.WorkdirLock(FLAGS.workdir):
+    with lock.WorkdirLock(FLAGS.workdir):
         # A workdir of the round{r}/ folders is renamed before it is read.
         experiment.migrate(config)
         # A workdir of other settings fails here, before flags.txt is

@@ -11,10 +11,10 @@ Several machines share the work with --shard_index/--num_shards and the same
 
 from absl import flags
 
-from noisy_student import model_io
-from noisy_student import predict as predict_lib
-from noisy_student import stage_inputs
-from noisy_student import stages
+from noisy_student.model import loading
+from noisy_student.pseudo_labels import prediction
+from noisy_student.pipeline import stage_inputs
+from noisy_student.pipeline import stages
 from noisy_student.cli import common
 
 FLAGS = flags.FLAGS
@@ -51,9 +51,9 @@ def main(argv):
         elif data.labeled:
             num_classes = data.labeled_source().num_classes
         else:  # Nothing names the classes but the teacher.
-            num_classes = model_io.num_classes(
-                model_io.load_model(FLAGS.teacher, what="teacher"))
-        config = predict_lib.PredictConfig(
+            num_classes = loading.num_classes(
+                loading.load_model(FLAGS.teacher, what="teacher"))
+        config = prediction.PredictConfig(
             teacher=FLAGS.teacher, out_dir=FLAGS.out_dir,
             num_classes=num_classes, batch_size=FLAGS.predict_batch_size,
             shard_index=FLAGS.shard_index, num_shards=FLAGS.num_shards,

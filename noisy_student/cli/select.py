@@ -5,7 +5,7 @@
 
 from absl import flags
 
-from noisy_student import stages
+from noisy_student.pipeline import stages
 from noisy_student.cli import common
 
 FLAGS = flags.FLAGS

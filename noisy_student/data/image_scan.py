@@ -65,7 +65,7 @@ import time
 from absl import logging
 import tensorflow as tf
 
-from noisy_student import io_utils
+from noisy_student.utils import storage
 from noisy_student.data import preprocess
 
 REPORT_FILE = "skipped_images.json"
@@ -259,7 +259,7 @@ def _read_report(report):
     if not report or not tf.io.gfile.exists(report):
         return {}
     try:
-        entries = io_utils.read_json(report)
+        entries = storage.read_json(report)
     except (ValueError, tf.errors.OpError):  # Unreadable: scan again.
         return {}
     return entries if isinstance(entries, dict) else {}
@@ -290,7 +290,7 @@ def _write_entry(report, result):
         "decoder": _decoder_name(),
         "scanned": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    io_utils.write_json(report, entries)
+    storage.write_json(report, entries)
 
 
 def _scan(folder, key, images, ignored, unlisted, log_every_s):

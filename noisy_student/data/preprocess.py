@@ -45,7 +45,7 @@ import dataclasses
 
 import tensorflow as tf
 
-from noisy_student import io_utils
+from noisy_student.utils import storage
 
 SMALL_IMAGE_MAX = 64
 CROP_PADDING = 32
@@ -95,7 +95,7 @@ def write_recipe(folder, recipe=DEFAULT_RECIPE):
       folder: The model's folder, local or gs://.
       recipe: The `Recipe` the model was trained with.
     """
-    io_utils.write_json(io_utils.join(folder, RECIPE_FILE),
+    storage.write_json(storage.join(folder, RECIPE_FILE),
                         dataclasses.asdict(recipe))
 
 
@@ -112,7 +112,7 @@ def read_recipe(model_path):
     Raises:
       ValueError: if the recorded file holds unknown or bad values.
     """
-    recipe_path, values = io_utils.read_beside_model(model_path, RECIPE_FILE)
+    recipe_path, values = storage.read_beside_model(model_path, RECIPE_FILE)
     if values is None:
         return DEFAULT_RECIPE
     names = {f.name for f in dataclasses.fields(Recipe)}

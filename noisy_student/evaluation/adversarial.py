@@ -25,7 +25,7 @@ import tensorflow as tf
 
 from noisy_student.evaluation import inference
 from noisy_student.evaluation import metrics
-from noisy_student import model_io
+from noisy_student.model import loading
 
 ATTACKS = ("fgsm", "pgd")
 
@@ -170,7 +170,7 @@ def adversarial_accuracy(model, dataset, epsilons, *, attack="fgsm",
     epsilons = [float(e) for e in epsilons]
     for epsilon in epsilons:
         _check_epsilon(epsilon)
-    model_classes = model_io.check_num_classes(model, num_classes)
+    model_classes = loading.check_num_classes(model, num_classes)
     if preprocess is None:
         preprocess = inference.default_preprocess(model)
     grad_fn = _gradient_function(model)

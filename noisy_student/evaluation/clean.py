@@ -4,7 +4,7 @@
 `metrics.classification_metrics` plus the most confident mistakes; it can
 write the per-image probabilities (predictions.npz), the row-normalised
 confusion matrix (PNG) and, with `mistakes_png`, a contact sheet of the
-mistakes. Figures are drawn through `noisy_student.report`.
+mistakes. Figures are drawn through `noisy_student.utils.reports`.
 """
 
 import io
@@ -12,10 +12,10 @@ import io
 import numpy as np
 import tensorflow as tf
 
-from noisy_student import contact_sheet
-from noisy_student import io_utils
-from noisy_student import model_io
-from noisy_student import report
+from noisy_student.utils import contact_sheet
+from noisy_student.utils import storage
+from noisy_student.model import loading
+from noisy_student.utils import reports
 from noisy_student.evaluation import inference
 from noisy_student.evaluation import metrics
 
@@ -37,18 +37,18 @@ def confusion_matrix_png(matrix, class_names=None, title=None):
     num_classes = matrix.shape[0]
     rows = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
     side = min(12.0, 3.0 + 0.3 * num_classes)
-    fig = report.new_figure(side, side)
+    fig = reports.new_figure(side, side)
     ax = fig.subplots()
     image = ax.imshow(rows, cmap="Blues", vmin=0.0, vmax=1.0)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     if num_classes <= 40:
-        label = report.class_labels(class_names, "results.json")
+        label = reports.class_labels(class_names, "results.json")
         names = [label(c) for c in range(num_classes)]
         ax.set_xticks(range(num_classes), names, rotation=90, **label.font)
         ax.set_yticks(range(num_classes), names, **label.font)
-        report.add_note(fig, label.note)
+        reports.add_note(fig, label.note)
         if num_classes <= 20:
             for (i, j), count in np.ndenumerate(matrix):
                 if count:
@@ -56,7 +56,7 @@ def confusion_matrix_png(matrix, class_names=None, title=None):
                             fontsize=7,
                             color="white" if rows[i, j] > 0.5 else "black")
     ax.set_title(title or "confusion matrix (row-normalised)")
-    return report.figure_png(fig, dpi=100)
+    return reports.figure_png(fig, dpi=100)
 
 
 def evaluate_clean(model, dataset, *, num_classes=None, batch_size=64,
@@ -93,7 +93,7 @@ def evaluate_clean(model, dataset, *, num_classes=None, batch_size=64,
         label is outside the model's classes, or `paths` is not one per
         image.
     """
-    model_classes = model_io.check_num_classes(model, num_classes)
+    model_classes = loading.check_num_classes(model, num_classes)
     logits, labels = inference.predict_logits(model, dataset, batch_size,
                                               preprocess)
     results = metrics.classification_metrics(logits, labels, model_classes,
@@ -112,9 +112,9 @@ def evaluate_clean(model, dataset, *, num_classes=None, batch_size=64,
         extra = {} if paths is None else {"paths": np.asarray(paths, str)}
         np.savez(buffer, probabilities=probabilities, labels=labels,
                  predictions=logits.argmax(axis=1), **extra)
-        io_utils.atomic_write(predictions_path, buffer.getvalue())
+        storage.atomic_write(predictions_path, buffer.getvalue())
     if confusion_png:
-        io_utils.atomic_write(confusion_png, confusion_matrix_png(
+        storage.atomic_write(confusion_png, confusion_matrix_png(
             results["confusion_matrix"], class_names))
     return results
 
@@ -139,7 +139,7 @@ def mistakes_png(dataset, mistakes, class_names=None, per_row=8):
     found = dataset.enumerate().filter(
         lambda i, element: tf.reduce_any(tf.equal(i, wanted)))
     images = {int(i): element["image"].numpy() for i, element in found}
-    name = report.class_labels(class_names, "results.json")
+    name = reports.class_labels(class_names, "results.json")
     cells = [(images[m["index"]],
               f"true {name(m['label'])}\npred {name(m['predicted'])} "
               f"{m['confidence']:.2f}") for m in mistakes]

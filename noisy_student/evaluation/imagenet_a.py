@@ -7,7 +7,7 @@ github.com/hendrycks/natural-adv-examples) and as the paper reports it.
 
 import numpy as np
 
-from noisy_student import model_io
+from noisy_student.model import loading
 from noisy_student.evaluation import inference
 from noisy_student.evaluation import metrics
 
@@ -103,10 +103,10 @@ def evaluate_imagenet_a(model, source, *, batch_size=64, preprocess=None):
     Returns:
       {"top1", "error", "num_examples"}.
     """
-    if model_io.num_classes(model) != 1000:
+    if loading.num_classes(model) != 1000:
         raise ValueError(
             "Expected a model with ImageNet's 1000 classes for ImageNet-A. "
-            f"Received: num_classes={model_io.num_classes(model)}")
+            f"Received: num_classes={loading.num_classes(model)}")
     dataset = load_imagenet_a(source) if isinstance(source, str) else source
     logits, labels = inference.predict_logits(model, dataset, batch_size,
                                               preprocess)

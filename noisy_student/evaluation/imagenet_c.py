@@ -9,7 +9,7 @@ percent (AlexNet itself scores 100), the score of the paper's ImageNet-C
 robustness results.
 
 `evaluate_corruptions` scores our own on-the-fly corruptions
-(`noisy_student.corruptions`) the same way, with any baseline (e.g. the
+(`noisy_student.evaluation.corruptions`) the same way, with any baseline (e.g. the
 teacher) in place of AlexNet.
 """
 
@@ -17,8 +17,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from noisy_student import corruptions as ns_corruptions
-from noisy_student import model_io
+from noisy_student.evaluation import corruptions as ns_corruptions
+from noisy_student.model import loading
 from noisy_student.data import preprocess as preprocess_lib
 from noisy_student.evaluation import inference
 from noisy_student.evaluation import metrics
@@ -270,7 +270,7 @@ def evaluate_imagenet_c(model, source, *, corruptions=IMAGENET_C_CORRUPTIONS,
       15 benchmark ones); otherwise only "errors" is returned.
     """
     datasets = resolve_corruption_source(source, corruptions, severities)
-    num_classes = model_io.num_classes(model)
+    num_classes = loading.num_classes(model)
     if preprocess is None:
         preprocess = inference.default_preprocess(model,
                                         preprocess_lib.WHOLE_IMAGE_RECIPE)
@@ -308,7 +308,7 @@ def evaluate_corruptions(model, dataset, *,
     Args:
       model: A model.
       dataset: Labeled, unbatched `tf.data.Dataset` (uint8 images).
-      corruptions: Names from `noisy_student.corruptions.CORRUPTION_NAMES`.
+      corruptions: Names from `noisy_student.evaluation.corruptions.CORRUPTION_NAMES`.
       severities: Severities (1..5).
       seed: Base seed; element i gets the stateless seed (seed, i), so the
         result is reproducible.
@@ -327,7 +327,7 @@ def evaluate_corruptions(model, dataset, *,
       "mean_corruption_error": mean over corruptions} and, with a baseline,
       "ce", "mce" (and "relative_ce", "relative_mce").
     """
-    model_classes = model_io.check_num_classes(model, num_classes)
+    model_classes = loading.check_num_classes(model, num_classes)
     for name in corruptions:
         ns_corruptions.get_corruption(name)
     errors = {}

@@ -8,7 +8,7 @@ probability relative to AlexNet's.
 import numpy as np
 import tensorflow as tf
 
-from noisy_student import model_io
+from noisy_student.model import loading
 from noisy_student.evaluation import inference
 
 # ImageNet-P perturbations whose frames are independent noise draws: each
@@ -75,7 +75,7 @@ def evaluate_imagenet_p(model, sequences, *, batch_size=64, step=1,
       "flip_rate" and "mfr" (percent) when a baseline is given.
     """
     fn = inference.logits_function(model)
-    size = model_io.image_size(model)
+    size = loading.image_size(model)
     fps = {}
     for name, array in sequences.items():
         array = np.asarray(array)

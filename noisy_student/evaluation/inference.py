@@ -2,9 +2,9 @@
 
 A model here is anything called as `model(images, training=False)` on float32
 pixels in [0, 255] of shape [B, S, S, C] that returns logits [B, K]: the
-`keras.Model` from `noisy_student.efficientnet` (EMA weights, as training
+`keras.Model` from `noisy_student.model.efficientnet` (EMA weights, as training
 saves them in `model_dir/model.keras`) or a SavedModel loaded with
-`noisy_student.model_io.load_model`. A data set is a `tf.data.Dataset` of
+`noisy_student.model.loading.load_model`. A data set is a `tf.data.Dataset` of
 {"image": uint8 [H, W, C], "label": int32 []} (unbatched; a batched one, image
 rank 4, is accepted too).
 
@@ -19,7 +19,7 @@ from collections.abc import Mapping
 import numpy as np
 import tensorflow as tf
 
-from noisy_student import model_io
+from noisy_student.model import loading
 from noisy_student.data import preprocess as preprocess_lib
 
 
@@ -38,8 +38,8 @@ def default_preprocess(model, recipe=None):
     Returns:
       A function uint8 [H, W, C] -> float32 [S, S, channels].
     """
-    size = model_io.image_size(model)
-    channels = model_io.channels(model)
+    size = loading.image_size(model)
+    channels = loading.channels(model)
 
     def transform(image):
         return tf.cast(
@@ -65,8 +65,8 @@ def model_pixels(dataset, model, recipe=None):
     Returns:
       The same dicts with "image" uint8 [(B,) S, S, channels].
     """
-    size = model_io.image_size(model)
-    channels = model_io.channels(model)
+    size = loading.image_size(model)
+    channels = loading.channels(model)
     batched = dataset.element_spec["image"].shape.rank == 4
     transform = (preprocess_lib.eval_images if batched
                  else preprocess_lib.eval_image)
@@ -119,7 +119,7 @@ _FUNCTIONS = weakref.WeakKeyDictionary()
 
 def input_spec(model):
     """float32 [None, S, S, C] (None sides when the model takes any)."""
-    if isinstance(model, model_io.SavedModelClassifier):
+    if isinstance(model, loading.SavedModelClassifier):
         return tf.TensorSpec([None, model.image_size, model.image_size,
                               model.channels], tf.float32)
     return tf.TensorSpec((None,) + tuple(model.input_shape[1:]), tf.float32)
@@ -127,7 +127,7 @@ def input_spec(model):
 
 def logits_function(model):
     """model(x, training=False) compiled once per model (never with XLA)."""
-    if isinstance(model, model_io.SavedModelClassifier):
+    if isinstance(model, loading.SavedModelClassifier):
         return model
     fn = _FUNCTIONS.get(model)
     if fn is None:

@@ -1,5 +1,5 @@
 // CPU kernels for the training step's two costliest elementwise and
-// depthwise gradients (see noisy_student/cpu_kernels.py, which compiles and
+// depthwise gradients (see noisy_student/kernels/loader.py, which compiles and
 // loads this file, and BENCHMARKS.md, "CPU kernels").
 //
 // NsSilu / NsSiluGrad: SiLU (swish, x * sigmoid(x); EfficientNet's

@@ -1,0 +1,239 @@
+"""tf.data input streams for training and evaluation.
+
+A training element (one per replica and step) is
+    {"labeled":   {"image": float32 [B, S, S, C], "label": int32 [B]},
+     "unlabeled": {"image": float32 [B*r, S, S, C],
+                   "target": float32 [B*r, num_classes]}}
+with r = `unlabel_ratio`; a teacher's elements have no "unlabeled" key. The
+two streams are batched separately and zipped, so every batch holds exactly r
+unlabeled images per labeled one. Each stream runs shuffle -> repeat ->
+parallel map (crop, flip) -> batch (drop_remainder, static shapes) ->
+RandAugment on the whole batch -> prefetch.
+
+With a seed, batch k of a stream is a function of k alone: the shuffle order
+is seeded, and image i's crop and batch k's RandAugment take the stateless
+seeds [seed, i] and [seed, k]. A run resumed at step k asks for the stream
+from batch k (`start_step`): the skipped images are read and shuffled but not
+cropped or augmented, and the batches that follow are the ones an
+uninterrupted run would have got. The stream does not depend on anything
+else in the process (`seeded_shuffle`): the same config gives the same
+batches whatever ran before it.
+"""
+
+import dataclasses
+
+import tensorflow as tf
+
+from noisy_student.data import randaugment as augment
+from noisy_student.data import preprocess
+
+AUTOTUNE = tf.data.AUTOTUNE
+SMALL_IMAGE_AUGMENT = {"translate_frac": 1 / 8, "cutout_frac": 1 / 8}
+
+
+@dataclasses.dataclass(frozen=True)
+class InputConfig:
+    """How training batches are made.
+
+    Attributes:
+      image_size: Side of the model's input, in pixels.
+      batch_size: Labeled images per global batch.
+      unlabel_ratio: Unlabeled images per labeled image in a batch (the
+        paper's unlabel_ratio; 0 for a teacher).
+      augment: "randaugment" (ours), "keras_cv" or "none".
+      num_layers: RandAugment's N.
+      magnitude: RandAugment's M on the paper's 0..10+ scale.
+      flip: Random left-right flips (only for data sets that allow them).
+      small_images: RandAugment's small-image translate and cutout sizes
+        (an eighth of a side; see preprocess.uses_small_image_augment). The
+        crop itself follows each image's own size (see preprocess).
+      shuffle_buffer: Elements in each shuffle buffer.
+      seed: Seed of shuffling and augmentation; None for a random one.
+    """
+    image_size: int
+    batch_size: int
+    unlabel_ratio: int = 0
+    augment: str = "randaugment"
+    num_layers: int = 2
+    magnitude: float = 10.0
+    flip: bool = False
+    small_images: bool = True
+    shuffle_buffer: int = 10_000
+    seed: int | None = None
+
+    def __post_init__(self):
+        for name in ("image_size", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"Expected {name} > 0. Received: "
+                                 f"{name}={getattr(self, name)}")
+        if self.unlabel_ratio < 0:
+            raise ValueError("Expected unlabel_ratio >= 0. Received: "
+                             f"unlabel_ratio={self.unlabel_ratio}")
+
+
+def seeded_shuffle(dataset, buffer_size, seed, op_seed):
+    """`dataset.shuffle` whose order depends on its seeds alone.
+
+    `tf.data.Dataset.shuffle(seed=op_seed)` pairs `op_seed` with the
+    process's global seed (`tf.random.set_seed`, which
+    `keras.utils.set_random_seed` calls) as it stands when the dataset is
+    built, or with a fixed default when none was set: the same call gave
+    another order after other code had seeded TensorFlow. This builds the
+    same shuffle with both seeds given, which is what `shuffle` does after
+    `tf.random.set_seed(seed)`: a training run's stream (built after
+    `train_state.create_train_state` seeds TensorFlow with the run's seed)
+    is unchanged.
+
+    Args:
+      dataset: Any tf.data.Dataset.
+      buffer_size: Elements in the shuffle buffer (int > 0).
+      seed: The global half of the seed pair (int).
+      op_seed: The op half (int).
+
+    Returns:
+      The shuffled dataset, reshuffled on each iteration (each epoch of a
+      `repeat` gets another order), with `dataset`'s element_spec.
+    """
+    specs = tf.nest.flatten(dataset.element_spec)
+    variant = tf.raw_ops.ShuffleDatasetV3(
+        input_dataset=tf.data.experimental.to_variant(dataset),
+        buffer_size=tf.constant(buffer_size, tf.int64),
+        seed=tf.constant(seed, tf.int64),
+        seed2=tf.constant(op_seed, tf.int64),
+        seed_generator=tf.raw_ops.DummySeedGenerator(),
+        reshuffle_each_iteration=True,
+        output_types=[spec.dtype for spec in specs],
+        output_shapes=[spec.shape for spec in specs])
+    return tf.data.experimental.from_variant(variant, dataset.element_spec)
+
+
+def _stream(dataset, config, per_replica_batch, input_context, augmenter,
+            salt, start_step=0):
+    """One shuffled, repeated, preprocessed, batched and augmented stream,
+    from its batch `start_step` on."""
+    if input_context and input_context.num_input_pipelines > 1:
+        dataset = dataset.shard(input_context.num_input_pipelines,
+                                input_context.input_pipeline_id)
+    seed = None
+    if config.seed is None:
+        dataset = dataset.shuffle(config.shuffle_buffer,
+                                  reshuffle_each_iteration=True)
+    else:
+        pipeline_id = input_context.input_pipeline_id if input_context else 0
+        seed = config.seed * 1000 + pipeline_id * 10 + salt
+        dataset = seeded_shuffle(dataset, config.shuffle_buffer, config.seed,
+                                 seed)
+    dataset = dataset.repeat()
+    # Element i is cropped with the stateless seed [seed, i]: reproducible
+    # under parallel map. Without a seed, each run draws its own base seed.
+    base_seed = seed if seed is not None else int(
+        tf.random.uniform((), maxval=2**31 - 1, dtype=tf.int64))
+
+    def crop(index, element):
+        image = preprocess.train_image(
+            element["image"], config.image_size, flip=config.flip,
+            seed=tf.stack([tf.constant(base_seed, tf.int64), index]))
+        return {**element, "image": image}
+
+    dataset = dataset.enumerate()
+    if start_step:
+        # Skipped before the crop: resuming costs reading, not augmenting.
+        dataset = dataset.skip(start_step * per_replica_batch)
+    dataset = dataset.map(crop, num_parallel_calls=AUTOTUNE)
+    dataset = dataset.batch(per_replica_batch, drop_remainder=True)
+    # Whole batches are augmented at once (the ops are vectorised); with a
+    # seed, batch i gets the stateless seed [seed, i], so the stream does not
+    # depend on thread timing.
+    dataset = augment.augment_dataset(dataset, augmenter, seed=seed,
+                                      start_index=start_step)
+    return dataset.map(
+        lambda batch: {**batch, "image": tf.cast(batch["image"], tf.float32)},
+        num_parallel_calls=AUTOTUNE)
+
+
+def train_dataset_fn(labeled, config, unlabeled=None, num_classes=None):
+    """Returns `dataset_fn(input_context)` for distribute_datasets_from_function.
+
+    Args:
+      labeled: Unbatched {"image": uint8, "label": int32} dataset.
+      config: An `InputConfig`.
+      unlabeled: Unbatched {"image": uint8, "target": float32 [num_classes]}
+        dataset (the selected pseudo-labels), required when
+        config.unlabel_ratio > 0.
+      num_classes: Length of the targets, checked against `unlabeled`.
+
+    Returns:
+      `dataset_fn(input_context=None, start_step=0)`: the per-replica
+      training stream from its batch `start_step` on (what train_lib asks
+      for when it resumes from a checkpoint at that step). With
+      config.seed, the stream resumed at step k equals the uninterrupted
+      stream without its first k batches.
+
+    Raises:
+      ValueError: if the pseudo-labels are missing or of the wrong length,
+        or keras_cv's RandAugment is asked for 1-channel images.
+    """
+    channels = labeled.element_spec["image"].shape[-1]
+    if config.augment == "keras_cv" and channels == 1:
+        # keras_cv's colour ops (RandomColorDegeneration ...) need RGB.
+        raise ValueError(
+            "Expected augment='randaugment' or 'none' for 1-channel images "
+            "(keras_cv's RandAugment needs RGB). Received: "
+            "augment='keras_cv', channels=1")
+    if config.unlabel_ratio > 0:
+        if unlabeled is None:
+            raise ValueError("Expected pseudo-labeled data when "
+                             f"unlabel_ratio={config.unlabel_ratio} > 0. "
+                             "Received: unlabeled=None")
+        target_len = unlabeled.element_spec["target"].shape[-1]
+        if num_classes is not None and target_len not in (None, num_classes):
+            raise ValueError(
+                f"Expected pseudo-label targets of length {num_classes}. "
+                f"Received: length {target_len}")
+
+    def dataset_fn(input_context=None, start_step=0):
+        batch = config.batch_size
+        if input_context is not None:
+            batch = input_context.get_per_replica_batch_size(batch)
+        seed = None if config.seed is None else config.seed + 7
+        # Small images take the official CIFAR/SVHN translate and cutout
+        # sizes (an eighth of a side) instead of ImageNet's 100 and 40 of 224.
+        sizes = SMALL_IMAGE_AUGMENT if config.small_images and (
+            config.augment == "randaugment") else {}
+        augmenter = augment.make_augmenter(
+            config.augment, num_layers=config.num_layers,
+            magnitude=config.magnitude, seed=seed, **sizes)
+        streams = {"labeled": _stream(labeled, config, batch, input_context,
+                                      augmenter, salt=1,
+                                      start_step=start_step)}
+        if config.unlabel_ratio > 0:
+            streams["unlabeled"] = _stream(
+                unlabeled, config, batch * config.unlabel_ratio,
+                input_context, augmenter, salt=2, start_step=start_step)
+        return tf.data.Dataset.zip(streams).prefetch(AUTOTUNE)
+
+    return dataset_fn
+
+
+def eval_dataset(dataset, image_size, batch_size, *, channels=None,
+                 recipe=None):
+    """Batched, clean evaluation images (the last batch may be smaller).
+
+    Args:
+      dataset: Unbatched {"image": uint8 [H, W, C], ...} dataset.
+      image_size: The model's input side.
+      batch_size: Images per batch.
+      channels: The model's input channels (None keeps the source's).
+      recipe: The model's `preprocess.Recipe` (default: the default one).
+
+    Returns:
+      A dataset of {"image": float32 [b, S, S, C], ...} batches, each image
+      through `preprocess.eval_image`.
+    """
+    def clean(element):
+        image = preprocess.eval_image(element["image"], image_size,
+                                      channels, recipe)
+        return {**element, "image": tf.cast(image, tf.float32)}
+
+    return dataset.map(clean, num_parallel_calls=AUTOTUNE).batch(
+        batch_size).prefetch(AUTOTUNE)

@@ -1,0 +1,1 @@
+"""The CPU training kernels: the C++ source and its loader."""

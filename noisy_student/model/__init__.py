@@ -1,0 +1,1 @@
+"""The models: EfficientNet and its layers, pretrained checkpoints in, loading a trained model."""

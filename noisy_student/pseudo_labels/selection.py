@@ -1,0 +1,528 @@
+"""The select stage: filter and balance the teacher's pseudo-labels.
+
+Step 3 of Noisy Student: drop images whose top confidence is below
+`min_confidence` (0.3 in the paper: mostly out-of-domain images), keep per
+class the `per_class` (K) most confident (130,000 on ImageNet), and duplicate
+the images of classes with fewer than K up to K: each kept image of a class
+with n < K images gets K/n copies, stochastically rounded (floor(K/n) copies,
+plus one more with probability frac(K/n), drawn from a hash of (seed, index)
+so the result does not depend on file order or on the machine).
+
+The thresholds come from the prediction histograms alone (no pass over the
+records): per class c, the bins are scanned from the most confident down, and
+the boundary bin b*_c is the one where the running count first reaches K.
+Every image of c in a higher bin is kept, plus exactly m_c = K - (count
+above b*_c) images of bin b*_c: the FIRST m_c of them in global index order
+(bins are 1/num_bins wide, 0.001 by default, so these tie-broken images differ
+from the strictly most confident ones by less than one bin). This makes the
+kept counts exact, and the records are read once, streaming, in index order.
+
+`min_confidence` is applied at bin resolution: an image passes if its bin is
+at least ceil(min_confidence * num_bins), i.e. min_confidence is rounded up
+to the next bin edge (0.3 is an edge of the default 1000 bins, so it is
+exact there); the report gives the effective value.
+
+Targets (stored as float16, see `noisy_student.pseudo_labels.records`):
+  soft: p^(1/T) renormalised (computed in log space). T = 1 keeps the
+        teacher's probabilities, T < 1 sharpens them and T -> 0 approaches
+        the one-hot argmax; T > 1 flattens them.
+  hard: the one-hot argmax.
+
+The selected records are written to `num_files` files, each to a temporary
+name renamed at the end; copy j of an image goes to file (h + j) mod
+num_files for a per-image hash h, so duplicates land in different files and
+an interleaved reader does not see them back to back. selection.json, written
+last, marks a finished selection; report.json / report.md / report.png give
+every count (with the class names when the prediction folder records them,
+class_names.json), and contact_sheets/ shows the most and least confident
+kept images of each class (both written by `selection_report`).
+
+Size: `select(config)` and its small steps, the histogram plan and the
+per-record math (hash-seeded copies, targets) are one streaming pass over
+the records; the report is apart (`selection_report`).
+"""
+
+import dataclasses
+import math
+import time
+
+from absl import logging
+import numpy as np
+import tensorflow as tf
+
+from noisy_student.utils import storage
+from noisy_student.model import info as model_info
+from noisy_student.pseudo_labels import records as pl
+from noisy_student.pseudo_labels import selection_report
+
+LABEL_TYPES = ("soft", "hard")
+MAX_OPEN_FILES = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectConfig:
+    """Settings of the select stage.
+
+    Attributes:
+      pred_dir: A complete prediction folder (from the predict stage).
+      out_dir: The selection folder to write.
+      per_class: K, images kept per class (the paper's 130,000 on
+        ImageNet); None keeps every confident image once (no balancing).
+      min_confidence: Images whose top probability is below this are
+        dropped (the paper's 0.3).
+      label_type: "soft" (probabilities) or "hard" (one-hot) targets.
+      temperature: T of the soft targets p^(1/T) (1 keeps the teacher's).
+      seed: Seed of the stochastic rounding of the duplication.
+      duplicate: Duplicate classes with fewer than K images up to K.
+      num_files: Number of output files; None sizes them to about
+        `records_per_file` records each.
+      records_per_file: Target records per output file when num_files is
+        None.
+    """
+    pred_dir: str
+    out_dir: str
+    per_class: int | None = None
+    min_confidence: float = 0.3
+    label_type: str = "soft"
+    temperature: float = 1.0
+    seed: int = 0
+    duplicate: bool = True
+    num_files: int | None = None
+    records_per_file: int = 4096
+
+    def __post_init__(self):
+        # Checked when built, so the pipeline refuses a bad value before
+        # the teacher trains, not in the select stage hours later.
+        per_class = self.per_class
+        if per_class is not None and (
+                not isinstance(per_class, (int, np.integer)) or per_class < 1):
+            raise ValueError(
+                "Expected per_class to be a positive integer or None. "
+                f"Received: per_class={per_class!r}")
+        if not 0.0 <= self.min_confidence < 1.0:
+            raise ValueError(
+                "Expected 0 <= min_confidence < 1. Received: "
+                f"min_confidence={self.min_confidence!r}")
+        if self.label_type not in LABEL_TYPES:
+            raise ValueError(
+                f"Expected label_type in {LABEL_TYPES}. Received: "
+                f"label_type={self.label_type!r}")
+        if not self.temperature > 0:
+            raise ValueError("Expected temperature > 0. Received: "
+                             f"temperature={self.temperature!r}")
+        if self.num_files is not None and self.num_files < 1:
+            raise ValueError("Expected num_files >= 1 or None. Received: "
+                             f"num_files={self.num_files}")
+        if self.records_per_file < 1:
+            raise ValueError("Expected records_per_file >= 1. Received: "
+                             f"records_per_file={self.records_per_file}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectionPlan:
+    """Per-class decisions computed from the histograms alone.
+
+    Attributes (arrays have one entry per class):
+      min_bin: First bin that passes min_confidence.
+      predicted: Images whose argmax is the class (any confidence).
+      confident: Those with confidence >= min_confidence.
+      full_bin: Every image in a bin >= full_bin is kept.
+      boundary_bin: Bin from which only `boundary_take` images are kept
+        (-1 for none).
+      boundary_take: Images kept from `boundary_bin` (first in index order).
+      kept_unique: Images kept (exact).
+      duplication: Expected copies per kept image (K/n, or 1).
+      threshold: Lower confidence edge of the lowest kept bin (NaN when
+        nothing is kept).
+    """
+    num_bins: int
+    min_bin: int
+    predicted: np.ndarray
+    confident: np.ndarray
+    full_bin: np.ndarray
+    boundary_bin: np.ndarray
+    boundary_take: np.ndarray
+    kept_unique: np.ndarray
+    duplication: np.ndarray
+    threshold: np.ndarray
+
+    @property
+    def expected_total(self):
+        """Expected kept images per class, copies included."""
+        return self.kept_unique * self.duplication
+
+
+def min_bin_of(min_confidence, num_bins):
+    """The first histogram bin that passes `min_confidence` (rounded up).
+
+    Args:
+      min_confidence: Threshold in [0, 1].
+      num_bins: Bins over [0, 1] of the prediction histograms.
+
+    Returns:
+      int in [0, num_bins].
+    """
+    # The epsilon keeps an exact edge like 0.3 * 1000 = 300.00000000000006
+    # on bin 300 instead of 301.
+    return int(min(num_bins, max(0, math.ceil(min_confidence * num_bins
+                                              - 1e-6))))
+
+
+def plan_selection(histogram, per_class, min_confidence, duplicate=True):
+    """Computes per-class thresholds, counts and duplication factors.
+
+    Args:
+      histogram: int [num_classes, num_bins] counts of images per argmax
+        class and confidence bin (summed over the prediction blocks).
+      per_class: K, or None for no cap and no duplication.
+      min_confidence: Minimum top probability.
+      duplicate: Duplicate classes with fewer than K images up to K.
+
+    Returns:
+      A `SelectionPlan`.
+    """
+    histogram = np.asarray(histogram, np.int64)
+    num_classes, num_bins = histogram.shape
+    min_bin = min_bin_of(min_confidence, num_bins)
+    predicted = histogram.sum(axis=1)
+    confident = histogram[:, min_bin:].sum(axis=1)
+    full_bin = np.full(num_classes, min_bin, np.int64)
+    boundary_bin = np.full(num_classes, -1, np.int64)
+    boundary_take = np.zeros(num_classes, np.int64)
+    kept = confident.copy()
+    duplication = np.where(confident > 0, 1.0, 0.0)
+    threshold = np.where(confident > 0, min_bin / num_bins, np.nan)
+    if per_class is not None:
+        # Running counts from the most confident bin down.
+        from_top = np.cumsum(histogram[:, ::-1], axis=1)[:, ::-1]
+        for c in range(num_classes):
+            if confident[c] > per_class:
+                # Highest bin b whose count of images in bins >= b reaches K.
+                b = int(np.nonzero(from_top[c] >= per_class)[0][-1])
+                above = int(from_top[c, b + 1]) if b + 1 < num_bins else 0
+                full_bin[c] = b + 1
+                boundary_bin[c] = b
+                boundary_take[c] = per_class - above
+                kept[c] = per_class
+                threshold[c] = b / num_bins
+            elif confident[c] > 0 and duplicate:
+                duplication[c] = per_class / confident[c]
+    return SelectionPlan(num_bins, min_bin, predicted, confident, full_bin,
+                         boundary_bin, boundary_take, kept, duplication,
+                         threshold)
+
+
+def hash_uniform(seed, indices, stream=0):
+    """Uniform [0, 1) numbers from a hash of (seed, index, stream).
+
+    A counter-based generator (splitmix64's finaliser): the draw of an image
+    depends only on its index and the seed, not on the order of reading.
+
+    Args:
+      seed: Integer seed.
+      indices: int array of global image indices.
+      stream: Distinguishes independent uses of the same (seed, index).
+
+    Returns:
+      float64 array shaped like `indices`.
+    """
+    mask = (1 << 64) - 1
+    x = np.asarray(indices, np.int64).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        x = (x * np.uint64(0x9E3779B97F4A7C15)
+             + np.uint64((seed * 0xD1B54A32D192ED03 + stream * 0x8CB92BA72F3D8DD7
+                          + 0x632BE59BD9B4E019) & mask))
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def stochastic_copies(duplication, indices, seed):
+    """Copies per image: floor(d) plus one with probability frac(d).
+
+    Args:
+      duplication: float array, each image's expected copies d.
+      indices: Global indices of the images (the randomness comes from them).
+      seed: Integer seed.
+
+    Returns:
+      int64 array of copies (mean d over seeds).
+    """
+    duplication = np.asarray(duplication, np.float64)
+    whole = np.floor(duplication)
+    extra = hash_uniform(seed, indices) < duplication - whole
+    return (whole + extra).astype(np.int64)
+
+
+def make_targets(probs, labels, label_type, temperature):
+    """Training targets from the teacher's probabilities.
+
+    Args:
+      probs: float [N, num_classes] probabilities.
+      labels: int [N] argmax classes.
+      label_type: "soft" or "hard".
+      temperature: T > 0; soft targets are p^(1/T) renormalised.
+
+    Returns:
+      float32 [N, num_classes] targets, each summing to 1.
+    """
+    probs = np.asarray(probs, np.float64)
+    if label_type == "hard":
+        targets = np.zeros(probs.shape, np.float32)
+        targets[np.arange(len(labels)), labels] = 1.0
+        return targets
+    if temperature == 1.0:
+        return (probs / probs.sum(axis=1, keepdims=True)).astype(np.float32)
+    # Log space: p^(1/T) under- or overflows for small T in linear space.
+    with np.errstate(divide="ignore"):
+        logits = np.log(probs) / temperature
+    logits -= logits.max(axis=1, keepdims=True)
+    weights = np.exp(logits)
+    return (weights / weights.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def total_histogram(pred_dir, info):
+    """Sums the histograms of all blocks of a complete prediction folder.
+
+    Args:
+      pred_dir: The prediction folder.
+      info: Its predict_info.json contents (num_classes, num_bins, blocks).
+
+    Returns:
+      (int64 [K, num_bins] counts, number of records).
+    """
+    total = np.zeros((info["num_classes"], info["num_bins"]), np.int64)
+    num_records = 0
+    for block in info["blocks"]:
+        counts, records = pl.read_histogram(
+            storage.join(pred_dir, pl.histogram_name(block)))
+        total += counts
+        num_records += records
+    if num_records != info["num_images"]:
+        raise ValueError(
+            f"Expected the histograms of {pred_dir} to count "
+            f"{info['num_images']} images (the source's size). Received: "
+            f"{num_records}")
+    return total
+
+
+def _record_batches(pred_dir, info, batch_size=512):
+    """Streams the prediction records in index order, in numpy batches."""
+    files = [storage.join(pred_dir, pl.records_name(b)) for b in info["blocks"]]
+    num_classes = info["num_classes"]
+
+    def parse(serialized):
+        features = tf.io.parse_example(serialized, pl.PREDICTION_FEATURES)
+        features["probs"] = pl.decode_float16(features["probs"], num_classes)
+        return features
+
+    dataset = tf.data.TFRecordDataset(files, buffer_size=1 << 20)
+    dataset = dataset.batch(batch_size).map(parse).prefetch(2)
+    for batch in dataset:
+        yield {key: value.numpy() for key, value in batch.items()}
+
+
+def select(config, num_classes=None):
+    """Filters and balances the predictions, writes the selected set.
+
+    Args:
+      config: A `SelectConfig` (validated when built).
+      num_classes: Expected class count (checked against the predictions);
+        None takes the predictions'.
+
+    Returns:
+      The report as a dict (also written to out_dir/report.json).
+
+    Raises:
+      ValueError: if every image is filtered out, for incomplete predictions
+        or another class count.
+      FileNotFoundError: if pred_dir is not a prediction folder.
+    """
+    start = time.time()
+    info, class_names, histogram = _read_predictions(config, num_classes)
+    plan = _plan(config, histogram, info)
+    num_files = config.num_files or _files_for(plan, config.records_per_file)
+    marker = _clear_selection(config.out_dir)
+    names = [pl.selected_name(i, num_files) for i in range(num_files)]
+    kept = _write_selection(config, plan, info, names)
+    if not np.array_equal(kept.unique, plan.kept_unique):
+        # The histograms and the records disagree: a corrupt folder.
+        raise ValueError(
+            f"Expected the records of {config.pred_dir} to match its "
+            f"histograms. Received: kept {kept.unique.tolist()} images per "
+            f"class, planned {plan.kept_unique.tolist()}")
+    # Files of an earlier selection with another file count are stale.
+    for name in tf.io.gfile.listdir(config.out_dir):
+        if pl.is_selected_file(name) and name not in names:
+            tf.io.gfile.remove(storage.join(config.out_dir, name))
+    report = selection_report.selection_report(
+        config, plan, kept, info, num_files,
+                               class_names)
+    report["seconds"] = time.time() - start
+    selection_report.write(config.out_dir, report, histogram, plan)
+    storage.write_json(marker, {
+        "num_classes": info["num_classes"], "channels": info.get("channels"),
+        "files": names,
+        "file_records": kept.file_counts.tolist(),
+        "num_records": int(kept.total.sum()),
+        "unique_images": int(kept.unique.sum()),
+        "label_type": config.label_type, "temperature": config.temperature})
+    logging.info("select: kept %d unique images, %d with copies, in %d files",
+                 kept.unique.sum(), kept.total.sum(), num_files)
+    return report
+
+
+def _read_predictions(config, num_classes):
+    """(info, class names or None, [K, num_bins] int64 histogram) of
+    config.pred_dir, checked complete and of `num_classes` classes."""
+    pred_dir = config.pred_dir
+    info = pl.check_predictions(pred_dir)
+    if num_classes is not None and num_classes != info["num_classes"]:
+        raise ValueError(
+            f"Expected num_classes={info['num_classes']} as in the "
+            f"predictions of {pred_dir}. Received: num_classes={num_classes}")
+    class_names = model_info.read_class_names(pred_dir)
+    if class_names is not None and len(class_names) != info["num_classes"]:
+        logging.warning("select: %d class names for %d classes in %s; "
+                        "showing ids", len(class_names), info["num_classes"],
+                        pred_dir)
+        class_names = None
+    return info, class_names, total_histogram(pred_dir, info)
+
+
+def _plan(config, histogram, info):
+    """The `SelectionPlan`; raises ValueError if it keeps no image."""
+    plan = plan_selection(histogram, config.per_class, config.min_confidence,
+                          config.duplicate)
+    if plan.kept_unique.sum() == 0:
+        top = np.nonzero(histogram.sum(axis=0))[0]
+        best = (top.max() + 1) / plan.num_bins if top.size else 0.0
+        raise ValueError(
+            "Expected at least one image with confidence >= min_confidence. "
+            f"Received: min_confidence={config.min_confidence} (effective "
+            f"{plan.min_bin / plan.num_bins}); all {info['num_images']} "
+            f"images are below it (highest confidence < {best:.3f})")
+    return plan
+
+
+def _files_for(plan, records_per_file):
+    """Output files for about `records_per_file` records each (at most
+    MAX_OPEN_FILES, since all are open at once)."""
+    expected_total = float(plan.expected_total.sum())
+    return int(min(MAX_OPEN_FILES, max(
+        1, math.ceil(expected_total / records_per_file))))
+
+
+def _clear_selection(out_dir):
+    """Creates out_dir, unmarks a previous selection there (a half-replaced
+    selection must not look finished) and removes temporary files; returns
+    the path of the marker (selection.json)."""
+    tf.io.gfile.makedirs(out_dir)
+    marker = storage.join(out_dir, pl.SELECTION_FILE)
+    if tf.io.gfile.exists(marker):
+        tf.io.gfile.remove(marker)
+    for name in tf.io.gfile.listdir(out_dir):
+        if storage.is_temp(name):
+            tf.io.gfile.remove(storage.join(out_dir, name))
+    return marker
+
+
+@dataclasses.dataclass
+class _Kept:
+    """What a selection kept (arrays per class unless said otherwise).
+
+    Attributes:
+      unique: int64: images kept.
+      total: int64: records written, copies included.
+      min_confidence: float: lowest kept confidence (inf: none kept).
+      file_counts: int64 [num_files]: records per output file.
+      extremes: The `selection_report.Extremes` for the contact sheets.
+      taken_boundary: int64: images taken from the boundary bin so far.
+    """
+    unique: np.ndarray
+    total: np.ndarray
+    min_confidence: np.ndarray
+    file_counts: np.ndarray
+    extremes: "selection_report.Extremes"
+    taken_boundary: np.ndarray
+
+    @classmethod
+    def empty(cls, num_classes, num_files):
+        """Nothing kept yet, for `num_classes` classes and `num_files`
+        output files."""
+        return cls(np.zeros(num_classes, np.int64),
+                   np.zeros(num_classes, np.int64),
+                   np.full(num_classes, np.inf),
+                   np.zeros(num_files, np.int64),
+                   selection_report.Extremes(
+                       selection_report.CONTACT_SHEET_IMAGES,
+                       selection_report.MAX_CONTACT_SHEETS),
+                   np.zeros(num_classes, np.int64))
+
+
+def _write_selection(config, plan, info, names):
+    """Streams the prediction records once, in index order, and writes the
+    kept ones (with their copies) into the files `names` of out_dir, each
+    through a temporary name renamed at the end; returns the `_Kept`."""
+    finals = [storage.join(config.out_dir, name) for name in names]
+    temps = [storage.temp_path(path) for path in finals]
+    writers = [tf.io.TFRecordWriter(path) for path in temps]
+    kept = _Kept.empty(info["num_classes"], len(names))
+    try:
+        for batch in _record_batches(config.pred_dir, info):
+            _write_batch(config, plan, batch, writers, kept)
+        for writer in writers:
+            writer.close()
+        for temp, final in zip(temps, finals):
+            tf.io.gfile.rename(temp, final, overwrite=True)
+    except BaseException:
+        for writer, temp in zip(writers, temps):
+            writer.close()
+            if tf.io.gfile.exists(temp):
+                tf.io.gfile.remove(temp)
+        raise
+    return kept
+
+
+def _kept_rows(plan, labels, bins, taken_boundary):
+    """Rows of a batch the plan keeps: above the class's full bin, plus the
+    first `boundary_take` of its boundary bin in index order."""
+    keep = (bins >= plan.min_bin) & (bins >= plan.full_bin[labels])
+    for row in np.nonzero(bins == plan.boundary_bin[labels])[0]:
+        c = labels[row]
+        if taken_boundary[c] < plan.boundary_take[c]:
+            taken_boundary[c] += 1
+            keep[row] = True
+    return np.nonzero(keep)[0]
+
+
+def _write_batch(config, plan, batch, writers, kept):
+    """Writes one batch's kept records and adds them to `kept`."""
+    labels = batch["label"].astype(np.int64)
+    bins = pl.confidence_bins(batch["confidence"], plan.num_bins)
+    rows = _kept_rows(plan, labels, bins, kept.taken_boundary)
+    if not rows.size:
+        return
+    labels, indices = labels[rows], batch["index"][rows]
+    confidences = batch["confidence"][rows]
+    copies = stochastic_copies(plan.duplication[labels], indices, config.seed)
+    targets = make_targets(batch["probs"][rows], labels, config.label_type,
+                           config.temperature)
+    num_files = len(writers)
+    first_file = np.floor(hash_uniform(config.seed, indices, stream=1)
+                          * num_files).astype(np.int64)
+    images = batch["image"]
+    for k, row in enumerate(rows):
+        for copy in range(copies[k]):
+            record = pl.encode_selected(images[row], targets[k], labels[k],
+                                        confidences[k], indices[k], copy)
+            file_index = (first_file[k] + copy) % num_files
+            writers[file_index].write(record)
+            kept.file_counts[file_index] += 1
+    kept.extremes.add(labels, confidences, indices, images[rows])
+    np.add.at(kept.unique, labels, 1)
+    np.add.at(kept.total, labels, copies)
+    np.minimum.at(kept.min_confidence, labels, confidences)

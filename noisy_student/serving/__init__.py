@@ -1,0 +1,1 @@
+"""The SavedModel a trained model is exported to."""

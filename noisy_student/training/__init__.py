@@ -1,0 +1,1 @@
+"""Training a teacher or a student: config, model state, the step, the loop, losses, optimizers, strategies."""

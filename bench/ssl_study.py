@@ -141,7 +141,7 @@ def load(workdir, run):
 
 def migrated(folder):
     """`folder`, its round{r}/ folders of a run made before the rename
-    renamed (`workdir_layout.migrate`; nothing happens to a new one)."""
+    renamed (`pipeline.layout.migrate`; nothing happens to a new one)."""
     if os.path.isdir(folder):
         layout.migrate(folder)
     return folder

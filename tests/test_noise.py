@@ -5,7 +5,7 @@ RandAugment, and its forward pass runs with dropout and stochastic depth.
 These tests take the student's settings from the `noisy-student` command's
 own flag parsing (`flags/digits.cfg`, shrunk to a tiny model), build its
 input stream with `pipeline.train_dataset_fn` and its model with
-`train_state.build_model`, as `stages.run_train` does, and check each noise
+`training.state.build_model`, as `stages.run_train` does, and check each noise
 source on the unlabeled half of a student batch. Each check is paired with
 the same computation with that noise switched off (`--student_augment=none`,
 `--student_dropout_rate=0`, `--student_stochastic_depth_rate=0`), which must
@@ -125,7 +125,7 @@ def _model_and_batch(student, *extra):
     images = tf.concat([batch["labeled"]["image"],
                         batch["unlabeled"]["image"]], axis=0)
     # The student's forward pass is on labeled + unlabeled images at once
-    # (train_lib's step); rows n_labeled: are the unlabeled half.
+    # (training.loop's step); rows n_labeled: are the unlabeled half.
     return config, state.build_model(config), images, batch
 
 

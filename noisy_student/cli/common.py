@@ -69,7 +69,7 @@ def run_command(main, name):
     User errors (bad or missing flags included) are printed as
     `name: error: message` on stderr (tracebacks with --verbosity=1 or
     more); help asked for (`--help`) exits with status 0. So is a full
-    device (or quota), from any write: `io_utils.DiskFullError`'s message
+    device (or quota), from any write: `utils.storage.DiskFullError`'s message
     names what was being written, where possible.
 
     Args:
@@ -188,7 +188,7 @@ def output_folder(folder, flag):
 
     Raises:
       UsageError: from `check_writable_dir`, before the block runs.
-      io_utils.DiskFullError: for a full device in the block, naming
+      utils.storage.DiskFullError: for a full device in the block, naming
         --flag as the other place to write to.
     """
     existed = tf.io.gfile.exists(folder)
@@ -555,7 +555,7 @@ def role_configs(prefix, model_name, num_classes, unlabel_ratio, source,
 
 
 def define_predict_flags():
-    """The flags of the predict stage (defaults: predict.py's)."""
+    """The flags of the predict stage (defaults: pseudo_labels/prediction.py's)."""
     flags.DEFINE_integer("predict_batch_size", prediction.BATCH_SIZE,
                          "Images per teacher call when pseudo-labeling.",
                          lower_bound=1)

@@ -18,7 +18,7 @@ probabilities equal ns-eval's for the same file:
 Outputs: probabilities, top_k_classes, top_k_scores, top_k_names, valid,
 error and class_names. An image serve_bytes cannot decode does not fail the
 request: its row has valid false, an error ("empty input", "undecodable
-image: ..."), probabilities 0 and top_k_classes -1 (see export.py). An
+image: ..."), probabilities 0 and top_k_classes -1 (see serving/export.py). An
 empty request returns 0 rows. The crop numbers and class names are read from the model's
 folder (preprocess.json, class_names.json), not from flags.
 """

@@ -81,7 +81,7 @@ def seeded_shuffle(dataset, buffer_size, seed, op_seed):
     another order after other code had seeded TensorFlow. This builds the
     same shuffle with both seeds given, which is what `shuffle` does after
     `tf.random.set_seed(seed)`: a training run's stream (built after
-    `train_state.create_train_state` seeds TensorFlow with the run's seed)
+    `training.state.create_train_state` seeds TensorFlow with the run's seed)
     is unchanged.
 
     Args:
@@ -164,7 +164,7 @@ def train_dataset_fn(labeled, config, unlabeled=None, num_classes=None):
 
     Returns:
       `dataset_fn(input_context=None, start_step=0)`: the per-replica
-      training stream from its batch `start_step` on (what train_lib asks
+      training stream from its batch `start_step` on (what training.loop asks
       for when it resumes from a checkpoint at that step). With
       config.seed, the stream resumed at step k equals the uninterrupted
       stream without its first k batches.

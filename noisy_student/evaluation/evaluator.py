@@ -1,6 +1,6 @@
 """The ns-eval stage: its config and the one call that runs the evaluators.
 
-`run_evaluation` reads the model (`model_io.load_model`: EMA weights of a
+`run_evaluation` reads the model (`model.loading.load_model`: EMA weights of a
 training folder, a `model.keras` or a SavedModel), puts the clean images
 through the model's eval transform once, runs every evaluator the
 `EvalConfig` asks for and writes the results. The evaluators live in
@@ -126,7 +126,7 @@ def run_evaluation(config, dataset=None, model=None, recipe=None,
       dataset: Labeled clean data set of user images of any size (None:
         skip clean, corruption and adversarial evaluation).
       model: An already loaded model; by default
-        `model_io.load_model(model_path)`.
+        `model.loading.load_model(model_path)`.
       recipe: The model's `preprocess.Recipe`; by default the one recorded
         with config.model_path.
       paths: The images' file paths in data set order (folder sources),

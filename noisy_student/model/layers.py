@@ -159,8 +159,8 @@ class SmallMapDepthwiseConv2D(keras.layers.DepthwiseConv2D):
                 f"data_format={self.data_format}, dilation_rate="
                 f"{self.dilation_rate}")
 
-    # Set by train_state.use_cpu_kernels: larger maps take
-    # cpu_kernels.depthwise_conv2d (its filter gradient is one kernel).
+    # Set by training.state.use_cpu_kernels: larger maps take
+    # kernels.loader.depthwise_conv2d (its filter gradient is one kernel).
     cpu_kernels = False
 
     def call(self, inputs):
@@ -198,9 +198,9 @@ class SmallMapDepthwiseConv2D(keras.layers.DepthwiseConv2D):
 class GateMultiply(keras.layers.Multiply):
     """keras.layers.Multiply whose product of a [N, H, W, C] map and a
     [N, 1, 1, C] gate (squeeze-and-excitation's) runs
-    `cpu_kernels.channel_scale`: the gradient of both inputs in one pass
+    `kernels.loader.channel_scale`: the gradient of both inputs in one pass
     where TF takes a broadcast multiply, another multiply and a sum.
-    `train_state.use_cpu_kernels` switches the training model's Multiply
+    `training.state.use_cpu_kernels` switches the training model's Multiply
     layers to it in place (no state); other inputs use Keras' own code.
     """
 
@@ -282,11 +282,11 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
 class BatchNormSilu(FusedBatchNormalization):
     """Batch norm followed by SiLU, trained with one CPU kernel each way.
 
-    `train_state.use_cpu_kernels` switches, in place, a
+    `training.state.use_cpu_kernels` switches, in place, a
     `FusedBatchNormalization` whose only consumer is a SiLU `Activation` to
     this class and that activation to the identity, in every mode: same
     function, same variables. In training on float32 NHWC batches it runs
-    `cpu_kernels.batch_norm_silu` (about 2x TF's fused batch norm plus SiLU,
+    `kernels.loader.batch_norm_silu` (about 2x TF's fused batch norm plus SiLU,
     forward + backward, BENCHMARKS.md "CPU kernels"); otherwise the parent's
     batch norm, then SiLU.
     """

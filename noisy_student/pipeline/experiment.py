@@ -2,7 +2,7 @@
 
 Iteration 0 trains the teacher on the labeled images and evaluates it. Each
 iteration r >= 1 (the paper's word, Sec. 3.1) then runs, in
-`workdir/iteration{r}/` (see `workdir_layout`):
+`workdir/iteration{r}/` (see `pipeline.layout`):
   predict  the previous iteration's model (EMA weights, no noise) labels the
            unlabeled images;
   select   filter (min confidence) and balance (K per class) the labels;
@@ -13,8 +13,8 @@ The final student is exported to `workdir/export/`. `workdir/manifest.json`
 records every stage with a fingerprint of its settings, so rerunning the same
 call after a kill continues where it stopped, and a call with changed
 settings fails (or, with overwrite, redoes the stages they change).
-One process at a time runs in a workdir (`workdir_lock`). A workdir made
-before the round -> iteration rename is renamed first (`workdir_layout`).
+One process at a time runs in a workdir (`pipeline.lock`). A workdir made
+before the round -> iteration rename is renamed first (`pipeline.layout`).
 """
 
 import dataclasses
@@ -417,7 +417,7 @@ def migrate(config):
     """Renames a workdir made before the round -> iteration rename.
 
     Call it holding the workdir's lock, before `check` (see
-    `workdir_layout.migrate`; a no-op on other work directories).
+    `pipeline.layout.migrate`; a no-op on other work directories).
 
     Raises:
       ValueError: if an iteration's folder or stage exists under both names.
@@ -434,7 +434,7 @@ def run(config, steps=None):
         lock (the workdir already migrated); None: migrate and check here.
 
     Raises:
-      workdir_lock.WorkdirBusyError: if another process runs in the workdir.
+      pipeline.lock.WorkdirBusyError: if another process runs in the workdir.
       ValueError: see `migrate` and `check`.
     """
     workdir = config.workdir.rstrip("/")

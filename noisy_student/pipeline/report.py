@@ -20,7 +20,7 @@ def iteration_entry(r, role, name, metrics, results, manifest, selection):
       r: The iteration (0: the teacher).
       role: "teacher" or "student".
       name: The model's name (b0, wW-dD ...).
-      metrics: The train stage's summary (`train_lib.train_and_evaluate`).
+      metrics: The train stage's summary (`training.loop.train_and_evaluate`).
       results: The eval stage's results (`evaluate.run_evaluation`).
       manifest: The workdir's `manifest.Manifest` (train seconds).
       selection: The select stage's totals, or None for the teacher.

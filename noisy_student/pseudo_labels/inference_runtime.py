@@ -120,7 +120,7 @@ def probabilities_fn(teacher, runtime, precision, batch_size, image_size,
 
     Args:
       teacher: A keras.Model returning logits, or a
-        `model_io.SavedModelClassifier`; called with `training=False`.
+        `model.loading.SavedModelClassifier`; called with `training=False`.
       runtime: One of RUNTIMES (checked with `check`).
       precision: One of PRECISIONS.
       batch_size: B, the images of every call (the predict stage pads its

@@ -247,7 +247,7 @@ def predict(teacher, dataset, out_dir, num_classes, batch_size=BATCH_SIZE,
 
     Args:
       teacher: A keras.Model returning logits, a
-        `model_io.SavedModelClassifier`, or a path for `model_io.load_model`.
+        `model.loading.SavedModelClassifier`, or a path for `model.loading.load_model`.
       dataset: Unbatched tf.data.Dataset of {"image": uint8 [H, W, C]} in a
         deterministic order (the global index of an image is its position).
       out_dir: The prediction folder, shared by all workers.
@@ -326,7 +326,7 @@ def _label_unfinished_blocks(dataset, probabilities, sink, num_classes,
     Args:
       dataset: The unlabeled source.
       probabilities: The teacher's pixels -> probabilities function.
-      sink: The `prediction_writer.ThreadedSink` that writes the blocks.
+      sink: The `pseudo_labels.writer.ThreadedSink` that writes the blocks.
       num_classes: K, checked against the teacher's output.
       progress: Called with the number of images labeled so far.
       **pipeline: The arguments of `_input_pipeline` but `seen`.
@@ -404,7 +404,7 @@ def _load_teacher(teacher, num_classes, image_size):
     """The teacher model, its recipe, input side and channels.
 
     Args:
-      teacher: A model, or a path for `model_io.load_model` (its recorded
+      teacher: A model, or a path for `model.loading.load_model` (its recorded
         preprocessing recipe is read too).
       num_classes: The class count the teacher must output.
       image_size: The teacher's input side, or None to read it from the
@@ -471,7 +471,7 @@ def _label_batches(batches, probabilities, sink, num_classes, progress):
     Args:
       batches: Batches of {"index", "pixels", "encoded"} (`_input_pipeline`).
       probabilities: From `inference_runtime.probabilities_fn`.
-      sink: A `prediction_writer.ThreadedSink`; aborted (temporary files
+      sink: A `pseudo_labels.writer.ThreadedSink`; aborted (temporary files
         removed) on any exception, which is re-raised.
       num_classes: K, checked against the teacher's output.
       progress: Called with the number of images labeled so far.

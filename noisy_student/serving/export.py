@@ -436,7 +436,7 @@ def export(model, out_dir, *, overwrite=False, image_size=None, top_k=5,
                 signatures={"serving_default": module.serve_images,
                             "serve_images": module.serve_images,
                             "serve_bytes": module.serve_bytes})
-            # Read back by model_info / preprocess when the SavedModel is
+            # Read back by model.info / preprocess when the SavedModel is
             # used as a teacher or evaluated.
             preprocess.write_recipe(tmp, recipe)
             info.write_class_names(tmp, names)

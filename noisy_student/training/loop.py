@@ -12,10 +12,10 @@ multi_worker_mirrored, tpu) and leaves in `model_dir`:
     metrics.json     every evaluation, the best and the last (top-1, top-5);
     model.keras      the EMA weights in Keras format, written atomically at
                      the end (what later stages load with
-                     `model_io.load_model`).
+                     `model.loading.load_model`).
 
 The parts, as in flax's examples/imagenet: `train_config` (the nested
-config), `train_state` (model, optimizer, EMA, step, checkpoints:
+config), `training.state` (model, optimizer, EMA, step, checkpoints:
 `create_train_state`), `train_step` (the step and evaluation functions,
 built apart from the loop) and this module (the loop, logging, metrics.json).
 

@@ -17,7 +17,7 @@ TPU or CPU device on GCP"), so there the regular checkpoints are the
 protection; keep `checkpoint_every` short enough.
 
 Checkpoint timing stays ours (saves at multiples of `checkpoint_every`, see
-`train_lib`) rather than `tf.train.CheckpointManager`'s `checkpoint_interval`
+`training.loop`) rather than `tf.train.CheckpointManager`'s `checkpoint_interval`
 (checked with TF 2.21): that interval counts from the last save the manager
 knows (its `last_checkpoint_step` argument, else none, so a fresh run would
 save at its first loop), which after a resume from a preemption checkpoint
@@ -317,7 +317,7 @@ def save_checkpoint(state, step):
       The checkpoint's path prefix.
 
     Raises:
-      io_utils.DiskFullError: naming the checkpoint folder, if the device
+      utils.storage.DiskFullError: naming the checkpoint folder, if the device
         is full. Whatever the error, the failed save's files (its
         ckpt-N_temp/ folder) are removed and the last checkpoint stays
         the latest.
@@ -429,7 +429,7 @@ def export_ema_model(state, config, model_dir):
       model_dir: The run's folder (or a .keras path), local or gs://.
 
     Raises:
-      io_utils.DiskFullError: naming model.keras, if the device is full
+      utils.storage.DiskFullError: naming model.keras, if the device is full
         (no partial file is left).
     """
     averages = state.ema.numpy_averages() if state.ema else {}

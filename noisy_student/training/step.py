@@ -90,7 +90,7 @@ def make_replica_step(state, config, replicas, metrics):
     """The per-replica training step `fn(batch, step)` (`step` 0-based int64).
 
     Args:
-      state: A `train_state.TrainState`.
+      state: A `training.state.TrainState`.
       config: A `train_config.TrainConfig`.
       replicas: Replicas in sync (each adds its share of the L2 gradient).
       metrics: The `Metrics` the step adds to.
@@ -149,7 +149,7 @@ def make_train_loop(state, config, strategy, metrics):
     """The training loop function of one host (the TPU host-loop pattern).
 
     Args:
-      state: A `train_state.TrainState`.
+      state: A `training.state.TrainState`.
       config: A `train_config.TrainConfig`.
       strategy: The run's tf.distribute strategy.
       metrics: The `Metrics` the steps add to.
@@ -211,7 +211,7 @@ def checked_dataset_fn(dataset_fn, config, start_step):
     """`dataset_fn` from `start_step` on, checked against the step's input.
 
     Args:
-      dataset_fn: The `train_dataset_fn` of `train_lib.train_and_evaluate`
+      dataset_fn: The `train_dataset_fn` of `training.loop.train_and_evaluate`
         (with or without a `start_step` keyword).
       config: A `train_config.TrainConfig`.
       start_step: The batch to start from (a resumed run's step).

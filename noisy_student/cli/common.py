@@ -13,6 +13,7 @@ every command.
 """
 
 import contextlib
+import dataclasses
 import math
 import os
 import sys
@@ -22,20 +23,19 @@ from absl import flags
 from absl import logging
 import tensorflow as tf
 
-from noisy_student.model import checkpoints
-from noisy_student.model import efficientnet
 from noisy_student.pseudo_labels import inference_runtime
 from noisy_student.utils import storage
 from noisy_student.model import info as model_info
 from noisy_student.pseudo_labels import prediction
 from noisy_student.pseudo_labels import selection
-from noisy_student.training import config
 from noisy_student.training import loop as train_lib
-from noisy_student.data import streams
 from noisy_student.data import preprocess
+from noisy_student.pipeline import recipes
 from noisy_student.pipeline import stages
 
 FLAGS = flags.FLAGS
+# The flags' defaults: the Python API's (recipes.Recipe).
+RECIPE = recipes.Recipe()
 
 
 class UsageError(ValueError):
@@ -326,42 +326,39 @@ def data_config(scan_dir=None, demo=False):
         skip_corrupt=FLAGS.skip_corrupt, scan_dir=scan_dir)
 
 
-def define_role_flags(prefix, role, default_model="b0", steps=1000,
-                      augment="randaugment", magnitude=10.0, model=True):
-    """Defines the flags that differ between a teacher and a student.
+def define_role_flags(prefix, role, model=True):
+    """Defines the flags that differ between a teacher and a student
+    (`recipes.Recipe`'s fields of those names, with its defaults).
 
     Args:
       prefix: Flag name prefix ("", "teacher_", "student_").
       role: The role named in the help texts (teacher, student, model).
-      default_model: Default of --{prefix}model.
-      steps: Default of --{prefix}train_steps.
-      augment: Default of --{prefix}augment.
-      magnitude: Default of --{prefix}magnitude (RandAugment M, 0-30).
       model: Whether to define --{prefix}model.
     """
     if model:
         flags.DEFINE_string(
-            prefix + "model", default_model,
+            prefix + "model", RECIPE.model,
             f"The {role}'s EfficientNet: b0..b8, l2, or wW-dD (width W, depth "
             "D coefficients, e.g. w0.5-d0.5).")
-    flags.DEFINE_integer(prefix + "train_steps", steps,
+    flags.DEFINE_integer(prefix + "train_steps", RECIPE.train_steps,
                          f"Training steps of the {role} (global batches).",
                          lower_bound=0)
-    flags.DEFINE_enum(prefix + "augment", augment,
+    flags.DEFINE_enum(prefix + "augment", RECIPE.augment,
                       ["randaugment", "keras_cv", "none"],
                       f"Input noise of the {role}: the paper's RandAugment "
                       "(ours), keras_cv's, or none.")
-    define_float(prefix + "magnitude", magnitude,
+    define_float(prefix + "magnitude", RECIPE.magnitude,
                  f"RandAugment magnitude M of the {role} on the paper's "
                  "0..10 scale, > 10 allowed (paper: 27 for B7, 5 SVHN).",
                  lower_bound=0)
-    flags.DEFINE_integer(prefix + "num_layers", 2,
+    flags.DEFINE_integer(prefix + "num_layers", RECIPE.num_layers,
                          f"RandAugment ops per image N of the {role} (2).",
                          lower_bound=0)
-    define_float(prefix + "dropout_rate", None,
+    define_float(prefix + "dropout_rate", RECIPE.dropout_rate,
                  f"Head dropout of the {role}; default: the variant's "
                  "(B0 0.2 ... B7 0.5).", lower_bound=0, below=1)
-    define_float(prefix + "stochastic_depth_rate", 0.2,
+    define_float(prefix + "stochastic_depth_rate",
+                 RECIPE.stochastic_depth_rate,
                  f"Base stochastic-depth drop rate of the {role} "
                  "(paper: 0.2; rate of block i is 0.2*i/n).",
                  lower_bound=0, below=1)
@@ -369,89 +366,89 @@ def define_role_flags(prefix, role, default_model="b0", steps=1000,
 
 def define_train_flags():
     """Training recipe flags shared by teachers and students."""
-    flags.DEFINE_integer("image_size", None,
+    flags.DEFINE_integer("image_size", RECIPE.image_size,
                          "Model input side in pixels; default: the teacher "
                          "variant's (B0 224).", lower_bound=MIN_IMAGE_SIZE)
-    flags.DEFINE_bool("small_images", None,
+    flags.DEFINE_bool("small_images", RECIPE.small_images,
                       "Stride 1 in stages 2-3 (inputs <= 64 px); default: on "
                       "when image_size <= 64, unless starting from pretrained "
                       "weights (then the checkpoint's strides: standard for "
                       "ImageNet checkpoints).")
-    flags.DEFINE_bool("flip", None, "Random left-right flips; default: on "
+    flags.DEFINE_bool("flip", RECIPE.flip, "Random left-right flips; default: on "
                       "unless the source is digits/MNIST/SVHN-like.")
-    flags.DEFINE_integer("batch_size", 128,
+    flags.DEFINE_integer("batch_size", RECIPE.batch_size,
                          "Labeled images per global batch (SVHN recipe: 128).",
                          lower_bound=1)
-    flags.DEFINE_integer("unlabel_ratio", 3,
+    flags.DEFINE_integer("unlabel_ratio", RECIPE.unlabel_ratio,
                          "Unlabeled images per labeled image in a student's "
                          "batch (paper: 1 for B0, 3 for B1-B7, 14/28 L2).",
                          lower_bound=0)
-    flags.DEFINE_enum("optimizer", "rmsprop", ["rmsprop", "sgd", "adam",
+    flags.DEFINE_enum("optimizer", RECIPE.optimizer, ["rmsprop", "sgd", "adam",
                                                "adamw"],
                       "Optimizer (paper: RMSProp rho 0.9, momentum 0.9, "
                       "eps 1e-3).")
-    define_float("base_learning_rate", 0.016,
+    define_float("base_learning_rate", RECIPE.base_learning_rate,
                  "Learning rate per 256 labeled images, scaled to "
                  "--batch_size (official code's flag: 0.016).",
                  above=0)
-    define_float("warmup_epochs", 5.0, "Linear warm-up epochs (5).",
+    define_float("warmup_epochs", RECIPE.warmup_epochs, "Linear warm-up epochs (5).",
                  lower_bound=0)
-    flags.DEFINE_integer("warmup_steps", None,
+    flags.DEFINE_integer("warmup_steps", RECIPE.warmup_steps,
                          "Warm-up in steps; overrides --warmup_epochs.",
                          lower_bound=0)
-    flags.DEFINE_enum("lr_schedule", "exponential",
+    flags.DEFINE_enum("lr_schedule", RECIPE.lr_schedule,
                       ["exponential", "cosine", "constant"],
                       "exponential: x0.97 every 2.4 epochs (paper); cosine "
                       "over the run.")
-    define_float("lr_decay_epochs", 2.4,
+    define_float("lr_decay_epochs", RECIPE.lr_decay_epochs,
                  "Epochs between x0.97 decays (paper: 2.4).",
                  above=0)
-    define_float("weight_decay", 1e-5,
+    define_float("weight_decay", RECIPE.weight_decay,
                  "L2 weight decay on non-batch-norm weights (1e-5).",
                  lower_bound=0)
-    define_float("label_smoothing", 0.1,
+    define_float("label_smoothing", RECIPE.label_smoothing,
                  "Label smoothing of the labeled loss (0.1).",
                  lower_bound=0, below=1)
-    define_float("labeled_loss_weight", 1.0,
+    define_float("labeled_loss_weight", RECIPE.labeled_loss_weight,
                  "Weight of the labeled cross-entropy in a student's "
                  "loss (1: the paper's; 0: pseudo-labels only, the "
                  "labeled images still forwarded; an ablation, not in "
                  "the paper). The pipeline's teacher always uses 1.",
                  lower_bound=0)
-    define_float("ema_decay", 0.9999,
+    define_float("ema_decay", RECIPE.ema_decay,
                  "Decay of the weights' moving average used to "
                  "evaluate, teach and export (0.9999; 0 = off).",
                  lower_bound=0, below=1)
     _define_device_flags()
-    flags.DEFINE_integer("steps_per_loop", 50,
+    flags.DEFINE_integer("steps_per_loop", RECIPE.steps_per_loop,
                          "Steps per tf.function call (TPU host loop).",
                          lower_bound=1)
-    flags.DEFINE_integer("checkpoint_every", 500,
+    flags.DEFINE_integer("checkpoint_every", RECIPE.checkpoint_every,
                          "Steps between checkpoints (0: only at the end).",
                          lower_bound=0)
-    flags.DEFINE_integer("eval_every", 0,
+    flags.DEFINE_integer("eval_every", RECIPE.eval_every,
                          "Steps between validations (0: only at the end).",
                          lower_bound=0)
-    flags.DEFINE_integer("log_every", 50,
+    flags.DEFINE_integer("log_every", RECIPE.log_every,
                          "Steps between progress lines.", lower_bound=1)
-    flags.DEFINE_integer("seed", 0, "Seed of weights, noise and shuffling.",
+    flags.DEFINE_integer("seed", RECIPE.seed, "Seed of weights, noise and shuffling.",
                          lower_bound=0, upper_bound=MAX_SEED)
 
 
 def _define_device_flags():
     """Where and how the step runs: precision, strategy, XLA, CPU kernels."""
-    flags.DEFINE_enum("precision", "float32",
+    flags.DEFINE_enum("precision", RECIPE.precision,
                       ["float32", "bfloat16", "mixed_float16"],
                       "Compute precision (bfloat16 on TPU).")
-    flags.DEFINE_enum("strategy", "default",
+    flags.DEFINE_enum("strategy", RECIPE.strategy,
                       ["default", "one_device", "mirrored",
                        "multi_worker_mirrored", "tpu"],
                       "tf.distribute strategy.")
-    flags.DEFINE_string("tpu", None,
+    flags.DEFINE_string("tpu", RECIPE.tpu,
                         "TPU address for --strategy=tpu ('local' on a VM).")
-    flags.DEFINE_bool("jit_compile", False,
+    flags.DEFINE_bool("jit_compile", RECIPE.jit_compile,
                       "XLA-compile the step (slower on CPU; TPU compiles).")
-    flags.DEFINE_bool("cpu_kernels", True,
+    flags.DEFINE_bool("cpu_kernels", RECIPE.cpu_kernels,
                       "On CPU in float32 without XLA, train batch norm + "
                       "SiLU, SiLU, the depthwise filter gradient and the "
                       "squeeze-and-excite gate with the project's C++ "
@@ -463,95 +460,35 @@ def _define_device_flags():
                       "them.")
 
 
-def resolve_image_size(model_name):
-    """--image_size, else the resolution of `model_name`'s variant (B0's
-    224 for a wW-dD model)."""
-    if FLAGS.image_size:
-        return FLAGS.image_size
-    variant, _, _ = efficientnet.parse_model_name(model_name)
-    return efficientnet.get_variant(variant or "b0").resolution
+def recipe_from_flags(prefix, model=None):
+    """The `recipes.Recipe` of one role from the flags.
 
-
-def role_configs(prefix, model_name, num_classes, unlabel_ratio, source,
-                 init_from=None, layout_from=None, freeze_blocks=0):
-    """(TrainConfig, InputConfig) of one role from the flags.
+    Each field is read from --{prefix}<field> where the command defines it,
+    else from --<field> (the flags both roles share), else it keeps its
+    default.
 
     Args:
       prefix: The role's flag prefix ("teacher_", "student_" or "").
-      model_name: The role's EfficientNet name.
-      num_classes: Classes of the labeled source.
-      unlabel_ratio: 0 for a teacher.
-      source: The labeled `ImageSource`.
-      init_from: Pretrained weights the role starts from (TrainConfig).
-      layout_from: Pretrained weights whose stride layout sets the default
-        of --small_images (ImageNet checkpoints: standard strides);
-        default `init_from`.
-      freeze_blocks: MBConv blocks frozen (TrainConfig.freeze_blocks).
-
-    Returns:
-      (train_config.TrainConfig, pipeline.InputConfig), both validated.
+      model: The role's model name, when no --{prefix}model flag sets it.
 
     Raises:
-      ValueError: for flags out of range (the message names the field,
-        which is the flag's name without the role prefix).
+      UsageError: for --{prefix}augment=keras_cv with --channels=1 (keras_cv's
+        RandAugment needs RGB), naming both flags.
     """
-    image_size = resolve_image_size(model_name)
-    small = FLAGS.small_images
-    layout_from = layout_from or init_from
-    if small is None and layout_from:
-        small = checkpoints.source_small_images(layout_from)
-    elif small is None:
-        small = image_size <= preprocess.SMALL_IMAGE_MAX
-    batch_size = FLAGS.batch_size
-    augment = FLAGS[prefix + "augment"].value
-    if augment == "keras_cv" and FLAGS.channels == 1:
-        raise ValueError(
+    values = {}
+    for field in dataclasses.fields(recipes.Recipe):
+        for name in (prefix + field.name, field.name):
+            if name in FLAGS:
+                values[field.name] = FLAGS[name].value
+                break
+    if model is not None:
+        values["model"] = model
+    if values["augment"] == "keras_cv" and FLAGS.channels == 1:
+        raise UsageError(
             f"Expected --{prefix}augment=randaugment or none with "
             f"--channels=1 (keras_cv's RandAugment needs RGB). Received: "
             f"--{prefix}augment=keras_cv, --channels=1")
-    variant, width, depth = efficientnet.parse_model_name(model_name)
-    if variant:
-        width = depth = None
-    train_config = config.TrainConfig(
-        model=config.ModelConfig(
-            variant=variant, width=width, depth=depth,
-            num_classes=num_classes, image_size=image_size,
-            small_images=small, channels=FLAGS.channels,
-            dropout_rate=FLAGS[prefix + "dropout_rate"].value,
-            stochastic_depth_rate=FLAGS[
-                prefix + "stochastic_depth_rate"].value),
-        optimizer=config.OptimizerConfig(
-            optimizer=FLAGS.optimizer,
-            base_learning_rate=FLAGS.base_learning_rate,
-            warmup_epochs=FLAGS.warmup_epochs, warmup_steps=FLAGS.warmup_steps,
-            lr_schedule=FLAGS.lr_schedule,
-            lr_decay_epochs=FLAGS.lr_decay_epochs,
-            weight_decay=FLAGS.weight_decay,
-            label_smoothing=FLAGS.label_smoothing,
-            # A teacher's loss is the labeled term alone.
-            labeled_loss_weight=(1.0 if prefix == "teacher_"
-                                 else FLAGS.labeled_loss_weight),
-            ema_decay=FLAGS.ema_decay),
-        loop=config.LoopConfig(
-            batch_size=batch_size, unlabel_ratio=unlabel_ratio,
-            images_per_epoch=source.num_examples,
-            train_steps=FLAGS[prefix + "train_steps"].value,
-            precision=FLAGS.precision, strategy=FLAGS.strategy, tpu=FLAGS.tpu,
-            steps_per_loop=FLAGS.steps_per_loop,
-            checkpoint_every=FLAGS.checkpoint_every,
-            eval_every=FLAGS.eval_every, log_every=FLAGS.log_every,
-            jit_compile=FLAGS.jit_compile, cpu_kernels=FLAGS.cpu_kernels,
-            seed=FLAGS.seed),
-        init_from=init_from, freeze_blocks=freeze_blocks)
-    flip = FLAGS.flip if FLAGS.flip is not None else source.allows_flip
-    input_config = streams.InputConfig(
-        image_size=image_size, batch_size=batch_size,
-        unlabel_ratio=unlabel_ratio, augment=augment,
-        num_layers=FLAGS[prefix + "num_layers"].value,
-        magnitude=FLAGS[prefix + "magnitude"].value, flip=flip,
-        small_images=preprocess.uses_small_image_augment(image_size),
-        seed=FLAGS.seed)
-    return train_config, input_config
+    return recipes.Recipe(**values)
 
 
 def define_predict_flags():

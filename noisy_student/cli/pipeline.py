@@ -8,10 +8,12 @@ rerunning the same command after a kill continues where it stopped.
   noisy-student --flagfile=flags/digits.cfg --workdir=/tmp/ns-digits
 """
 
+import dataclasses
+
 from absl import flags
 
+from noisy_student import api
 from noisy_student.pipeline import experiment
-from noisy_student.pseudo_labels import prediction
 from noisy_student.pipeline import lock
 from noisy_student.cli import common
 
@@ -46,7 +48,7 @@ flags.DEFINE_bool("overwrite", False, "Redo stages whose settings changed "
                   "instead of failing.")
 common.define_data_flags(demo=True)
 common.define_train_flags()
-common.define_role_flags("teacher_", "teacher", augment="randaugment")
+common.define_role_flags("teacher_", "teacher")
 common.define_role_flags("student_", "student", model=False)
 common.define_predict_flags()
 common.define_select_flags()
@@ -57,40 +59,28 @@ flags.adopt_module_key_flags(common)
 def experiment_config():
     """Turns FLAGS into an ExperimentConfig (checks before any work)."""
     data = common.data_config(scan_dir=FLAGS.workdir, demo=True)
-    labeled = data.labeled_source()
-    layout = FLAGS.teacher_init or FLAGS.student_init
-    teacher, teacher_input = common.role_configs(
-        "teacher_", FLAGS.teacher_model, labeled.num_classes, 0, labeled,
-        init_from=FLAGS.teacher_init, layout_from=layout)
+    teacher = common.recipe_from_flags("teacher_")
+    student = common.recipe_from_flags("student_", model=FLAGS.teacher_model)
     if FLAGS.unlabel_ratio <= 0:
         raise ValueError("Expected --unlabel_ratio > 0. Received: "
                          f"unlabel_ratio={FLAGS.unlabel_ratio}")
-    student, student_input = common.role_configs(
-        "student_", FLAGS.teacher_model, labeled.num_classes,
-        FLAGS.unlabel_ratio, labeled, init_from=FLAGS.student_init,
-        layout_from=layout)
-    if FLAGS.iterations:
-        data.unlabeled_source()  # Fails now, not after the teacher.
-    # A test (or validation) set the model cannot score fails now too.
-    data.eval_source("validation" if data.validation_size else "test",
-                     num_classes=labeled.num_classes)
-    return experiment.ExperimentConfig(
-        workdir=FLAGS.workdir, data=data, teacher=teacher,
-        teacher_input=teacher_input, student=student,
-        student_input=student_input,
-        student_models=tuple(FLAGS.student_models),
-        iterations=FLAGS.iterations,
+    select = common.select_config(pred_dir="", out_dir="")
+    return api.pipeline_config(
+        FLAGS.workdir, data, teacher=teacher, student=student,
+        iterations=FLAGS.iterations, student_models=FLAGS.student_models,
+        teacher_init=FLAGS.teacher_init, student_init=FLAGS.student_init,
         init_student_from_teacher=FLAGS.init_student_from_teacher,
         allow_smaller_student=FLAGS.allow_smaller_student,
-        predict=prediction.PredictConfig(
-            teacher="", out_dir="", num_classes=labeled.num_classes,
-            batch_size=FLAGS.predict_batch_size,
-            records_per_file=FLAGS.records_per_file,
-            inference_runtime=FLAGS.inference_runtime,
-            inference_precision=FLAGS.inference_precision),
-        select=common.select_config(pred_dir="", out_dir=""),
-        export=FLAGS.export, overwrite=FLAGS.overwrite,
-        student_resolution_from_model=FLAGS.image_size is None)
+        predict_settings={
+            "batch_size": FLAGS.predict_batch_size,
+            "records_per_file": FLAGS.records_per_file,
+            "inference_runtime": FLAGS.inference_runtime,
+            "inference_precision": FLAGS.inference_precision},
+        select_settings={
+            field.name: getattr(select, field.name)
+            for field in dataclasses.fields(select)
+            if field.name not in ("pred_dir", "out_dir")},
+        export=FLAGS.export, overwrite=FLAGS.overwrite)
 
 
 def main(argv):

@@ -10,6 +10,7 @@ import contextlib
 
 from absl import flags
 
+from noisy_student.pipeline import recipes
 from noisy_student.pipeline import stage_inputs
 from noisy_student.pipeline import stages
 from noisy_student.training import strategy as strategy_lib
@@ -57,9 +58,10 @@ def main(argv):
         stage_inputs.check_owner(FLAGS.model_dir, "train", "--model_dir")
         labeled = data.labeled_source()
         ratio = FLAGS.unlabel_ratio if FLAGS.pseudo_labels else 0
-        train_config, input_config = common.role_configs(
-            "", FLAGS.model, labeled.num_classes, ratio, labeled,
-            init_from=FLAGS.init_from, freeze_blocks=FLAGS.freeze_blocks)
+        train_config, input_config = recipes.train_configs(
+            common.recipe_from_flags(""), labeled, channels=FLAGS.channels,
+            unlabel_ratio=ratio, init_from=FLAGS.init_from,
+            freeze_blocks=FLAGS.freeze_blocks)
         # One run per model_dir; the workers of one multi-worker run share
         # it, so only the chief takes the lock.
         lock = (workdir_lock.WorkdirLock(FLAGS.model_dir)

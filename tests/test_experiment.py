@@ -24,6 +24,9 @@ TINY = [
     "--warmup_steps=5", "--steps_per_loop=5", "--log_every=10",
     "--checkpoint_every=5", "--predict_batch_size=16",
     "--records_per_file=100", "--min_confidence=0.0",
+    # RandAugment's tf.data graph costs a fifth of a tiny run to trace; the
+    # pipeline with it is tests/test_api.py's.
+    "--teacher_augment=none", "--student_augment=none",
 ]
 STAGES_PER_ITERATION = ("predict", "select", "train", "eval")
 

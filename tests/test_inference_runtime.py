@@ -187,7 +187,7 @@ def test_openvino_run_keeps_the_log_format(folder_inputs, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in result.stderr.splitlines()
              if "the teacher runs on openvino in float32" in line]
-    assert len(lines) == 1 and re.match(r"I\d{4} [\d:.]+ +\d+ predict\.py:",
+    assert len(lines) == 1 and re.match(r"I\d{4} [\d:.]+ +\d+ prediction\.py:",
                                         lines[0]), result.stderr[-3000:]
     assert "INFO:absl:" not in result.stderr
     assert "'inference_runtime': 'openvino'" in result.stdout
@@ -260,7 +260,7 @@ def test_runtime_cache_does_not_keep_teachers_alive(runtime):
 def test_predict_does_not_import_openvino():
     # The runtime module is imported by every predict path; it must not
     # import OpenVINO itself (the base install has none).
-    code = ("import sys; from noisy_student import predict; "
+    code = ("import sys; from noisy_student.pseudo_labels import prediction; "
             "print('openvino' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True,
                             text=True, cwd=ROOT, check=True, timeout=300)

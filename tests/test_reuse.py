@@ -16,9 +16,12 @@ import sys
 import numpy as np
 import pytest
 
+from noisy_student.evaluation import evaluator
 from noisy_student.model import efficientnet
 from noisy_student.pseudo_labels import prediction
 from noisy_student.pipeline import stages
+from noisy_student.pseudo_labels import selection
+from noisy_student.serving import export
 
 import weights  # pylint: disable=g-bad-import-order
 
@@ -199,26 +202,26 @@ def test_a_stage_refuses_another_stages_folder(inputs, tmp_path):
     pred_dir = tmp_path / "predict"
     _predict(pred_dir, inputs["teacher"], inputs["unlabeled"])
     before = _records(pred_dir)
-    select_config = stages.select_lib.SelectConfig(
+    select_config = selection.SelectConfig(
         pred_dir=str(pred_dir), out_dir=str(pred_dir))
     with pytest.raises(ValueError, match="--out_dir=.*records of a predict "
                                          "stage"):
         stages.run_select(select_config)
-    eval_config = stages.evaluate.EvalConfig(
+    eval_config = evaluator.EvalConfig(
         model_path=inputs["teacher"], output_dir=str(pred_dir),
         num_classes=NUM_CLASSES)
     with pytest.raises(ValueError, match="--output_dir=.*records of a "
                                          "predict stage"):
         stages.run_eval(eval_config,
                         stages.DataConfig(test=inputs["unlabeled"]))
-    export_config = stages.export_lib.ExportConfig(
+    export_config = export.ExportConfig(
         model_path=inputs["teacher"], out_dir=str(pred_dir), overwrite=True)
     with pytest.raises(ValueError, match="records of a predict stage"):
         stages.run_export(export_config)
     assert _records(pred_dir) == before
     # The other way round: predictions into a selection's folder.
     select_dir = tmp_path / "select"
-    stages.run_select(stages.select_lib.SelectConfig(
+    stages.run_select(selection.SelectConfig(
         pred_dir=str(pred_dir), out_dir=str(select_dir), min_confidence=0.0))
     with pytest.raises(ValueError, match="records of a select stage"):
         _predict(select_dir, inputs["teacher"], inputs["unlabeled"])

@@ -68,6 +68,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # This checkout's package, not an installed one.
 from noisy_student.pipeline import layout  # pylint: disable=g-import-not-at-top
+from noisy_student.pipeline import legacy  # pylint: disable=g-import-not-at-top
 
 ABLATIONS = ("no_noise", "hard_labels", "no_filter", "init_from_teacher")
 DIGITS_SEEDS = ("digits_s1", "digits_s2")
@@ -141,9 +142,9 @@ def load(workdir, run):
 
 def migrated(folder):
     """`folder`, its round{r}/ folders of a run made before the rename
-    renamed (`pipeline.layout.migrate`; nothing happens to a new one)."""
+    renamed (`pipeline.legacy.migrate`; nothing happens to a new one)."""
     if os.path.isdir(folder):
-        layout.migrate(folder)
+        legacy.migrate(folder)
     return folder
 
 

@@ -13,6 +13,7 @@ import os
 import pytest
 
 from noisy_student.pipeline import layout
+from noisy_student.pipeline import legacy
 
 
 def _tree(root):
@@ -85,7 +86,7 @@ def test_old_work_directory_is_migrated_in_place(tmp_path, caplog):
     stages = old_workdir(root)
     before = _tree(root)
     with caplog.at_level(logging.INFO):
-        renamed = layout.migrate(root)
+        renamed = legacy.migrate(root)
     assert renamed == [(f"{root}/round0", f"{root}/iteration0"),
                        (f"{root}/round1", f"{root}/iteration1")]
     assert sorted(os.listdir(root)) == [
@@ -113,11 +114,11 @@ def test_old_work_directory_is_migrated_in_place(tmp_path, caplog):
     for r, line in enumerate(lines):
         assert f"{root}/round{r} to {root}/iteration{r}" in line
         assert "--iterations" in line
-    assert not os.path.exists(f"{root}/{layout.MIGRATION_FILE}")
+    assert not os.path.exists(f"{root}/{legacy.MIGRATION_FILE}")
     # Idempotent: a second call changes and says nothing.
     caplog.clear()
     migrated = _tree(root)
-    assert layout.migrate(root) == []
+    assert legacy.migrate(root) == []
     assert _tree(root) == migrated
     assert not [r for r in caplog.records if "Renamed" in r.getMessage()]
 
@@ -129,7 +130,7 @@ def test_half_migrated_work_directory_is_finished(tmp_path):
     stages = old_workdir(root, iterations=2)
     os.rename(f"{root}/round0", f"{root}/iteration0")
     before = _tree(root)
-    assert layout.migrate(root) == [
+    assert legacy.migrate(root) == [
         (f"{root}/round1", f"{root}/iteration1"),
         (f"{root}/round2", f"{root}/iteration2")]
     after = _tree(root)
@@ -145,9 +146,9 @@ def test_manifest_of_a_killed_migration_is_finished(tmp_path):
     folder's rename (or the other way round): the rerun finishes both."""
     root = str(tmp_path)
     old_workdir(root)
-    layout.migrate(root)
+    legacy.migrate(root)
     os.rename(f"{root}/iteration1", f"{root}/round1")
-    assert layout.migrate(root) == [
+    assert legacy.migrate(root) == [
         (f"{root}/round1", f"{root}/iteration1")]
     stages = _read_json(f"{root}/manifest.json")["stages"]
     assert "iteration1/train" in stages and "round1/train" not in stages
@@ -159,7 +160,7 @@ def test_both_folders_of_an_iteration_stop_it_and_nothing_changes(tmp_path):
     _write(f"{root}/iteration1/train/other", "x")
     before = _tree(root)
     with pytest.raises(ValueError) as error:
-        layout.migrate(root)
+        legacy.migrate(root)
     message = str(error.value)
     assert "\n" not in message
     assert f"{root}/round1" in message and f"{root}/iteration1" in message
@@ -173,7 +174,7 @@ def test_both_manifest_keys_of_a_stage_stop_it_and_nothing_changes(tmp_path):
     _write(f"{root}/manifest.json", json.dumps({"stages": stages}))
     before = _tree(root)
     with pytest.raises(ValueError, match="round1/train.*iteration1/train"):
-        layout.migrate(root)
+        legacy.migrate(root)
     assert _tree(root) == before
 
 
@@ -185,13 +186,13 @@ def test_folder_rename_killed_half_way_is_finished(tmp_path):
     root = str(tmp_path)
     old_workdir(root)
     before = _tree(root)
-    _write(f"{root}/{layout.MIGRATION_FILE}", json.dumps(
+    _write(f"{root}/{legacy.MIGRATION_FILE}", json.dumps(
         {"from": "round1", "to": "iteration1"}))
     os.makedirs(f"{root}/iteration1/train")
     os.rename(f"{root}/round1/eval", f"{root}/iteration1/eval")
     os.rename(f"{root}/round1/train/checkpoints",
               f"{root}/iteration1/train/checkpoints")
-    layout.migrate(root)
+    legacy.migrate(root)
     after = _tree(root)
     for name in ("manifest.json", "report.json"):
         del before[name], after[name]
@@ -199,13 +200,13 @@ def test_folder_rename_killed_half_way_is_finished(tmp_path):
 
 
 def test_new_or_empty_work_directory_is_left_alone(tmp_path):
-    assert layout.migrate(str(tmp_path / "absent")) == []
+    assert legacy.migrate(str(tmp_path / "absent")) == []
     assert not (tmp_path / "absent").exists()
     _write(f"{tmp_path}/iteration0/train/x", "x")
     _write(f"{tmp_path}/manifest.json", json.dumps(
         {"stages": {"iteration0/train": {"fingerprint": "a"}}}))
     before = _tree(str(tmp_path))
-    assert layout.migrate(str(tmp_path)) == []
+    assert legacy.migrate(str(tmp_path)) == []
     assert _tree(str(tmp_path)) == before
 
 
@@ -215,5 +216,5 @@ def test_folders_the_pipeline_never_wrote_are_left_alone(tmp_path):
     for name in ("round07", "round_notes", "round7x"):
         _write(f"{tmp_path}/{name}/x", name)
     before = _tree(str(tmp_path))
-    assert layout.migrate(str(tmp_path)) == []
+    assert legacy.migrate(str(tmp_path)) == []
     assert _tree(str(tmp_path)) == before

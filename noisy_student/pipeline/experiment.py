@@ -37,6 +37,7 @@ from noisy_student.pipeline import stages
 from noisy_student.training import config as train_config_lib
 from noisy_student.training import state
 from noisy_student.pipeline import layout
+from noisy_student.pipeline import legacy
 from noisy_student.pipeline import lock
 from noisy_student.data import streams
 
@@ -417,12 +418,12 @@ def migrate(config):
     """Renames a workdir made before the round -> iteration rename.
 
     Call it holding the workdir's lock, before `check` (see
-    `pipeline.layout.migrate`; a no-op on other work directories).
+    `pipeline.legacy.migrate`; a no-op on other work directories).
 
     Raises:
       ValueError: if an iteration's folder or stage exists under both names.
     """
-    return layout.migrate(config.workdir.rstrip("/"))
+    return legacy.migrate(config.workdir.rstrip("/"))
 
 
 def run(config, steps=None):

@@ -5,6 +5,7 @@ command-line tests run the real commands in subprocesses (exit
 status, no traceback, the message naming the flag).
 """
 
+import json
 import os
 import re
 import subprocess
@@ -222,6 +223,42 @@ def _finish(process):
     out, err = process.communicate(timeout=300)
     return process.returncode, out, err
 
+def _case(module, *args):
+    """A command line of a batch: (module, args)."""
+    return module, list(args)
+
+
+def _run_batches(commands):
+    """Runs {name: (module, args)} with one process per module (see
+    cli_batch.py), all modules at once.
+
+    Returns:
+      ({name: {"code", "out", "err"}}, the processes' own stderr, joined).
+    """
+    by_module = {}
+    for name, (module, args) in commands.items():
+        by_module.setdefault(module, []).append((name, args))
+    env = {k: v for k, v in os.environ.items()
+           if k != "TF_CPP_MIN_LOG_LEVEL"}  # The commands' own default.
+    env["PYTHONPATH"] = ROOT
+    processes = {module: subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "tests", "cli_batch.py"),
+         f"noisy_student.cli.{module}"], cwd=ROOT, env=env,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True) for module in by_module}
+    results, stderr = {}, []
+    for module, process in processes.items():
+        out, err = process.communicate(
+            json.dumps([args for _, args in by_module[module]]), timeout=300)
+        lines = [l for l in out.splitlines() if l.startswith("CLI_BATCH=")]
+        assert process.returncode == 0 and lines, err[-3000:]
+        for (name, _), result in zip(by_module[module], json.loads(
+                lines[-1][len("CLI_BATCH="):]), strict=True):
+            results[name] = result
+        stderr.append(err)
+    return results, "".join(stderr)
+
+
 
 COMMAND_FLAGS = {
     "train": ["--labeled", "--train_steps", "--batch_size", "--model"],
@@ -348,74 +385,77 @@ def test_user_errors_exit_2_with_a_message_naming_the_flag(tmp_path):
             "--labels_per_class=10"]
     cases = {
         "pseudo labels, ratio 0": (
-            _command("train", f"--model_dir={tmp_path}/t",
+            _case("train", f"--model_dir={tmp_path}/t",
                      "--labeled=digits:train", f"--pseudo_labels={tmp_path}",
                      "--unlabel_ratio=0"),
             "--unlabel_ratio > 0 with --pseudo_labels"),
         "per_class": (
-            _command("pipeline", f"--workdir={tmp_path}/w1", *tiny,
+            _case("pipeline", f"--workdir={tmp_path}/w1", *tiny,
                      "--per_class=-5"), "per_class=-5"),
         "min_confidence": (
-            _command("pipeline", f"--workdir={tmp_path}/w2", *tiny,
+            _case("pipeline", f"--workdir={tmp_path}/w2", *tiny,
                      "--min_confidence=1.5"), "min_confidence=1.5"),
         "unwritable workdir": (
-            _command("pipeline", f"--workdir={blocker}/sub", *tiny),
+            _case("pipeline", f"--workdir={blocker}/sub", *tiny),
             "writable folder --workdir"),
         "own data, no --test": (
-            _command("pipeline", f"--workdir={tmp_path}/w4", *tiny,
+            _case("pipeline", f"--workdir={tmp_path}/w4", *tiny,
                      f"--labeled=folder:{corrupt}"),
             "Expected --test (the labeled source of the final evaluation)"),
         "digits test split, no --test": (
-            _command("pipeline", f"--workdir={tmp_path}/w5", *tiny,
+            _case("pipeline", f"--workdir={tmp_path}/w5", *tiny,
                      "--labeled=digits:test"),
             "Expected --test (the labeled source of the final evaluation)"),
         "missing unlabeled folder": (
-            _command("pipeline", f"--workdir={tmp_path}/w3", *tiny,
+            _case("pipeline", f"--workdir={tmp_path}/w3", *tiny,
                      "--unlabeled=folder:/no/such/dir"),
             "--unlabeled=folder:/no/such/dir"),
         "no demo default": (
-            _command("predict", f"--teacher={tmp_path}/none",
+            _case("predict", f"--teacher={tmp_path}/none",
                      "--unlabeled=digits:test", f"--out_dir={tmp_path}/p"),
             "Received: teacher="),
         "no unlabeled source": (
-            _command("predict", f"--teacher={tmp_path}/none",
+            _case("predict", f"--teacher={tmp_path}/none",
                      "--labeled=digits:train", f"--out_dir={tmp_path}/p2"),
             "Received: --unlabeled=''"),
         "missing required flag": (
-            _command("predict", "--unlabeled=digits:test",
+            _case("predict", "--unlabeled=digits:test",
                      f"--out_dir={tmp_path}/p3"), "--teacher"),
         "unwritable export folder": (
-            _command("export", f"--model_path={tmp_path}/none",
+            _case("export", f"--model_path={tmp_path}/none",
                      f"--out_dir={blocker}/sub"),
             f"--out_dir={blocker}/sub"),
         "unwritable eval folder": (
-            _command("evaluate", f"--model_path={tmp_path}/none",
+            _case("evaluate", f"--model_path={tmp_path}/none",
                      "--test=digits:test", f"--output_dir={blocker}/sub"),
             "writable folder --output_dir"),
         "corrupt file, --noskip_corrupt": (
-            _command("train", f"--model_dir={tmp_path}/t2",
+            _case("train", f"--model_dir={tmp_path}/t2",
                      f"--labeled=folder:{corrupt}", "--noskip_corrupt",
                      "--model=w0.25-d0.25", "--image_size=16",
                      "--train_steps=1"),
             (f"{corrupt}/dog/b.jpg: empty file", "--noskip_corrupt")),
         "missing selection": (
-            _command("train", f"--model_dir={tmp_path}/t3",
+            _case("train", f"--model_dir={tmp_path}/t3",
                      "--labeled=digits:train", "--model=w0.25-d0.25",
                      "--image_size=16", "--pseudo_labels=/no/such/selection"),
             "/no/such/selection"),
         "missing prediction folder": (
-            _command("select", "--pred_dir=/no/such/predictions",
+            _case("select", "--pred_dir=/no/such/predictions",
                      f"--out_dir={tmp_path}/s"), "/no/such/predictions"),
     }
-    for name, (process, messages) in cases.items():
-        code, _, err = _finish(process)
+    results, stderr = _run_batches(
+        {name: command for name, (command, _) in cases.items()})
+    # TF's C++ start-up lines are off by default.
+    assert "oneDNN" not in stderr and "absl::InitializeLog" not in stderr, (
+        stderr[-2000:])
+    for name, (_, messages) in cases.items():
+        code, err = results[name]["code"], results[name]["err"]
         assert code == 2, (name, err[-2000:])
         for message in (messages if isinstance(messages, tuple)
                         else (messages,)):
             assert message in err, (name, err[-2000:])
         assert "Traceback" not in err, name
-        # TF's C++ start-up lines are off by default.
-        assert "oneDNN" not in err and "absl::InitializeLog" not in err, err
         assert "num_classes=10" not in err, name  # No demo default used.
     assert not os.path.exists(tmp_path / "w1" / "manifest.json")
     # Nothing trained; an output folder made for a failed command is gone.

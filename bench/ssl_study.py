@@ -67,6 +67,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # This checkout's package, not an installed one.
+from noisy_student import stage_inputs  # pylint: disable=g-import-not-at-top
 from noisy_student import workdir_layout  # pylint: disable=g-import-not-at-top
 
 ABLATIONS = ("no_noise", "hard_labels", "no_filter", "init_from_teacher")
@@ -106,6 +107,13 @@ def seed_from_main(workdir, run):
     for stage in SHARED_STAGES:
         shutil.copytree(os.path.join(main, stage),
                         os.path.join(target, stage), dirs_exist_ok=True)
+    # The record of the data (stage_inputs.INPUTS_FILE): without it the
+    # pipeline takes the copy for a work directory made before the data was
+    # recorded, fingerprints its stages by their settings alone, and
+    # --overwrite redoes the teacher, its predictions and the selection.
+    inputs = os.path.join(main, stage_inputs.INPUTS_FILE)
+    if os.path.exists(inputs):
+        shutil.copy(inputs, os.path.join(target, stage_inputs.INPUTS_FILE))
     with open(os.path.join(target, "manifest.json"), "w") as f:
         json.dump({"stages": {s: stages[s] for s in SHARED_STAGES}}, f)
 

@@ -92,6 +92,24 @@ def test_ablation_starts_from_mains_shared_stages(tmp_path):
     assert not (target / "iteration1" / "train").exists()
 
 
+def test_ablation_copy_keeps_mains_record_of_its_data(tmp_path):
+    """Without main's inputs.json the pipeline fingerprints the copy's
+    stages by their settings alone, and --overwrite retrains the teacher
+    (seen in the robustness study: the copy's iteration0/train fingerprint
+    differed from main's)."""
+    fake_run(tmp_path, "main", [0.8, 0.85], stages=list(study.SHARED_STAGES))
+    for stage in study.SHARED_STAGES:
+        (tmp_path / "main" / stage).mkdir(parents=True)
+    record = json.dumps({"--labeled": {"content": "abc", "images": 250}})
+    (tmp_path / "main" / "inputs.json").write_text(record)
+    study.seed_from_main(str(tmp_path), "hard_no_noise")
+    assert (tmp_path / "hard_no_noise" / "inputs.json").read_text() == record
+    # A main made before the record: nothing to copy.
+    (tmp_path / "main" / "inputs.json").unlink()
+    study.seed_from_main(str(tmp_path), "no_noise")
+    assert not (tmp_path / "no_noise" / "inputs.json").exists()
+
+
 def test_ablation_refuses_an_unfinished_main(tmp_path):
     fake_run(tmp_path, "main", [0.8], stages=["iteration0/train"])
     with pytest.raises(SystemExit, match="iteration1/predict"):

@@ -69,6 +69,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # This checkout's package, not an installed one.
 from noisy_student.pipeline import layout  # pylint: disable=g-import-not-at-top
 from noisy_student.pipeline import legacy  # pylint: disable=g-import-not-at-top
+from noisy_student.pipeline import stage_inputs  # pylint: disable=g-import-not-at-top
 
 ABLATIONS = ("no_noise", "hard_labels", "no_filter", "init_from_teacher")
 DIGITS_SEEDS = ("digits_s1", "digits_s2")
@@ -107,6 +108,13 @@ def seed_from_main(workdir, run):
     for stage in SHARED_STAGES:
         shutil.copytree(os.path.join(main, stage),
                         os.path.join(target, stage), dirs_exist_ok=True)
+    # The record of the data (stage_inputs.INPUTS_FILE): without it the
+    # pipeline takes the copy for a work directory made before the data was
+    # recorded, fingerprints its stages by their settings alone, and
+    # --overwrite redoes the teacher, its predictions and the selection.
+    inputs = os.path.join(main, stage_inputs.INPUTS_FILE)
+    if os.path.exists(inputs):
+        shutil.copy(inputs, os.path.join(target, stage_inputs.INPUTS_FILE))
     with open(os.path.join(target, "manifest.json"), "w") as f:
         json.dump({"stages": {s: stages[s] for s in SHARED_STAGES}}, f)
 
@@ -394,6 +402,20 @@ ABLATION_RUNS = {
 }
 
 
+# The from-scratch hard-label pair at 4,800 steps (twice hard_scratch_long's
+# 2,400; issue 31's "noise at full length"), run by --study=robustness: kept
+# out of ABLATION_RUNS so that the ablation study's runs and tables stay as
+# they are.
+LONG_NOISED = "hard_scratch_4800"
+LONG_PLAIN = "hard_scratch_4800_no_noise"
+LONG_PAIR = {
+    LONG_NOISED: Arm(_flagfile(LONG_NOISED), "hard",
+                     "hard labels, noised, from scratch, 4,800 steps"),
+    LONG_PLAIN: Arm(_flagfile(LONG_PLAIN), "hard",
+                    "hard labels, no noise, from scratch, 4,800 steps"),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class Control:
     """An ns-train run from the seed's teacher, then ns-eval on test.
@@ -509,24 +531,27 @@ def write_supervised_split(seed, path=ABLATION_DATA,
     return train, validation
 
 
-def ablation_command(run, seed):
-    """The pipeline arguments of one ablation-study run at one seed."""
-    arm = ABLATION_RUNS[run]
+def ablation_command(run, seed, iterations=None):
+    """The pipeline arguments of one ablation-study run at one seed (an arm
+    of ABLATION_RUNS or LONG_PAIR); `iterations` replaces the arm's."""
+    arm = {**ABLATION_RUNS, **LONG_PAIR}[run]
+    iterations = arm.iterations if iterations is None else iterations
     argv = [f"--flagfile={arm.flagfile}", f"--seed={seed}",
             f"--split_seed={seed}"]
-    if arm.iterations != 1:
-        argv.append(f"--iterations={arm.iterations}")
+    if iterations != 1:
+        argv.append(f"--iterations={iterations}")
     return argv + (["--overwrite"] if run != "main" else [])
 
 
-def run_ablation(workdir, run, seed):
-    """Runs (or resumes) one run of the ablation study in WORKDIR/s<seed>."""
+def run_ablation(workdir, run, seed, iterations=None):
+    """Runs (or resumes) one run of the ablation study in WORKDIR/s<seed>
+    (to `iterations`, by default the arm's)."""
     seed_dir = os.path.join(workdir, f"s{seed}")
     folder = os.path.join(seed_dir, run)
     if run != "main":
         seed_from_main(seed_dir, run)
     argv = [sys.executable, "-m", "noisy_student.cli.pipeline",
-            f"--workdir={folder}"] + ablation_command(run, seed)
+            f"--workdir={folder}"] + ablation_command(run, seed, iterations)
     print(f"[ssl_study] s{seed}/{run}: {' '.join(argv[1:])}", flush=True)
     os.makedirs(folder, exist_ok=True)
     started = time.time()
@@ -613,13 +638,14 @@ def last_validation(folder, index):
     return evals[-1]["top1"] if evals else None
 
 
-def ablation_scores(workdir, seeds):
+def ablation_scores(workdir, seeds, runs=None):
     """{(key, seed): (validation, test)}, key "teacher", a run name (its
     iteration 1), "<run>@<i>" (its iteration i >= 2) or a control; only
-    finished models."""
+    finished models. `runs`: the pipeline runs to read (default: every arm
+    of ABLATION_RUNS)."""
     scores = {}
     for seed in seeds:
-        for run in ABLATION_RUNS:
+        for run in ABLATION_RUNS if runs is None else runs:
             folder = os.path.join(workdir, f"s{seed}", run)
             result = load(os.path.join(workdir, f"s{seed}"), run)
             for r in result[0] if result else []:
@@ -942,12 +968,17 @@ def chosen_label_type(val_gains):
     return "hard" if hard > soft else "soft"
 
 
-def ablation_main(args):
+def parse_seeds(text):
+    """[int] of a comma-separated --seeds."""
     try:
-        seeds = [int(s) for s in args.seeds.split(",") if s]
+        return [int(s) for s in text.split(",") if s]
     except ValueError:
         raise SystemExit("Expected comma-separated integer seeds. "
-                         f"Received: --seeds={args.seeds}") from None
+                         f"Received: --seeds={text}") from None
+
+
+def ablation_main(args):
+    seeds = parse_seeds(args.seeds)
     known = tuple(ABLATION_RUNS) + tuple(CONTROLS)
     runs = [r for r in args.runs.split(",") if r] if args.runs else list(
         known)
@@ -974,17 +1005,441 @@ def ablation_main(args):
     return 0
 
 
+# --------------------------------------------------------------------------
+# The robustness study (--study=robustness, issue 31).
+
+# The corruption set of ns-eval --corruptions: noisy_student.evaluation.corruptions.
+# CORRUPTION_NAMES, all nine (each is defined for one-channel images and
+# applied to the model's 32 x 32 pixels, the size its constants were set
+# for; the tests check the list against the module's).
+ROBUST_CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise",
+                      "defocus_blur", "motion_blur", "brightness", "contrast",
+                      "pixelate", "jpeg_compression")
+# Epsilons (grey levels of [0, 255]) chosen on seed 0's teacher (clean
+# top-1 0.7629) by a probe with ns-eval (BENCHMARKS.md, "Robustness and the
+# noise at full length"), where its accuracy is neither 0 nor near the
+# clean one. FGSM accuracy at eps 0.25, 0.5, 1, 2, 4, 8, 16: 0.7507,
+# 0.7396, 0.7138, 0.6636, 0.5625, 0.3772, 0.2447 (16: the paper's
+# largest); PGD-10 at 0.5, 1, 2, 4, 8: 0.7395, 0.7136, 0.6611, 0.5456,
+# 0.2938 (about FGSM's up to 4).
+FGSM_EPSILONS = ("4", "8", "16")
+PGD_EPSILONS = ("4", "8")
+PGD_STEPS = 10  # ns-eval's default --pgd_steps.
+# Images per ns-eval batch (the results do not depend on it, but PGD's
+# random start is seeded per batch).
+ROBUST_EVAL_BATCH = 250
+# What each model's ns-eval runs compute, one results.json per folder
+# WORKDIR/s<seed>/robustness/<model>/<kind>/.
+ROBUST_EVALS = {
+    "corruptions_fgsm": [f"--corruptions={','.join(ROBUST_CORRUPTIONS)}",
+                         f"--epsilons={','.join(FGSM_EPSILONS)}",
+                         "--attack=fgsm"],
+    "pgd": [f"--epsilons={','.join(PGD_EPSILONS)}", "--attack=pgd",
+            f"--pgd_steps={PGD_STEPS}"],
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """One model the robustness study evaluates at every seed.
+
+    Attributes:
+      name: Its rows' name.
+      run: The run that trains it: an arm of ABLATION_RUNS or LONG_PAIR
+        (WORKDIR/s<seed>/<run>), or a control of CONTROLS.
+      iteration: Its iteration in that pipeline run (None: a control).
+    """
+    name: str
+    run: str
+    iteration: int | None = None
+
+
+ROBUST_MODELS = {
+    "teacher": Model("teacher (250 labels)", "main", 0),
+    "noised_1": Model("iteration 1, hard labels, noised", "hard_labels", 1),
+    "noised_2": Model("iteration 2, hard labels, noised", "hard_labels", 2),
+    "no_noise": Model("iteration 1, hard labels, no noise (same "
+                      "pseudo-labels)", "hard_no_noise", 1),
+    CONTROL: Model(CONTROLS[CONTROL].name, CONTROL),
+    BOUND: Model(CONTROLS[BOUND].name, BOUND),
+    "long_noised": Model("iteration 1, " + LONG_PAIR[LONG_NOISED].name,
+                         LONG_NOISED, 1),
+    "long_plain": Model("iteration 1, " + LONG_PAIR[LONG_PLAIN].name,
+                        LONG_PLAIN, 1),
+}
+# The models of the first phase (every seed), then the long pair's.
+SHORT_MODELS = ("teacher", "noised_1", "noised_2", "no_noise", CONTROL,
+                BOUND)
+LONG_MODELS = ("long_noised", "long_plain")
+# Runs in the order they are built (main first: the others start from its
+# teacher and predictions), each to the iteration the study needs.
+SHORT_RUNS = ("main", "hard_labels", "hard_no_noise", CONTROL, BOUND)
+LONG_RUNS = (LONG_NOISED, LONG_PLAIN)
+# hard_labels grows to iteration 3 in the ablation study; iteration 2 is
+# enough here. Its stages' fingerprints do not depend on --iterations, so
+# the ablation study later grows the same work directory to 3 without
+# redoing iterations 1-2.
+ROBUST_ITERATIONS = {"hard_labels": 2}
+# The paired differences reported (a minus b, per seed).
+ROBUST_PAIRS = (("noised_2", "teacher"), ("noised_1", "teacher"),
+                ("noised_1", "no_noise"), ("noised_2", BOUND),
+                ("long_noised", "long_plain"))
+
+
+def finished_iterations(workdir, seed, run):
+    """The iterations of WORKDIR/s<seed>/<run> its report.json lists
+    (evaluated); an empty set when it has none."""
+    result = load(os.path.join(workdir, f"s{seed}"), run)
+    return {r["iteration"] for r in result[0]} if result else set()
+
+
+def build_run(workdir, seed, run):
+    """Trains (or resumes) `run` at `seed` unless what the study needs of
+    it is finished: a control's training and test results, a pipeline
+    run's iteration ROBUST_ITERATIONS (default: the arm's)."""
+    if run in CONTROLS:
+        if control_scores(workdir, seed, run) is None:
+            run_control(workdir, seed, run)
+        return
+    arm = {**ABLATION_RUNS, **LONG_PAIR}[run]
+    needed = ROBUST_ITERATIONS.get(run, arm.iterations)
+    if needed not in finished_iterations(workdir, seed, run):
+        run_ablation(workdir, run, seed,
+                     iterations=ROBUST_ITERATIONS.get(run))
+
+
+def model_path(workdir, seed, key):
+    """The model_dir of model `key` at `seed`."""
+    model = ROBUST_MODELS[key]
+    folder = os.path.join(workdir, f"s{seed}", model.run)
+    if model.iteration is None:
+        return folder
+    return layout.stage_folder(folder, model.iteration, "train")
+
+
+def eval_folder(workdir, seed, key, kind):
+    return os.path.join(workdir, f"s{seed}", "robustness", key, kind)
+
+
+def eval_commands(workdir, seed, key, kinds=tuple(ROBUST_EVALS)):
+    """The ns-eval argument lists of model `key` at `seed` whose
+    results.json is missing (one per ROBUST_EVALS kind of `kinds`)."""
+    commands = []
+    for kind in kinds:
+        extra = ROBUST_EVALS[kind]
+        out = eval_folder(workdir, seed, key, kind)
+        if os.path.exists(os.path.join(out, "results.json")):
+            continue
+        commands.append([sys.executable, "-m", "noisy_student.cli.evaluate",
+                         f"--model_path={model_path(workdir, seed, key)}",
+                         f"--test=idx:{FASHION_MNIST}:test",
+                         f"--output_dir={out}",
+                         f"--eval_batch_size={ROBUST_EVAL_BATCH}"] + extra)
+    return commands
+
+
+def run_evals(workdir, seed, key, kinds=tuple(ROBUST_EVALS)):
+    """Runs the model's missing ns-eval runs of `kinds` (none before it is
+    trained)."""
+    if not os.path.exists(os.path.join(model_path(workdir, seed, key),
+                                       "model.keras")):
+        print(f"[ssl_study] s{seed}/robustness/{key}: no model yet, "
+              "skipped", flush=True)
+        return
+    env = {**os.environ, "PYTHONPATH": REPO}
+    for argv in eval_commands(workdir, seed, key, kinds):
+        out = argv[5].split("=", 1)[1]
+        print(f"[ssl_study] s{seed}/robustness/{key}: {' '.join(argv[1:])}",
+              flush=True)
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        started = time.time()
+        with open(os.path.join(os.path.dirname(out), "study.log"),
+                  "a") as log:
+            subprocess.run(argv, cwd=REPO, check=True, stdout=log,
+                           stderr=subprocess.STDOUT, env=env)
+        print(f"[ssl_study] s{seed}/robustness/{key}/"
+              f"{os.path.basename(out)}: done in "
+              f"{time.time() - started:.0f} s", flush=True)
+
+
+def _read_results(workdir, seed, key, kind):
+    try:
+        with open(os.path.join(eval_folder(workdir, seed, key, kind),
+                               "results.json")) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
+def _eps(value):
+    """ns-eval's key of an epsilon (str of its float: "2" -> "2.0")."""
+    return str(float(value))
+
+
+def robustness_metrics(workdir, seeds):
+    """{(model, seed): {metric: value}} of the models whose corruption and
+    FGSM results exist: "clean_error", "corruption_error" (mean over the
+    corruptions of the mean over the 5 severities, as ns-eval reports it),
+    "corruption_drop" (that minus the clean error), "errors" ({corruption:
+    [error per severity]}), "fgsm <eps>" and "pgd <eps>" accuracies."""
+    metrics = {}
+    for seed in seeds:
+        for key in ROBUST_MODELS:
+            results = _read_results(workdir, seed, key, "corruptions_fgsm")
+            if results is None:
+                continue
+            clean = results["clean"]["error"]
+            corruptions = results["corruptions"]
+            values = {"clean_error": clean,
+                      "corruption_error":
+                          corruptions["mean_corruption_error"],
+                      "corruption_drop":
+                          corruptions["mean_corruption_error"] - clean,
+                      "errors": corruptions["errors"]}
+            for eps in FGSM_EPSILONS:
+                values[f"fgsm {eps}"] = results["adversarial"]["accuracy"][
+                    _eps(eps)]
+            pgd = _read_results(workdir, seed, key, "pgd")
+            for eps in PGD_EPSILONS if pgd else ():
+                values[f"pgd {eps}"] = pgd["adversarial"]["accuracy"][
+                    _eps(eps)]
+            metrics[(key, seed)] = values
+    for (key, seed), values in metrics.items():
+        teacher = metrics.get(("teacher", seed))
+        if teacher:
+            values["ce_vs_teacher"] = relative_corruption_error(
+                values["errors"], teacher["errors"])
+    return metrics
+
+
+def relative_corruption_error(errors, baseline):
+    """100 x the mean over corruptions of sum_s E_s / sum_s B_s: ImageNet-C's
+    mCE formula (evaluation.imagenet_c.corruption_errors) with the seed's
+    teacher as the baseline B in place of AlexNet (100 = the teacher)."""
+    ratios = [sum(errors[name]) / sum(baseline[name]) for name in baseline]
+    return 100.0 * sum(ratios) / len(ratios)
+
+
+# (metric, column name, digits) of the robustness table.
+def robust_columns():
+    columns = [("clean_error", "clean error", 4),
+               ("corruption_error", "corruption error", 4),
+               ("ce_vs_teacher", "CE vs the seed's teacher (%)", 1),
+               ("corruption_drop", "corruption error - clean error", 4)]
+    columns += [(f"fgsm {e}", f"FGSM accuracy, eps={e}", 4)
+                for e in FGSM_EPSILONS]
+    columns += [(f"pgd {e}", f"PGD-{PGD_STEPS} accuracy, eps={e}", 4)
+                for e in PGD_EPSILONS]
+    return columns
+
+
+def metric_by_seed(metrics, key, metric, seeds):
+    """{seed: value} of one model's metric, where it exists."""
+    return {seed: metrics[(key, seed)][metric] for seed in seeds
+            if metric in metrics.get((key, seed), {})}
+
+
+def paired_metric(metrics, a, b, metric, seeds):
+    """{seed: a's metric - b's} over the seeds where both exist."""
+    va, vb = (metric_by_seed(metrics, k, metric, seeds) for k in (a, b))
+    return {seed: va[seed] - vb[seed] for seed in va if seed in vb}
+
+
+def sign_agreement(differences):
+    """"3 of 3 < 0", "2 of 3 > 0" ...: how many seeds share the majority
+    sign ("-" without any difference)."""
+    if not differences:
+        return "-"
+    below = sum(d < 0 for d in differences)
+    above = sum(d > 0 for d in differences)
+    if below >= above:
+        return f"{below} of {len(differences)} < 0"
+    return f"{above} of {len(differences)} > 0"
+
+
+def _mean_range_cell(values, digits):
+    mean, spread = mean_and_range(values)
+    if mean is None:
+        return "-"
+    return f"{mean:.{digits}f}" + (
+        "" if spread is None else f" ({spread:.{digits}f})")
+
+
+def _robust_table(metrics, seeds):
+    columns = robust_columns()
+    head = ["model"] + [c[1] for c in columns] + ["seeds"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, model in ROBUST_MODELS.items():
+        found = [s for s in seeds if (key, s) in metrics]
+        if not found:
+            continue
+        cells = [model.name]
+        for metric, _, digits in columns:
+            cells.append(_mean_range_cell(list(metric_by_seed(
+                metrics, key, metric, seeds).values()), digits))
+        lines.append("| " + " | ".join(cells + [str(len(found))]) + " |")
+    return lines
+
+
+def _pairs_table(metrics, seeds):
+    lines = ["| difference | metric | per seed | mean | sign over seeds |",
+             "|---|---|---|---|---|"]
+    for a, b in ROBUST_PAIRS:
+        for metric, column, digits in robust_columns():
+            diffs = paired_metric(metrics, a, b, metric, seeds)
+            if not diffs:
+                continue
+            values = list(diffs.values())
+            per_seed = ", ".join(f"s{s} {d:+.{digits}f}"
+                                 for s, d in diffs.items())
+            lines.append(f"| {ROBUST_MODELS[a].name} minus "
+                         f"{ROBUST_MODELS[b].name} | {column} | {per_seed} | "
+                         f"{_mean(values):+.{digits}f} | "
+                         f"{sign_agreement(values)} |")
+    return lines
+
+
+def pair_means(metrics, a, b, metric, seeds):
+    """(mean of a's, mean of b's metric) over the seeds where both exist;
+    (None, None) where none."""
+    both = [s for s in seeds if metric in metrics.get((a, s), {})
+            and metric in metrics.get((b, s), {})]
+    if not both:
+        return None, None
+    return tuple(_mean([metrics[(k, s)][metric] for s in both])
+                 for k in (a, b))
+
+
+def long_pair_gains(workdir, seeds, part):
+    """{run: {seed: gain over the seed's teacher}} of the 4,800-step pair
+    (part 0: validation, 1: test; the pipelines' own scores, as the
+    ablation study reads them)."""
+    scores = ablation_scores(workdir, seeds, runs=("main",) + LONG_RUNS)
+    gains = {}
+    for run in LONG_RUNS:
+        for seed in seeds:
+            student, teacher = (scores.get((k, seed)) for k in
+                                (run, "teacher"))
+            if student and teacher and None not in (student[part],
+                                                    teacher[part]):
+                gains.setdefault(run, {})[seed] = (student[part] -
+                                                   teacher[part])
+    return gains
+
+
+def long_pair_lines(workdir, seeds):
+    """(the 4,800-step pair's lines, its no-noise share on test)."""
+    test, val = (long_pair_gains(workdir, seeds, part) for part in (1, 0))
+    # As no_noise_share: the un-noised mean gain over the noised one's.
+    share = gain_share(test, LONG_PLAIN, LONG_NOISED)
+    effect = paired_differences(test, LONG_NOISED, LONG_PLAIN)
+    lines = [f"no-noise share, from scratch, 4,800 steps: {_fmt(share, 2)}",
+             f"no-noise share, from scratch, 4,800 steps, validation: "
+             f"{_fmt(gain_share(val, LONG_PLAIN, LONG_NOISED), 2)} (test "
+             f"above; seeds: {len(common_seeds(test, LONG_NOISED, LONG_PLAIN))})"]
+    for run in LONG_RUNS:
+        if run in test:
+            lines.append(f"gain over the seed's teacher, "
+                         f"{LONG_PAIR[run].name}, test: "
+                         f"{', '.join(_fmt(g, sign=True) for g in test[run].values())}")
+    if effect:
+        lines.append("noise effect (noised minus no noise), from scratch, "
+                     f"4,800 steps, test: "
+                     f"{', '.join(_fmt(e, sign=True) for e in effect)} "
+                     f"({sign_agreement(effect)}; {spread_verdict(effect)})")
+    return lines, share
+
+
+def robustness_report_text(workdir, seeds):
+    """(the robustness block, {summary name: value} for the RESULT line)."""
+    metrics = robustness_metrics(workdir, seeds)
+    complete = [s for s in seeds
+                if all((k, s) in metrics for k in SHORT_MODELS)]
+    lines = _robust_table(metrics, seeds)
+    lines += [""] + _pairs_table(metrics, seeds)
+    summary = {"seeds": len(complete)}
+    ce_t, ce_2 = pair_means(metrics, "teacher", "noised_2",
+                            "corruption_error", seeds)
+    ce_n, ce_p = pair_means(metrics, "noised_1", "no_noise",
+                            "corruption_error", seeds)
+    summary.update(ce_teacher=ce_t, ce_iteration2=ce_2, ce_noised=ce_n,
+                   ce_no_noise=ce_p)
+    lines += ["", f"robustness seeds: {len(complete)}",
+              f"corruption error, teacher -> iteration 2: {_fmt(ce_t, 2)} "
+              f"-> {_fmt(ce_2, 2)}",
+              f"corruption error, noised vs un-noised student: "
+              f"{_fmt(ce_n, 2)} vs {_fmt(ce_p, 2)}"]
+    for eps in FGSM_EPSILONS:
+        t, i2 = pair_means(metrics, "teacher", "noised_2", f"fgsm {eps}",
+                           seeds)
+        summary[f"fgsm{eps}_teacher"], summary[f"fgsm{eps}_iteration2"] = (
+            t, i2)
+        lines.append(f"FGSM accuracy (eps={eps}), teacher -> iteration 2: "
+                     f"{_fmt(t, 2)} -> {_fmt(i2, 2)}")
+    long_lines, share = long_pair_lines(workdir, seeds)
+    summary["no_noise_share_4800"] = share
+    lines += long_lines
+    lines += [
+        "corruption error: top-1 error under each of the "
+        f"{len(ROBUST_CORRUPTIONS)} corruptions of noisy_student.evaluation.corruptions"
+        " ('" + "', '".join(ROBUST_CORRUPTIONS) + "'), averaged over "
+        "severities 1-5, then over the corruptions (ns-eval's "
+        "mean_corruption_error); cells: mean over seeds (range)",
+        "CE vs the seed's teacher: 100 x mean over corruptions of sum_s E / "
+        "sum_s E_teacher, ImageNet-C's formula with the seed's teacher as "
+        "the baseline, not the paper's AlexNet-normalised mCE",
+        f"adversarial: FGSM and PGD-{PGD_STEPS} (L-infinity, step 2.5 eps / "
+        f"{PGD_STEPS}, random start) on the model's 32 px pixels, eps in "
+        "grey levels of [0, 255]",
+        "perturbation flip rate: not measured (ns-eval has no "
+        "perturbation-sequence source; evaluation.imagenet_p is a library "
+        "call only)"]
+    return "\n".join(lines) + "\n", summary
+
+
+def robustness_main(args, seeds):
+    workdir = os.path.abspath(args.workdir)
+    if not args.report_only:
+        write_subset()
+        # Seed by seed: the short models and their corruptions and FGSM,
+        # then the long pair; PGD, the dearest evaluation, last.
+        for runs, keys in ((SHORT_RUNS, SHORT_MODELS),
+                           (LONG_RUNS, LONG_MODELS)):
+            for seed in seeds:
+                for run in runs:
+                    build_run(workdir, seed, run)
+                for key in keys:
+                    run_evals(workdir, seed, key, ("corruptions_fgsm",))
+        for seed in seeds:
+            for key in ROBUST_MODELS:
+                run_evals(workdir, seed, key, ("pgd",))
+    text, summary = robustness_report_text(workdir, seeds)
+    print(text)
+    if args.write_tables:
+        replace_block(os.path.join(REPO, "BENCHMARKS.md"), text,
+                      marker="ssl_study_robustness")
+    fields = [f"seeds={summary['seeds']}"] + [
+        f"{k}={_fmt(v, 4)}" for k, v in summary.items() if k != "seeds"]
+    print("RESULT ssl_study_robustness " + " ".join(fields))
+    return 0
+
+
 def main():
     parser = argparse.ArgumentParser(
         description="The Fashion-MNIST studies: the 1,000-label study and "
         "the 250-label controlled ablations. Without --report_only every "
         "missing run is trained (hours on 2 CPU cores).")
     parser.add_argument("--study", default="fashion_mnist_1000",
-                        choices=("fashion_mnist_1000", "ablation"),
+                        choices=("fashion_mnist_1000", "ablation",
+                                 "robustness"),
                         help="fashion_mnist_1000: the 1,000-label study "
                         "(one seed); ablation: the 250-label controlled "
                         "ablations (every arm of ABLATION_RUNS and the "
-                        "controls), per seed.")
+                        "controls), per seed; robustness: ns-eval's "
+                        "corruptions and attacks on the ablation study's "
+                        "teacher, hard-label students, control and bound, "
+                        "and the 4,800-step from-scratch pair, per seed "
+                        "(--runs does not apply).")
     parser.add_argument("--workdir", required=True,
                         help="Folder of the runs' work directories.")
     parser.add_argument("--runs", default=None,
@@ -1001,10 +1456,17 @@ def main():
     parser.add_argument("--write_tables", action="store_true",
                         help="Also write the tables into this checkout's "
                         "BENCHMARKS.md (and README.md), between the "
-                        "ssl_study (ssl_study_ablation) markers.")
+                        "ssl_study (ssl_study_ablation, "
+                        "ssl_study_robustness) markers.")
     args = parser.parse_args()
     if args.study == "ablation":
         return ablation_main(args)
+    if args.study == "robustness":
+        if args.runs:
+            raise SystemExit("Expected no --runs with --study=robustness "
+                             f"(it runs what it needs). Received: "
+                             f"--runs={args.runs}")
+        return robustness_main(args, parse_seeds(args.seeds))
     runs = [r for r in (args.runs or ",".join(RUNS)).split(",") if r]
     unknown = sorted(set(runs) - set(RUNS))
     if unknown:

@@ -92,6 +92,24 @@ def test_ablation_starts_from_mains_shared_stages(tmp_path):
     assert not (target / "iteration1" / "train").exists()
 
 
+def test_ablation_copy_keeps_mains_record_of_its_data(tmp_path):
+    """Without main's inputs.json the pipeline fingerprints the copy's
+    stages by their settings alone, and --overwrite retrains the teacher
+    (seen in the robustness study: the copy's iteration0/train fingerprint
+    differed from main's)."""
+    fake_run(tmp_path, "main", [0.8, 0.85], stages=list(study.SHARED_STAGES))
+    for stage in study.SHARED_STAGES:
+        (tmp_path / "main" / stage).mkdir(parents=True)
+    record = json.dumps({"--labeled": {"content": "abc", "images": 250}})
+    (tmp_path / "main" / "inputs.json").write_text(record)
+    study.seed_from_main(str(tmp_path), "hard_no_noise")
+    assert (tmp_path / "hard_no_noise" / "inputs.json").read_text() == record
+    # A main made before the record: nothing to copy.
+    (tmp_path / "main" / "inputs.json").unlink()
+    study.seed_from_main(str(tmp_path), "no_noise")
+    assert not (tmp_path / "no_noise" / "inputs.json").exists()
+
+
 def test_ablation_refuses_an_unfinished_main(tmp_path):
     fake_run(tmp_path, "main", [0.8], stages=["iteration0/train"])
     with pytest.raises(SystemExit, match="iteration1/predict"):
@@ -405,3 +423,258 @@ def test_runs_are_paired_by_seed_not_by_position(tmp_path):
     assert study.no_noise_share(gains, "hard") == pytest.approx(0.25)
     assert study.paired_differences(gains, "hard_no_noise", "main") == \
         pytest.approx([0.0])
+
+
+# --------------------------------------------------------------------------
+# --study=robustness
+
+
+def fake_eval(workdir, seed, key, clean, errors, fgsm, pgd=None):
+    """ns-eval's results.json of one model: clean error, {corruption:
+    [error per severity]} and FGSM (PGD) accuracy per epsilon, as
+    evaluate.run_evaluation writes them (epsilon keys str(float))."""
+    folder = workdir / f"s{seed}" / "robustness" / key
+    means = [sum(e) / len(e) for e in errors.values()]
+    results = {"clean": {"error": clean, "top1": 1 - clean},
+               "corruptions": {"errors": errors,
+                               "mean_corruption_error":
+                                   sum(means) / len(means)},
+               "adversarial": {"accuracy": {
+                   str(float(e)): a for e, a in fgsm.items()}}}
+    (folder / "corruptions_fgsm").mkdir(parents=True)
+    (folder / "corruptions_fgsm" / "results.json").write_text(
+        json.dumps(results))
+    if pgd is not None:
+        (folder / "pgd").mkdir()
+        (folder / "pgd" / "results.json").write_text(json.dumps(
+            {"clean": results["clean"], "adversarial": {"accuracy": {
+                str(float(e)): a for e, a in pgd.items()}}}))
+
+
+def test_robustness_corruptions_are_the_projects_set():
+    """The study scores every corruption ns-eval knows."""
+    from noisy_student.evaluation import corruptions  # pylint: disable=g-import-not-at-top
+    assert study.ROBUST_CORRUPTIONS == corruptions.CORRUPTION_NAMES
+
+
+def test_robustness_eval_commands_and_skip_finished(tmp_path):
+    commands = study.eval_commands(str(tmp_path), 1, "noised_2")
+    assert len(commands) == 2
+    corr, pgd = commands
+    assert corr[1:3] == ["-m", "noisy_student.cli.evaluate"]
+    assert (f"--model_path={tmp_path}/s1/hard_labels/iteration2/train"
+            in corr)
+    assert f"--test=idx:{study.FASHION_MNIST}:test" in corr
+    assert (f"--output_dir={tmp_path}/s1/robustness/noised_2/"
+            "corruptions_fgsm") in corr
+    assert ("--corruptions=" + ",".join(study.ROBUST_CORRUPTIONS)) in corr
+    assert "--epsilons=" + ",".join(study.FGSM_EPSILONS) in corr
+    assert "--attack=fgsm" in corr
+    assert "--attack=pgd" in pgd and not any(
+        a.startswith("--corruptions") for a in pgd)
+    assert f"--output_dir={tmp_path}/s1/robustness/noised_2/pgd" in pgd
+    # Models of the other kinds: the teacher's and a control's folders.
+    assert (f"--model_path={tmp_path}/s1/main/iteration0/train" in
+            study.eval_commands(str(tmp_path), 1, "teacher")[0])
+    assert (f"--model_path={tmp_path}/s1/labels_only" in
+            study.eval_commands(str(tmp_path), 1, "labels_only")[0])
+    # A finished ns-eval is not run again.
+    fake_eval(tmp_path, 1, "noised_2", 0.2, {"contrast": [0.3] * 5},
+              {e: 0.5 for e in study.FGSM_EPSILONS})
+    assert study.eval_commands(str(tmp_path), 1, "noised_2") == [pgd]
+    (tmp_path / "s1/robustness/noised_2/pgd").mkdir()
+    (tmp_path / "s1/robustness/noised_2/pgd/results.json").write_text("{}")
+    assert study.eval_commands(str(tmp_path), 1, "noised_2") == []
+
+
+def test_robustness_evals_wait_for_the_model(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(study.subprocess, "run",
+                        lambda argv, **kw: calls.append(argv))
+    study.run_evals(str(tmp_path), 0, "teacher")
+    assert not calls  # Not trained yet.
+    model = tmp_path / "s0/main/iteration0/train"
+    model.mkdir(parents=True)
+    (model / "model.keras").write_text("")
+    study.run_evals(str(tmp_path), 0, "teacher")
+    assert [a[5] for a in calls] == [
+        f"--output_dir={tmp_path}/s0/robustness/teacher/{kind}"
+        for kind in study.ROBUST_EVALS]
+
+
+def test_robustness_builds_only_what_is_missing(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(study, "run_ablation",
+                        lambda w, run, seed, iterations=None:
+                        calls.append((run, seed, iterations)))
+    monkeypatch.setattr(study, "run_control",
+                        lambda w, seed, name: calls.append((name, seed)))
+    fake_run(tmp_path / "s0", "main", [0.70, 0.72])
+    fake_run(tmp_path / "s0", "hard_labels", [0.70, 0.74])  # Iteration 1.
+    fake_control(tmp_path, 0, "labels_only", 0.7, 0.7)
+    for run in study.SHORT_RUNS + study.LONG_RUNS:
+        study.build_run(str(tmp_path), 0, run)
+    # hard_labels stops at iteration 2; the others run their arm's length.
+    assert calls == [("hard_labels", 0, 2), ("hard_no_noise", 0, None),
+                     ("supervised", 0), (study.LONG_NOISED, 0, None),
+                     (study.LONG_PLAIN, 0, None)]
+    calls.clear()
+    fake_run(tmp_path / "s1", "hard_labels", [0.70, 0.74, 0.75])
+    study.build_run(str(tmp_path), 1, "hard_labels")
+    assert calls == []  # Iteration 2 is finished.
+
+
+def test_robustness_runs_short_models_first_then_the_long_pair(
+        tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(study, "write_subset", lambda: None)
+    monkeypatch.setattr(study, "build_run",
+                        lambda w, seed, run: calls.append(("build", run,
+                                                           seed)))
+    monkeypatch.setattr(study, "run_evals",
+                        lambda w, seed, key, kinds: calls.append(
+                            (kinds[0], key, seed)))
+    args = study.argparse.Namespace(workdir=str(tmp_path), report_only=False,
+                                    write_tables=False)
+    study.robustness_main(args, [0, 1])
+    short = [("build", r, 0) for r in study.SHORT_RUNS] + [
+        ("corruptions_fgsm", k, 0) for k in study.SHORT_MODELS]
+    assert calls[:len(short)] == short
+    assert calls[len(short)][2] == 1  # Seed 1's short models next.
+    pgd = [("pgd", k, s) for s in (0, 1) for k in study.ROBUST_MODELS]
+    assert calls[-len(pgd):] == pgd  # PGD last.
+    assert calls[-len(pgd) - 1] == ("corruptions_fgsm", "long_plain", 1)
+    assert len(calls) == 2 * (len(study.SHORT_RUNS) + len(study.LONG_RUNS)
+                              + 2 * len(study.ROBUST_MODELS))
+
+
+def test_relative_corruption_error_is_imagenet_c_with_the_teacher():
+    from noisy_student.evaluation import imagenet_c  # pylint: disable=g-import-not-at-top
+    errors = {"a": [0.2, 0.3, 0.4, 0.5, 0.6], "b": [0.1] * 5}
+    teacher = {"a": [0.4] * 5, "b": [0.2, 0.1, 0.1, 0.05, 0.05]}
+    expected = imagenet_c.corruption_errors(errors, teacher)["mce"]
+    assert study.relative_corruption_error(errors, teacher) == \
+        pytest.approx(expected)
+    assert expected == pytest.approx(100 * (2.0 / 2.0 + 0.5 / 0.5) / 2)
+
+
+def fake_robust_seed(workdir, seed, offset):
+    """Six models at one seed: the iteration-2 student lower than its
+    teacher in corruption error and above it under FGSM."""
+    eps = study.FGSM_EPSILONS
+    pgd = study.PGD_EPSILONS
+    for key, clean, corr, adv in (
+            ("teacher", 0.24, 0.40, 0.30), ("noised_1", 0.22, 0.36, 0.32),
+            ("noised_2", 0.21, 0.34, 0.35), ("no_noise", 0.22, 0.38, 0.31),
+            ("labels_only", 0.23, 0.39, 0.30),
+            ("supervised", 0.18, 0.33, 0.36)):
+        fake_eval(workdir, seed, key, clean + offset,
+                  {"gaussian_noise": [corr + offset] * 5,
+                   "contrast": [corr + offset - 0.1, corr + offset + 0.1,
+                                corr + offset, corr + offset,
+                                corr + offset]},
+                  {e: adv - offset - 0.01 * i for i, e in enumerate(eps)},
+                  {e: adv / 2 for e in pgd})
+
+
+def test_robustness_report_means_pairs_and_lines(tmp_path):
+    fake_robust_seed(tmp_path, 0, 0.0)
+    fake_robust_seed(tmp_path, 1, 0.02)
+    fake_eval(tmp_path, 2, "teacher", 0.3, {"contrast": [0.5] * 5},
+              {e: 0.2 for e in study.FGSM_EPSILONS})  # Seed 2 unfinished.
+    metrics = study.robustness_metrics(str(tmp_path), [0, 1, 2])
+    assert metrics[("noised_2", 1)]["corruption_error"] == \
+        pytest.approx(0.36)
+    assert metrics[("noised_2", 1)]["corruption_drop"] == \
+        pytest.approx(0.36 - 0.23)
+    assert metrics[("noised_2", 0)]["ce_vs_teacher"] == \
+        pytest.approx(100 * 0.34 / 0.40)
+    assert metrics[("teacher", 2)]["ce_vs_teacher"] == pytest.approx(100)
+    assert "pgd " + study.PGD_EPSILONS[0] not in metrics[("teacher", 2)]
+    text, summary = study.robustness_report_text(str(tmp_path), [0, 1, 2])
+    lines = text.splitlines()
+    assert "robustness seeds: 2" in lines
+    # Means over the seeds both models have: (0.40, 0.42) and (0.34, 0.36).
+    assert "corruption error, teacher -> iteration 2: 0.41 -> 0.35" in lines
+    assert "corruption error, noised vs un-noised student: 0.37 vs 0.39" \
+        in lines
+    e0 = study.FGSM_EPSILONS[0]
+    assert (f"FGSM accuracy (eps={e0}), teacher -> iteration 2: 0.29 -> "
+            "0.34") in lines
+    assert summary["seeds"] == 2
+    assert summary["ce_teacher"] == pytest.approx(0.41)
+    assert summary["ce_iteration2"] == pytest.approx(0.35)
+    # Table: mean (range) over the seeds the model has.
+    teacher_row = next(l for l in lines if l.startswith("| teacher"))
+    assert "| 0.2667 (0.0600) | 0.4400 (0.1000) | 100.0 (0.0) |" in teacher_row
+    assert teacher_row.endswith("| 3 |")
+    # Paired differences, per seed, with their sign agreement.
+    assert ("| iteration 2, hard labels, noised minus teacher (250 labels) "
+            "| corruption error | s0 -0.0600, s1 -0.0600 | -0.0600 | "
+            "2 of 2 < 0 |") in lines
+    assert any(l.startswith("| iteration 2, hard labels, noised minus fully "
+                            "supervised bound") and "| corruption error - "
+               "clean error | s0 -0.0200, s1 -0.0200 |" in l for l in lines)
+    assert "perturbation flip rate: not measured" in text
+
+
+def test_sign_agreement():
+    assert study.sign_agreement([-0.1, -0.2, 0.1]) == "2 of 3 < 0"
+    assert study.sign_agreement([0.1, 0.2]) == "2 of 2 > 0"
+    assert study.sign_agreement([]) == "-"
+
+
+def test_long_pair_share_is_the_ablations_formula(tmp_path):
+    """(mean un-noised gain) / (mean noised gain) over the seeds' teachers,
+    from the pipelines' reports, as no_noise_share for 2,400 steps."""
+    for seed, base in ((0, 0.70), (1, 0.60)):
+        fake_ablation_run(tmp_path, seed, "main", [base, base + 0.01],
+                          [base, base + 0.01])
+        fake_ablation_run(tmp_path, seed, study.LONG_NOISED,
+                          [base, base + 0.04], [base, base + 0.03])
+        fake_ablation_run(tmp_path, seed, study.LONG_PLAIN,
+                          [base, base + 0.01 + 0.02 * seed],
+                          [base, base + 0.01])
+    gains = study.long_pair_gains(str(tmp_path), [0, 1], 1)
+    assert gains[study.LONG_PLAIN] == pytest.approx({0: 0.01, 1: 0.03})
+    lines, share = study.long_pair_lines(str(tmp_path), [0, 1])
+    assert share == pytest.approx(0.02 / 0.04)
+    assert lines[0] == "no-noise share, from scratch, 4,800 steps: 0.50"
+    assert "validation: 0.33" in lines[1]
+    assert lines[-1].startswith("noise effect (noised minus no noise), from "
+                                "scratch, 4,800 steps, test: +0.0300, "
+                                "+0.0100 (2 of 2 > 0;")
+
+
+def test_long_pair_flagfiles_are_the_2400_pair_at_4800_steps():
+    for run, base in ((study.LONG_NOISED, "hard_scratch.cfg"),
+                      (study.LONG_PLAIN, "hard_no_noise.cfg")):
+        text = (REPO / study.LONG_PAIR[run].flagfile).read_text()
+        flags = [l for l in text.splitlines() if not l.startswith("#")]
+        assert f"--flagfile=flags/fashion_mnist_ablation/{base}" in flags
+        assert "--student_train_steps=4800" in flags
+        argv = study.ablation_command(run, 2)
+        assert argv == [f"--flagfile={study.LONG_PAIR[run].flagfile}",
+                        "--seed=2", "--split_seed=2", "--overwrite"]
+    assert "--noinit_student_from_teacher" in (
+        REPO / study.LONG_PAIR[study.LONG_PLAIN].flagfile).read_text()
+    # Kept out of the ablation study's runs and tables.
+    assert not set(study.LONG_PAIR) & set(study.row_keys())
+    assert "--iterations=2" in study.ablation_command("hard_labels", 0, 2)
+
+
+def test_robustness_tables_are_written_only_when_asked(tmp_path,
+                                                       monkeypatch):
+    written = []
+    monkeypatch.setattr(study, "replace_block",
+                        lambda path, text, marker="ssl_study":
+                        written.append((path.rsplit("/", 1)[1], marker)))
+    args = study.argparse.Namespace(workdir=str(tmp_path), report_only=True,
+                                    write_tables=False)
+    study.robustness_main(args, [0])
+    assert not written
+    args.write_tables = True
+    study.robustness_main(args, [0])
+    assert written == [("BENCHMARKS.md", "ssl_study_robustness")]
+    assert "<!-- ssl_study_robustness:begin -->" in (
+        REPO / "BENCHMARKS.md").read_text()

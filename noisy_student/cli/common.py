@@ -542,20 +542,25 @@ def define_select_flags():
                          lower_bound=0, upper_bound=MAX_SEED)
 
 
+def select_settings():
+    """The select stage's settings from the flags: `SelectConfig`'s fields
+    other than its folders."""
+    return {"per_class": FLAGS.per_class or None,
+            "min_confidence": FLAGS.min_confidence,
+            "label_type": FLAGS.label_type,
+            "temperature": FLAGS.temperature, "duplicate": FLAGS.duplicate,
+            "seed": FLAGS.select_seed}
+
+
 def select_config(pred_dir, out_dir):
     """The select stage's `SelectConfig` from the flags (validated).
 
     Args:
-      pred_dir: The prediction folder to select from ("" for the pipeline,
-        which sets it per iteration).
-      out_dir: The selection folder to write (likewise).
+      pred_dir: The prediction folder to select from.
+      out_dir: The selection folder to write.
     """
-    return selection.SelectConfig(
-        pred_dir=pred_dir, out_dir=out_dir,
-        per_class=FLAGS.per_class or None,
-        min_confidence=FLAGS.min_confidence, label_type=FLAGS.label_type,
-        temperature=FLAGS.temperature, duplicate=FLAGS.duplicate,
-        seed=FLAGS.select_seed)
+    return selection.SelectConfig(pred_dir=pred_dir, out_dir=out_dir,
+                                  **select_settings())
 
 
 def _flag_values(text):

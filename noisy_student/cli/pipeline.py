@@ -8,8 +8,6 @@ rerunning the same command after a kill continues where it stopped.
   noisy-student --flagfile=flags/digits.cfg --workdir=/tmp/ns-digits
 """
 
-import dataclasses
-
 from absl import flags
 
 from noisy_student import api
@@ -64,7 +62,6 @@ def experiment_config():
     if FLAGS.unlabel_ratio <= 0:
         raise ValueError("Expected --unlabel_ratio > 0. Received: "
                          f"unlabel_ratio={FLAGS.unlabel_ratio}")
-    select = common.select_config(pred_dir="", out_dir="")
     return api.pipeline_config(
         FLAGS.workdir, data, teacher=teacher, student=student,
         iterations=FLAGS.iterations, student_models=FLAGS.student_models,
@@ -76,10 +73,7 @@ def experiment_config():
             "records_per_file": FLAGS.records_per_file,
             "inference_runtime": FLAGS.inference_runtime,
             "inference_precision": FLAGS.inference_precision},
-        select_settings={
-            field.name: getattr(select, field.name)
-            for field in dataclasses.fields(select)
-            if field.name not in ("pred_dir", "out_dir")},
+        select_settings=common.select_settings(),
         export=FLAGS.export, overwrite=FLAGS.overwrite)
 
 

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from noisy_student.kernels import layers as kernel_layers
 from noisy_student.kernels import loader
+from noisy_student.kernels import switch
 from noisy_student.model import efficientnet
 from noisy_student.model import layers
 from noisy_student.training import config as train_config
@@ -115,7 +117,7 @@ def test_channel_scale_and_its_gradients_equal_tfs(ops, shape):
 
 
 def test_gate_multiply_leaves_other_products_to_keras():
-    layer = layers.GateMultiply()
+    layer = kernel_layers.GateMultiply()
     a, b = tf.fill([2, 3], 2.0), tf.fill([2, 3], 3.0)
     np.testing.assert_allclose(layer([a, b]), np.full([2, 3], 6.0))
     three = layer([a, b, b])
@@ -187,12 +189,12 @@ def test_a_switched_model_trains_as_the_plain_one(ops):
     state.use_fused_batch_norm(plain)
     state.use_fused_batch_norm(switched)
     names = [v.path for v in switched.weights]
-    count = state.use_cpu_kernels(switched)
+    count = switch.use_cpu_kernels(switched)
     silus = [l for l in switched.layers
              if getattr(l, "activation", None) is loader.silu]
-    depthwise = _layers_of(switched, layers.SmallMapDepthwiseConv2D)
-    gates = _layers_of(switched, layers.GateMultiply)
-    pairs = _layers_of(switched, layers.BatchNormSilu)
+    depthwise = _layers_of(switched, kernel_layers.KernelDepthwiseConv2D)
+    gates = _layers_of(switched, kernel_layers.GateMultiply)
+    pairs = _layers_of(switched, kernel_layers.BatchNormSilu)
     identities = [l for l in switched.layers
                   if isinstance(l, keras.layers.Activation)
                   and l.activation is keras.activations.linear]
@@ -202,7 +204,12 @@ def test_a_switched_model_trains_as_the_plain_one(ops):
         [l for l in plain.layers if isinstance(l, keras.layers.Activation)])
     assert silus and depthwise and gates
     assert all(l.name.endswith("se_reduce") for l in silus)
-    assert all(l.cpu_kernels for l in depthwise)
+    # A model built after the switch has none of it: the switch is per
+    # model, not per class or process.
+    fresh = _tiny_model()
+    assert not [l for l in fresh.layers
+                if type(l).__module__ == kernel_layers.__name__
+                or getattr(l, "activation", None) is loader.silu]
     assert count == (len(silus) + len(depthwise) + len(gates)
                      + 2 * len(pairs))
     # Checkpoints are untouched: same variables, same names.
@@ -240,7 +247,7 @@ def test_without_a_compiler_training_falls_back_to_tfs_ops(
         assert "CPU kernels unavailable" in caplog.text
         assert "/bin/false failed" in caplog.text
         model = _tiny_model()
-        assert state.use_cpu_kernels(model) == 0
+        assert switch.use_cpu_kernels(model) == 0
         x = tf.constant([[-3.0, 0.0, 2.0]])
         np.testing.assert_allclose(loader.silu(x), tf.nn.silu(x))
     finally:

@@ -127,8 +127,8 @@ def test_no_import_cycle_in_the_package():
 # of a lower layer (and itself). Lowest first.
 LAYERS = (
     ("utils",),
-    ("kernels",),
     ("model", "data"),
+    ("kernels",),
     ("training", "pseudo_labels", "evaluation", "serving"),
     ("pipeline",),
     ("api",),
@@ -189,6 +189,33 @@ def test_packages_import_only_lower_layers():
         "Expected each package of noisy_student/ to import only packages "
         "of a lower layer (tests/test_structure.py LAYERS, "
         "docs/architecture.md). Received:\n" + "\n".join(problems))
+
+
+def reachable(graph, start):
+    """Every module `start` imports, directly or through others."""
+    seen, stack = set(), [start]
+    while stack:
+        for target in graph.get(stack.pop(), ()):
+            if target not in seen:
+                seen.add(target)
+                stack.append(target)
+    return seen
+
+
+def test_serving_and_evaluation_never_import_the_kernel_compiler():
+    # Loading a model to serve or evaluate it must not import (or build)
+    # the training kernels: only training switches a model to them.
+    graph = import_graph()
+    readers = [m for m in graph if m.split(".")[1:2] in (
+        ["model"], ["serving"], ["evaluation"], ["data"])]
+    assert "noisy_student.serving.export" in readers
+    found = {m: sorted(t for t in reachable(graph, m)
+                       if t.startswith("noisy_student.kernels"))
+             for m in readers}
+    found = {m: t for m, t in found.items() if t}
+    assert not found, f"Expected no import of noisy_student.kernels. Received: {found}"
+    assert "noisy_student.kernels.loader" in reachable(
+        graph, "noisy_student.training.state")
 
 
 def test_only_the_api_sits_at_the_top_of_the_package():

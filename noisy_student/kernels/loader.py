@@ -19,7 +19,7 @@ next to the library, so later processes do not retry it (the warning names
 the record to delete).
 
 Only float32 on CPU devices and without XLA (custom ops have no XLA or GPU
-kernel); `training.state.use_cpu_kernels` decides.
+kernel); `training.state` decides, `kernels.switch` switches a model.
 """
 
 import functools

@@ -5,13 +5,21 @@ from keras import ops
 import numpy as np
 import tensorflow as tf
 
-from noisy_student.kernels import loader
 
 # ImageNet channel statistics on the [0, 255] pixel scale, as the official
 # EfficientNet code uses them. The model normalises inside, so an exported
 # model takes raw pixels.
 IMAGENET_MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+
+def all_layers(model):
+    """Every layer under `model`, nested models included (depth first)."""
+    stack = list(getattr(model, "layers", []))
+    while stack:
+        layer = stack.pop(0)
+        yield layer
+        stack.extend(getattr(layer, "layers", []) or [])
 
 
 class _SameShape(keras.layers.Layer):
@@ -159,19 +167,10 @@ class SmallMapDepthwiseConv2D(keras.layers.DepthwiseConv2D):
                 f"data_format={self.data_format}, dilation_rate="
                 f"{self.dilation_rate}")
 
-    # Set by training.state.use_cpu_kernels: larger maps take
-    # kernels.loader.depthwise_conv2d (its filter gradient is one kernel).
-    cpu_kernels = False
-
     def call(self, inputs):
+        if not self.is_small_map(inputs):
+            return self.call_large_map(inputs)
         height, width = inputs.shape[1], inputs.shape[2]
-        if height is None or width is None or (
-                height * width > SMALL_MAP_PIXELS):
-            if not (self.cpu_kernels and self.strides[0] == self.strides[1]):
-                return super().call(inputs)
-            return self._finish(loader.depthwise_conv2d(
-                inputs, ops.cast(self.kernel, inputs.dtype),
-                self.strides[0]))
         taps, out_height, out_width = _tap_index(
             height, width, self.kernel_size, self.strides)
         channels = inputs.shape[-1]
@@ -186,31 +185,24 @@ class SmallMapDepthwiseConv2D(keras.layers.DepthwiseConv2D):
         return self._finish(
             ops.reshape(outputs, (-1, out_height, out_width, channels)))
 
+    @staticmethod
+    def is_small_map(inputs):
+        """Whether `inputs` (NHWC) has a static map of at most
+        `SMALL_MAP_PIXELS` pixels."""
+        height, width = inputs.shape[1], inputs.shape[2]
+        return (height is not None and width is not None
+                and height * width <= SMALL_MAP_PIXELS)
+
+    def call_large_map(self, inputs):
+        """The standard depthwise op (subclasses swap in their own)."""
+        return super().call(inputs)
+
     def _finish(self, outputs):
         if self.use_bias:
             outputs = outputs + ops.cast(self.bias, outputs.dtype)
         if self.activation is not None:
             outputs = self.activation(outputs)
         return outputs
-
-
-@keras.saving.register_keras_serializable(package="noisy_student")
-class GateMultiply(keras.layers.Multiply):
-    """keras.layers.Multiply whose product of a [N, H, W, C] map and a
-    [N, 1, 1, C] gate (squeeze-and-excitation's) runs
-    `kernels.loader.channel_scale`: the gradient of both inputs in one pass
-    where TF takes a broadcast multiply, another multiply and a sum.
-    `training.state.use_cpu_kernels` switches the training model's Multiply
-    layers to it in place (no state); other inputs use Keras' own code.
-    """
-
-    def call(self, inputs):
-        if len(inputs) == 2:
-            x, gate = inputs
-            if (len(x.shape) == 4 and tuple(gate.shape[1:3]) == (1, 1)
-                    and gate.shape[-1] == x.shape[-1]):
-                return loader.channel_scale(x, gate)
-        return super().call(inputs)
 
 
 def _tap_index(height, width, kernel_size, strides):
@@ -276,27 +268,3 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
                                 + mean * (1.0 - self.momentum))
         self.moving_variance.assign(self.moving_variance * self.momentum
                                     + variance * (1.0 - self.momentum))
-
-
-@keras.saving.register_keras_serializable(package="noisy_student")
-class BatchNormSilu(FusedBatchNormalization):
-    """Batch norm followed by SiLU, trained with one CPU kernel each way.
-
-    `training.state.use_cpu_kernels` switches, in place, a
-    `FusedBatchNormalization` whose only consumer is a SiLU `Activation` to
-    this class and that activation to the identity, in every mode: same
-    function, same variables. In training on float32 NHWC batches it runs
-    `kernels.loader.batch_norm_silu` (about 2x TF's fused batch norm plus SiLU,
-    forward + backward, BENCHMARKS.md "CPU kernels"); otherwise the parent's
-    batch norm, then SiLU.
-    """
-
-    def call(self, inputs, training=None, mask=None):
-        if not (self._fusable(inputs, training, mask)
-                and inputs.dtype == tf.float32):
-            return loader.silu(
-                super().call(inputs, training=training, mask=mask))
-        outputs, mean, variance = loader.batch_norm_silu(
-            inputs, self.gamma, self.beta, self.epsilon)
-        self._update_moving_averages(mean, variance)
-        return outputs

@@ -25,6 +25,8 @@ the loss of the global batch.
 import keras
 import tensorflow as tf
 
+from noisy_student.model import layers
+
 
 def smoothed_cross_entropy(labels, logits, label_smoothing=0.0):
     """Per-example cross-entropy against smoothed one-hot labels.
@@ -105,7 +107,7 @@ def noisy_student_loss(labels, labeled_logits, global_labeled_batch,
 def batch_norm_variables(model):
     """All variables (gamma, beta, moving statistics) of BN layers."""
     result = []
-    for layer in all_layers(model):
+    for layer in layers.all_layers(model):
         if isinstance(layer, keras.layers.BatchNormalization):
             result.extend(layer.weights)
     return result
@@ -138,12 +140,3 @@ def l2_weight_decay(variables, weight_decay):
         return tf.constant(0.0, tf.float32)
     return weight_decay * tf.add_n(
         [tf.nn.l2_loss(tf.cast(v, tf.float32)) for v in variables])
-
-
-def all_layers(model):
-    """Every layer under `model`, nested models included (depth first)."""
-    stack = list(getattr(model, "layers", []))
-    while stack:
-        layer = stack.pop(0)
-        yield layer
-        stack.extend(getattr(layer, "layers", []) or [])

@@ -16,7 +16,7 @@ import math
 import keras
 import tensorflow as tf
 
-from noisy_student.training import losses
+from noisy_student.model import layers
 
 OPTIMIZERS = ("rmsprop", "sgd", "adam", "adamw")
 LR_SCHEDULES = ("exponential", "cosine", "constant")
@@ -182,7 +182,7 @@ def ema_source_variables(model):
     random-number state of dropout / stochastic depth is not a weight.
     """
     sources = {id(v) for v in model.trainable_variables}
-    for layer in losses.all_layers(model):
+    for layer in layers.all_layers(model):
         if (isinstance(layer, keras.layers.BatchNormalization)
                 and layer.trainable):
             sources.update({id(layer.moving_mean), id(layer.moving_variance)})

@@ -34,7 +34,7 @@ import keras
 import tensorflow as tf
 
 from noisy_student.model import checkpoints
-from noisy_student.kernels import loader
+from noisy_student.kernels import switch as kernel_switch
 from noisy_student.model import efficientnet
 from noisy_student.utils import storage
 from noisy_student.model import layers
@@ -145,7 +145,7 @@ def create_train_state(config, strategy, model_dir, is_chief=True):
         if config.loop.fused_batch_norm:
             use_fused_batch_norm(model)
         if config.loop.cpu_kernels and _on_cpu_in_float32(config):
-            use_cpu_kernels(model)
+            kernel_switch.use_cpu_kernels(model)
         if pretrained is not None:
             _initialise(model, pretrained, config)
         efficientnet.freeze_blocks(model, config.freeze_blocks)
@@ -218,7 +218,7 @@ def use_fused_batch_norm(model):
       The number of layers switched.
     """
     switched = 0
-    for layer in losses.all_layers(model):
+    for layer in layers.all_layers(model):
         if type(layer) is keras.layers.BatchNormalization:  # pylint: disable=unidiomatic-typecheck
             layer.__class__ = layers.FusedBatchNormalization
             switched += 1
@@ -231,60 +231,6 @@ def _on_cpu_in_float32(config):
     return (config.loop.precision == "float32" and not config.loop.jit_compile
             and config.loop.strategy != "tpu"
             and not tf.config.list_logical_devices("GPU"))
-
-
-def use_cpu_kernels(model):
-    """Switches the model's batch norm + SiLU pairs, other SiLU activations,
-    depthwise convolutions and squeeze-and-excitation gates to `cpu_kernels`
-    (one kernel each way for each), when those kernels build on this
-    machine. Call it after `use_fused_batch_norm` (only fused batch norms
-    are paired with their SiLU).
-
-    Changes behaviour only (layer classes to `layers.BatchNormSilu` and
-    `layers.GateMultiply`, activation functions, a flag on
-    `layers.SmallMapDepthwiseConv2D`), no variables, like
-    `use_fused_batch_norm`; exports are built fresh.
-
-    Args:
-      model: A Keras model.
-
-    Returns:
-      The number of layers switched (0 when the kernels are unavailable).
-    """
-    if loader.library() is None:
-        return 0
-    switched = _fuse_batch_norm_silu(model)
-    for layer in losses.all_layers(model):
-        if getattr(layer, "activation", None) is keras.activations.silu:
-            layer.activation = loader.silu
-            switched += 1
-        if isinstance(layer, layers.SmallMapDepthwiseConv2D):
-            layer.cpu_kernels = True
-            switched += 1
-        if type(layer) is keras.layers.Multiply:  # pylint: disable=unidiomatic-typecheck
-            layer.__class__ = layers.GateMultiply
-            switched += 1
-    return switched
-
-
-def _fuse_batch_norm_silu(model):
-    """Switches each fused batch norm whose only consumer is a SiLU
-    activation to `layers.BatchNormSilu`, and that activation to the
-    identity. Returns the number of layers switched."""
-    switched = 0
-    for layer in losses.all_layers(model):
-        if not (isinstance(layer, keras.layers.Activation)
-                and layer.activation is keras.activations.silu
-                and len(layer._inbound_nodes) == 1):  # pylint: disable=protected-access
-            continue
-        parents = layer._inbound_nodes[0].parent_nodes  # pylint: disable=protected-access
-        producer = parents[0].operation if len(parents) == 1 else None
-        if (type(producer) is layers.FusedBatchNormalization  # pylint: disable=unidiomatic-typecheck
-                and len(producer._outbound_nodes) == 1):  # pylint: disable=protected-access
-            producer.__class__ = layers.BatchNormSilu
-            layer.activation = keras.activations.linear
-            switched += 2
-    return switched
 
 
 def _checkpoint_manager(state, config, model_dir, is_chief):

@@ -115,13 +115,13 @@ def train(model_dir, data, recipe=Recipe(), pseudo_labels=None,
     data = _scanned_into(data, model_dir)
     labeled = data.labeled_source()
     ratio = recipe.unlabel_ratio if pseudo_labels else 0
-    train_config, input_config = recipes.train_configs(
+    train_config = recipes.resolve(
         recipe, labeled, channels=data.channels, teacher=teacher,
         unlabel_ratio=ratio, init_from=init_from,
         freeze_blocks=freeze_blocks)
     with lock.WorkdirLock(model_dir):
-        metrics = stages.run_train(train_config, input_config, data,
-                                   model_dir, pseudo_labels)
+        metrics = stages.run_train(train_config, data, model_dir,
+                                   pseudo_labels)
     return TrainResult(model_dir, metrics)
 
 
@@ -257,13 +257,13 @@ def pipeline_config(workdir, data=None, teacher=Recipe(), student=None,
     student = (student or teacher).replace(model=teacher.model)
     labeled = data.labeled_source()
     layout_from = teacher_init or student_init
-    teacher_config, teacher_input = recipes.train_configs(
+    teacher_config = recipes.resolve(
         teacher, labeled, channels=data.channels, teacher=True,
         init_from=teacher_init, layout_from=layout_from)
     if student.unlabel_ratio <= 0:
         raise ValueError("Expected unlabel_ratio > 0. Received: "
                          f"unlabel_ratio={student.unlabel_ratio}")
-    student_config, student_input = recipes.train_configs(
+    student_config = recipes.resolve(
         student, labeled, channels=data.channels,
         unlabel_ratio=student.unlabel_ratio, init_from=student_init,
         layout_from=layout_from)
@@ -274,8 +274,7 @@ def pipeline_config(workdir, data=None, teacher=Recipe(), student=None,
                      num_classes=labeled.num_classes)
     return experiment.ExperimentConfig(
         workdir=workdir, data=data, teacher=teacher_config,
-        teacher_input=teacher_input, student=student_config,
-        student_input=student_input, student_models=tuple(student_models),
+        student=student_config, student_models=tuple(student_models),
         iterations=iterations,
         init_student_from_teacher=init_student_from_teacher,
         allow_smaller_student=allow_smaller_student,

@@ -22,7 +22,6 @@ from noisy_student.pseudo_labels import prediction
 from noisy_student.pseudo_labels import selection
 from noisy_student.pipeline import stages
 from noisy_student.training import config as train_config
-from noisy_student.data import streams
 from noisy_student.data import sources
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,9 +88,8 @@ def test_pseudo_labels_with_unlabel_ratio_0_are_refused(tmp_path):
     config = train_config.TrainConfig.from_fields(
         width=0.25, depth=0.25, image_size=16, warmup_steps=0,
         lr_schedule="constant")
-    input_config = streams.InputConfig(image_size=16, batch_size=128)
     with pytest.raises(ValueError, match="unlabel_ratio > 0.*ignore them"):
-        stages.run_train(config, input_config, stages.DataConfig(),
+        stages.run_train(config, stages.DataConfig(),
                          str(tmp_path / "run"), pseudo_dir=str(tmp_path))
     assert not (tmp_path / "run").exists()
 
@@ -101,26 +99,26 @@ def test_resume_with_other_settings_is_refused_and_records_kept(tmp_path):
         width=0.25, depth=0.25, num_classes=10, image_size=16,
         small_images=True, batch_size=8, train_steps=2, warmup_steps=0,
         lr_schedule="constant", steps_per_loop=1, log_every=1,
-        checkpoint_every=0, verbose=False)
-    input_config = streams.InputConfig(image_size=16, batch_size=8,
-                                        augment="none")
+        checkpoint_every=0, verbose=False, augment="none")
     data = stages.DataConfig(labeled="digits:train", labels_per_class=2)
     model_dir = tmp_path / "m"
-    stages.run_train(config, input_config, data, str(model_dir))
+    stages.run_train(config, data, str(model_dir))
     records = {f: (model_dir / f).read_bytes()
                for f in ("config.json", "stage_config.json")}
     for changed, message in (
             (dict(base_learning_rate=0.5), "base_learning_rate=0.5 "),
             (dict(dropout_rate=0.5, seed=3), "dropout_rate=0.5 .*seed=3 "),
-            (dict(optimizer="sgd"), "optimizer='sgd' [(]was 'rmsprop'[)]")):
+            (dict(optimizer="sgd"), "optimizer='sgd' [(]was 'rmsprop'[)]"),
+            (dict(augment="randaugment"),
+             "augment='randaugment' [(]was 'none'[)]")):
         with pytest.raises(ValueError, match="differs in .*" + message):
-            stages.run_train(config.replace(**changed), input_config, data,
+            stages.run_train(config.replace(**changed), data,
                              str(model_dir))
         for name, content in records.items():
             assert (model_dir / name).read_bytes() == content, name
     # Training longer, logging less often: resumed.
     result = stages.run_train(config.replace(train_steps=3, log_every=3),
-                              input_config, data, str(model_dir))
+                              data, str(model_dir))
     assert result["start_step"] == 2 and result["step"] == 3
 
 

@@ -13,7 +13,6 @@ from noisy_student.kernels import layers as kernel_layers
 from noisy_student.kernels import loader
 from noisy_student.kernels import switch
 from noisy_student.model import efficientnet
-from noisy_student.model import layers
 from noisy_student.training import config as train_config
 from noisy_student.training import state
 

@@ -39,8 +39,8 @@ NUM_UNLABELED = 10  # One image per class: the one-hot target names it.
 
 @pytest.fixture
 def student(tmp_path):
-    """fn(*extra_flags) -> (student TrainConfig, InputConfig) of the
-    noisy-student command."""
+    """fn(*extra_flags) -> the student TrainConfig of the noisy-student
+    command."""
     from noisy_student.cli import pipeline as cli  # pylint: disable=g-import-not-at-top
 
     def parse(*extra):
@@ -48,7 +48,7 @@ def student(tmp_path):
         flags.FLAGS(["noisy-student", f"--workdir={tmp_path}", *TINY,
                      *extra])
         config = cli.experiment_config()
-        return config.student, config.student_input
+        return config.student
 
     yield parse
     flags.FLAGS.unparse_flags()
@@ -63,28 +63,25 @@ def _unlabeled():
     return images, np.eye(NUM_UNLABELED, dtype=np.float32)
 
 
-def _first_batch(input_config, num_classes):
+def _first_batch(config):
     """The first batch of the student's real input stream."""
     labeled = sources.load_source("digits:train", channels=3).dataset.take(64)
     images, targets = _unlabeled()
     unlabeled = tf.data.Dataset.from_tensor_slices(
         {"image": images, "target": targets})
-    dataset_fn = streams.train_dataset_fn(labeled, input_config, unlabeled,
-                                           num_classes)
-    return next(iter(dataset_fn()))
+    return next(iter(config.train_dataset_fn(labeled, unlabeled)()))
 
 
 def test_unlabeled_images_are_randaugmented_versions_of_the_teachers(
         student):
-    config, input_config = student()
-    assert input_config.augment == "randaugment"
-    assert input_config.magnitude == 5
-    batch = _first_batch(input_config, config.model.num_classes)["unlabeled"]
+    config = student()
+    assert config.input.augment == "randaugment"
+    assert config.input.magnitude == 5
+    batch = _first_batch(config)["unlabeled"]
     # The same stream without RandAugment: the same seed gives the same
     # images in the same order with the same base crop and flip (their
     # seeds do not depend on the augmenter), so what differs is RandAugment.
-    _, plain_input = student("--student_augment=none")
-    plain = _first_batch(plain_input, config.model.num_classes)["unlabeled"]
+    plain = _first_batch(student("--student_augment=none"))["unlabeled"]
     np.testing.assert_array_equal(batch["target"], plain["target"])
 
     images, _ = _unlabeled()
@@ -102,7 +99,7 @@ def test_unlabeled_images_are_randaugmented_versions_of_the_teachers(
     # translate and cutout sizes) of the same images through the base crop
     # and flip alone, with the stream's seed of its first unlabeled batch:
     # [seed * 1000 + 2 (the unlabeled stream), batch index 0].
-    seed = tf.constant([input_config.seed * 1000 + 2, 0], tf.int32)
+    seed = tf.constant([config.loop.seed * 1000 + 2, 0], tf.int32)
     expected = augment.randaugment(
         tf.cast(base, tf.uint8), 2, 5, seed,
         **streams.SMALL_IMAGE_AUGMENT).numpy()
@@ -120,8 +117,8 @@ def test_unlabeled_images_are_randaugmented_versions_of_the_teachers(
 
 
 def _model_and_batch(student, *extra):
-    config, input_config = student(*extra)
-    batch = _first_batch(input_config, config.model.num_classes)
+    config = student(*extra)
+    batch = _first_batch(config)
     images = tf.concat([batch["labeled"]["image"],
                         batch["unlabeled"]["image"]], axis=0)
     # The student's forward pass is on labeled + unlabeled images at once

@@ -27,16 +27,19 @@ def labeled_and_pseudo():
     return labeled, pseudo
 
 
-def config(**kwargs):
-    args = dict(image_size=16, batch_size=8, unlabel_ratio=3, seed=1,
-                shuffle_buffer=100, magnitude=5)
-    args.update(kwargs)
-    return streams.InputConfig(**args)
+def dataset_fn(labeled, unlabeled=None, num_classes=NUM_CLASSES, **kwargs):
+    """The test stream: 16 px, batches of 8 + 24 pseudo-labeled, seed 1."""
+    stream = dict(image_size=16, batch_size=8, unlabel_ratio=3, seed=1)
+    stream.update({k: kwargs.pop(k) for k in list(kwargs) if k in stream})
+    config = streams.InputConfig(**{"shuffle_buffer": 100, "magnitude": 5,
+                                    **kwargs})
+    return streams.train_dataset_fn(labeled, config, unlabeled=unlabeled,
+                                    num_classes=num_classes, **stream)
 
 
 def test_zipped_stream_has_static_shapes_and_the_ratio():
     labeled, pseudo = labeled_and_pseudo()
-    ds = streams.train_dataset_fn(labeled, config(), pseudo, NUM_CLASSES)()
+    ds = dataset_fn(labeled, pseudo)()
     spec = ds.element_spec
     assert spec["labeled"]["image"].shape == (8, 16, 16, 3)
     assert spec["labeled"]["label"].shape == (8,)
@@ -52,14 +55,13 @@ def test_zipped_stream_has_static_shapes_and_the_ratio():
 
 def test_teacher_stream_has_only_labeled_images():
     labeled, _ = labeled_and_pseudo()
-    ds = streams.train_dataset_fn(labeled, config(unlabel_ratio=0))()
+    ds = dataset_fn(labeled, unlabel_ratio=0)()
     assert set(ds.element_spec) == {"labeled"}
 
 
 def test_same_seed_same_batches():
     labeled, pseudo = labeled_and_pseudo()
-    first = [next(iter(streams.train_dataset_fn(
-        labeled, config(), pseudo, NUM_CLASSES)())) for _ in range(2)]
+    first = [next(iter(dataset_fn(labeled, pseudo)())) for _ in range(2)]
     for key in ("labeled", "unlabeled"):
         np.testing.assert_array_equal(first[0][key]["image"],
                                       first[1][key]["image"])
@@ -68,9 +70,8 @@ def test_same_seed_same_batches():
 def test_two_replica_mirrored_batches_have_configured_sizes():
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     labeled, pseudo = labeled_and_pseudo()
-    dataset_fn = streams.train_dataset_fn(labeled, config(), pseudo,
-                                           NUM_CLASSES)
-    ds = strategy.distribute_datasets_from_function(dataset_fn)
+    ds = strategy.distribute_datasets_from_function(
+        dataset_fn(labeled, pseudo))
     batch = next(iter(ds))
     for replica in range(2):
         local = tf.nest.map_structure(
@@ -83,11 +84,13 @@ def test_two_replica_mirrored_batches_have_configured_sizes():
 def test_missing_or_mismatched_pseudo_labels_are_errors():
     labeled, pseudo = labeled_and_pseudo()
     with pytest.raises(ValueError, match="Received: unlabeled=None"):
-        streams.train_dataset_fn(labeled, config())
+        dataset_fn(labeled)
     with pytest.raises(ValueError, match="Received: length 10"):
-        streams.train_dataset_fn(labeled, config(), pseudo, num_classes=5)
-    with pytest.raises(ValueError, match="unlabel_ratio=-1"):
-        config(unlabel_ratio=-1)
+        dataset_fn(labeled, pseudo, num_classes=5)
+    with pytest.raises(ValueError, match="shuffle_buffer=0"):
+        streams.InputConfig(shuffle_buffer=0)
+    with pytest.raises(ValueError, match="augment='randaugmentt'"):
+        streams.InputConfig(augment="randaugmentt")
 
 
 def test_eval_dataset_keeps_every_image():
@@ -99,10 +102,9 @@ def test_eval_dataset_keeps_every_image():
 
 def test_stream_from_start_step_equals_the_rest_of_the_stream():
     labeled, pseudo = labeled_and_pseudo()
-    dataset_fn = streams.train_dataset_fn(labeled, config(), pseudo,
-                                           NUM_CLASSES)
-    whole = list(dataset_fn().take(5))
-    resumed = list(dataset_fn(start_step=3).take(2))
+    stream_fn = dataset_fn(labeled, pseudo)
+    whole = list(stream_fn().take(5))
+    resumed = list(stream_fn(start_step=3).take(2))
     for expected, got in zip(whole[3:], resumed):
         for key in ("labeled", "unlabeled"):
             for field in expected[key]:
@@ -113,8 +115,7 @@ def test_stream_from_start_step_equals_the_rest_of_the_stream():
 def first_batches(num_batches=2):
     """The first batches of the seeded test stream, as {name: array}."""
     labeled, pseudo = labeled_and_pseudo()
-    dataset = streams.train_dataset_fn(labeled, config(), pseudo,
-                                        NUM_CLASSES)()
+    dataset = dataset_fn(labeled, pseudo)()
     arrays = {}
     for k, batch in enumerate(dataset.take(num_batches)):
         for key in ("labeled", "unlabeled"):
@@ -137,9 +138,8 @@ def test_stream_does_not_depend_on_what_ran_before_in_the_process(tmp_path):
     for global_seed in (0, 3):
         keras.utils.set_random_seed(global_seed)
         tf.random.uniform(())
-        next(iter(streams.train_dataset_fn(
-            labeled_and_pseudo()[0],
-            config(seed=global_seed, unlabel_ratio=0))()))
+        next(iter(dataset_fn(labeled_and_pseudo()[0], seed=global_seed,
+                             unlabel_ratio=0)()))
         got = first_batches()
         assert got.keys() == fresh.keys()
         for name, value in fresh.items():

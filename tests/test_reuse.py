@@ -250,7 +250,6 @@ def test_ns_train_names_the_images_that_changed_not_a_setting(tmp_path):
     (was: 'config.json differs in images_per_epoch=41 (was 40)', a setting
     without a flag)."""
     from noisy_student.training import config as train_config  # pylint: disable=g-import-not-at-top
-    from noisy_student.data import streams  # pylint: disable=g-import-not-at-top
 
     def train(count, steps):
         labeled = _images(tmp_path / "labeled.npz", 0, count)
@@ -260,10 +259,8 @@ def test_ns_train_names_the_images_that_changed_not_a_setting(tmp_path):
             small_images=True, batch_size=4, train_steps=steps,
             warmup_steps=0, lr_schedule="constant", steps_per_loop=1,
             log_every=1, checkpoint_every=1, eval_every=0,
-            images_per_epoch=count, verbose=False)
-        return stages.run_train(config, streams.InputConfig(
-            image_size=16, batch_size=4, augment="none", seed=0), data,
-            str(tmp_path / "train"))
+            images_per_epoch=count, verbose=False, augment="none")
+        return stages.run_train(config, data, str(tmp_path / "train"))
 
     train(40, 1)
     before = _records(tmp_path / "train")

@@ -331,12 +331,10 @@ def test_one_channel_model_trains_and_evaluates(tmp_path):
         width=0.25, depth=0.25, num_classes=10, image_size=16,
         small_images=True, channels=1, batch_size=8, train_steps=2,
         warmup_steps=0, lr_schedule="constant", steps_per_loop=1,
-        log_every=1, checkpoint_every=0, verbose=False)
-    input_config = streams.InputConfig(image_size=16, batch_size=8,
-                                        augment="none")
+        log_every=1, checkpoint_every=0, verbose=False, augment="none")
     data = stages.DataConfig(labeled="digits:train", test="digits:test",
                              labels_per_class=2, channels=1)
-    stages.run_train(config, input_config, data, str(tmp_path / "m"))
+    stages.run_train(config, data, str(tmp_path / "m"))
     results = stages.run_eval(
         evaluator.EvalConfig(model_path=str(tmp_path / "m"),
                             num_classes=10), data)
@@ -361,10 +359,9 @@ def test_keras_cv_with_one_channel_images_is_refused_by_the_library():
     grey = tf.data.Dataset.from_tensor_slices(
         {"image": np.zeros((4, 8, 8, 1), np.uint8),
          "label": np.zeros(4, np.int32)})
-    config = streams.InputConfig(image_size=8, batch_size=2,
-                                  augment="keras_cv")
+    config = streams.InputConfig(augment="keras_cv")
     with pytest.raises(ValueError, match="augment='keras_cv'.*channels=1"):
-        streams.train_dataset_fn(grey, config)
+        streams.train_dataset_fn(grey, config, image_size=8, batch_size=2)
 
 
 # The recipe is read from the model, not from flags.
@@ -419,10 +416,9 @@ def test_folder_class_names_travel_from_training_to_serving(tmp_path):
         width=0.25, depth=0.25, num_classes=3, image_size=SIZE,
         small_images=True, batch_size=4, train_steps=1, warmup_steps=0,
         lr_schedule="constant", steps_per_loop=1, log_every=1,
-        checkpoint_every=0, verbose=False)
+        checkpoint_every=0, verbose=False, augment="none")
     model_dir = tmp_path / "train"
-    stages.run_train(config, streams.InputConfig(
-        image_size=SIZE, batch_size=4, augment="none"), data, str(model_dir))
+    stages.run_train(config, data, str(model_dir))
     assert json.loads((model_dir / "class_names.json").read_text()) == list(
         CLASSES)
     eval_dir = tmp_path / "eval"

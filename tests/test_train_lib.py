@@ -398,12 +398,11 @@ def _pipeline_dataset_fn(config, fail_at=None):
     pseudo = unlabeled.map(lambda d: {
         "image": d["image"],
         "target": tf.fill([config.model.num_classes], 1.0 / config.model.num_classes)})
-    input_config = pipeline.InputConfig(
+    inner = pipeline.train_dataset_fn(
+        labeled, pipeline.InputConfig(magnitude=5, shuffle_buffer=50),
         image_size=config.model.image_size, batch_size=config.loop.batch_size,
-        unlabel_ratio=config.loop.unlabel_ratio, magnitude=5, shuffle_buffer=50,
-        seed=3)
-    inner = pipeline.train_dataset_fn(labeled, input_config, pseudo,
-                                      config.model.num_classes)
+        unlabel_ratio=config.loop.unlabel_ratio, seed=3, unlabeled=pseudo,
+        num_classes=config.model.num_classes)
     if fail_at is None:
         return inner
 

@@ -58,7 +58,7 @@ def main(argv):
         stage_inputs.check_owner(FLAGS.model_dir, "train", "--model_dir")
         labeled = data.labeled_source()
         ratio = FLAGS.unlabel_ratio if FLAGS.pseudo_labels else 0
-        train_config, input_config = recipes.train_configs(
+        train_config = recipes.resolve(
             common.recipe_from_flags(""), labeled, channels=FLAGS.channels,
             unlabel_ratio=ratio, init_from=FLAGS.init_from,
             freeze_blocks=FLAGS.freeze_blocks)
@@ -72,8 +72,8 @@ def main(argv):
             stages.check_train_folder(train_config, labeled, FLAGS.model_dir,
                                       FLAGS.pseudo_labels)
             common.write_flags(FLAGS.model_dir)
-            metrics = stages.run_train(train_config, input_config, data,
-                                       FLAGS.model_dir, FLAGS.pseudo_labels,
+            metrics = stages.run_train(train_config, data, FLAGS.model_dir,
+                                       FLAGS.pseudo_labels,
                                        strategy=strategy)
     print(metrics)
 

@@ -33,42 +33,41 @@ SMALL_IMAGE_AUGMENT = {"translate_frac": 1 / 8, "cutout_frac": 1 / 8}
 
 @dataclasses.dataclass(frozen=True)
 class InputConfig:
-    """How training batches are made.
+    """How training images are noised and shuffled: the `input` part of
+    `training.config.TrainConfig` (which holds the image size, batch size,
+    unlabel_ratio and seed the stream also takes).
 
     Attributes:
-      image_size: Side of the model's input, in pixels.
-      batch_size: Labeled images per global batch.
-      unlabel_ratio: Unlabeled images per labeled image in a batch (the
-        paper's unlabel_ratio; 0 for a teacher).
-      augment: "randaugment" (ours), "keras_cv" or "none".
-      num_layers: RandAugment's N.
+      augment: "randaugment" (ours, the paper's ops), "keras_cv" or "none"
+        (`randaugment.AUGMENT_KINDS`).
+      num_layers: RandAugment's N (paper: 2).
       magnitude: RandAugment's M on the paper's 0..10+ scale.
       flip: Random left-right flips (only for data sets that allow them).
-      small_images: RandAugment's small-image translate and cutout sizes
-        (an eighth of a side; see preprocess.uses_small_image_augment). The
-        crop itself follows each image's own size (see preprocess).
       shuffle_buffer: Elements in each shuffle buffer.
-      seed: Seed of shuffling and augmentation; None for a random one.
+
+    Raises:
+      ValueError: for a value out of range (the message names the field).
     """
-    image_size: int
-    batch_size: int
-    unlabel_ratio: int = 0
     augment: str = "randaugment"
     num_layers: int = 2
     magnitude: float = 10.0
     flip: bool = False
-    small_images: bool = True
     shuffle_buffer: int = 10_000
-    seed: int | None = None
 
     def __post_init__(self):
-        for name in ("image_size", "batch_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"Expected {name} > 0. Received: "
-                                 f"{name}={getattr(self, name)}")
-        if self.unlabel_ratio < 0:
-            raise ValueError("Expected unlabel_ratio >= 0. Received: "
-                             f"unlabel_ratio={self.unlabel_ratio}")
+        if self.augment not in augment.AUGMENT_KINDS:
+            raise ValueError(f"Expected augment in {augment.AUGMENT_KINDS}. "
+                             f"Received: augment={self.augment!r}")
+        if not (isinstance(self.num_layers, int) and self.num_layers >= 0):
+            raise ValueError("Expected an integer num_layers >= 0. "
+                             f"Received: num_layers={self.num_layers!r}")
+        if self.magnitude < 0:
+            raise ValueError("Expected magnitude >= 0. Received: "
+                             f"magnitude={self.magnitude!r}")
+        if not (isinstance(self.shuffle_buffer, int)
+                and self.shuffle_buffer > 0):
+            raise ValueError("Expected an integer shuffle_buffer > 0. "
+                             f"Received: shuffle_buffer={self.shuffle_buffer!r}")
 
 
 def seeded_shuffle(dataset, buffer_size, seed, op_seed):
@@ -107,21 +106,22 @@ def seeded_shuffle(dataset, buffer_size, seed, op_seed):
     return tf.data.experimental.from_variant(variant, dataset.element_spec)
 
 
-def _stream(dataset, config, per_replica_batch, input_context, augmenter,
-            salt, start_step=0):
+def _stream(dataset, config, image_size, seed, per_replica_batch,
+            input_context, augmenter, salt, start_step=0):
     """One shuffled, repeated, preprocessed, batched and augmented stream,
-    from its batch `start_step` on."""
+    from its batch `start_step` on (`config` an `InputConfig`, `seed` the
+    run's or None)."""
     if input_context and input_context.num_input_pipelines > 1:
         dataset = dataset.shard(input_context.num_input_pipelines,
                                 input_context.input_pipeline_id)
-    seed = None
-    if config.seed is None:
+    run_seed, seed = seed, None
+    if run_seed is None:
         dataset = dataset.shuffle(config.shuffle_buffer,
                                   reshuffle_each_iteration=True)
     else:
         pipeline_id = input_context.input_pipeline_id if input_context else 0
-        seed = config.seed * 1000 + pipeline_id * 10 + salt
-        dataset = seeded_shuffle(dataset, config.shuffle_buffer, config.seed,
+        seed = run_seed * 1000 + pipeline_id * 10 + salt
+        dataset = seeded_shuffle(dataset, config.shuffle_buffer, run_seed,
                                  seed)
     dataset = dataset.repeat()
     # Element i is cropped with the stateless seed [seed, i]: reproducible
@@ -131,7 +131,7 @@ def _stream(dataset, config, per_replica_batch, input_context, augmenter,
 
     def crop(index, element):
         image = preprocess.train_image(
-            element["image"], config.image_size, flip=config.flip,
+            element["image"], image_size, flip=config.flip,
             seed=tf.stack([tf.constant(base_seed, tf.int64), index]))
         return {**element, "image": image}
 
@@ -151,23 +151,31 @@ def _stream(dataset, config, per_replica_batch, input_context, augmenter,
         num_parallel_calls=AUTOTUNE)
 
 
-def train_dataset_fn(labeled, config, unlabeled=None, num_classes=None):
+def train_dataset_fn(labeled, config, *, image_size, batch_size,
+                     unlabel_ratio=0, seed=None, unlabeled=None,
+                     num_classes=None):
     """Returns `dataset_fn(input_context)` for distribute_datasets_from_function.
 
     Args:
       labeled: Unbatched {"image": uint8, "label": int32} dataset.
-      config: An `InputConfig`.
+      config: An `InputConfig` (a TrainConfig's `input`).
+      image_size: Side of the model's input, in pixels.
+      batch_size: Labeled images per global batch.
+      unlabel_ratio: Unlabeled images per labeled image in a batch (the
+        paper's unlabel_ratio; 0 for a teacher).
+      seed: Seed of shuffling, crops and augmentation (the run's); None for
+        a random one.
       unlabeled: Unbatched {"image": uint8, "target": float32 [num_classes]}
         dataset (the selected pseudo-labels), required when
-        config.unlabel_ratio > 0.
+        unlabel_ratio > 0.
       num_classes: Length of the targets, checked against `unlabeled`.
 
     Returns:
       `dataset_fn(input_context=None, start_step=0)`: the per-replica
       training stream from its batch `start_step` on (what training.loop asks
-      for when it resumes from a checkpoint at that step). With
-      config.seed, the stream resumed at step k equals the uninterrupted
-      stream without its first k batches.
+      for when it resumes from a checkpoint at that step). With a seed, the
+      stream resumed at step k equals the uninterrupted stream without its
+      first k batches.
 
     Raises:
       ValueError: if the pseudo-labels are missing or of the wrong length,
@@ -180,36 +188,40 @@ def train_dataset_fn(labeled, config, unlabeled=None, num_classes=None):
             "Expected augment='randaugment' or 'none' for 1-channel images "
             "(keras_cv's RandAugment needs RGB). Received: "
             "augment='keras_cv', channels=1")
-    if config.unlabel_ratio > 0:
+    if unlabel_ratio > 0:
         if unlabeled is None:
             raise ValueError("Expected pseudo-labeled data when "
-                             f"unlabel_ratio={config.unlabel_ratio} > 0. "
+                             f"unlabel_ratio={unlabel_ratio} > 0. "
                              "Received: unlabeled=None")
         target_len = unlabeled.element_spec["target"].shape[-1]
         if num_classes is not None and target_len not in (None, num_classes):
             raise ValueError(
                 f"Expected pseudo-label targets of length {num_classes}. "
                 f"Received: length {target_len}")
+    # Small images take the official CIFAR/SVHN translate and cutout sizes
+    # (an eighth of a side) instead of ImageNet's 100 and 40 of 224.
+    sizes = SMALL_IMAGE_AUGMENT if (
+        config.augment == "randaugment"
+        and preprocess.uses_small_image_augment(image_size)) else {}
 
     def dataset_fn(input_context=None, start_step=0):
-        batch = config.batch_size
+        batch = batch_size
         if input_context is not None:
             batch = input_context.get_per_replica_batch_size(batch)
-        seed = None if config.seed is None else config.seed + 7
-        # Small images take the official CIFAR/SVHN translate and cutout
-        # sizes (an eighth of a side) instead of ImageNet's 100 and 40 of 224.
-        sizes = SMALL_IMAGE_AUGMENT if config.small_images and (
-            config.augment == "randaugment") else {}
         augmenter = augment.make_augmenter(
             config.augment, num_layers=config.num_layers,
-            magnitude=config.magnitude, seed=seed, **sizes)
-        streams = {"labeled": _stream(labeled, config, batch, input_context,
-                                      augmenter, salt=1,
-                                      start_step=start_step)}
-        if config.unlabel_ratio > 0:
-            streams["unlabeled"] = _stream(
-                unlabeled, config, batch * config.unlabel_ratio,
-                input_context, augmenter, salt=2, start_step=start_step)
+            magnitude=config.magnitude,
+            seed=None if seed is None else seed + 7, **sizes)
+
+        def stream(dataset, per_replica_batch, salt):
+            return _stream(dataset, config, image_size, seed,
+                           per_replica_batch, input_context, augmenter, salt,
+                           start_step=start_step)
+
+        streams = {"labeled": stream(labeled, batch, salt=1)}
+        if unlabel_ratio > 0:
+            streams["unlabeled"] = stream(unlabeled, batch * unlabel_ratio,
+                                          salt=2)
         return tf.data.Dataset.zip(streams).prefetch(AUTOTUNE)
 
     return dataset_fn

@@ -39,7 +39,7 @@ from noisy_student.training import state
 from noisy_student.pipeline import layout
 from noisy_student.pipeline import legacy
 from noisy_student.pipeline import lock
-from noisy_student.data import streams
+from noisy_student.data import preprocess
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,11 +52,9 @@ class ExperimentConfig:
       teacher: Training recipe and model of iteration 0 (its init_from: the
         pretrained weights it is fine-tuned from; train_steps=0 uses them
         unchanged).
-      teacher_input: Input (augmentation) of the teacher.
       student: Training recipe of the students; its variant/width/depth are
         replaced by `student_models` (its init_from: pretrained weights
         every student starts from).
-      student_input: Input (noise) of the students.
       student_models: Model name of each iteration's student (the last one
         repeats); empty: the teacher's model.
       iterations: Iterations of student training (the paper's, Sec. 3.1).
@@ -76,9 +74,7 @@ class ExperimentConfig:
     workdir: str
     data: stages.DataConfig
     teacher: train_config_lib.TrainConfig
-    teacher_input: streams.InputConfig
     student: train_config_lib.TrainConfig
-    student_input: streams.InputConfig
     student_models: tuple = ()
     iterations: int = 2
     init_student_from_teacher: bool = False
@@ -150,6 +146,30 @@ def _train_fingerprint_args(train_config):
     return fields
 
 
+def _input_fingerprint_args(train_config):
+    """The input settings as earlier work directories hashed them.
+
+    Before the input settings were a part of `TrainConfig` they were a
+    separate `InputConfig` that also held the stream's image size, batch
+    size, unlabel_ratio, seed and small-image augmentation, and the
+    fingerprint's JSON encoder wrote that dataclass as its repr (json's
+    `default=str`). This rebuilds that text, field for field, so those
+    directories keep their train stages' fingerprints and resume.
+    """
+    model, loop, noise = (train_config.model, train_config.loop,
+                          train_config.input)
+    image_size = model.resolved_image_size
+    fields = (("image_size", image_size), ("batch_size", loop.batch_size),
+              ("unlabel_ratio", loop.unlabel_ratio),
+              ("augment", noise.augment), ("num_layers", noise.num_layers),
+              ("magnitude", noise.magnitude), ("flip", noise.flip),
+              ("small_images",
+               preprocess.uses_small_image_augment(image_size)),
+              ("shuffle_buffer", noise.shuffle_buffer), ("seed", loop.seed))
+    return "InputConfig(" + ", ".join(
+        f"{name}={value!r}" for name, value in fields) + ")"
+
+
 def _without_paths(config, *fields):
     return {k: v for k, v in dataclasses.asdict(config).items()
             if k not in fields}
@@ -205,7 +225,7 @@ def plan(config, sources=None):
     data_fp, unlabeled_fp = _data_fingerprints(config.data, sources)
     steps = []
 
-    def train_and_eval(r, train_config, input_config, pseudo_dir, upstream):
+    def train_and_eval(r, train_config, pseudo_dir, upstream):
         model_dir = layout.stage_folder(workdir, r, "train")
         # A pretrained checkpoint counts by its files (path, size, mtime); a
         # teacher's folder (init_student_from_teacher) by its stages.
@@ -215,12 +235,13 @@ def plan(config, sources=None):
                    else None)
         train_fp = manifest_lib.fingerprint(
             {"train": _train_fingerprint_args(train_config),
-             "input": input_config, "init": init_fp}, data_fp, *upstream)
+             "input": _input_fingerprint_args(train_config), "init": init_fp},
+            data_fp, *upstream)
         name = layout.stage_name(r, "train")
         steps.append(Stage(
             name, train_fp, model_dir,
             lambda: reports.jsonable(stages.run_train(
-                train_config, input_config, config.data, model_dir,
+                train_config, config.data, model_dir,
                 pseudo_dir, log_prefix=f"[{name}] ")), train_config))
         eval_config = evaluator.EvalConfig(
             model_path=model_dir,
@@ -234,16 +255,15 @@ def plan(config, sources=None):
                 stages.run_eval(eval_config, config.data))))
         return model_dir, train_fp
 
-    teacher_dir, fp = train_and_eval(0, config.teacher, config.teacher_input,
-                                     None, ())
+    teacher_dir, fp = train_and_eval(0, config.teacher, None, ())
     for r in range(1, config.iterations + 1):
         labeling, pseudo_dir, select_fp = _label_stages(
             config, r, teacher_dir,
             (fp,) if unlabeled_fp is None else (fp, unlabeled_fp))
         steps += labeling
-        student, student_input = _student_configs(config, r, teacher_dir)
+        student = _student_config(config, r, teacher_dir)
         teacher_dir, fp = train_and_eval(
-            r, student, student_input, pseudo_dir,
+            r, student, pseudo_dir,
             (select_fp, config.init_student_from_teacher))
     if config.export:
         # From the model_dir: its class names and recipe go along.
@@ -301,8 +321,8 @@ def _label_stages(config, r, teacher_dir, upstream):
     ], select_config.out_dir, select_fp
 
 
-def _student_configs(config, r, teacher_dir):
-    """The training and input configs of iteration r's student.
+def _student_config(config, r, teacher_dir):
+    """The training config of iteration r's student.
 
     Args:
       config: The `ExperimentConfig`.
@@ -310,20 +330,18 @@ def _student_configs(config, r, teacher_dir):
       teacher_dir: The model_dir of the student's teacher.
 
     Returns:
-      (TrainConfig, InputConfig) with the iteration's model, its resolution
+      A TrainConfig with the iteration's model, its resolution
       when `student_resolution_from_model`, and the teacher's weights as
       init_from when `init_student_from_teacher`.
     """
     student = with_model(config.student, config.student_model(r))
-    student_input = config.student_input
     variant = student.model.variant
     if config.student_resolution_from_model and variant:
         size = efficientnet.get_variant(variant).resolution
         student = student.replace(image_size=size)
-        student_input = dataclasses.replace(student_input, image_size=size)
     if config.init_student_from_teacher:
         student = dataclasses.replace(student, init_from=teacher_dir)
-    return student, student_input
+    return student
 
 
 def check(config):

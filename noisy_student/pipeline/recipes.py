@@ -3,9 +3,9 @@
 `Recipe` holds what one model's training is asked to be, in the commands'
 words: every field is the flag of the same name (`--teacher_<field>` /
 `--student_<field>` for the fields that differ between the two roles), with
-the flag's default. `train_configs` resolves it against the data into the
-`TrainConfig` and `InputConfig` the training stage runs with, by the rules
-the commands and the Python API share:
+the flag's default. `resolve` turns it against the data into the
+`TrainConfig` the training stage runs with, by the rules the commands and
+the Python API share:
 
 - the image size is `image_size`, else the resolution of the model's
   variant (B0's 224 for a wW-dD model; the official EfficientNet table);
@@ -32,7 +32,7 @@ class Recipe:
 
     Defaults are the commands' (and, where it has one, the paper's or the
     official code's; each flag's help text says which). The configs check
-    the values when `train_configs` builds them.
+    the values when `resolve` builds them.
 
     Attributes:
       model: EfficientNet name: b0..b8, l2, or wW-dD.
@@ -103,10 +103,9 @@ def resolved_image_size(recipe):
     return efficientnet.get_variant(variant or "b0").resolution
 
 
-def train_configs(recipe, source, channels=3, teacher=False,
-                  unlabel_ratio=0, init_from=None, layout_from=None,
-                  freeze_blocks=0):
-    """The training stage's configs of `recipe` on the labeled `source`.
+def resolve(recipe, source, channels=3, teacher=False, unlabel_ratio=0,
+            init_from=None, layout_from=None, freeze_blocks=0):
+    """The `TrainConfig` of `recipe` on the labeled `source`.
 
     Args:
       recipe: A `Recipe`.
@@ -123,7 +122,7 @@ def train_configs(recipe, source, channels=3, teacher=False,
       freeze_blocks: MBConv blocks frozen (`TrainConfig.freeze_blocks`).
 
     Returns:
-      (training.config.TrainConfig, data.streams.InputConfig), validated.
+      A `training.config.TrainConfig`, validated.
 
     Raises:
       ValueError: for a value out of range (naming the field) or an
@@ -139,7 +138,7 @@ def train_configs(recipe, source, channels=3, teacher=False,
     variant, width, depth = efficientnet.parse_model_name(recipe.model)
     if variant:
         width = depth = None
-    config = train_config.TrainConfig(
+    return train_config.TrainConfig(
         model=train_config.ModelConfig(
             variant=variant, width=width, depth=depth,
             num_classes=source.num_classes, image_size=image_size,
@@ -168,12 +167,9 @@ def train_configs(recipe, source, channels=3, teacher=False,
             eval_every=recipe.eval_every, log_every=recipe.log_every,
             jit_compile=recipe.jit_compile, cpu_kernels=recipe.cpu_kernels,
             seed=recipe.seed),
+        input=streams.InputConfig(
+            augment=recipe.augment, num_layers=recipe.num_layers,
+            magnitude=recipe.magnitude,
+            flip=recipe.flip if recipe.flip is not None
+            else source.allows_flip),
         init_from=init_from, freeze_blocks=freeze_blocks)
-    flip = recipe.flip if recipe.flip is not None else source.allows_flip
-    input_config = streams.InputConfig(
-        image_size=image_size, batch_size=recipe.batch_size,
-        unlabel_ratio=unlabel_ratio, augment=recipe.augment,
-        num_layers=recipe.num_layers, magnitude=recipe.magnitude, flip=flip,
-        small_images=preprocess.uses_small_image_augment(image_size),
-        seed=recipe.seed)
-    return config, input_config

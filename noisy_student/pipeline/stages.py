@@ -198,14 +198,13 @@ def eval_batches(source, image_size, batch_size=256, channels=None,
                                  channels=channels, recipe=recipe)
 
 
-def run_train(train_config, input_config, data, model_dir, pseudo_dir=None,
-              strategy=None, log_prefix=""):
+def run_train(train_config, data, model_dir, pseudo_dir=None, strategy=None,
+              log_prefix=""):
     """Trains a teacher, or a student when `pseudo_dir` holds a selection.
 
     Args:
-      train_config: A train_config.TrainConfig.
-      input_config: A pipeline.InputConfig (its image_size and batch_size
-        must match train_config's).
+      train_config: A `training.config.TrainConfig` (its `input` part says
+        how the images are noised).
       data: A `DataConfig`.
       model_dir: The run's folder (resumed when it holds checkpoints).
       pseudo_dir: A selection folder from `run_select`, for a student.
@@ -217,20 +216,13 @@ def run_train(train_config, input_config, data, model_dir, pseudo_dir=None,
       The final metrics of train_lib.train_and_evaluate.
 
     Raises:
-      ValueError: for configs that disagree, a model_dir that holds another
+      ValueError: for a student without unlabel_ratio, a model_dir that holds another
         stage's records (`check_owner`) or checkpoints made with other
         settings (`train_lib.check_resumable`) or other images
         (`check_inputs`).
     """
     stage_inputs.check_owner(model_dir, "train", "--model_dir")
     model, loop = train_config.model, train_config.loop
-    if (input_config.image_size != model.image_size
-            or input_config.batch_size != loop.batch_size
-            or input_config.unlabel_ratio != loop.unlabel_ratio):
-        raise ValueError(
-            "Expected the same image_size, batch_size and unlabel_ratio for "
-            f"the model and its input. Received: {train_config} and "
-            f"{input_config}")
     if pseudo_dir and not loop.unlabel_ratio:
         raise ValueError(
             "Expected unlabel_ratio > 0 to train a student on pseudo-labels "
@@ -246,8 +238,7 @@ def run_train(train_config, input_config, data, model_dir, pseudo_dir=None,
         unlabeled = records.selected_dataset(
             pseudo_dir, num_classes=model.num_classes,
             channels=data.channels)
-    dataset_fn = streams.train_dataset_fn(
-        labeled.dataset, input_config, unlabeled, model.num_classes)
+    dataset_fn = train_config.train_dataset_fn(labeled.dataset, unlabeled)
     part = "validation" if data.validation_size else "test"
     recipe = preprocess.DEFAULT_RECIPE
     eval_ds = None  # No test set given (ns-train without --test).
@@ -260,8 +251,8 @@ def run_train(train_config, input_config, data, model_dir, pseudo_dir=None,
     # A refused resume must leave the model_dir's records as they were.
     check_train_folder(train_config, labeled, model_dir, pseudo_dir)
     tf.io.gfile.makedirs(model_dir)
-    write_stage_config(model_dir, train=train_config, input=input_config,
-                       data=data, pseudo_dir=pseudo_dir)
+    write_stage_config(model_dir, train=train_config, data=data,
+                       pseudo_dir=pseudo_dir)
     # What ns-eval, ns-predict and ns-export read back from the model_dir.
     preprocess.write_recipe(model_dir, recipe)
     info.write_class_names(model_dir, labeled.class_names)

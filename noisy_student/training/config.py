@@ -1,9 +1,11 @@
-"""The settings of one training run, in three parts: model, optimizer, loop.
+"""The settings of one training run, in four parts: model, optimizer, loop,
+input.
 
 `TrainConfig` nests a `ModelConfig` (the keyword arguments of
 `efficientnet.build_efficientnet`, passed to it unchanged), an
-`OptimizerConfig` (loss terms, optimizer, learning-rate schedule, EMA) and a
-`LoopConfig` (batches, steps, distribution and bookkeeping), plus the two
+`OptimizerConfig` (loss terms, optimizer, learning-rate schedule, EMA), a
+`LoopConfig` (batches, steps, distribution and bookkeeping) and an
+`InputConfig` (`data.streams`: augmentation, flips, shuffling), plus the two
 settings of a run that starts from other weights (`init_from`,
 `freeze_blocks`). Every part checks its own values when built and
 `TrainConfig` checks the values that span parts, so a bad setting fails
@@ -19,6 +21,7 @@ EfficientNet `main.py` / `utils.py`).
 
 import dataclasses
 
+from noisy_student.data import streams
 from noisy_student.model import efficientnet
 from noisy_student.utils import storage
 from noisy_student.training import optimizers
@@ -276,7 +279,7 @@ class LoopConfig:
 
 
 _PARTS = {"model": ModelConfig, "optimizer": OptimizerConfig,
-          "loop": LoopConfig}
+          "loop": LoopConfig, "input": streams.InputConfig}
 # The part of every leaf field (each name belongs to exactly one part).
 _PART_OF = {f.name: part for part, cls in _PARTS.items()
             for f in dataclasses.fields(cls)}
@@ -290,6 +293,9 @@ class TrainConfig:
       model: A `ModelConfig` (goes to `efficientnet.build_efficientnet`).
       optimizer: An `OptimizerConfig`.
       loop: A `LoopConfig`.
+      input: A `data.streams.InputConfig` (how the training images are
+        noised and shuffled; the stream takes its image size, batch size,
+        unlabel_ratio and seed from `model` and `loop`).
       init_from: Pretrained weights that initialise the model (any source
         of `noisy_student.model.checkpoints`: an official TF1 / Noisy Student
         checkpoint, a Keras applications .h5 file, or a model_dir / .keras
@@ -312,6 +318,8 @@ class TrainConfig:
     optimizer: OptimizerConfig = dataclasses.field(
         default_factory=OptimizerConfig)
     loop: LoopConfig = dataclasses.field(default_factory=LoopConfig)
+    input: streams.InputConfig = dataclasses.field(
+        default_factory=streams.InputConfig)
     init_from: str | None = None
     freeze_blocks: int = 0
 
@@ -347,8 +355,8 @@ class TrainConfig:
         """Builds the config from leaf field names (`batch_size=8, ...`).
 
         Args:
-          **fields: Fields of ModelConfig, OptimizerConfig, LoopConfig (each
-            name belongs to one part) and `init_from`, `freeze_blocks`.
+          **fields: Fields of ModelConfig, OptimizerConfig, LoopConfig,
+            InputConfig (each name belongs to one part) and `init_from`, `freeze_blocks`.
 
         Raises:
           TypeError: for a name that is no field.
@@ -378,6 +386,25 @@ class TrainConfig:
     def replace(self, **fields):
         """A copy with some leaf fields changed (`config.replace(seed=1)`)."""
         return TrainConfig.from_fields(**{**self.fields(), **fields})
+
+    def train_dataset_fn(self, labeled, unlabeled=None):
+        """This run's training stream (`data.streams.train_dataset_fn`).
+
+        Args:
+          labeled: Unbatched {"image": uint8 [H, W, C], "label": int32}
+            dataset.
+          unlabeled: Unbatched {"image": uint8, "target": float32
+            [num_classes]} dataset of selected pseudo-labels (a student's).
+
+        Returns:
+          `dataset_fn(input_context=None, start_step=0)` for
+          `training.loop.train_and_evaluate`.
+        """
+        return streams.train_dataset_fn(
+            labeled, self.input, image_size=self.model.resolved_image_size,
+            batch_size=self.loop.batch_size,
+            unlabel_ratio=self.loop.unlabel_ratio, seed=self.loop.seed,
+            unlabeled=unlabeled, num_classes=self.model.num_classes)
 
     @property
     def peak_lr(self):
@@ -428,6 +455,9 @@ _ADDED_FIELDS = {"labeled_loss_weight": 1.0}
 # Fields that choose how, not what, to compute (a killed run resumes with
 # either value): never in a fingerprint.
 _EXECUTION_FIELDS = ("cpu_kernels",)
+# The input part's fields: fingerprinted apart, as the input config they
+# were before they were a part of this one (`pipeline.experiment`).
+INPUT_FIELDS = tuple(f.name for f in dataclasses.fields(streams.InputConfig))
 # Field names of config.json files written before the rename.
 _OLD_NAMES = {"base_lr": "base_learning_rate", "dropout": "dropout_rate"}
 
@@ -464,7 +494,8 @@ def fingerprint_fields(config):
     sync_batch_norm equal to what the strategy implies is recorded as None,
     as the flat config held it. Fields added since are left out at their
     default (`labeled_loss_weight` 1.0), so they move no fingerprint of a
-    run that does not set them; `cpu_kernels` (how, not what) never counts.
+    run that does not set them; `cpu_kernels` (how, not what) never counts,
+    nor the input part's fields (`INPUT_FIELDS`, fingerprinted apart).
 
     Args:
       config: A `TrainConfig`.
@@ -480,7 +511,7 @@ def fingerprint_fields(config):
     for name, default in _ADDED_FIELDS.items():
         if flat[name] == default:
             del flat[name]
-    for name in _EXECUTION_FIELDS:
+    for name in _EXECUTION_FIELDS + INPUT_FIELDS:
         del flat[name]
     return flat
 

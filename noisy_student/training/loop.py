@@ -399,11 +399,17 @@ def check_resumable(config, model_dir):
         return
     # A field missing from an older config.json had its default (e.g.
     # channels=3 before the field existed); JSON turns tuples into lists.
-    old = {**config_lib.default_fields(),
-           **config_lib.flat_fields(storage.read_json(path))}
+    recorded = storage.read_json(path)
+    old = {**config_lib.default_fields(), **config_lib.flat_fields(recorded)}
     new = json.loads(json.dumps(config.fields()))
+    unchecked = set(_RESUMABLE_FIELDS)
+    if "input" not in recorded:
+        # Runs made before the input settings were a part of this config
+        # kept them in the stage's stage_config.json (the pipeline's
+        # fingerprint checks them).
+        unchecked.update(config_lib.INPUT_FIELDS)
     changed = [f"{k}={new[k]!r} (was {old.get(k)!r})" for k in sorted(new)
-               if k not in _RESUMABLE_FIELDS and old.get(k) != new[k]]
+               if k not in unchecked and old.get(k) != new[k]]
     if changed:
         raise ValueError(
             f"Expected model_dir to be empty or to hold a run of the same "

@@ -585,7 +585,7 @@ def control_commands(workdir, seed, name):
         commands.append([sys.executable, "-m", "noisy_student.cli.evaluate",
                          f"--model_path={folder}",
                          f"--test=idx:{FASHION_MNIST}:test",
-                         f"--output_dir={os.path.join(folder, 'eval')}"])
+                         f"--out_dir={os.path.join(folder, 'eval')}"])
     return commands
 
 
@@ -1133,7 +1133,7 @@ def eval_commands(workdir, seed, key, kinds=tuple(ROBUST_EVALS)):
         commands.append([sys.executable, "-m", "noisy_student.cli.evaluate",
                          f"--model_path={model_path(workdir, seed, key)}",
                          f"--test=idx:{FASHION_MNIST}:test",
-                         f"--output_dir={out}",
+                         f"--out_dir={out}",
                          f"--eval_batch_size={ROBUST_EVAL_BATCH}"] + extra)
     return commands
 

@@ -192,14 +192,14 @@ def evaluate(model_path, data, part="test", **settings):
       data: A `DataConfig`; images are read with the model's channels.
       part: "test" or "validation".
       **settings: `evaluation.evaluator.EvalConfig`'s other fields:
-        output_dir, batch_size, corruptions, epsilons, attack, ...
+        out_dir, batch_size, corruptions, epsilons, attack, ...
 
     Returns:
       The results dict (results.json's): "clean" holds top1, top5, ece.
     """
     config = evaluator.EvalConfig(model_path=model_path, **settings)
-    if config.output_dir:
-        data = _scanned_into(data, config.output_dir)
+    if config.out_dir:
+        data = _scanned_into(data, config.out_dir)
     return stages.run_eval(config, data, part, channels_given=False)
 
 

@@ -425,8 +425,8 @@ def test_user_errors_exit_2_with_a_message_naming_the_flag(tmp_path):
             f"--out_dir={blocker}/sub"),
         "unwritable eval folder": (
             _case("evaluate", f"--model_path={tmp_path}/none",
-                     "--test=digits:test", f"--output_dir={blocker}/sub"),
-            "writable folder --output_dir"),
+                     "--test=digits:test", f"--out_dir={blocker}/sub"),
+            "writable folder --out_dir"),
         "corrupt file, --noskip_corrupt": (
             _case("train", f"--model_dir={tmp_path}/t2",
                      f"--labeled=folder:{corrupt}", "--noskip_corrupt",

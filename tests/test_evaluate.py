@@ -325,7 +325,7 @@ def test_resizes_images_of_another_side(untrained):
 
 def test_run_evaluation_writes_results_json(trained, digits, tmp_path):
     images, labels = digits["test"]
-    config = E.EvalConfig(output_dir=str(tmp_path / "eval"), batch_size=64,
+    config = E.EvalConfig(out_dir=str(tmp_path / "eval"), batch_size=64,
                           num_classes=10, corruptions=("contrast",),
                           severities=(1, 5), epsilons=(0.0, 4.0))
     data = _dataset(images[:96], labels[:96])

@@ -208,9 +208,9 @@ def test_a_stage_refuses_another_stages_folder(inputs, tmp_path):
                                          "stage"):
         stages.run_select(select_config)
     eval_config = evaluator.EvalConfig(
-        model_path=inputs["teacher"], output_dir=str(pred_dir),
+        model_path=inputs["teacher"], out_dir=str(pred_dir),
         num_classes=NUM_CLASSES)
-    with pytest.raises(ValueError, match="--output_dir=.*records of a "
+    with pytest.raises(ValueError, match="--out_dir=.*records of a "
                                          "predict stage"):
         stages.run_eval(eval_config,
                         stages.DataConfig(test=inputs["unlabeled"]))
@@ -227,20 +227,21 @@ def test_a_stage_refuses_another_stages_folder(inputs, tmp_path):
         _predict(select_dir, inputs["teacher"], inputs["unlabeled"])
 
 
-def test_ns_eval_refuses_a_model_dir_as_its_output_dir(inputs, tmp_path):
+def test_ns_eval_refuses_a_model_dir_as_its_out_dir(inputs, tmp_path):
     model_dir = tmp_path / "teacher"
     shutil.copytree(inputs["teacher"], model_dir)
     stages.write_stage_config(str(model_dir), train={"model": "w0.25-d0.25"})
     before = _records(model_dir)
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     result = subprocess.run(
+        # --output_dir: the flag's 0.1.0 name, an alias of --out_dir.
         [sys.executable, "-m", "noisy_student.cli.evaluate",
          f"--model_path={model_dir}", f"--output_dir={model_dir}",
          f"--test={inputs['unlabeled']}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
-    assert f"--output_dir={model_dir}, which holds the records of a train " \
+    assert f"--out_dir={model_dir}, which holds the records of a train " \
            "stage" in result.stderr, result.stderr[-2000:]
     assert _records(model_dir) == before
 

@@ -100,7 +100,7 @@ def parity(tmp_path_factory):
         tiny_model(channels).save(str(model_dir / "model.keras"))
         eval_dir = tmp / f"eval{channels}"
         config = evaluator.EvalConfig(model_path=str(model_dir),
-                                     output_dir=str(eval_dir),
+                                     out_dir=str(eval_dir),
                                      num_classes=len(CLASSES))
         data = stages.DataConfig(test=f"folder:{folder}", channels=channels)
         evaluated[f"{channels} results"] = stages.run_eval(config, data)
@@ -109,7 +109,7 @@ def parity(tmp_path_factory):
         # data config's default says.
         other = dataclasses.replace(data, channels=4 - channels)
         stages.run_eval(dataclasses.replace(
-            config, output_dir=str(eval_dir) + "_default"), other,
+            config, out_dir=str(eval_dir) + "_default"), other,
             channels_given=False)
         evaluated[f"{channels} by default"] = dict(
             np.load(f"{eval_dir}_default/predictions.npz"))
@@ -384,7 +384,7 @@ def test_recipe_recorded_in_the_model_dir_is_what_eval_and_serving_use(
             preprocess.write_recipe(model_dir, recipe)
         out = tmp_path / f"eval_{name}"
         stages.run_eval(evaluator.EvalConfig(
-            model_path=str(model_dir), output_dir=str(out), num_classes=3),
+            model_path=str(model_dir), out_dir=str(out), num_classes=3),
             data)
         probabilities[name] = np.load(out / "predictions.npz")["probabilities"]
     served = export.export_from_config(export.ExportConfig(
@@ -423,7 +423,7 @@ def test_folder_class_names_travel_from_training_to_serving(tmp_path):
         CLASSES)
     eval_dir = tmp_path / "eval"
     results = stages.run_eval(evaluator.EvalConfig(
-        model_path=str(model_dir), output_dir=str(eval_dir), num_classes=3),
+        model_path=str(model_dir), out_dir=str(eval_dir), num_classes=3),
         data)
     assert results["class_names"] == list(CLASSES)
     on_disk = json.loads((eval_dir / "results.json").read_text())
@@ -500,7 +500,7 @@ def test_eval_of_a_test_folder_with_some_classes_keeps_the_models_labels(
         Image.fromarray(tp.smooth(20, 20)).save(
             tmp_path / "test" / name / "a.png")
     config = evaluator.EvalConfig(model_path=str(model_dir),
-                                 output_dir=str(tmp_path / "eval"),
+                                 out_dir=str(tmp_path / "eval"),
                                  num_classes=len(CLASSES))
     stages.run_eval(config, stages.DataConfig(test=f"folder:{tmp_path}/test"))
     labels = np.load(tmp_path / "eval" / "predictions.npz")["labels"]

@@ -465,14 +465,14 @@ def test_robustness_eval_commands_and_skip_finished(tmp_path):
     assert (f"--model_path={tmp_path}/s1/hard_labels/iteration2/train"
             in corr)
     assert f"--test=idx:{study.FASHION_MNIST}:test" in corr
-    assert (f"--output_dir={tmp_path}/s1/robustness/noised_2/"
+    assert (f"--out_dir={tmp_path}/s1/robustness/noised_2/"
             "corruptions_fgsm") in corr
     assert ("--corruptions=" + ",".join(study.ROBUST_CORRUPTIONS)) in corr
     assert "--epsilons=" + ",".join(study.FGSM_EPSILONS) in corr
     assert "--attack=fgsm" in corr
     assert "--attack=pgd" in pgd and not any(
         a.startswith("--corruptions") for a in pgd)
-    assert f"--output_dir={tmp_path}/s1/robustness/noised_2/pgd" in pgd
+    assert f"--out_dir={tmp_path}/s1/robustness/noised_2/pgd" in pgd
     # Models of the other kinds: the teacher's and a control's folders.
     assert (f"--model_path={tmp_path}/s1/main/iteration0/train" in
             study.eval_commands(str(tmp_path), 1, "teacher")[0])
@@ -498,7 +498,7 @@ def test_robustness_evals_wait_for_the_model(tmp_path, monkeypatch):
     (model / "model.keras").write_text("")
     study.run_evals(str(tmp_path), 0, "teacher")
     assert [a[5] for a in calls] == [
-        f"--output_dir={tmp_path}/s0/robustness/teacher/{kind}"
+        f"--out_dir={tmp_path}/s0/robustness/teacher/{kind}"
         for kind in study.ROBUST_EVALS]
 
 

@@ -142,6 +142,6 @@ step finetune ns-train "--flagfile=${flags_dir}/finetune_l2_800.cfg" \
   "--data_dir=${data_dir}" "--init_from=${teacher}" "--model_dir=${final}"
 step eval ns-eval "--model_path=${final}" --labeled=tfds:imagenet2012:train \
   --test=tfds:imagenet2012:validation "--data_dir=${data_dir}" \
-  "--output_dir=${workdir}/eval"
+  "--out_dir=${workdir}/eval"
 step export ns-export "--model_path=${final}" "--out_dir=${workdir}/export" \
   --overwrite

@@ -1,6 +1,6 @@
 """ns-eval: accuracy, calibration and robustness of a trained model.
 
-  ns-eval --model_path=/tmp/student --test=digits:test --output_dir=/tmp/eval
+  ns-eval --model_path=/tmp/student --test=digits:test --out_dir=/tmp/eval
   ns-eval --model_path=... --corruptions=gaussian_noise,jpeg --epsilons=0,2,8
 """
 
@@ -17,8 +17,11 @@ FLAGS = flags.FLAGS
 
 flags.DEFINE_string("model_path", None, "A training model_dir (EMA weights), "
                     "a .keras file or a SavedModel.", required=True)
-flags.DEFINE_string("output_dir", "", "Where results.json and "
+flags.DEFINE_string("out_dir", "", "Where results.json and "
                     "confusion_matrix.png go.")
+# The flag's name in 0.1.0 (every other command's output folder is
+# --out_dir); the alias goes away in 0.2.0.
+flags.DEFINE_alias("output_dir", "out_dir")
 flags.DEFINE_enum("part", "test", ["test", "validation"],
                   "Evaluate --test, or the validation part of --labeled.")
 flags.DEFINE_integer("eval_batch_size", 64, "Images per batch.", lower_bound=1)
@@ -56,8 +59,8 @@ flags.adopt_module_key_flags(common)
 def main(argv):
     """ns-eval: evaluates a model on the test sets from the parsed FLAGS."""
     del argv
-    if FLAGS.output_dir:
-        with common.output_folder(FLAGS.output_dir, "output_dir"):
+    if FLAGS.out_dir:
+        with common.output_folder(FLAGS.out_dir, "out_dir"):
             evaluate_and_print()
     else:
         evaluate_and_print()
@@ -66,7 +69,7 @@ def main(argv):
 def evaluate_and_print():
     """Evaluates the model of the flags; prints the clean metrics."""
     config = evaluator.EvalConfig(
-        model_path=FLAGS.model_path, output_dir=FLAGS.output_dir,
+        model_path=FLAGS.model_path, out_dir=FLAGS.out_dir,
         batch_size=FLAGS.eval_batch_size,
         corruptions=tuple(FLAGS.corruptions),
         epsilons=tuple(float(e) for e in FLAGS.epsilons),
@@ -74,7 +77,7 @@ def evaluate_and_print():
         imagenet_c_dir=FLAGS.imagenet_c_dir,
         imagenet_a_dir=FLAGS.imagenet_a_dir)
     # Folder sources' scan reports go beside the results (if written).
-    data = common.data_config(scan_dir=FLAGS.output_dir or None)
+    data = common.data_config(scan_dir=FLAGS.out_dir or None)
     results = stages.run_eval(config, data, FLAGS.part,
                               channels_given=FLAGS["channels"].present)
     print({k: v for k, v in results.get("clean", {}).items()

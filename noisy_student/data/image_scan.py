@@ -14,7 +14,7 @@ yields (and counts) only those.
 The result is logged (`folder:PATH: N decoded, M skipped` at WARNING, with
 the first `SHOWN` files and their reasons) and written, all files listed,
 to `REPORT_FILE` in the command's output folder (the pipeline's --workdir,
-ns-train's --model_dir, ns-predict's --out_dir, ns-eval's --output_dir):
+ns-train's --model_dir, ns-predict's --out_dir, ns-eval's --out_dir):
 
     {"/data/pets": {"key": "...", "files": 1002, "decoded": 1000,
                     "skipped": {"/data/pets/cat/x.jpg": "empty file (0 bytes)",

@@ -16,7 +16,7 @@ What is computed (each in its own module):
 - ImageNet-P flip probabilities (`evaluation.imagenet_p`, a library call:
   ns-eval has no ImageNet-P source).
 
-Files written in `output_dir`: results.json, predictions.npz (per-image
+Files written in `out_dir`: results.json, predictions.npz (per-image
 probabilities in data set order), confusion_matrix.png and mistakes.png.
 """
 
@@ -48,7 +48,7 @@ class EvalConfig:
 
     Attributes:
       model_path: model.keras, a model_dir holding it, or a SavedModel.
-      output_dir: Where results.json and confusion_matrix.png go ('' = none).
+      out_dir: Where results.json and confusion_matrix.png go ('' = none).
       batch_size: Evaluation batch size.
       num_classes: The data set's class count (checked against the model).
       top_k: k of the top-k accuracy (paper: 5).
@@ -65,7 +65,7 @@ class EvalConfig:
         confusion-matrix PNG ('()' = ids only).
     """
     model_path: str = ""
-    output_dir: str = ""
+    out_dir: str = ""
     batch_size: int = 64
     num_classes: int | None = None
     top_k: int = 5
@@ -133,8 +133,8 @@ def run_evaluation(config, dataset=None, model=None, recipe=None,
         written beside their results; None when they have none.
 
     Returns:
-      The results dict (also written to output_dir/results.json, with the
-      per-image probabilities in output_dir/predictions.npz).
+      The results dict (also written to out_dir/results.json, with the
+      per-image probabilities in out_dir/predictions.npz).
 
     Raises:
       ValueError: if config.num_classes differs from the model's, or a label
@@ -144,7 +144,7 @@ def run_evaluation(config, dataset=None, model=None, recipe=None,
     if model is None:
         model = loading.load_model(config.model_path)
     loading.check_num_classes(model, config.num_classes)
-    out = config.output_dir
+    out = config.out_dir
     results = {"model_path": config.model_path,
                "config": dataclasses.asdict(config)}
     if config.class_names:
@@ -180,7 +180,7 @@ def _evaluate_dataset(config, model, dataset, paths=None):
     Returns:
       {"clean": ..., and "corruptions" / "adversarial" when asked for}.
     """
-    out = config.output_dir
+    out = config.out_dir
     names = list(config.class_names) or None
     results = {"clean": clean.evaluate_clean(
         model, dataset, num_classes=config.num_classes,

@@ -245,12 +245,12 @@ def plan(config, sources=None):
                 pseudo_dir, log_prefix=f"[{name}] ")), train_config))
         eval_config = evaluator.EvalConfig(
             model_path=model_dir,
-            output_dir=layout.stage_folder(workdir, r, "eval"),
+            out_dir=layout.stage_folder(workdir, r, "eval"),
             num_classes=train_config.model.num_classes)
         steps.append(Stage(
             layout.stage_name(r, "eval"),
             manifest_lib.fingerprint({}, train_fp),
-            eval_config.output_dir,
+            eval_config.out_dir,
             lambda: reports.jsonable(
                 stages.run_eval(eval_config, config.data))))
         return model_dir, train_fp

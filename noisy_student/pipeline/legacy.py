@@ -19,7 +19,9 @@ whatever is left.
 would move every stage fingerprint: the flat config.json and the old field
 names in `training.config.flat_fields` / `fingerprint_fields`, and the
 inputs a prediction folder recorded before the runtime was a choice in
-`pipeline.stages.run_predict`.)
+`pipeline.stages.run_predict`, the separate input config's fingerprint text
+in `pipeline.experiment._input_fingerprint_args`, and ns-eval's
+`--output_dir` alias of `--out_dir` in `cli.evaluate`; all go in 0.2.0.)
 """
 
 import re

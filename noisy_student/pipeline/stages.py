@@ -418,8 +418,8 @@ def run_eval(eval_config, data, part="test", channels_given=True):
     Raises:
       ValueError: for given channels that differ from the model's.
     """
-    if eval_config.output_dir:
-        stage_inputs.check_owner(eval_config.output_dir, "eval", "--output_dir")
+    if eval_config.out_dir:
+        stage_inputs.check_owner(eval_config.out_dir, "eval", "--out_dir")
     model = loading.load_model(eval_config.model_path, what="model_path")
     data = with_model_channels(data, model, eval_config.model_path,
                                channels_given)
@@ -432,9 +432,9 @@ def run_eval(eval_config, data, part="test", channels_given=True):
         if names:
             eval_config = dataclasses.replace(eval_config,
                                               class_names=tuple(names))
-    if eval_config.output_dir:
-        tf.io.gfile.makedirs(eval_config.output_dir)
-        write_stage_config(eval_config.output_dir, eval=eval_config,
+    if eval_config.out_dir:
+        tf.io.gfile.makedirs(eval_config.out_dir)
+        write_stage_config(eval_config.out_dir, eval=eval_config,
                            data=data, part=part)
     # run_evaluation applies the model's eval transform (and its recipe).
     return evaluator.run_evaluation(eval_config, dataset=source.dataset,

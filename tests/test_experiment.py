@@ -213,6 +213,65 @@ def test_pipeline_end_to_end_then_rerun_is_a_no_op(uninterrupted, tmp_path):
     assert stage_times(workdir) == after
 
 
+# examples/quickstart.ipynb made tiny: the settings of the LONGER run (TINY +
+# LONGER above) as its recipe, selection and prediction overrides.
+NOTEBOOK_SETTINGS = {
+    "recipe": {"model": "w0.25-d0.25", "image_size": 16, "batch_size": 16,
+               "unlabel_ratio": 2, "train_steps": 60, "warmup_steps": 5,
+               "steps_per_loop": 5, "log_every": 10, "checkpoint_every": 5,
+               "augment": "none"},
+    "select": {"min_confidence": 0.0},
+    "predict": {"batch_size": 16, "records_per_file": 100}}
+# Runs a notebook's code cells in order in one namespace, as a kernel would.
+RUN_CELLS = """
+import json, sys
+cells = json.load(open(sys.argv[1]))["cells"]
+scope = {"__name__": "__main__"}
+for cell in cells:
+    if cell["cell_type"] == "code":
+        exec(compile("".join(cell["source"]), "quickstart.ipynb", "exec"), scope)
+"""
+
+
+def _model_weights(model_dir):
+    from noisy_student.model import loading  # pylint: disable=g-import-not-at-top
+    return [w.numpy() for w in loading.load_model(str(model_dir)).weights]
+
+
+def test_quickstart_notebook_equals_the_command(uninterrupted, tmp_path):
+    """examples/quickstart.ipynb drives the digits loop through
+    `noisy_student.api` (teacher, predict, select, student in ten lines;
+    then evaluate, export and serve one image): with the command's settings
+    it gives bitwise the command's teacher and student weights and test
+    scores (the commands are flags -> the same calls, and the notebook
+    runs)."""
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    workdir, _ = uninterrupted
+    notebook_dir = tmp_path / "notebook"
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
+           "NS_QUICKSTART": json.dumps(NOTEBOOK_SETTINGS),
+           "NS_QUICKSTART_DIR": str(notebook_dir)}
+    done = subprocess.run(
+        [sys.executable, "-c", RUN_CELLS, f"{ROOT}/examples/quickstart.ipynb"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    for ours, theirs in (("teacher", "iteration0"), ("student", "iteration1")):
+        for a, b in zip(_model_weights(notebook_dir / ours),
+                        _model_weights(f"{workdir}/{theirs}/train"),
+                        strict=True):
+            np.testing.assert_array_equal(a, b)
+    printed = [float(x) for x in re.findall(r"test top-1: ([0-9.]+)", out)]
+    assert printed == [
+        read_json(f"{workdir}/iteration{r}/eval/results.json")["clean"]["top1"]
+        for r in (0, 1)], out
+    # The selection's contact sheet was found, and the SavedModel served
+    # the image: three class ids in [0, 10).
+    assert "contact sheet: " in out and ".png" in out, out
+    served = re.search(r"served: \[(\d+) (\d+) (\d+)\]", out)
+    assert served and all(0 <= int(c) < 10 for c in served.groups()), out
+
+
 def _kill_when(process, condition, log_path, timeout=300):
     start = time.time()
     while not condition():

@@ -253,7 +253,9 @@ def define_data_flags(demo=False):
     digits."""
     flags.DEFINE_string(
         "labeled", DEMO_LABELED if demo else None,
-        "Labeled training source: tfds:NAME[:SPLIT], folder:PATH, npz:PATH, "
+        "Labeled training source: tfds:NAME[:SPLIT], folder:PATH, "
+        "tfrecord:PATTERN[,image_key=K,label_key=K,first_label=1,"
+        "names=FILE], list:FILE[,names=FILE], npz:PATH, "
         "idx:DIR[:SPLIT] or digits[:SPLIT]. Labels must be 0..K-1, each "
         "class with at least one image.")
     flags.DEFINE_string(
@@ -285,7 +287,8 @@ def define_data_flags(demo=False):
     flags.register_validator("channels", lambda value: value in (1, 3),
                              message="expected 1 or 3")
     flags.DEFINE_bool("skip_corrupt", True,
-                      "Folder sources: leave out image files that do not "
+                      "Folder, list and tfrecord sources: leave out image "
+                      "files (records) that do not "
                       "decode (checked once before any work, named in the "
                       "log and in OUTPUT_FOLDER/skipped_images.json, not "
                       "counted); --noskip_corrupt fails before any work, "

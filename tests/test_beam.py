@@ -7,6 +7,7 @@ confidence bins (so that each class's boundary bin holds images of many
 blocks and of several select tasks), 3 output files.
 """
 
+import gc
 import json
 import os
 import time
@@ -190,6 +191,7 @@ def test_a_retried_block_rewrites_the_same_bytes(setup, reference, tmp_path):
                               .unlabeled_source(keep_encoded=True).content,
                               NUM_IMAGES, 16)
     worker = beam_lib._PredictWorker(job)  # pylint: disable=protected-access
+    gc.collect()  # The teacher must outlive its loading (a weak reference).
     for _ in range(2):  # The second: a retried task over a finished block.
         assert worker.label(7) == NUM_IMAGES - 7 * PER_FILE
         for name in (pl.records_name(7), pl.histogram_name(7)):

@@ -560,8 +560,10 @@ class BlockLabeler:
         """
         _check_args(num_classes, batch_size, 0, 1, records_per_file,
                     num_bins, runtime, precision)
-        model, recipe, self.image_size, self.channels = _load_teacher(
+        # Kept: the runtime's function holds the model by a weak reference.
+        self._model, recipe, self.image_size, self.channels = _load_teacher(
             teacher, num_classes, image_size)
+        model = self._model
         self._preprocess = preprocess or default_preprocess(
             self.image_size, self.channels, recipe)
         self._probabilities = inference_runtime.probabilities_fn(

@@ -35,6 +35,11 @@ setuptools.setup(
         # the images per second of TensorFlow on CPUs for B0 at 224 px
         # (BENCHMARKS.md, "The teacher's runtime").
         "openvino": ["openvino>=2024.0"],
+        # --beam_pipeline_options: the predict and select stages as Apache
+        # Beam pipelines (Dataflow, Flink, Spark, the DirectRunner). Never
+        # its [tensorflow] extra, which pins tensorflow<2.22 and pulls in
+        # tfx-bsl; the stages run the project's own TensorFlow code.
+        "beam": ["apache-beam>=2.50"],
         "test": [
             "pytest>=8",
             # Runs the suite on every core (up to 4), one test module per

@@ -18,13 +18,27 @@
    16x16, images generated on the fly from their index so that the source
    itself holds no memory); rss_growth_10x = peak(10 N) / peak(N).
 
-Run: python bench/predict.py   (about 5 minutes on 2 CPU cores)
+4. Beam: the predict stage through `--beam_pipeline_options` (Beam's
+   DirectRunner, direct_running_mode=multi_processing, 2 worker processes)
+   against the in-process stage (`stages.run_predict`, the ns-predict
+   path) on the same data (BEAM_IMAGES generated 32x32 images in an npz,
+   blocks of 256) and teacher (B0 at 32 px, small-image strides, saved to
+   a model folder): images/s of each with its start-up left out (the
+   in-process stage's labeling time; Beam's first block's start to last
+   block's end over both workers), in alternating pairs; the ratio is the
+   median of the per-pair ratios. Beam's start-up (pipeline, worker
+   processes, teacher loading) is reported apart.
+
+Run: python bench/predict.py   (about 7 minutes on 2 CPU cores;
+  --beam-only runs part 4 alone)
 Last line: RESULT predict ratio_vs_model_predict=<x> rss_growth_10x=<y>
-  ratio_vs_model_predict_jpeg224=<z> bytes_ratio_jpeg224=<w>
+  ratio_vs_model_predict_jpeg224=<z> bytes_ratio_jpeg224=<w> ...
+  ratio_beam_vs_local=<v> beam_startup_s=<s>
 """
 
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -325,22 +339,87 @@ def rss_growth():
     return large[0] / small[0]
 
 
+BEAM_IMAGES = 2048
+BEAM_PAIRS = 2
+
+
+def beam_ratio():
+    """(median ratio of Beam's predict img/s over the in-process stage's,
+    median Beam start-up seconds)."""
+    from noisy_student.pipeline import stages  # pylint: disable=g-import-not-at-top
+    work = tempfile.mkdtemp(prefix="ns-bench-beam-")
+    import keras  # pylint: disable=g-import-not-at-top
+    keras.utils.set_random_seed(0)
+    model = efficientnet.build_efficientnet(
+        "b0", image_size=32, small_images=True, num_classes=10)
+    os.makedirs(f"{work}/teacher")
+    model.save(f"{work}/teacher/model.keras")
+    images = np.random.default_rng(0).integers(
+        0, 256, (BEAM_IMAGES, 32, 32, 3), dtype=np.uint8)
+    np.savez(f"{work}/images.npz", x=images)
+    data = stages.DataConfig(labeled="", test="", channels=3,
+                             unlabeled=f"npz:{work}/images.npz")
+    options = ("runner=DirectRunner,direct_running_mode=multi_processing,"
+               "direct_num_workers=2")
+    runs = [0]
+
+    def run(beam_options):
+        runs[0] += 1
+        config = prediction.PredictConfig(
+            teacher=f"{work}/teacher", out_dir=f"{work}/run{runs[0]}",
+            num_classes=10, batch_size=BATCH_SIZE, records_per_file=256)
+        start = time.perf_counter()
+        summary = stages.run_predict(config, data, beam_options=beam_options)
+        wall = time.perf_counter() - start
+        assert summary["images_written"] == BEAM_IMAGES
+        return summary["images_per_second"], wall - summary["seconds"]
+
+    run("")  # Warm-up of the in-process side.
+    local, beam, startup = [], [], []
+    for pair in range(BEAM_PAIRS):
+        for side in ((0, 1) if pair % 2 else (1, 0)):
+            if side:
+                rate, start_up = run(options)
+                beam.append(rate)
+                startup.append(start_up)
+            else:
+                local.append(run("")[0])
+    shutil.rmtree(work, ignore_errors=True)
+    ratios = np.array(beam) / np.array(local)
+    print(f"Beam (B0 32px, {BEAM_IMAGES} images, blocks of 256, batch "
+          f"{BATCH_SIZE}, 2 worker processes, load average "
+          f"{os.getloadavg()[0]:.1f}):\n"
+          f"  in-process img/s: {' '.join(f'{r:.0f}' for r in local)}\n"
+          f"  Beam img/s:       {' '.join(f'{r:.0f}' for r in beam)}\n"
+          f"  ratio per pair: {' '.join(f'{r:.2f}' for r in ratios)}; "
+          f"median {np.median(ratios):.2f}; Beam start-up (left out) "
+          f"{' '.join(f'{s:.1f}' for s in startup)} s", flush=True)
+    return float(np.median(ratios)), float(np.median(startup))
+
+
 def main():
     if len(sys.argv) == 3 and sys.argv[1] == "--rss-child":
         rss_child(int(sys.argv[2]))
+        return
+    if sys.argv[1:] == ["--beam-only"]:
+        ratio, startup = beam_ratio()
+        print(f"RESULT predict_beam ratio_beam_vs_local={ratio:.2f} "
+              f"beam_startup_s={startup:.1f}")
         return
     start = time.time()
     growth = rss_growth()
     ratio = speed()
     jpeg_ratio, bytes_ratio = jpeg224()
     ov_ratio, max_diff = openvino224()
+    beam, beam_startup = beam_ratio()
     print(f"total {time.time() - start:.0f} s", flush=True)
     print(f"RESULT predict ratio_vs_model_predict={ratio:.2f} "
           f"rss_growth_10x={growth:.3f} "
           f"ratio_vs_model_predict_jpeg224={jpeg_ratio:.2f} "
           f"bytes_ratio_jpeg224={bytes_ratio:.3f} "
           f"ratio_vs_openvino_f32_224={ov_ratio:.2f} "
-          f"max_prob_diff_f32={max_diff:.1e}")
+          f"max_prob_diff_f32={max_diff:.1e} "
+          f"ratio_beam_vs_local={beam:.2f} beam_startup_s={beam_startup:.1f}")
 
 
 if __name__ == "__main__":

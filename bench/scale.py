@@ -25,6 +25,20 @@ select, record bytes per image. Last line:
   RESULT scale rss_growth_1m=<x> time_growth_1m=<y> images=<n>
 rss_growth_1m: the largest worker peak RSS at 1M over that at 100k;
 time_growth_1m: predict seconds per image at 1M over that at 100k.
+
+The Beam case (`--beam`): the same images written as TFRecord shards of
+PNGs (a `tfrecord:` source, so that a worker opens only its block's
+shards), labeled and selected once in-process (`stages.run_predict`,
+`selection.select`) and once through Beam's multi-processing DirectRunner
+with `--workers` worker processes (`--beam_pipeline_options`), each in a
+fresh process; the prediction and selection files must be identical, byte
+for byte. Per size it reports the Beam predict's labeling seconds (first
+block's start to last block's end, the workers' start-up excluded) and
+the largest worker peak RSS (RUSAGE_CHILDREN of the launcher: its worker
+processes). Last line:
+  RESULT scale_beam beam_identical=<0|1> beam_rss_growth_1m=<x>
+    beam_time_growth_1m=<y> images=<n>
+with the growths taken between the first and the last --sizes.
 """
 
 import argparse
@@ -115,6 +129,110 @@ def run_child(args):
     result.update(seconds=time.perf_counter() - start,
                   peak_rss_mb=_peak_rss_mb(), before_mb=before)
     print("CHILD " + json.dumps(result), flush=True)
+
+
+def write_shards(num_images, pattern_dir, shards=8):
+    """The generated images as PNGs in TFRecord shards; their glob."""
+    tf.io.gfile.makedirs(pattern_dir)
+    per_shard = -(-num_images // shards)
+    encoded = source(num_images).map(
+        lambda d: tf.io.encode_png(d["image"]),
+        num_parallel_calls=tf.data.AUTOTUNE).batch(4096)
+    writer, written, shard = None, 0, 0
+    for batch in encoded.as_numpy_iterator():
+        for data in batch:
+            if written % per_shard == 0:
+                if writer:
+                    writer.close()
+                writer = tf.io.TFRecordWriter(
+                    f"{pattern_dir}/shard-{shard:05d}")
+                shard += 1
+            writer.write(tf.train.Example(features=tf.train.Features(
+                feature={"image/encoded": tf.train.Feature(
+                    bytes_list=tf.train.BytesList(value=[data]))}))
+                         .SerializeToString())
+            written += 1
+    writer.close()
+    return f"{pattern_dir}/shard-*"
+
+
+def run_stage_child(args):
+    """One process: predict + select of a tfrecord source, in-process
+    (--child=local) or through Beam (--child=beam); prints JSON."""
+    from noisy_student.pipeline import beam as beam_lib  # pylint: disable=g-import-not-at-top
+    from noisy_student.pipeline import stages  # pylint: disable=g-import-not-at-top
+    data = stages.DataConfig(labeled="", test="", channels=3,
+                             unlabeled=f"tfrecord:{args.pattern}",
+                             scan_dir=args.scan_dir)
+    data.unlabeled_source()  # The scan (cached), outside the timing.
+    config = prediction.PredictConfig(
+        teacher=args.teacher, out_dir=args.pred_dir, num_classes=CLASSES,
+        batch_size=BATCH, records_per_file=RECORDS_PER_FILE, log_every_s=1e9)
+    select_config = selection.SelectConfig(
+        args.pred_dir, args.select_dir, per_class=args.per_class,
+        min_confidence=MIN_CONFIDENCE)
+    options = "" if args.child == "local" else (
+        "runner=DirectRunner,direct_running_mode=multi_processing,"
+        f"direct_num_workers={args.num_shards}")
+    start = time.perf_counter()
+    summary = stages.run_predict(config, data, beam_options=options)
+    predict_wall = time.perf_counter() - start
+    start = time.perf_counter()
+    if options:
+        beam_lib.run_select(select_config, options)
+    else:
+        selection.select(select_config)
+    select_wall = time.perf_counter() - start
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print("CHILD " + json.dumps({
+        "predict_seconds": summary["seconds"], "predict_wall": predict_wall,
+        "select_wall": select_wall, "written": summary["images_written"],
+        "peak_rss_mb": _peak_rss_mb(), "worker_peak_rss_mb": children}),
+          flush=True)
+
+
+def _same_files(a, b):
+    """Whether two folders hold the same prediction / selection files."""
+    def files(folder):
+        return {n: tf.io.gfile.GFile(f"{folder}/{n}", "rb").read()
+                for n in tf.io.gfile.listdir(folder)
+                if n.endswith((".tfrecord", ".npz")) or n == "selection.json"}
+    return files(a) == files(b)
+
+
+def run_beam_size(images, workers, teacher):
+    work = tempfile.mkdtemp(prefix=f"ns-scale-beam-{images}-")
+    try:
+        pattern = write_shards(images, f"{work}/shards")
+        runs = {}
+        for kind in ("local", "beam"):
+            runs[kind] = _result(_child(
+                f"--child={kind}", f"--teacher={teacher}",
+                f"--pattern={pattern}", f"--scan_dir={work}/scan",
+                f"--pred_dir={work}/{kind}-predict",
+                f"--select_dir={work}/{kind}-select",
+                f"--num_shards={workers}", f"--per_class={images // 20}"))
+        identical = (_same_files(f"{work}/local-predict",
+                                 f"{work}/beam-predict")
+                     and _same_files(f"{work}/local-select",
+                                     f"{work}/beam-select"))
+        local, beam = runs["local"], runs["beam"]
+        print(f"{images:,} images: in-process predict {local['predict_seconds']:.1f} s "
+              f"({images / local['predict_seconds']:.0f} img/s), select "
+              f"{local['select_wall']:.1f} s, peak RSS "
+              f"{local['peak_rss_mb']:.0f} MB; Beam ({workers} worker "
+              f"processes) predict {beam['predict_seconds']:.1f} s labeling "
+              f"({images / beam['predict_seconds']:.0f} img/s; "
+              f"{beam['predict_wall']:.1f} s with start-up), select "
+              f"{beam['select_wall']:.1f} s, worker peak RSS "
+              f"{beam['worker_peak_rss_mb']:.0f} MB, launcher "
+              f"{beam['peak_rss_mb']:.0f} MB; files identical: {identical}",
+              flush=True)
+        return {"identical": identical,
+                "seconds": beam["predict_seconds"],
+                "rss": beam["worker_peak_rss_mb"]}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _child(*extra):
@@ -231,7 +349,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--sizes", default="100000,1000000")
-    parser.add_argument("--child", choices=["predict", "select"])
+    parser.add_argument("--child", choices=["predict", "select", "local",
+                                            "beam"])
+    parser.add_argument("--beam", action="store_true",
+                        help="the Beam case (see the docstring)")
+    parser.add_argument("--pattern")
+    parser.add_argument("--scan_dir")
     parser.add_argument("--teacher")
     parser.add_argument("--images", type=int)
     parser.add_argument("--pred_dir")
@@ -240,6 +363,9 @@ def main():
     parser.add_argument("--num_shards", type=int, default=1)
     parser.add_argument("--per_class", type=int)
     args = parser.parse_args()
+    if args.child in ("local", "beam"):
+        run_stage_child(args)
+        return
     if args.child:
         run_child(args)
         return
@@ -249,6 +375,18 @@ def main():
     folder = tempfile.mkdtemp(prefix="ns-scale-teacher-")
     teacher = f"{folder}/teacher.keras"
     make_teacher(teacher)
+    if args.beam:
+        results = {n: run_beam_size(n, args.workers, teacher) for n in sizes}
+        shutil.rmtree(folder, ignore_errors=True)
+        small, large = results[sizes[0]], results[sizes[-1]]
+        identical = all(r["identical"] for r in results.values())
+        print(f"load average at end {os.getloadavg()[0]:.1f}", flush=True)
+        print(f"RESULT scale_beam beam_identical={int(identical)} "
+              f"beam_rss_growth_1m={large['rss'] / small['rss']:.3f} "
+              f"beam_time_growth_1m="
+              f"{(large['seconds'] / sizes[-1]) / (small['seconds'] / sizes[0]):.3f}"
+              f" images={sizes[-1]}")
+        return
     results = {n: run_size(n, args.workers, teacher) for n in sizes}
     shutil.rmtree(folder, ignore_errors=True)
     small, large = results[sizes[0]], results[sizes[-1]]

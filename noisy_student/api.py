@@ -224,7 +224,8 @@ def pipeline_config(workdir, data=None, teacher=Recipe(), student=None,
                     iterations=2, student_models=(), teacher_init=None,
                     student_init=None, init_student_from_teacher=False,
                     allow_smaller_student=False, predict_settings=None,
-                    select_settings=None, export=True, overwrite=False):
+                    select_settings=None, export=True, overwrite=False,
+                    beam_pipeline_options=""):
     """The `experiment.ExperimentConfig` of a Noisy Student run, checked.
 
     Args:
@@ -247,6 +248,9 @@ def pipeline_config(workdir, data=None, teacher=Recipe(), student=None,
         label_type, temperature, duplicate, seed).
       export: Export the final model to WORKDIR/export.
       overwrite: Redo stages whose settings changed instead of failing.
+      beam_pipeline_options: Run the predict and select stages as Apache
+        Beam pipelines with these options ("runner=...,key=value"; see
+        `pipeline.beam`); "" runs them in this process.
 
     Raises:
       ValueError: for bad settings or sources (before any work).
@@ -284,7 +288,8 @@ def pipeline_config(workdir, data=None, teacher=Recipe(), student=None,
         select=SelectConfig(pred_dir="", out_dir="",
                             **(select_settings or {})),
         export=export, overwrite=overwrite,
-        student_resolution_from_model=teacher.image_size is None)
+        student_resolution_from_model=teacher.image_size is None,
+        beam_pipeline_options=beam_pipeline_options)
 
 
 def run_pipeline(workdir, data=None, **settings):

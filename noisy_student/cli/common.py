@@ -30,6 +30,7 @@ from noisy_student.pseudo_labels import prediction
 from noisy_student.pseudo_labels import selection
 from noisy_student.training import loop as train_lib
 from noisy_student.data import preprocess
+from noisy_student.pipeline import beam
 from noisy_student.pipeline import recipes
 from noisy_student.pipeline import stages
 
@@ -55,7 +56,8 @@ def _user_errors():
     # A full disk too: the user frees space (or writes elsewhere) and reruns.
     return USER_ERRORS + (lock.WorkdirBusyError,
                           storage.DiskFullError,
-                          inference_runtime.RuntimeNotInstalledError)
+                          inference_runtime.RuntimeNotInstalledError,
+                          beam.BeamNotInstalledError)
 
 
 # absl's help flags print the help and exit with status 1.
@@ -253,7 +255,9 @@ def define_data_flags(demo=False):
     digits."""
     flags.DEFINE_string(
         "labeled", DEMO_LABELED if demo else None,
-        "Labeled training source: tfds:NAME[:SPLIT], folder:PATH, npz:PATH, "
+        "Labeled training source: tfds:NAME[:SPLIT], folder:PATH, "
+        "tfrecord:PATTERN[,image_key=K,label_key=K,first_label=1,"
+        "names=FILE], list:FILE[,names=FILE], npz:PATH, "
         "idx:DIR[:SPLIT] or digits[:SPLIT]. Labels must be 0..K-1, each "
         "class with at least one image.")
     flags.DEFINE_string(
@@ -285,7 +289,8 @@ def define_data_flags(demo=False):
     flags.register_validator("channels", lambda value: value in (1, 3),
                              message="expected 1 or 3")
     flags.DEFINE_bool("skip_corrupt", True,
-                      "Folder sources: leave out image files that do not "
+                      "Folder, list and tfrecord sources: leave out image "
+                      "files (records) that do not "
                       "decode (checked once before any work, named in the "
                       "log and in OUTPUT_FOLDER/skipped_images.json, not "
                       "counted); --noskip_corrupt fails before any work, "
@@ -514,6 +519,41 @@ def define_predict_flags():
         "Precision of the teacher's forward pass: float32 (the reference) "
         "or bfloat16 (--inference_runtime=openvino on a CPU with "
         "AVX512-BF16 or AMX).")
+
+
+def define_beam_flag(stages_run):
+    """--beam_pipeline_options (TensorFlow Datasets' flag and syntax).
+
+    Args:
+      stages_run: The stages it runs on Beam, for the help text.
+    """
+    flags.DEFINE_string(
+        "beam_pipeline_options", "",
+        f"Run {stages_run} as an Apache Beam pipeline with these options, "
+        "comma-separated key=value items of Beam's PipelineOptions, e.g. "
+        "runner=DataflowRunner,project=P,region=R,temp_location=gs://B/tmp"
+        ",extra_package=dist/noisy_student-0.1.0-py3-none-any.whl or "
+        "runner=DirectRunner,direct_running_mode=multi_processing,"
+        "direct_num_workers=8 (docs/scale.md). Empty: in this process. The "
+        "files are the same either way. Needs pip install "
+        "'noisy-student[beam]'.")
+
+
+def beam_options():
+    """--beam_pipeline_options, checked before any work.
+
+    Returns:
+      The flag's text ("" when not given).
+
+    Raises:
+      pipeline.beam.BeamNotInstalledError: for options without Beam
+        installed (one line naming the flag).
+      ValueError: for an item that is not key=value.
+    """
+    text = FLAGS.beam_pipeline_options or ""
+    if text:
+        beam.pipeline_options(text)
+    return text
 
 
 def define_select_flags():

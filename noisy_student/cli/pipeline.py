@@ -50,12 +50,14 @@ common.define_role_flags("teacher_", "teacher")
 common.define_role_flags("student_", "student", model=False)
 common.define_predict_flags()
 common.define_select_flags()
+common.define_beam_flag("every iteration's predict and select stages")
 # --help lists the shared flags too (absl shows only key flags).
 flags.adopt_module_key_flags(common)
 
 
 def experiment_config():
     """Turns FLAGS into an ExperimentConfig (checks before any work)."""
+    beam_options = common.beam_options()
     data = common.data_config(scan_dir=FLAGS.workdir, demo=True)
     teacher = common.recipe_from_flags("teacher_")
     student = common.recipe_from_flags("student_", model=FLAGS.teacher_model)
@@ -74,7 +76,8 @@ def experiment_config():
             "inference_runtime": FLAGS.inference_runtime,
             "inference_precision": FLAGS.inference_precision},
         select_settings=common.select_settings(),
-        export=FLAGS.export, overwrite=FLAGS.overwrite)
+        export=FLAGS.export, overwrite=FLAGS.overwrite,
+        beam_pipeline_options=beam_options)
 
 
 def main(argv):

@@ -1,7 +1,8 @@
 """ns-predict: label the unlabeled images with a teacher (no noise).
 
 Several machines share the work with --shard_index/--num_shards and the same
---out_dir; a rerun skips finished files (resume after a kill).
+--out_dir, or an Apache Beam runner does with --beam_pipeline_options; a
+rerun skips finished files (resume after a kill).
 
   ns-predict --teacher=/tmp/teacher --labeled=digits:train \
       --labels_per_class=10 --out_dir=/tmp/predict
@@ -33,6 +34,8 @@ flags.DEFINE_integer("num_shards", 1, "Workers sharing the prediction.",
                      lower_bound=1)
 common.define_data_flags()
 common.define_predict_flags()
+common.define_beam_flag("the labelling of every unfinished block (then "
+                        "--shard_index/--num_shards stay 0/1)")
 # --help lists the shared flags too (absl shows only key flags).
 flags.adopt_module_key_flags(common)
 
@@ -40,6 +43,7 @@ flags.adopt_module_key_flags(common)
 def main(argv):
     """ns-predict: runs one prediction worker from the parsed FLAGS."""
     del argv
+    beam_options = common.beam_options()  # Beam missing: fails first.
     data = common.data_config(scan_dir=FLAGS.out_dir)
     # Writable first: the sources' scan reports go into the out_dir, which
     # is removed again if the command fails before writing anything there.
@@ -61,7 +65,8 @@ def main(argv):
             inference_runtime=FLAGS.inference_runtime,
             inference_precision=FLAGS.inference_precision)
         summary = stages.run_predict(
-            config, data, channels_given=FLAGS["channels"].present)
+            config, data, channels_given=FLAGS["channels"].present,
+            beam_options=beam_options)
     print(summary)
 
 

@@ -15,6 +15,7 @@ flags.DEFINE_string("pred_dir", None, "A finished prediction folder "
 flags.DEFINE_string("out_dir", None, "The selection folder to write.",
                     required=True)
 common.define_select_flags()
+common.define_beam_flag("the selection")
 # --help lists the shared flags too (absl shows only key flags).
 flags.adopt_module_key_flags(common)
 
@@ -22,9 +23,10 @@ flags.adopt_module_key_flags(common)
 def main(argv):
     """ns-select: selects and balances pseudo-labels from the parsed FLAGS."""
     del argv
+    beam_options = common.beam_options()
     config = common.select_config(FLAGS.pred_dir, FLAGS.out_dir)
     with common.output_folder(FLAGS.out_dir, "out_dir"):
-        report = stages.run_select(config)
+        report = stages.run_select(config, beam_options=beam_options)
     print(report["totals"])
 
 

@@ -151,7 +151,7 @@ def dataset(files, labels, channels, keep_encoded=False):
             out["label"] = element["label"]
         return out
 
-    columns = {"path": tf.constant(files)}
+    columns = {"path": tf.constant(files, tf.string)}
     if labels is not None:
         columns["label"] = tf.constant(labels, tf.int32)
     # No ignore_errors: every file was decoded by the scan, so a failure

@@ -188,6 +188,81 @@ def scan_folder(folder, report_dir=None, log_every_s=LOG_EVERY_S):
     return result
 
 
+def scan_files(name, paths, report_dir=None, log_every_s=LOG_EVERY_S):
+    """Checks that every file of a given list decodes (a `list:FILE` source).
+
+    The files' own scan: as `scan_folder`, but for paths listed by the
+    caller instead of found in a folder; the entry of REPORT_FILE is
+    `name` and its key hashes the paths (with their sizes and modification
+    times when local), so an unchanged list is not scanned again.
+
+    Args:
+      name: The entry's name in REPORT_FILE (the list file's path).
+      paths: The image paths, in the source's order (repeats allowed).
+      report_dir: Folder of REPORT_FILE, or None: scan without writing.
+      log_every_s: Seconds between progress lines of a scan.
+
+    Returns:
+      A `ScanResult` whose `decoded` keeps `paths`' order (its `folder` is
+      `name`).
+    """
+    unique = sorted(set(paths))
+    ignored = {p: f"ignored: unsupported type {p[p.rindex('.'):].lower()}"
+               for p in unique if p.lower().endswith(UNSUPPORTED_EXTENSIONS)}
+    images = [p for p in unique if p not in ignored]
+    key = _listing_key(name, images + list(ignored))
+    report = f"{str(report_dir).rstrip('/')}/{REPORT_FILE}" if (
+        report_dir) else None
+    result = _from_report(report, name, key, images, ignored)
+    if result is None:
+        result = _SCANS.get(key)
+        if result is None:
+            result = _scan(name, key, images, ignored, {}, log_every_s)
+        if report:
+            _write_entry(report, result)
+        result = dataclasses.replace(result, report=report)
+    _SCANS[key] = dataclasses.replace(result, cached=True)
+    _log_summary(result)
+    good = set(result.decoded)
+    return dataclasses.replace(
+        result, decoded=tuple(p for p in paths if p in good))
+
+
+def read_entry(report_dir, name):
+    """The entry `name` of report_dir's REPORT_FILE, or None.
+
+    Args:
+      report_dir: A command's output folder, or None.
+      name: The entry's name (a folder, a list file, a record pattern).
+
+    Returns:
+      The entry (a dict), or None when there is none or it is unreadable.
+    """
+    if not report_dir:
+        return None
+    entry = _read_report(f"{str(report_dir).rstrip('/')}/{REPORT_FILE}").get(
+        name)
+    return entry if isinstance(entry, dict) else None
+
+
+def write_entry(report_dir, name, entry):
+    """Adds (or replaces) the entry `name` of report_dir's REPORT_FILE.
+
+    Args:
+      report_dir: A command's output folder.
+      name: The entry's name.
+      entry: A JSON-able dict.
+
+    Returns:
+      The REPORT_FILE's path (written atomically).
+    """
+    report = f"{str(report_dir).rstrip('/')}/{REPORT_FILE}"
+    entries = _read_report(report)
+    entries[name] = entry
+    storage.write_json(report, entries)
+    return report
+
+
 def _list(folder):
     """(sorted image paths, {path: reason} of unsupported image types,
     {"DIR/": reason} of sub-folders that cannot be listed)."""
@@ -233,11 +308,10 @@ def _decoder_name():
 
 def _listing_key(folder, paths):
     """Hash of every path with its size, mtime and whether it is readable
-    (names only if remote)."""
-    remote = "://" in folder
+    (names only for remote paths)."""
     rows = []
     for path in paths:
-        if remote:
+        if "://" in folder or "://" in path:
             rows.append(path)
             continue
         try:
@@ -308,7 +382,7 @@ def _scan(folder, key, images, ignored, unlisted, log_every_s):
             else:
                 skipped[path] = reason
     decoded = tuple(p for p in images if p in good)
-    logging.info("Scanned folder:%s in %.1f s (%d files)", folder,
+    logging.info("Scanned %s in %.1f s (%d files)", _spec(folder),
                  time.time() - start, len(images))
     return ScanResult(folder, decoded, skipped, ignored, key)
 
@@ -340,8 +414,8 @@ def _decodable(paths, log_every_s=LOG_EVERY_S, folder=""):
         now = time.time()
         if now - last >= log_every_s:
             last = now
-            logging.info("Scanning folder:%s: %d of %d files decoded so "
-                         "far (%.0f files/s)", folder, len(good), len(paths),
+            logging.info("Scanning %s: %d of %d files decoded so "
+                         "far (%.0f files/s)", _spec(folder), len(good), len(paths),
                          len(good) / max(now - start, 1e-9))
     return good
 
@@ -394,12 +468,18 @@ def _clean(message):
     return " ".join(message.split())
 
 
+def _spec(name):
+    """The source spec of a scan's name: "folder:PATH", or a list's own
+    "list:FILE"."""
+    return name if name.startswith("list:") else f"folder:{name}"
+
+
 def _log_summary(result):
     if result.key in _LOGGED:
         return
     _LOGGED.add(result.key)
     where = f" (all in {result.report})" if result.report else ""
-    head = f"folder:{result.folder}: {result.summary()}"
+    head = f"{_spec(result.folder)}: {result.summary()}"
     if result.cached:
         head += " (scan reused)"
     if not result.skipped and not result.ignored:

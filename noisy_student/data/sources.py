@@ -12,6 +12,23 @@
                         use (`image_scan`): undecodable ones are skipped,
                         named in the log and in skipped_images.json, and not
                         counted; other image types are listed as ignored.
+    tfrecord:PATTERN[,OPTION=VALUE...]
+                        TFRecord shards (local or gs:// glob) of
+                        tf.train.Example: the encoded image under
+                        image/encoded, the class under image/class/label
+                        (options image_key=, label_key=; first_label=1 for
+                        ImageNet's 1-based labels, never guessed; names=FILE
+                        of class names). Streamed; checked and counted once
+                        (`tfrecords.scan_records`, cached beside the folder
+                        scans): bad records are skipped and named like
+                        undecodable folder files; the stored bytes pass
+                        through to the prediction records.
+    list:FILE[,names=FILE]
+                        a text or CSV file of `path[,label]` lines (paths
+                        relative to FILE's folder, or absolute, or gs://);
+                        labels are ids or class names, the names from a
+                        `# classes: a,b,...` header or names=FILE
+                        (`file_lists`). Files checked once as a folder's.
     npz:PATH            arrays `x` (uint8, NHWC or NHW) and `y` (integers).
     idx:DIR[:SPLIT]     MNIST-format files (train-images-idx3-ubyte.gz, ...),
                         as Debian's dataset-fashion-mnist installs under
@@ -35,9 +52,11 @@ import numpy as np
 import tensorflow as tf
 
 from noisy_student.data import arrays
+from noisy_student.data import file_lists
 from noisy_student.data import folders
 from noisy_student.data import image_scan
 from noisy_student.data import preprocess
+from noisy_student.data import tfrecords
 
 IMAGE_EXTENSIONS = image_scan.IMAGE_EXTENSIONS
 # Data sets whose labels change under a horizontal flip (digits, house
@@ -94,6 +113,9 @@ class ImageSource:
       content: A short hash of what the source yields (`content_key`):
         the images it reads, their labels and order, its subset and
         channels; another value means other data. None when unknown.
+      read_range: A function (start, stop) -> the dataset of elements
+        start..stop-1 that reads only those (folder, list, tfrecord and
+        array sources), else None (`range` skips through the dataset).
     """
     dataset: tf.data.Dataset
     num_examples: int | None
@@ -105,6 +127,23 @@ class ImageSource:
     scan: image_scan.ScanResult | None = None
     files: tuple | None = None
     content: str | None = None
+    read_range: object = dataclasses.field(default=None, repr=False,
+                                           compare=False)
+
+    def range(self, start, stop):
+        """The elements start..stop-1 of `dataset`, the same values.
+
+        Args:
+          start, stop: Element positions, 0 <= start <= stop.
+
+        Returns:
+          A tf.data.Dataset; a source with `read_range` reads only these
+          elements (a Beam worker's block), others read and drop the ones
+          before `start`.
+        """
+        if self.read_range is not None:
+            return self.read_range(start, stop)
+        return self.dataset.skip(start).take(stop - start)
 
 
 def content_key(*parts):
@@ -139,10 +178,13 @@ def parse_spec(spec):
     kind, _, rest = spec.partition(":")
     if kind == "digits":
         return kind, "", rest or None
-    if kind not in ("tfds", "folder", "npz", "idx") or not rest:
+    if kind not in ("tfds", "folder", "npz", "idx", "tfrecord",
+                    "list") or not rest:
         raise ValueError(
             "Expected a data source spec tfds:NAME[:SPLIT], folder:PATH, "
-            f"npz:PATH, idx:DIR[:SPLIT] or digits[:SPLIT]. Received: spec={spec!r}")
+            "tfrecord:PATTERN[,OPTION=VALUE...], list:FILE[,names=FILE], "
+            f"npz:PATH, idx:DIR[:SPLIT] or digits[:SPLIT]. Received: "
+            f"spec={spec!r}")
     if kind == "tfds":
         name, _, split = rest.partition(":")
         return kind, name, split or None
@@ -168,10 +210,12 @@ def load_source(spec, *, labeled=True, subset=None, channels=None,
         colour ones converted to 1. None keeps the source's.
       num_classes: If given, labels must lie in [0, num_classes).
       data_dir: TFDS data folder (local or gs://).
-      skip_corrupt: Folder sources: leave out the files the decoder
-        rejects, named in the log and in scan_dir's skipped_images.json
-        (True), or raise before any reading (False).
-      keep_encoded: Folder sources also yield each file's bytes as
+      skip_corrupt: Folder, list and tfrecord sources: leave out the
+        files (records) the decoder rejects, named in the log and in
+        scan_dir's skipped_images.json (True), or raise before any
+        reading (False).
+      keep_encoded: Folder, list and tfrecord sources also yield each
+        file's (record's) image bytes as
         "encoded" (string []), and TFDS sources the bytes their Image
         feature stores (read with skip-decoding and decoded here by
         `preprocess.decode_image`, the records' own decoder), for records
@@ -216,16 +260,16 @@ def load_source(spec, *, labeled=True, subset=None, channels=None,
             labels = labels[keep]
         n_classes = len(class_names) if need_labels else None
         _check_num_classes(spec, n_classes, num_classes)
-        ds = folders.dataset(files, labels if labeled else None, channels,
-                             keep_encoded)
-        content = content_key(scan.key, files,
-                              labels if labeled else None,
-                              list(class_names) if labeled else None,
-                              channels)
-        return ImageSource(ds, len(files), n_classes if labeled else None,
-                           None, _allows_flip(path), spec,
-                           tuple(class_names) if labeled else None, scan,
-                           tuple(files), content)
+        return _file_source(spec, path, scan, files, labels, class_names,
+                            labeled, n_classes, channels, keep_encoded)
+    if kind == "list":
+        return _load_list(spec, path, labeled, need_labels, subset, channels,
+                          num_classes, skip_corrupt, keep_encoded,
+                          class_names, scan_dir)
+    if kind == "tfrecord":
+        return _load_tfrecord(spec, path, labeled, need_labels, subset,
+                              channels, num_classes, skip_corrupt,
+                              keep_encoded, scan_dir)
     if kind == "npz":
         x, y = arrays.read_npz(path, need_labels)
     elif kind == "idx":
@@ -234,6 +278,121 @@ def load_source(spec, *, labeled=True, subset=None, channels=None,
         x, y = arrays.digits(split or "train")
     return _array_source(spec, x, y, labeled, subset, channels, num_classes,
                          _allows_flip(kind + path))
+
+
+def _file_source(spec, path, scan, files, labels, class_names, labeled,
+                 n_classes, channels, keep_encoded):
+    """The `ImageSource` of image files (a folder's or a list's)."""
+    files = list(files)
+    labels = labels if labeled else None
+
+    def read_range(start, stop):
+        return folders.dataset(
+            files[start:stop], None if labels is None else labels[start:stop],
+            channels, keep_encoded)
+
+    content = content_key(scan.key, files, labels,
+                          list(class_names) if labeled and class_names
+                          else None, channels)
+    return ImageSource(
+        read_range(0, len(files)), len(files),
+        n_classes if labeled else None, None, _allows_flip(path), spec,
+        tuple(class_names) if labeled and class_names else None, scan,
+        tuple(files), content, read_range)
+
+
+def _load_list(spec, rest, labeled, need_labels, subset, channels,
+               num_classes, skip_corrupt, keep_encoded, known, scan_dir):
+    """A `list:FILE` source (see `file_lists`)."""
+    path, names_file = file_lists.parse(spec, rest)
+    paths, labels, names = file_lists.read_list(spec, path, names_file,
+                                                need_labels)
+    scan = image_scan.scan_files(f"list:{path}", paths, scan_dir)
+    folders.check_scan(spec, scan, skip_corrupt)
+    good = set(scan.decoded)
+    keep = np.asarray([p in good for p in paths], bool)
+    files = [p for p, k in zip(paths, keep) if k]
+    if need_labels:
+        labels = labels[keep]
+        if known is not None and names is not None:
+            # A test list scored against a model: its names, its ids.
+            unknown = [n for n in names if n not in known]
+            if unknown:
+                raise ValueError(
+                    f"Expected class names of the model "
+                    f"{list(known)[:20]} in {spec}. Received: {unknown[:10]}")
+            labels = np.asarray([list(known).index(names[l]) for l in labels],
+                                np.int32)
+            names = tuple(known)
+        n_classes = (len(names) if names is not None
+                     else int(labels.max()) + 1)
+        if num_classes is not None:
+            _check_labels(spec, labels, num_classes)
+            n_classes = num_classes
+        elif known is None:
+            folders.check_every_class_has_images(
+                spec, labels, names or [str(c) for c in range(n_classes)])
+        if subset is not None:
+            mask = subset_mask(labels, subset, n_classes)
+            files = [f for f, k in zip(files, mask) if k]
+            labels = labels[mask]
+    else:
+        n_classes = None
+    _check_num_classes(spec, n_classes if labeled else None, num_classes)
+    return _file_source(spec, path, scan, files, labels, names, labeled,
+                        n_classes, channels, keep_encoded)
+
+
+def _load_tfrecord(spec, rest, labeled, need_labels, subset, channels,
+                   num_classes, skip_corrupt, keep_encoded, scan_dir):
+    """A `tfrecord:PATTERN` source (see `tfrecords`)."""
+    pattern, fmt = tfrecords.parse(spec, rest)
+    scan = tfrecords.scan_records(pattern, fmt, need_labels, scan_dir)
+    if scan.skipped and not skip_corrupt:
+        raise image_scan.UndecodableImagesError(scan)
+    if not scan.num_records:
+        raise ValueError(f"Expected at least one decodable record in {spec}. "
+                         f"Received: {scan.summary()}: "
+                         + "; ".join(scan.examples(3)))
+    names = tfrecords.read_names(fmt, spec) if labeled else None
+    n_classes, keep = None, None
+    if need_labels:
+        counts = np.asarray(scan.label_counts, np.int64)
+        n_classes = len(names) if names else len(counts)
+        if len(counts) > n_classes:
+            raise ValueError(
+                f"Expected labels in [0, {n_classes}) (the names= file's "
+                f"classes) in {spec}. Received: labels up to "
+                f"{len(counts) - 1}")
+        if num_classes is not None:
+            _check_labels(spec, np.nonzero(counts)[0], num_classes)
+            n_classes = num_classes
+        elif labeled or subset is not None:
+            missing = np.nonzero(np.pad(counts, (0, n_classes - len(counts)))
+                                 == 0)[0]
+            if missing.size:
+                hint = (" (ImageNet-format shards store labels 1..1000: add "
+                        "first_label=1)" if missing[0] == 0 else "")
+                raise ValueError(
+                    f"Expected labels 0..K-1 with at least one image each in "
+                    f"{spec}. Received: no image of class "
+                    f"{missing[:20].tolist()}{hint}")
+        if subset is not None:
+            keep = subset_mask(tfrecords.read_labels(scan, fmt), subset,
+                               n_classes)
+
+    def read_range(start, stop):
+        return tfrecords.dataset(scan, fmt, start, stop, labels=labeled,
+                                 channels=channels,
+                                 keep_encoded=keep_encoded, keep=keep)
+
+    count = scan.num_records if keep is None else int(keep.sum())
+    content = content_key(scan.key, dataclasses.asdict(fmt), labeled,
+                          channels, None if keep is None else keep)
+    return ImageSource(read_range(0, count), count,
+                       n_classes if labeled else None, None,
+                       _allows_flip(pattern), spec, names, None, None,
+                       content, read_range)
 
 
 def subset_mask(labels, subset, num_classes=None):
@@ -346,18 +505,24 @@ def _array_source(spec, x, y, labeled, subset, channels, num_classes,
         keep = subset_mask(y, subset, n_classes)
         x, y = x[keep], y[keep]
     out_channels = channels or x.shape[-1]
-    if labeled:
-        ds = tf.data.Dataset.from_tensor_slices(
-            {"image": x, "label": y.astype(np.int32)})
-    else:
-        ds = tf.data.Dataset.from_tensor_slices({"image": x})
-    if out_channels != x.shape[-1]:
-        ds = ds.map(lambda d: {**d, "image": _convert_channels(d["image"],
-                                                               out_channels)})
+
+    def read_range(start, stop):
+        if labeled:
+            ds = tf.data.Dataset.from_tensor_slices(
+                {"image": x[start:stop],
+                 "label": y[start:stop].astype(np.int32)})
+        else:
+            ds = tf.data.Dataset.from_tensor_slices({"image": x[start:stop]})
+        if out_channels != x.shape[-1]:
+            ds = ds.map(lambda d: {**d, "image": _convert_channels(
+                d["image"], out_channels)})
+        return ds
+
     content = content_key(x, y if labeled else None, out_channels)
-    return ImageSource(ds, len(x), n_classes if labeled else None,
+    return ImageSource(read_range(0, len(x)), len(x),
+                       n_classes if labeled else None,
                        x.shape[1:3] + (out_channels,), allows_flip, spec,
-                       content=content)
+                       content=content, read_range=read_range)
 
 
 def _load_tfds(spec, name, split, need_labels, labeled, subset, channels,

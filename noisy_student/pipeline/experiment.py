@@ -70,6 +70,10 @@ class ExperimentConfig:
       overwrite: Redo stages whose settings changed instead of failing.
       student_resolution_from_model: Train each student at its variant's
         resolution (e.g. B7 600 px) instead of the teacher's image size.
+      beam_pipeline_options: Runs the predict and select stages as Apache
+        Beam pipelines with these options (`pipeline.beam`); "" runs them
+        in this process. Not in the stages' fingerprints: the files are
+        the same either way.
     """
     workdir: str
     data: stages.DataConfig
@@ -84,6 +88,7 @@ class ExperimentConfig:
     export: bool = True
     overwrite: bool = False
     student_resolution_from_model: bool = False
+    beam_pipeline_options: str = ""
 
     def __post_init__(self):
         if self.iterations < 0:
@@ -313,11 +318,15 @@ def _label_stages(config, r, teacher_dir, upstream):
     return [
         Stage(layout.stage_name(r, "predict"), predict_fp,
               predict_config.out_dir,
-              lambda: stages.run_predict(predict_config, config.data)),
+              lambda: stages.run_predict(
+                  predict_config, config.data,
+                  beam_options=config.beam_pipeline_options)),
         Stage(layout.stage_name(r, "select"), select_fp,
               select_config.out_dir,
               lambda: reports.jsonable(
-                  stages.run_select(select_config)["totals"])),
+                  stages.run_select(
+                      select_config,
+                      beam_options=config.beam_pipeline_options)["totals"])),
     ], select_config.out_dir, select_fp
 
 

@@ -314,7 +314,8 @@ def with_model_channels(data, model, model_path, channels_given):
     return dataclasses.replace(data, channels=model_channels)
 
 
-def run_predict(predict_config, data, channels_given=True):
+def run_predict(predict_config, data, channels_given=True,
+                beam_options=""):
     """Labels (this worker's part of) the unlabeled images with a teacher.
 
     The images are read (and array sources' images stored in the records)
@@ -325,6 +326,9 @@ def run_predict(predict_config, data, channels_given=True):
       data: The `DataConfig` whose unlabeled source is labeled.
       channels_given: Whether the user set data.channels (--channels); when
         not, the teacher's are used.
+      beam_options: --beam_pipeline_options: "" labels in this process;
+        else an Apache Beam pipeline with these options labels every
+        unfinished block (`pipeline.beam.run_predict`), the same files.
 
     Returns:
       The `predict.PredictSummary` as a dict.
@@ -370,6 +374,10 @@ def run_predict(predict_config, data, channels_given=True):
     write_stage_config(predict_config.out_dir,
                        **{f"predict_{predict_config.shard_index}":
                           predict_config}, data=data)
+    if beam_options:
+        from noisy_student.pipeline import beam  # pylint: disable=g-import-not-at-top
+        return dataclasses.asdict(beam.run_predict(
+            predict_config, data, source, size, beam_options))
     summary = prediction.predict(
         teacher, source.dataset, predict_config.out_dir,
         predict_config.num_classes, batch_size=predict_config.batch_size,
@@ -383,11 +391,14 @@ def run_predict(predict_config, data, channels_given=True):
     return dataclasses.asdict(summary)
 
 
-def run_select(select_config):
+def run_select(select_config, beam_options=""):
     """Filters and balances a finished prediction folder.
 
     Args:
       select_config: A `select.SelectConfig` (validated when built).
+      beam_options: --beam_pipeline_options: "" selects in this process;
+        else an Apache Beam pipeline with these options does
+        (`pipeline.beam.run_select`), the same files.
 
     Returns:
       The selection report dict (see `select.select`).
@@ -395,6 +406,9 @@ def run_select(select_config):
     stage_inputs.check_owner(select_config.out_dir, "select", "--out_dir")
     tf.io.gfile.makedirs(select_config.out_dir)
     write_stage_config(select_config.out_dir, select=select_config)
+    if beam_options:
+        from noisy_student.pipeline import beam  # pylint: disable=g-import-not-at-top
+        return beam.run_select(select_config, beam_options)
     return selection.select(select_config)
 
 

@@ -208,6 +208,13 @@ def _input_pipeline(dataset, *, records_per_file, shard_index, num_shards,
         return mine
 
     dataset = dataset.filter(keep)
+    return _batches(dataset, preprocess=preprocess, image_size=image_size,
+                    channels=channels, batch_size=batch_size)
+
+
+def _batches(dataset, *, preprocess, image_size, channels, batch_size):
+    """(index, element) pairs -> padded batches of {"index", "encoded",
+    "pixels"}: the eval transform, the stored bytes, a fixed batch shape."""
 
     def prepare(index, element):
         image = element["image"]
@@ -510,6 +517,133 @@ def _hand_to_sink(batch, wait, sink, num_classes):
     confidences = probs[np.arange(len(labels)), labels]
     sink.add(indices, batch["encoded"].numpy(), probs, labels, confidences)
     return len(indices)
+
+
+class BlockLabeler:
+    """Labels whole blocks, one at a time: a Beam worker's predict stage.
+
+    The teacher's runtime is made once (a worker process keeps one
+    labeler); each block runs the stage's own input pipeline (`_batches`:
+    eval transform, stored bytes, fixed batch shape), teacher call and
+    block writer (`writer.BlockSink`, temporary name renamed, then the
+    histogram). A block's batches start at its first image, so with
+    `records_per_file` not a multiple of `batch_size` they hold other
+    images than the in-process stage's batches (which run across block
+    ends): the records are the same because the fixed batch shape gives
+    every image the same computation whatever its batch (the property
+    that makes the files independent of `num_shards`).
+    """
+
+    def __init__(self, teacher, out_dir, num_classes, *, image_size,
+                 preprocess=None, batch_size=BATCH_SIZE,
+                 records_per_file=RECORDS_PER_FILE,
+                 num_bins=records.DEFAULT_NUM_BINS,
+                 runtime=inference_runtime.DEFAULT_RUNTIME,
+                 precision=inference_runtime.DEFAULT_PRECISION):
+        """Loads the teacher and makes its runtime.
+
+        Args:
+          teacher: A model or a path, as `predict`'s.
+          out_dir: The prediction folder.
+          num_classes: K; the teacher must output as many.
+          image_size: The teacher's input side S, or None to read it.
+          preprocess: Eval preprocessing, as `predict`'s (default: the
+            teacher's eval transform).
+          batch_size: Images per teacher call.
+          records_per_file: Images per block.
+          num_bins: Bins of the confidence histograms.
+          runtime: What runs the teacher (`inference_runtime.RUNTIMES`).
+          precision: Its precision (`inference_runtime.PRECISIONS`).
+
+        Raises:
+          ValueError: as `predict`, for a bad setting or teacher.
+        """
+        _check_args(num_classes, batch_size, 0, 1, records_per_file,
+                    num_bins, runtime, precision)
+        # Kept: the runtime's function holds the model by a weak reference.
+        self._model, recipe, self.image_size, self.channels = _load_teacher(
+            teacher, num_classes, image_size)
+        model = self._model
+        self._preprocess = preprocess or default_preprocess(
+            self.image_size, self.channels, recipe)
+        self._probabilities = inference_runtime.probabilities_fn(
+            model, runtime, precision, batch_size, self.image_size,
+            self.channels)
+        self._out_dir = out_dir
+        self._num_classes = num_classes
+        self._batch_size = batch_size
+        self._per_file = records_per_file
+        self._num_bins = num_bins
+
+    def label(self, block, dataset, num_images):
+        """Labels block `block` and writes its records and histogram.
+
+        A block already written is written again, to the same bytes (a
+        retried task).
+
+        Args:
+          block: The block number b (images b * records_per_file ...).
+          dataset: That block's images, {"image": uint8 [H, W, C],
+            "encoded"?: string []}, in source order (`ImageSource.range`).
+          num_images: Images in the whole source (the last block's end).
+
+        Returns:
+          The number of images labeled.
+
+        Raises:
+          ValueError: when `dataset` holds another number of images than
+            the block (the source changed since it was counted); nothing
+            is written then.
+        """
+        start = block * self._per_file
+        expected = min(self._per_file, num_images - start)
+        batches = _batches(dataset.enumerate(start),
+                           preprocess=self._preprocess,
+                           image_size=self.image_size,
+                           channels=self.channels,
+                           batch_size=self._batch_size).prefetch(
+                               tf.data.AUTOTUNE)
+        sink = _CountingSink(writer.BlockSink(
+            self._out_dir, self._per_file, self._num_classes,
+            self._num_bins), expected, block)
+        written = _label_batches(batches, self._probabilities, sink,
+                                 self._num_classes, lambda written: None)
+        sink.finish()
+        return written
+
+
+class _CountingSink:
+    """A `writer.BlockSink` that refuses more or fewer images than one
+    block holds (aborting it: no histogram, the block stays to do)."""
+
+    def __init__(self, sink, expected, block):
+        self._sink = sink
+        self._expected = expected
+        self._block = block
+        self._count = 0
+
+    def add(self, indices, *rest):
+        """As `writer.BlockSink.add`; raises past the block's end."""
+        self._count += len(indices)
+        self._check(self._count > self._expected)
+        self._sink.add(indices, *rest)
+
+    def finish(self):
+        """Completes the block, if it holds all of its images."""
+        self._check(self._count != self._expected)
+        self._sink.finish()
+
+    def abort(self):
+        """Drops the block in progress."""
+        self._sink.abort()
+
+    def _check(self, wrong):
+        if wrong:
+            self._sink.abort()
+            raise ValueError(
+                f"Expected {self._expected} images in block {self._block} "
+                f"(as counted when the work was planned). Received: "
+                f"{self._count}: the source changed since it was counted")
 
 
 def run_predict(config, dataset, preprocess=None):

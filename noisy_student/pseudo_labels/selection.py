@@ -309,9 +309,11 @@ def total_histogram(pred_dir, info):
     return total
 
 
-def _record_batches(pred_dir, info, batch_size=512):
-    """Streams the prediction records in index order, in numpy batches."""
-    files = [storage.join(pred_dir, pl.records_name(b)) for b in info["blocks"]]
+def _record_batches(pred_dir, info, batch_size=512, blocks=None):
+    """Streams the prediction records of `blocks` (default: all) in index
+    order, in numpy batches."""
+    files = [storage.join(pred_dir, pl.records_name(b))
+             for b in (info["blocks"] if blocks is None else blocks)]
     num_classes = info["num_classes"]
 
     def parse(serialized):
@@ -342,12 +344,36 @@ def select(config, num_classes=None):
       FileNotFoundError: if pred_dir is not a prediction folder.
     """
     start = time.time()
-    info, class_names, histogram = _read_predictions(config, num_classes)
-    plan = _plan(config, histogram, info)
-    num_files = config.num_files or _files_for(plan, config.records_per_file)
-    marker = _clear_selection(config.out_dir)
-    names = [pl.selected_name(i, num_files) for i in range(num_files)]
+    info, class_names, histogram = read_predictions(config, num_classes)
+    plan = checked_plan(config, histogram, info)
+    names = output_names(config, plan)
+    clear_selection(config.out_dir)
     kept = _write_selection(config, plan, info, names)
+    return finish(config, info, class_names, histogram, plan, kept, start)
+
+
+def finish(config, info, class_names, histogram, plan, kept, start):
+    """Checks what was written against the plan, removes stale files,
+    writes the report and, last, selection.json.
+
+    Args:
+      config: The `SelectConfig`.
+      info: The prediction folder's description (`records.check_predictions`).
+      class_names: Names in label order, or None.
+      histogram: int64 [K, num_bins], the summed block histograms.
+      plan: The `SelectionPlan`.
+      kept: The `Kept` of the whole selection (every block, in order).
+      start: time.time() when the stage began (for the report's seconds).
+
+    Returns:
+      The report as a dict.
+
+    Raises:
+      ValueError: when the records kept differ from the plan's counts.
+    """
+    names = output_names(config, plan)
+    num_files = len(names)
+    marker = storage.join(config.out_dir, pl.SELECTION_FILE)
     if not np.array_equal(kept.unique, plan.kept_unique):
         # The histograms and the records disagree: a corrupt folder.
         raise ValueError(
@@ -375,9 +401,21 @@ def select(config, num_classes=None):
     return report
 
 
-def _read_predictions(config, num_classes):
-    """(info, class names or None, [K, num_bins] int64 histogram) of
-    config.pred_dir, checked complete and of `num_classes` classes."""
+def read_predictions(config, num_classes=None):
+    """The prediction folder's description, class names and histogram.
+
+    Args:
+      config: The `SelectConfig` (its pred_dir is read).
+      num_classes: The expected class count, or None.
+
+    Returns:
+      (info, class names or None, [K, num_bins] int64 histogram) of
+      config.pred_dir, checked complete and of `num_classes` classes.
+
+    Raises:
+      ValueError, FileNotFoundError: as `records.check_predictions`, or
+        for another class count.
+    """
     pred_dir = config.pred_dir
     info = pl.check_predictions(pred_dir)
     if num_classes is not None and num_classes != info["num_classes"]:
@@ -393,8 +431,20 @@ def _read_predictions(config, num_classes):
     return info, class_names, total_histogram(pred_dir, info)
 
 
-def _plan(config, histogram, info):
-    """The `SelectionPlan`; raises ValueError if it keeps no image."""
+def checked_plan(config, histogram, info):
+    """The `SelectionPlan` of the summed histograms.
+
+    Args:
+      config: The `SelectConfig`.
+      histogram: int64 [K, num_bins] counts.
+      info: The prediction folder's description (its num_images).
+
+    Returns:
+      The `SelectionPlan`.
+
+    Raises:
+      ValueError: if it keeps no image.
+    """
     plan = plan_selection(histogram, config.per_class, config.min_confidence,
                           config.duplicate)
     if plan.kept_unique.sum() == 0:
@@ -408,18 +458,36 @@ def _plan(config, histogram, info):
     return plan
 
 
-def _files_for(plan, records_per_file):
-    """Output files for about `records_per_file` records each (at most
-    MAX_OPEN_FILES, since all are open at once)."""
-    expected_total = float(plan.expected_total.sum())
-    return int(min(MAX_OPEN_FILES, max(
-        1, math.ceil(expected_total / records_per_file))))
+def output_names(config, plan):
+    """The output files' names: config.num_files of them, or enough for
+    about `records_per_file` records each (at most MAX_OPEN_FILES, since
+    all are open at once).
+
+    Args:
+      config: The `SelectConfig`.
+      plan: Its `SelectionPlan`.
+
+    Returns:
+      ["selected-00000-of-0000M.tfrecord", ...].
+    """
+    num_files = config.num_files
+    if not num_files:
+        expected_total = float(plan.expected_total.sum())
+        num_files = int(min(MAX_OPEN_FILES, max(
+            1, math.ceil(expected_total / config.records_per_file))))
+    return [pl.selected_name(i, num_files) for i in range(num_files)]
 
 
-def _clear_selection(out_dir):
+def clear_selection(out_dir):
     """Creates out_dir, unmarks a previous selection there (a half-replaced
-    selection must not look finished) and removes temporary files; returns
-    the path of the marker (selection.json)."""
+    selection must not look finished) and removes temporary files.
+
+    Args:
+      out_dir: The selection folder.
+
+    Returns:
+      The path of the marker (selection.json).
+    """
     tf.io.gfile.makedirs(out_dir)
     marker = storage.join(out_dir, pl.SELECTION_FILE)
     if tf.io.gfile.exists(marker):
@@ -431,8 +499,9 @@ def _clear_selection(out_dir):
 
 
 @dataclasses.dataclass
-class _Kept:
-    """What a selection kept (arrays per class unless said otherwise).
+class Kept:
+    """What a selection (or a range of its blocks) kept (arrays per class
+    unless said otherwise).
 
     Attributes:
       unique: int64: images kept.
@@ -451,8 +520,15 @@ class _Kept:
 
     @classmethod
     def empty(cls, num_classes, num_files):
-        """Nothing kept yet, for `num_classes` classes and `num_files`
-        output files."""
+        """Nothing kept yet.
+
+        Args:
+          num_classes: K.
+          num_files: Output files.
+
+        Returns:
+          A `Kept` of zeros.
+        """
         return cls(np.zeros(num_classes, np.int64),
                    np.zeros(num_classes, np.int64),
                    np.full(num_classes, np.inf),
@@ -462,21 +538,98 @@ class _Kept:
                        selection_report.MAX_CONTACT_SHEETS),
                    np.zeros(num_classes, np.int64))
 
+    def merge(self, later):
+        """Adds the `Kept` of the blocks that follow this one's.
 
-def _write_selection(config, plan, info, names):
-    """Streams the prediction records once, in index order, and writes the
-    kept ones (with their copies) into the files `names` of out_dir, each
-    through a temporary name renamed at the end; returns the `_Kept`."""
-    finals = [storage.join(config.out_dir, name) for name in names]
-    temps = [storage.temp_path(path) for path in finals]
+        Args:
+          later: The `Kept` of a later block range (same classes, files).
+
+        Returns:
+          self, now counting both; the contact sheets' images are the
+          ones a single pass would keep (`Extremes.merge`).
+        """
+        self.unique += later.unique
+        self.total += later.total
+        self.min_confidence = np.minimum(self.min_confidence,
+                                         later.min_confidence)
+        self.file_counts += later.file_counts
+        self.extremes.merge(later.extremes)
+        self.taken_boundary += later.taken_boundary
+        return self
+
+
+def boundary_counts(pred_dir, blocks, plan):
+    """Images of each class in its boundary bin, in these blocks.
+
+    From the blocks' histograms alone: what a range of blocks takes from
+    the boundary bins depends on these counts of the blocks before it.
+
+    Args:
+      pred_dir: The prediction folder.
+      blocks: Block numbers.
+      plan: The `SelectionPlan`.
+
+    Returns:
+      int64 [K] counts (0 for a class without a boundary bin).
+    """
+    counts = np.zeros(len(plan.boundary_bin), np.int64)
+    has = plan.boundary_bin >= 0
+    classes = np.nonzero(has)[0]
+    for block in blocks:
+        hist, _ = pl.read_histogram(
+            storage.join(pred_dir, pl.histogram_name(block)))
+        counts[classes] += hist[classes, plan.boundary_bin[classes]]
+    return counts
+
+
+def taken_before(boundary_counts_before, plan):
+    """What the blocks before a range have taken from the boundary bins.
+
+    Args:
+      boundary_counts_before: int64 [K], `boundary_counts` of all the
+        blocks before the range.
+      plan: The `SelectionPlan`.
+
+    Returns:
+      int64 [K]: min(those counts, boundary_take), the running count a
+      single pass would hold when it reaches the range's first record.
+    """
+    return np.minimum(np.asarray(boundary_counts_before, np.int64),
+                      plan.boundary_take)
+
+
+def write_blocks(config, plan, info, paths, blocks=None, taken=None):
+    """Writes the kept records of some blocks (with their copies).
+
+    Streams the blocks' prediction records once, in index order, into the
+    files `paths` (one per output file), each through a temporary name
+    renamed at the end. With every block, `paths` are the output files
+    (the in-process stage); with a range of blocks, they are that range's
+    parts, which concatenated in range order give the output files byte
+    for byte (a TFRecord file is its records one after another).
+
+    Args:
+      config: The `SelectConfig`.
+      plan: The `SelectionPlan`.
+      info: The prediction folder's description.
+      paths: The files to write, one per output file, in output order.
+      blocks: Block numbers in increasing order (default: all).
+      taken: int64 [K] `taken_before` the first block (default: zeros).
+
+    Returns:
+      The `Kept` of these blocks.
+    """
+    temps = [storage.temp_path(path) for path in paths]
     writers = [tf.io.TFRecordWriter(path) for path in temps]
-    kept = _Kept.empty(info["num_classes"], len(names))
+    kept = Kept.empty(info["num_classes"], len(paths))
+    if taken is not None:
+        kept.taken_boundary = np.array(taken, np.int64)
     try:
-        for batch in _record_batches(config.pred_dir, info):
+        for batch in _record_batches(config.pred_dir, info, blocks=blocks):
             _write_batch(config, plan, batch, writers, kept)
         for writer in writers:
             writer.close()
-        for temp, final in zip(temps, finals):
+        for temp, final in zip(temps, paths):
             tf.io.gfile.rename(temp, final, overwrite=True)
     except BaseException:
         for writer, temp in zip(writers, temps):
@@ -484,7 +637,39 @@ def _write_selection(config, plan, info, names):
             if tf.io.gfile.exists(temp):
                 tf.io.gfile.remove(temp)
         raise
+    if taken is not None:
+        kept.taken_boundary -= np.asarray(taken, np.int64)
     return kept
+
+
+def _write_selection(config, plan, info, names):
+    """Writes the whole selection into the files `names` of out_dir (one
+    pass over every block); returns its `Kept`."""
+    return write_blocks(config, plan, info,
+                        [storage.join(config.out_dir, n) for n in names])
+
+
+def assemble(path, parts):
+    """Writes one output file as its range parts one after another.
+
+    Args:
+      path: The output file (written to a temporary name, then renamed).
+      parts: The parts' paths, in block order.
+    """
+    temp = storage.temp_path(path)
+    try:
+        with tf.io.gfile.GFile(temp, "wb") as out:
+            for part in parts:
+                with tf.io.gfile.GFile(part, "rb") as f:
+                    while True:
+                        chunk = f.read(16 << 20)
+                        if not chunk:
+                            break
+                        out.write(chunk)
+        tf.io.gfile.rename(temp, path, overwrite=True)
+    except BaseException:
+        storage.remove_quietly(temp)
+        raise
 
 
 def _kept_rows(plan, labels, bins, taken_boundary):

@@ -51,14 +51,30 @@ class Extremes:
             if c >= self.max_classes:
                 continue
             rows = np.nonzero(labels == c)[0]
-            order = rows[np.argsort(confidences[rows], kind="stable")]
-            for side, picked, key in (
-                    (self.most, order[::-1][:self.n], lambda t: (-t[0], t[1])),
-                    (self.least, order[:self.n], lambda t: (t[0], t[1]))):
-                entries = side.get(int(c), []) + [
+            conf = confidences[rows].astype(np.float64)
+            # Each side's own order, ties by index: the images kept do not
+            # depend on how the stream was cut into batches or ranges.
+            most = rows[np.lexsort((indices[rows], -conf))][:self.n]
+            least = rows[np.lexsort((indices[rows], conf))][:self.n]
+            for side, picked in ((self.most, most), (self.least, least)):
+                self._keep(side, int(c), [
                     (float(confidences[i]), int(indices[i]), pngs[i])
-                    for i in picked]
-                side[int(c)] = sorted(entries, key=key)[:self.n]
+                    for i in picked])
+
+    def merge(self, other):
+        """Adds the images another `Extremes` (of other records) kept.
+
+        Args:
+          other: An `Extremes` with the same n and max_classes.
+        """
+        for side, more in ((self.most, other.most), (self.least, other.least)):
+            for c, entries in more.items():
+                self._keep(side, c, entries)
+
+    def _keep(self, side, c, entries):
+        key = ((lambda t: (-t[0], t[1])) if side is self.most
+               else (lambda t: (t[0], t[1])))
+        side[c] = sorted(side.get(c, []) + list(entries), key=key)[:self.n]
 
 
 def _decode(data):

@@ -43,7 +43,7 @@ import threading
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-# The tests' tiny configuration of the digits demo (tests/test_experiment.py
+# The tests' tiny configuration of the digits demo (tests/pipeline/test_experiment.py
 # TINY), with fewer steps: the route does not depend on the step count.
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [

@@ -51,8 +51,8 @@ part() {
 }
 
 part tests 240 python -m pytest -q -p no:warnings \
-  tests/test_train_lib.py tests/test_optim.py tests/test_efficientnet.py \
-  tests/test_pipeline.py \
+  tests/training/test_loop.py tests/training/test_optimizers.py tests/model/test_efficientnet.py \
+  tests/data/test_streams.py \
   -k "mirrored or multi_worker or precision or jit or replica"
 
 if [ "$gpus" -gt 0 ]; then

@@ -1,7 +1,7 @@
 """The Python API builds the configs the commands build.
 
 (examples/quickstart.ipynb, the digits loop through the API, is run by
-tests/test_experiment.py against the command's tiny run it already makes:
+tests/pipeline/test_experiment.py against the command's tiny run it already makes:
 bitwise the same weights and scores.)
 """
 

@@ -1,6 +1,6 @@
 """One training run in its own process, for the subprocess tests.
 
-Used by tests/test_train_lib.py for the multi-worker test (one process per
+Used by tests/training/test_loop.py for the multi-worker test (one process per
 worker, TF_CONFIG in the environment) and the kill -9 / resume test. Also
 holds the synthetic data those tests share.
 

@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -291,7 +292,7 @@ def test_files_and_folders_without_read_permission_are_skipped(tmp_path):
         f"{tmp_path}/sub/": "unreadable folder: Permission denied"}
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(pathlib.Path(__file__).resolve().parents[2])
 SCAN_SKIPPED = """
 import json, sys
 from noisy_student.data import sources

@@ -11,7 +11,7 @@ import pytest
 
 from noisy_student.pipeline import beam
 
-PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "noisy_student"
+PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "noisy_student"
 
 
 def _beam_imports(path):

@@ -14,46 +14,11 @@ from noisy_student.utils import storage
 from noisy_student.pseudo_labels import records
 from noisy_student.pseudo_labels import selection
 from noisy_student.pseudo_labels import selection_report
+from prediction_records import probs_for
+from prediction_records import write_predictions
 
 NUM_CLASSES = 5
 K = 50
-
-
-def _image(index):
-    """A tiny image that encodes its index (to check the reader)."""
-    return np.array([[[index % 256], [index // 256]]], np.uint8)  # [1, 2, 1]
-
-
-def write_predictions(pred_dir, probs, records_per_file=64):
-    """Writes a prediction folder for given probabilities, as predict does."""
-    probs = np.asarray(probs, np.float32)
-    labels = probs.argmax(axis=1)
-    confidences = probs.max(axis=1)
-    num = len(probs)
-    for block in range(-(-num // records_per_file)):
-        rows = np.arange(block * records_per_file,
-                         min(num, (block + 1) * records_per_file))
-        writer = records.BlockWriter(pred_dir, block, probs.shape[1],
-                                records.DEFAULT_NUM_BINS)
-        pngs = [tf.io.encode_png(_image(i)).numpy() for i in rows]
-        writer.write_batch(pngs, probs[rows], labels[rows], confidences[rows],
-                           rows)
-        writer.close()
-    storage.write_json(storage.join(pred_dir, records.PREDICT_CONFIG), {
-        "num_classes": probs.shape[1], "records_per_file": records_per_file,
-        "num_bins": records.DEFAULT_NUM_BINS, "channels": 1})
-    storage.write_json(storage.join(pred_dir, records.done_name(0, 1)),
-                        {"num_images": num})
-    return labels, confidences
-
-
-def _probs_for(labels, confidences, num_classes=NUM_CLASSES):
-    """Probability vectors with the given argmax and top probability."""
-    confidences = np.asarray(confidences, np.float32)
-    probs = np.repeat(((1 - confidences) / (num_classes - 1))[:, None],
-                      num_classes, axis=1)
-    probs[np.arange(len(labels)), labels] = confidences
-    return probs
 
 
 def synthetic_probs(seed=0):
@@ -82,7 +47,7 @@ def synthetic_probs(seed=0):
     labels = np.concatenate([np.full(len(c), k) for k, c in parts])
     confidences = np.concatenate([np.asarray(c, np.float32) for _, c in parts])
     order = rng.permutation(len(labels))
-    return _probs_for(labels[order], confidences[order])
+    return probs_for(labels[order], confidences[order], NUM_CLASSES)
 
 
 def read_selected(out_dir):
@@ -336,7 +301,7 @@ def test_class_names_and_contact_sheets(tmp_path):
     labels = rng.integers(0, 3, 60)
     confidences = rng.uniform(0.4, 1.0, 60).round(3)
     pred_dir, out_dir = str(tmp_path / "pred"), str(tmp_path / "sel")
-    write_predictions(pred_dir, _probs_for(labels, confidences, 3))
+    write_predictions(pred_dir, probs_for(labels, confidences, 3))
     names = ["circle", "square", "triangle"]
     storage.write_json(os.path.join(pred_dir, "class_names.json"), names)
     report = selection.select(selection.SelectConfig(pred_dir, out_dir, min_confidence=0.3))

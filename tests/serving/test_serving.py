@@ -28,9 +28,10 @@ from noisy_student.training import config as train_config
 from noisy_student.training import state
 from noisy_student.training import loop
 from noisy_student.data import streams
-from tests import test_preprocess as tp
+import image_files as tp
+from pipeline_runs import TINY
 
-HERE = pathlib.Path(__file__).resolve().parent
+HERE = pathlib.Path(__file__).resolve().parents[1]  # tests/: the helpers
 ROOT = HERE.parent
 SIZE = 16
 CLASSES = ("circle", "square", "triangle")
@@ -311,10 +312,9 @@ def test_serve_images_refuses_more_than_four_channels(tmp_path):
 
 
 def _parse(cli, tmp_path, *extra):
-    from tests import test_experiment  # pylint: disable=g-import-not-at-top
     flags.FLAGS.unparse_flags()
     flags.FLAGS(["noisy-student", f"--workdir={tmp_path}",
-                 *test_experiment.TINY, *extra])
+                 *TINY, *extra])
     return cli.experiment_config()
 
 

@@ -4,6 +4,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import pathlib
 import re
 import shutil
 import signal
@@ -15,25 +16,12 @@ import time
 from absl import flags
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# A tiny configuration of the digits demo: seconds per stage.
-TINY = [
-    f"--flagfile={ROOT}/flags/digits.cfg", "--teacher_model=w0.25-d0.25",
-    "--image_size=16", "--batch_size=16", "--unlabel_ratio=2",
-    "--teacher_train_steps=20", "--student_train_steps=20",
-    "--warmup_steps=5", "--steps_per_loop=5", "--log_every=10",
-    "--checkpoint_every=5", "--predict_batch_size=16",
-    "--records_per_file=100", "--min_confidence=0.0",
-    # RandAugment's tf.data graph costs a fifth of a tiny run to trace; the
-    # pipeline with it is tests/test_api.py's.
-    "--teacher_augment=none", "--student_augment=none",
-]
+from pipeline_runs import pipeline_command
+from pipeline_runs import run_pipeline
+from pipeline_runs import TINY
+
+ROOT = str(pathlib.Path(__file__).resolve().parents[2])
 STAGES_PER_ITERATION = ("predict", "select", "train", "eval")
-
-
-def pipeline_command(workdir, *extra):
-    return [sys.executable, "-m", "noisy_student.cli.pipeline",
-            f"--workdir={workdir}", *TINY, *extra]
 
 
 def _finished_block(name):
@@ -41,13 +29,6 @@ def _finished_block(name):
     temporary file ends in .hist.npz too, and a rerun removes it)."""
     from noisy_student.utils import storage  # pylint: disable=g-import-not-at-top
     return name.endswith(".hist.npz") and not storage.is_temp(name)
-
-
-def run_pipeline(workdir, *extra):
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    return subprocess.run(pipeline_command(workdir, *extra), cwd=ROOT,
-                          env=env, capture_output=True, text=True,
-                          timeout=600)
 
 
 def read_json(path):

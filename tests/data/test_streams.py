@@ -131,8 +131,8 @@ def test_stream_does_not_depend_on_what_ran_before_in_the_process(tmp_path):
     numbers and built other streams."""
     out = tmp_path / "fresh.npz"
     script = (f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r})"
-              "\nimport numpy as np, test_pipeline\n"
-              f"np.savez({str(out)!r}, **test_pipeline.first_batches())")
+              "\nimport numpy as np, test_streams\n"
+              f"np.savez({str(out)!r}, **test_streams.first_batches())")
     subprocess.run([sys.executable, "-c", script], check=True)
     fresh = dict(np.load(out))
     for global_seed in (0, 3):

@@ -1,6 +1,6 @@
 """A work directory made by release 0.1.0 resumes with today's code.
 
-`tests/data/workdir_0.1.0` was made by the 0.1.0 code (commit 9cafe14, the
+`tests/fixtures/workdir_0.1.0` was made by the 0.1.0 code (commit 9cafe14, the
 last before the package moves) with
 
     noisy-student --flagfile=flags/digits.cfg --teacher_model=w0.1-d0.1
@@ -26,8 +26,8 @@ import shutil
 import subprocess
 import sys
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-OLD_WORKDIR = ROOT / "tests" / "data" / "workdir_0.1.0"
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+OLD_WORKDIR = ROOT / "tests" / "fixtures" / "workdir_0.1.0"
 STAGES = ("iteration0/train", "iteration0/eval", "iteration1/predict",
           "iteration1/select", "iteration1/train", "iteration1/eval")
 

@@ -21,27 +21,8 @@ from noisy_student.pipeline import stages
 from noisy_student.data import streams
 from noisy_student.data import preprocess
 from noisy_student.data import sources
-
-
-def smooth(height, width, channels=3, seed=0):
-    """Smooth random uint8 [height, width, channels] (JPEG-friendly)."""
-    rng = np.random.RandomState(seed)
-    coarse = rng.uniform(0, 255, (3, 3, channels)).astype(np.float32)
-    image = tf.image.resize(coarse, (height, width)).numpy()
-    return np.clip(np.round(image), 0, 255).astype(np.uint8)
-
-
-def encode(image, fmt="PNG", **kwargs):
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **kwargs)
-    return buffer.getvalue()
-
-
-def exif_jpeg(array, orientation):
-    """A JPEG of `array` (stored as is) tagged with an EXIF orientation."""
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    return encode(Image.fromarray(array), "JPEG", quality=95, exif=exif)
+from image_files import exif_jpeg
+from image_files import smooth
 
 
 def pillow_upright(data):

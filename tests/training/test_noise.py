@@ -12,7 +12,7 @@ the same computation with that noise switched off (`--student_augment=none`,
 show no difference: the tests see the noise, not some other randomness.
 """
 
-import os
+import pathlib
 
 from absl import flags
 import numpy as np
@@ -26,7 +26,7 @@ from noisy_student.data import streams
 from noisy_student.data import preprocess
 from noisy_student.data import sources
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(pathlib.Path(__file__).resolve().parents[2])
 # The digits demo's student (RandAugment N=2 M=5, dropout 0.2 = the
 # default of a wW-dD model, stochastic depth 0.2), on a tiny model.
 TINY = [

@@ -25,7 +25,7 @@ from noisy_student.utils import storage
 from noisy_student.utils import reports
 from noisy_student.pseudo_labels import selection
 from noisy_student.evaluation import clean
-from test_select import _probs_for, write_predictions  # pylint: disable=g-bad-import-order
+from prediction_records import probs_for, write_predictions  # pylint: disable=g-bad-import-order
 
 CJK = ["猫", "狗", "鸟"]
 
@@ -51,7 +51,7 @@ def _selection(names, tmp_path):
     rng = np.random.default_rng(0)
     labels = np.arange(30) % 3
     pred_dir, out_dir = str(tmp_path / "pred"), str(tmp_path / "sel")
-    write_predictions(pred_dir, _probs_for(labels, rng.uniform(0.5, 1, 30),
+    write_predictions(pred_dir, probs_for(labels, rng.uniform(0.5, 1, 30),
                                            3))
     storage.write_json(os.path.join(pred_dir, "class_names.json"), names)
     selection.select(selection.SelectConfig(pred_dir, out_dir, min_confidence=0.3))

@@ -4,6 +4,7 @@ import gc
 import importlib.util
 import json
 import os
+import pathlib
 import re
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from noisy_student.pipeline import stages
 
 import weights
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(pathlib.Path(__file__).resolve().parents[2])
 NUM_CLASSES = 5
 # The OpenVINO tests skip where the [openvino] extra is not installed (CI
 # installs it); the others run everywhere.

@@ -19,7 +19,7 @@ import weights  # pylint: disable=g-bad-import-order
 
 SIZE = 16
 NUM_CLASSES = 10
-HERE = pathlib.Path(__file__).resolve().parent
+HERE = pathlib.Path(__file__).resolve().parents[1]  # tests/: the helpers
 
 
 def _model():

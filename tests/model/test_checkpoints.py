@@ -8,6 +8,7 @@ and, under the official code's variable names, as a TF1 checkpoint.
 
 import json
 import os
+import pathlib
 import re
 import subprocess
 import sys
@@ -20,8 +21,10 @@ import tensorflow as tf
 from noisy_student.model import checkpoints
 from noisy_student.model import efficientnet
 from noisy_student.model import loading
+from pipeline_runs import run_pipeline
+from pipeline_runs import TINY
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(pathlib.Path(__file__).resolve().parents[2])
 STDDEV = np.array([0.229, 0.224, 0.225], np.float32)
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 
@@ -367,11 +370,6 @@ def test_ns_convert_command(tmp_path):
     assert summary["head"] == "new" and summary["num_classes"] == 4
 
 
-def run_pipeline(workdir, *extra):
-    from tests import test_experiment  # pylint: disable=g-import-not-at-top
-    return test_experiment.run_pipeline(workdir, *extra)
-
-
 def test_pipeline_teacher_from_a_checkpoint_unchanged(tmp_path):
     """--teacher_train_steps=0 makes the checkpoint the teacher; a changed
     checkpoint invalidates the stages that used it."""
@@ -414,7 +412,6 @@ def test_student_init_reaches_every_student_and_its_fingerprint(tmp_path):
     from absl import flags  # pylint: disable=g-import-not-at-top
     from noisy_student.pipeline import experiment  # pylint: disable=g-import-not-at-top
     from noisy_student.cli import pipeline as cli  # pylint: disable=g-import-not-at-top
-    from tests import test_experiment  # pylint: disable=g-import-not-at-top
     ckpt = str(tmp_path / "ckpt")
     write_tf1(ckpt, official_names(efficientnet.build_efficientnet(
         width=0.25, depth=0.25, num_classes=10, image_size=16)))
@@ -422,7 +419,7 @@ def test_student_init_reaches_every_student_and_its_fingerprint(tmp_path):
     def plan():
         flags.FLAGS.unparse_flags()
         flags.FLAGS(["noisy-student", f"--workdir={tmp_path}/work",
-                     *test_experiment.TINY, f"--student_init={ckpt}",
+                     *TINY, f"--student_init={ckpt}",
                      "--noinit_student_from_teacher", "--iterations=2"])
         config = cli.experiment_config()
         experiment.check(config)  # Reads the checkpoint against each model.

@@ -11,7 +11,7 @@ would pass it on as an ignored positional argument), an unknown model name or
 a malformed data source spec. The stage commands that tpu/run_pipeline.sh
 composes are parsed the same way.
 
-This file is also the checker: `python tests/test_flagfiles.py MODULE` reads
+This file is also the checker: `python tests/cli/test_flagfiles.py MODULE` reads
 jobs (JSON) on stdin and prints one JSON result line.
 """
 
@@ -25,7 +25,7 @@ import sys
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 FLAGS_DIR = REPO / "flags"
 HEADER_FIELDS = ("Reproduces:", "Expected:", "Hardware and time:", "Command:")
 EXPECTED_FILES = (

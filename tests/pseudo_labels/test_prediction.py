@@ -20,7 +20,8 @@ from noisy_student.pseudo_labels import prediction
 from noisy_student.pseudo_labels import writer
 from noisy_student.pseudo_labels import records as pl
 
-_WORKER = os.path.join(os.path.dirname(__file__), "predict_worker.py")
+_WORKER = os.path.join(os.path.dirname(os.path.dirname(__file__)),
+                       "predict_worker.py")
 _spec = importlib.util.spec_from_file_location("predict_worker", _WORKER)
 worker = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(worker)

@@ -7,6 +7,7 @@ status, no traceback, the message naming the flag).
 
 import json
 import os
+import pathlib
 import re
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from noisy_student.pipeline import stages
 from noisy_student.training import config as train_config
 from noisy_student.data import sources
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(pathlib.Path(__file__).resolve().parents[2])
 
 
 def write_npz(path, labels, size=8):

@@ -8,6 +8,7 @@ before it writes anything there.
 
 import json
 import os
+import pathlib
 import re
 import shutil
 import subprocess
@@ -25,7 +26,7 @@ from noisy_student.serving import export
 
 import weights  # pylint: disable=g-bad-import-order
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(pathlib.Path(__file__).resolve().parents[2])
 NUM_CLASSES = 4
 
 
@@ -141,8 +142,8 @@ TINY = [
     "--warmup_steps=2", "--steps_per_loop=5", "--log_every=10",
     "--checkpoint_every=5", "--predict_batch_size=16",
     "--records_per_file=100", "--min_confidence=0.0",
-    # RandAugment's tf.data graph costs a fifth of a tiny run to trace; the
-    # pipeline with it is tests/test_api.py's.
+    # RandAugment's tf.data graph costs a fifth of a tiny run to trace;
+    # tests/training/test_noise.py checks it in the student's real stream.
     "--teacher_augment=none", "--student_augment=none", "--iterations=1",
     "--noexport",
 ]

@@ -441,9 +441,19 @@ NOISY_STUDENT = dict(train_steps=12, checkpoint_every=4, steps_per_loop=4,
 def uninterrupted_run(tmp_path_factory):
     config = tiny_config(**NOISY_STUDENT)
     reference_dir = str(tmp_path_factory.mktemp("uninterrupted"))
+    previous = tf.config.optimizer.get_experimental_options().get(
+        "disable_meta_optimizer", False)
     tf.config.optimizer.set_experimental_options(
         {"disable_meta_optimizer": True})  # As no_grappler.
-    train_lib.train_and_evaluate(config, reference_dir, _pipeline_dataset_fn(config))
+    try:
+        train_lib.train_and_evaluate(config, reference_dir,
+                                     _pipeline_dataset_fn(config))
+    finally:
+        # Left off, Grappler stayed off for every later module of this
+        # process: their graphs ran unfused, with other float rounding than
+        # a fresh process's (tests/pipeline/test_beam.py's worker processes).
+        tf.config.optimizer.set_experimental_options(
+            {"disable_meta_optimizer": previous})
     return reference_dir
 
 

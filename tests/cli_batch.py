@@ -1,11 +1,13 @@
 """Runs one command on several command lines in one process (test helper).
 
 `python tests/cli_batch.py noisy_student.cli.train` reads a JSON list of
-argument lists on stdin, runs the command's console entry point (`run()`)
-on each in turn, its flags reset in between, and prints one line:
-CLI_BATCH=[{"code": exit status, "out": stdout, "err": stderr}, ...].
+cases on stdin, runs each in turn, its flags reset in between, and prints
+one line: CLI_BATCH=[{"code": exit status, "out": stdout, "err": stderr},
+...]. A case is an argument list, run through the command's console entry
+point (`run()`), or {"parse": argument list}: the flags parsed only
+("ACCEPTED" on stdout, or "REFUSED <absl's error>" and code 2).
 
-For commands that stop before any work (bad flags and inputs): one
+For commands that stop before any work (bad flags and inputs, --help): one
 TensorFlow start-up (seconds of CPU) instead of one per case. What each
 case prints through Python is captured apart; what TensorFlow's C++ code
 writes to the file descriptors goes to this process's own stderr. A case
@@ -25,18 +27,34 @@ from absl import flags
 RESULT_PREFIX = "CLI_BATCH="
 
 
+def _parse(argv):
+    """Parses the flags only; the exit status of the parse."""
+    try:
+        flags.FLAGS(["prog", *argv])
+    except flags.Error as e:
+        print("REFUSED", e)
+        return 2
+    print("ACCEPTED")
+    return 0
+
+
 def run_cases(module_name, cases):
-    """[{"code", "out", "err"}] of `module_name`'s run() on each argv."""
+    """[{"code", "out", "err"}] of `module_name` on each case."""
     module = importlib.import_module(module_name)
     results = []
-    for argv in cases:
+    for case in cases:
+        parse_only = isinstance(case, dict)
+        argv = case["parse"] if parse_only else case
         out, err = io.StringIO(), io.StringIO()
         sys.argv = [module.__file__, *argv]
         flags.FLAGS.unparse_flags()
         code = 0
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                module.run()
+                if parse_only:
+                    code = _parse(argv)
+                else:
+                    module.run()
             except SystemExit as e:
                 code = e.code if isinstance(e.code, int) else int(
                     e.code is not None)

@@ -278,22 +278,23 @@ SCRIPTS = {"train": "ns-train", "predict": "ns-predict",
            "convert": "ns-convert"}
 
 
-def test_help_of_every_command_lists_its_flags():
-    # As the installed console script, and once as `python -m
-    # noisy_student.cli.X` (absl lists the key flags of the module it runs
-    # as main; both ways go through common.run_command).
+def test_help_of_every_command_lists_its_flags(batch):
+    # Each command's --help (in the shared batch: the entry point run() with
+    # sys.argv[0] its module), and once as the installed console script.
+    results, _, _ = batch
     bin_dir = os.path.dirname(sys.executable)
     env = {**os.environ, "PYTHONPATH": ROOT}
-    processes = {"pipeline": _command("pipeline", "--help")}
+    script = subprocess.Popen(
+        [os.path.join(bin_dir, SCRIPTS["train"]), "--help"], cwd=ROOT,
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    code, out, _ = _finish(script)
+    outputs = {"script train": (code, out)}
     for module in COMMAND_FLAGS:
-        processes[SCRIPTS[module]] = subprocess.Popen(
-            [os.path.join(bin_dir, SCRIPTS[module]), "--help"], cwd=ROOT,
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True)
-    for command, process in processes.items():
-        code, out, _ = _finish(process)
+        result = results[f"help {module}"]
+        outputs[module] = (result["code"], result["out"])
+    for command, (code, out) in outputs.items():
         assert code == 0, command  # Help asked for is not an error.
-        module = {v: k for k, v in SCRIPTS.items()}.get(command, command)
+        module = command.split()[-1]
         for flag in COMMAND_FLAGS[module]:
             assert flag + ":" in out, (command, flag, out[-500:])
         assert "--tf_" not in out  # Not the ~40 unrelated absl/TF flags.
@@ -336,48 +337,39 @@ GOOD_NUMBERS = {
 # Required flags, so that only the number under test can be wrong.
 REQUIRED = {"pipeline": ["--workdir=w"], "evaluate": ["--model_path=m"],
             "predict": ["--teacher=t", "--out_dir=o"]}
-PARSE_EACH = """
-import sys
-from absl import flags
-import noisy_student.cli.{module}
-for arg in sys.argv[1:]:
-    try:
-        flags.FLAGS(["prog", *{required}, arg])
-        print("ACCEPTED", arg)
-    except flags.Error as e:
-        print("REFUSED", e)
-    flags.FLAGS.unparse_flags()  # Back to the defaults: one bad flag a time.
-"""
 
 
-def test_out_of_range_numbers_are_refused_naming_the_flag():
-    processes = {m: subprocess.Popen(
-        [sys.executable, "-c",
-         PARSE_EACH.format(module=m, required=REQUIRED[m]),
-         *BAD_NUMBERS[m], *GOOD_NUMBERS[m]],
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for m in BAD_NUMBERS}
-    for module, process in processes.items():
-        out, err = process.communicate(timeout=300)
-        assert process.returncode == 0, err[-2000:]
-        lines = out.splitlines()
-        bad, good = BAD_NUMBERS[module], GOOD_NUMBERS[module]
-        assert len(lines) == len(bad) + len(good), out
-        for arg, line in zip(bad, lines):
+def _number_cases():
+    """{name: (module, {"parse": argv})} of BAD_NUMBERS and GOOD_NUMBERS."""
+    cases = {}
+    for module in BAD_NUMBERS:
+        for arg in BAD_NUMBERS[module] + GOOD_NUMBERS[module]:
+            cases[f"number {module} {arg}"] = (
+                module, {"parse": [*REQUIRED[module], arg]})
+    return cases
+
+
+def test_out_of_range_numbers_are_refused_naming_the_flag(batch):
+    results, _, _ = batch
+    for module in BAD_NUMBERS:
+        for arg in BAD_NUMBERS[module]:
+            out = results[f"number {module} {arg}"]["out"]
             # absl names the flag with its parsed value (2 -> 2.0).
             name = arg.split("=")[0]
-            assert line.startswith(f"REFUSED flag {name}="), (module, line)
-        for arg, line in zip(good, lines[len(bad):]):
-            assert line == f"ACCEPTED {arg}", (module, line)
+            assert out.startswith(f"REFUSED flag {name}="), (module, out)
+        for arg in GOOD_NUMBERS[module]:
+            out = results[f"number {module} {arg}"]["out"]
+            assert out.strip() == "ACCEPTED", (module, arg, out)
 
 
-def test_user_errors_exit_2_with_a_message_naming_the_flag(tmp_path):
+def _user_error_cases(tmp_path):
+    """{name: ((module, argv), message or messages)}: command lines that
+    must exit 2 with the message, before any work."""
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     corrupt = tmp_path / "corrupt"
     for name in ("cat", "dog"):
-        os.makedirs(corrupt / name)
+        os.makedirs(corrupt / name, exist_ok=True)
         Image.new("RGB", (8, 8)).save(corrupt / name / "a.png")
     (corrupt / "dog" / "b.jpg").write_bytes(b"")  # zero bytes
     tiny = ["--teacher_model=w0.25-d0.25", "--image_size=16",
@@ -443,8 +435,27 @@ def test_user_errors_exit_2_with_a_message_naming_the_flag(tmp_path):
             _case("select", "--pred_dir=/no/such/predictions",
                      f"--out_dir={tmp_path}/s"), "/no/such/predictions"),
     }
-    results, stderr = _run_batches(
-        {name: command for name, (command, _) in cases.items()})
+    return cases
+
+
+@pytest.fixture(scope="module")
+def batch(tmp_path_factory):
+    """(results by case name, the processes' stderr, the user errors'
+    folder) of every command-line case of this module: --help, the
+    numbers' parse, the user errors; one process per command."""
+    tmp_path = tmp_path_factory.mktemp("user_errors")
+    commands = {name: command for name, (command, _) in
+                _user_error_cases(tmp_path).items()}
+    commands.update(_number_cases())
+    for module in COMMAND_FLAGS:
+        commands[f"help {module}"] = (module, ["--help"])
+    results, stderr = _run_batches(commands)
+    return results, stderr, tmp_path
+
+
+def test_user_errors_exit_2_with_a_message_naming_the_flag(batch):
+    results, stderr, tmp_path = batch
+    cases = _user_error_cases(tmp_path)
     # TF's C++ start-up lines are off by default.
     assert "oneDNN" not in stderr and "absl::InitializeLog" not in stderr, (
         stderr[-2000:])

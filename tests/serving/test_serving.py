@@ -122,12 +122,20 @@ def parity(tmp_path_factory):
             model_path=str(model_dir), out_dir=str(out_dir)))
         request["models"].append({"saved_model": str(out_dir),
                                   "out": str(tmp / f"out{channels}.npz")})
+    # The bad-input checks (the `bad_input` fixture) in the same process.
+    bad_files, good = _good_and_bad_files(tmp / "bad_files")
+    bad_dir = export.export(tiny_model(3), str(tmp / "served_bad"),
+                            class_names=CLASSES)
+    request["bad_input"] = [{"saved_model": bad_dir, "files": bad_files,
+                             "good": good, "out": str(tmp / "bad.npz")}]
     (tmp / "request.json").write_text(json.dumps(request))
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     subprocess.run([sys.executable, str(HERE / "serve_check.py"),
                     str(tmp / "request.json")], check=True, env=env,
                    timeout=300)
     served = {c: dict(np.load(tmp / f"out{c}.npz")) for c in (3, 1)}
+    served["bad_input"] = (dict(np.load(tmp / "bad.npz")), good,
+                           len(bad_files))
     return evaluated, served, len(files)
 
 
@@ -214,21 +222,11 @@ def _good_and_bad_files(folder):
 
 
 @pytest.fixture(scope="module")
-def bad_input(tmp_path_factory):
+def bad_input(parity):
     """serve_bytes of good and bad files, and empty requests, in a process
-    that imports only TensorFlow (tests/serve_check.py)."""
-    tmp = tmp_path_factory.mktemp("bad_input")
-    files, good = _good_and_bad_files(tmp / "files")
-    out_dir = export.export(tiny_model(3), str(tmp / "served"),
-                            class_names=CLASSES)
-    request = {"bad_input": [{"saved_model": out_dir, "files": files,
-                              "good": good, "out": str(tmp / "out.npz")}]}
-    (tmp / "request.json").write_text(json.dumps(request))
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    subprocess.run([sys.executable, str(HERE / "serve_check.py"),
-                    str(tmp / "request.json")], check=True, env=env,
-                   timeout=300)
-    return dict(np.load(tmp / "out.npz")), good, len(files)
+    that imports only TensorFlow (tests/serve_check.py, run by `parity`):
+    (outputs, indices of the good files, file count)."""
+    return parity[1]["bad_input"]
 
 
 def test_bad_images_are_flagged_and_good_ones_answered_as_alone(bad_input):

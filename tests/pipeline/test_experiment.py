@@ -316,18 +316,16 @@ def test_pipeline_resumes_after_sigkill_in_prediction_and_training(
         return os.listdir(folder) if os.path.isdir(folder) else []
 
     predict_dir = f"{workdir}/iteration1/predict"
-    # 0. Killed while the teacher trains, after its first checkpoint.
-    # (The "checkpoint" file is written once a checkpoint is complete.)
-    _kill_when(start(), lambda: _started(workdir, "iteration0/train") and (
-        os.path.exists(f"{workdir}/iteration0/train/checkpoints/checkpoint")),
-        log_path)
     # 1. Killed while predicting: some blocks written, the stage unfinished.
+    # (A training killed and resumed is step 2's, the student's: the same
+    # stage code as the teacher's.)
     _kill_when(start(), lambda: _started(workdir, "iteration1/predict") and (
         any(_finished_block(n) for n in files(predict_dir))), log_path)
     teacher = stage_times(workdir)["iteration0/train"]
     blocks = {n: os.path.getmtime(f"{predict_dir}/{n}")
               for n in os.listdir(predict_dir) if _finished_block(n)}
-    # 2. Killed while the student trains, after its first checkpoint.
+    # 2. Killed while the student trains, after its first checkpoint (the
+    # "checkpoint" file is written once a checkpoint is complete).
     _kill_when(start(), lambda: _started(workdir, "iteration1/train") and (
         os.path.exists(f"{workdir}/iteration1/train/checkpoints/checkpoint")),
         log_path)
@@ -351,10 +349,10 @@ def test_pipeline_resumes_after_sigkill_in_prediction_and_training(
     # Only the folder left was renamed, once.
     assert log.count(f"Renamed {workdir}/round") == 1
     assert log.count(f"Renamed {workdir}/round1 to {workdir}/iteration1") == 1
-    # Both trainings were resumed from a checkpoint before their end.
+    # The student's training was resumed from a checkpoint before its end.
     resumed = [int(line.split("Resuming from step ")[1].split()[0])
                for line in log.splitlines() if "Resuming from step" in line]
-    assert len(resumed) == 2 and all(0 < s < 60 for s in resumed), resumed
+    assert len(resumed) == 1 and all(0 < s < 60 for s in resumed), resumed
     # The killed and rerun pipeline is the uninterrupted one: same test
     # top-1s, same final weights to the bit (same ops on the same data).
     tensors, ema, top1 = _final_state(workdir)
@@ -367,11 +365,10 @@ def test_pipeline_resumes_after_sigkill_in_prediction_and_training(
     for name in ref_ema:
         assert (ema[name] == ref_ema[name]).all(), name
     # "train s" counts every attempt, not only the last.
-    for name in ("iteration0/train", "iteration1/train"):
-        stage = read_json(f"{workdir}/manifest.json")["stages"][name]
-        assert stage["runs"] == 2
-        assert stage["seconds"] >= (
-            stage["finished_at"] - stage["started_at"] + 1.0)
+    stage = read_json(f"{workdir}/manifest.json")["stages"]["iteration1/train"]
+    assert stage["runs"] == 2
+    assert stage["seconds"] >= (
+        stage["finished_at"] - stage["started_at"] + 1.0)
 
 
 def test_second_pipeline_on_a_busy_workdir_exits_at_once(tmp_path):

@@ -172,14 +172,22 @@ def scan_folder(folder, report_dir=None, log_every_s=LOG_EVERY_S):
                                 f"path={folder}")
     images, ignored, unlisted = _list(folder)
     key = _listing_key(folder, images + list(ignored) + list(unlisted))
+    return _reported_scan(folder, key, images, ignored, unlisted, report_dir,
+                          log_every_s)
+
+
+def _reported_scan(name, key, images, ignored, unlisted, report_dir,
+                   log_every_s):
+    """The scan of `images` under listing `key`: from REPORT_FILE in
+    `report_dir` or this process's cache when they hold it, else scanned
+    (and written to REPORT_FILE); its summary logged."""
     report = f"{str(report_dir).rstrip('/')}/{REPORT_FILE}" if (
         report_dir) else None
-    result = _from_report(report, folder, key, images, ignored)
+    result = _from_report(report, name, key, images, ignored)
     if result is None:
         result = _SCANS.get(key)
         if result is None:
-            result = _scan(folder, key, images, ignored, unlisted,
-                           log_every_s)
+            result = _scan(name, key, images, ignored, unlisted, log_every_s)
         if report:
             _write_entry(report, result)
         result = dataclasses.replace(result, report=report)
@@ -211,18 +219,8 @@ def scan_files(name, paths, report_dir=None, log_every_s=LOG_EVERY_S):
                for p in unique if p.lower().endswith(UNSUPPORTED_EXTENSIONS)}
     images = [p for p in unique if p not in ignored]
     key = _listing_key(name, images + list(ignored))
-    report = f"{str(report_dir).rstrip('/')}/{REPORT_FILE}" if (
-        report_dir) else None
-    result = _from_report(report, name, key, images, ignored)
-    if result is None:
-        result = _SCANS.get(key)
-        if result is None:
-            result = _scan(name, key, images, ignored, {}, log_every_s)
-        if report:
-            _write_entry(report, result)
-        result = dataclasses.replace(result, report=report)
-    _SCANS[key] = dataclasses.replace(result, cached=True)
-    _log_summary(result)
+    result = _reported_scan(name, key, images, ignored, {}, report_dir,
+                            log_every_s)
     good = set(result.decoded)
     return dataclasses.replace(
         result, decoded=tuple(p for p in paths if p in good))

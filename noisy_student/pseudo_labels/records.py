@@ -60,7 +60,7 @@ its prediction record, plus
   copy:    int64   0 for the first copy of an image, 1.. for duplicates.
 
 The student's reader is `selected_dataset`; `prediction_dataset` reads the
-prediction records.
+prediction records (one by one, or in batches for the select stage).
 
 Size: the record format is defined once: both folders' file names, the
 encoders, the block writer and the readers, so that the predict and select
@@ -454,35 +454,54 @@ def decode(data, channels=0):
     return preprocess.decode_image(data, channels=channels or None)
 
 
-def prediction_dataset(pred_dir, decode_image=True, channels=None):
-    """Reads a prediction folder's records in index order.
+def prediction_dataset(pred_dir, decode_image=True, channels=None, *,
+                       info=None, blocks=None, batch_size=None):
+    """Reads a prediction folder's records in index order: the one reader
+    of prediction records (the select stage's too).
 
     Args:
       pred_dir: A complete prediction folder.
       decode_image: Decode the image to uint8 [H, W, C] (`decode`); else
-        keep the encoded bytes.
+        keep the encoded bytes. Not with `batch_size`.
       channels: Channels to decode to; None: the source's (0 if unknown).
+      info: `check_predictions(pred_dir)` when the caller has it (not
+        listed again).
+      blocks: The blocks to read, in this order (default: all).
+      batch_size: Parse whole batches of this many records at once (the
+        select stage's stream); None: one record per element.
 
     Returns:
-      An unbatched tf.data.Dataset of {"image", "probs": float32
-      [num_classes], "label": int64, "confidence": float32, "index": int64}.
+      A tf.data.Dataset of {"image", "probs": float32 [num_classes],
+      "label": int64, "confidence": float32, "index": int64}, each with a
+      leading batch dimension when `batch_size` is given.
+
+    Raises:
+      ValueError: for decode_image with batch_size.
     """
-    info = check_predictions(pred_dir)
+    if batch_size and decode_image:
+        raise ValueError("Expected decode_image=False with batch_size. "
+                         f"Received: batch_size={batch_size}")
+    info = info or check_predictions(pred_dir)
     files = [storage.join(pred_dir, records_name(b))
-             for b in info["blocks"]]
+             for b in (info["blocks"] if blocks is None else blocks)]
     num_classes = info["num_classes"]
     if channels is None:
         channels = info.get("channels") or 0
 
     def parse(serialized):
-        features = tf.io.parse_single_example(serialized, PREDICTION_FEATURES)
+        parse_fn = tf.io.parse_example if batch_size else (
+            tf.io.parse_single_example)
+        features = parse_fn(serialized, PREDICTION_FEATURES)
         features["probs"] = decode_float16(features["probs"], num_classes)
         if decode_image:
             features["image"] = decode(features["image"], channels)
         return features
 
-    return tf.data.TFRecordDataset(files).map(
-        parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    dataset = tf.data.TFRecordDataset(files, buffer_size=1 << 20)
+    if batch_size:
+        return dataset.batch(batch_size).map(parse)
+    return dataset.map(parse, num_parallel_calls=tf.data.AUTOTUNE,
+                       deterministic=True)
 
 
 def _read_folder_json(folder, name, expected, argument):

@@ -312,18 +312,9 @@ def total_histogram(pred_dir, info):
 def _record_batches(pred_dir, info, batch_size=512, blocks=None):
     """Streams the prediction records of `blocks` (default: all) in index
     order, in numpy batches."""
-    files = [storage.join(pred_dir, pl.records_name(b))
-             for b in (info["blocks"] if blocks is None else blocks)]
-    num_classes = info["num_classes"]
-
-    def parse(serialized):
-        features = tf.io.parse_example(serialized, pl.PREDICTION_FEATURES)
-        features["probs"] = pl.decode_float16(features["probs"], num_classes)
-        return features
-
-    dataset = tf.data.TFRecordDataset(files, buffer_size=1 << 20)
-    dataset = dataset.batch(batch_size).map(parse).prefetch(2)
-    for batch in dataset:
+    dataset = pl.prediction_dataset(pred_dir, decode_image=False, info=info,
+                                    blocks=blocks, batch_size=batch_size)
+    for batch in dataset.prefetch(2):
         yield {key: value.numpy() for key, value in batch.items()}
 
 

@@ -23,16 +23,16 @@ from absl import flags
 from absl import logging
 import tensorflow as tf
 
-from noisy_student.pseudo_labels import inference_runtime
-from noisy_student.utils import storage
-from noisy_student.model import info as model_info
-from noisy_student.pseudo_labels import prediction
-from noisy_student.pseudo_labels import selection
-from noisy_student.training import loop as train_lib
 from noisy_student.data import preprocess
+from noisy_student.model import info as model_info
 from noisy_student.pipeline import beam
 from noisy_student.pipeline import recipes
 from noisy_student.pipeline import stages
+from noisy_student.pseudo_labels import inference_runtime
+from noisy_student.pseudo_labels import prediction
+from noisy_student.pseudo_labels import selection
+from noisy_student.training import loop as train_lib
+from noisy_student.utils import storage
 
 FLAGS = flags.FLAGS
 # The flags' defaults: the Python API's (recipes.Recipe).
@@ -53,6 +53,7 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError,
 
 def _user_errors():
     from noisy_student.pipeline import lock  # pylint: disable=g-import-not-at-top
+
     # A full disk too: the user frees space (or writes elsewhere) and reruns.
     return USER_ERRORS + (lock.WorkdirBusyError,
                           storage.DiskFullError,

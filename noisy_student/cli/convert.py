@@ -20,8 +20,8 @@ model's custom layers).
 
 from absl import flags
 
-from noisy_student.model import checkpoints
 from noisy_student.cli import common
+from noisy_student.model import checkpoints
 
 FLAGS = flags.FLAGS
 

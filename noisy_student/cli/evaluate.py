@@ -8,10 +8,10 @@ import math
 
 from absl import flags
 
+from noisy_student.cli import common
 from noisy_student.evaluation import corruptions
 from noisy_student.evaluation import evaluator
 from noisy_student.pipeline import stages
-from noisy_student.cli import common
 
 FLAGS = flags.FLAGS
 

@@ -25,9 +25,9 @@ folder (preprocess.json, class_names.json), not from flags.
 
 from absl import flags
 
-from noisy_student.serving import export
-from noisy_student.pipeline import stages
 from noisy_student.cli import common
+from noisy_student.pipeline import stages
+from noisy_student.serving import export
 
 FLAGS = flags.FLAGS
 

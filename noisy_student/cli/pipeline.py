@@ -11,9 +11,9 @@ rerunning the same command after a kill continues where it stopped.
 from absl import flags
 
 from noisy_student import api
+from noisy_student.cli import common
 from noisy_student.pipeline import experiment
 from noisy_student.pipeline import lock
-from noisy_student.cli import common
 
 FLAGS = flags.FLAGS
 

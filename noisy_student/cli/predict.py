@@ -12,11 +12,11 @@ rerun skips finished files (resume after a kill).
 
 from absl import flags
 
+from noisy_student.cli import common
 from noisy_student.model import loading
-from noisy_student.pseudo_labels import prediction
 from noisy_student.pipeline import stage_inputs
 from noisy_student.pipeline import stages
-from noisy_student.cli import common
+from noisy_student.pseudo_labels import prediction
 
 FLAGS = flags.FLAGS
 

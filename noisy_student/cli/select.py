@@ -5,8 +5,8 @@
 
 from absl import flags
 
-from noisy_student.pipeline import stages
 from noisy_student.cli import common
+from noisy_student.pipeline import stages
 
 FLAGS = flags.FLAGS
 

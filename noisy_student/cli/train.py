@@ -10,12 +10,12 @@ import contextlib
 
 from absl import flags
 
+from noisy_student.cli import common
+from noisy_student.pipeline import lock as workdir_lock
 from noisy_student.pipeline import recipes
 from noisy_student.pipeline import stage_inputs
 from noisy_student.pipeline import stages
 from noisy_student.training import strategy as strategy_lib
-from noisy_student.pipeline import lock as workdir_lock
-from noisy_student.cli import common
 
 FLAGS = flags.FLAGS
 

@@ -65,8 +65,8 @@ import time
 from absl import logging
 import tensorflow as tf
 
-from noisy_student.utils import storage
 from noisy_student.data import preprocess
+from noisy_student.utils import storage
 
 REPORT_FILE = "skipped_images.json"
 # What tf.io.decode_image (preprocess.decode_image) reads in TF 2.21:

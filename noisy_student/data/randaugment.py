@@ -750,6 +750,7 @@ class Augmenter:
         self._keras_cv_layer = None
         if config.kind == "keras_cv":
             import keras_cv  # pylint: disable=g-import-not-at-top
+
             # rate=1.0: the official RandAugment always applies its chosen op
             # (keras_cv's default 10/11 mimics an extra identity op).
             # magnitude_stddev=0: the official magnitude is fixed.

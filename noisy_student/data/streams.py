@@ -24,8 +24,8 @@ import dataclasses
 
 import tensorflow as tf
 
-from noisy_student.data import randaugment as augment
 from noisy_student.data import preprocess
+from noisy_student.data import randaugment as augment
 
 AUTOTUNE = tf.data.AUTOTUNE
 SMALL_IMAGE_AUGMENT = {"translate_frac": 1 / 8, "cutout_frac": 1 / 8}

@@ -12,12 +12,12 @@ import io
 import numpy as np
 import tensorflow as tf
 
-from noisy_student.utils import contact_sheet
-from noisy_student.utils import storage
-from noisy_student.model import loading
-from noisy_student.utils import reports
 from noisy_student.evaluation import inference
 from noisy_student.evaluation import metrics
+from noisy_student.model import loading
+from noisy_student.utils import contact_sheet
+from noisy_student.utils import reports
+from noisy_student.utils import storage
 
 
 def confusion_matrix_png(matrix, class_names=None, title=None):

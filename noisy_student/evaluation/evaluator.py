@@ -24,17 +24,17 @@ import dataclasses
 
 import numpy as np
 
-from noisy_student.evaluation import corruptions as ns_corruptions
-from noisy_student.utils import storage
-from noisy_student.model import loading
-from noisy_student.utils import reports
 from noisy_student.data import preprocess as preprocess_lib
 from noisy_student.evaluation import adversarial
 from noisy_student.evaluation import clean
+from noisy_student.evaluation import corruptions as ns_corruptions
 from noisy_student.evaluation import imagenet_a
 from noisy_student.evaluation import imagenet_c
 from noisy_student.evaluation import inference
 from noisy_student.evaluation import metrics
+from noisy_student.model import loading
+from noisy_student.utils import reports
+from noisy_student.utils import storage
 
 # run_evaluation keeps the confusion matrix in results.json up to this many
 # classes: 1000 x 1000 counts would make a multi-megabyte JSON, and the PNG

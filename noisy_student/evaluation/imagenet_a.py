@@ -7,9 +7,9 @@ github.com/hendrycks/natural-adv-examples) and as the paper reports it.
 
 import numpy as np
 
-from noisy_student.model import loading
 from noisy_student.evaluation import inference
 from noisy_student.evaluation import metrics
+from noisy_student.model import loading
 
 # ImageNet-A's 200 classes as indices into ImageNet's 1000 (sorted wnids, the
 # order of TFDS `imagenet2012` / `imagenet_a` labels). Source: the

@@ -17,11 +17,11 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from noisy_student.evaluation import corruptions as ns_corruptions
-from noisy_student.model import loading
 from noisy_student.data import preprocess as preprocess_lib
+from noisy_student.evaluation import corruptions as ns_corruptions
 from noisy_student.evaluation import inference
 from noisy_student.evaluation import metrics
+from noisy_student.model import loading
 
 SEVERITIES = (1, 2, 3, 4, 5)
 

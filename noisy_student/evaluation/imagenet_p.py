@@ -8,8 +8,8 @@ probability relative to AlexNet's.
 import numpy as np
 import tensorflow as tf
 
-from noisy_student.model import loading
 from noisy_student.evaluation import inference
+from noisy_student.model import loading
 
 # ImageNet-P perturbations whose frames are independent noise draws: each
 # frame is compared with the first, not with the previous one.

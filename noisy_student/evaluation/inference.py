@@ -13,14 +13,14 @@ the model through `logits_function` / `predict_logits`, so the model is
 traced once per input signature, never with XLA (slower on CPU).
 """
 
-import weakref
 from collections.abc import Mapping
+import weakref
 
 import numpy as np
 import tensorflow as tf
 
-from noisy_student.model import loading
 from noisy_student.data import preprocess as preprocess_lib
+from noisy_student.model import loading
 
 
 def default_preprocess(model, recipe=None):

@@ -47,8 +47,8 @@ import numpy as np
 import tensorflow as tf
 
 from noisy_student.model import efficientnet
-from noisy_student.utils import storage
 from noisy_student.model import layers as ns_layers
+from noisy_student.utils import storage
 
 TF1 = "tf1"
 KERAS_H5 = "keras_h5"

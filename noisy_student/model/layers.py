@@ -5,7 +5,6 @@ from keras import ops
 import numpy as np
 import tensorflow as tf
 
-
 # ImageNet channel statistics on the [0, 255] pixel scale, as the official
 # EfficientNet code uses them. The model normalises inside, so an exported
 # model takes raw pixels.

@@ -22,8 +22,8 @@ import keras
 import tensorflow as tf
 
 from noisy_student.model import efficientnet
-from noisy_student.utils import storage
 from noisy_student.model import layers  # noqa: F401  (registers layers)
+from noisy_student.utils import storage
 
 KERAS_FILE = "model.keras"
 SAVED_MODEL_FILE = "saved_model.pb"

@@ -22,24 +22,24 @@ import dataclasses
 from absl import logging
 import tensorflow as tf
 
+from noisy_student.data import preprocess
+from noisy_student.evaluation import evaluator
 from noisy_student.model import checkpoints
 from noisy_student.model import efficientnet
-from noisy_student.evaluation import evaluator
-from noisy_student.serving import export as export_lib
-from noisy_student.pseudo_labels import inference_runtime
-from noisy_student.pipeline import manifest as manifest_lib
-from noisy_student.pipeline import report as pipeline_report
-from noisy_student.pseudo_labels import prediction
-from noisy_student.utils import reports
-from noisy_student.pseudo_labels import selection
-from noisy_student.pipeline import stage_inputs
-from noisy_student.pipeline import stages
-from noisy_student.training import config as train_config_lib
-from noisy_student.training import state
 from noisy_student.pipeline import layout
 from noisy_student.pipeline import legacy
 from noisy_student.pipeline import lock
-from noisy_student.data import preprocess
+from noisy_student.pipeline import manifest as manifest_lib
+from noisy_student.pipeline import report as pipeline_report
+from noisy_student.pipeline import stage_inputs
+from noisy_student.pipeline import stages
+from noisy_student.pseudo_labels import inference_runtime
+from noisy_student.pseudo_labels import prediction
+from noisy_student.pseudo_labels import selection
+from noisy_student.serving import export as export_lib
+from noisy_student.training import config as train_config_lib
+from noisy_student.training import state
+from noisy_student.utils import reports
 
 
 @dataclasses.dataclass(frozen=True)

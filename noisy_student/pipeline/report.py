@@ -9,8 +9,8 @@ trained on.
 import time
 
 from noisy_student.model import info
-from noisy_student.utils import reports
 from noisy_student.pipeline import layout
+from noisy_student.utils import reports
 
 
 def iteration_entry(r, role, name, metrics, results, manifest, selection):

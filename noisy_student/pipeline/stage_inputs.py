@@ -15,9 +15,9 @@ import json
 
 import tensorflow as tf
 
-from noisy_student.utils import storage
-from noisy_student.pseudo_labels import records
 from noisy_student.data import sources
+from noisy_student.pseudo_labels import records
+from noisy_student.utils import storage
 
 # Each stage's resolved configuration, written before it starts.
 STAGE_CONFIG = "stage_config.json"

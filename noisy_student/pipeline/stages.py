@@ -10,21 +10,21 @@ import dataclasses
 
 import tensorflow as tf
 
+from noisy_student.data import image_scan
+from noisy_student.data import preprocess
+from noisy_student.data import sources
+from noisy_student.data import streams
 from noisy_student.evaluation import evaluator
-from noisy_student.pseudo_labels import inference_runtime
-from noisy_student.serving import export
-from noisy_student.utils import storage
 from noisy_student.model import info
 from noisy_student.model import loading
+from noisy_student.pipeline import stage_inputs
+from noisy_student.pseudo_labels import inference_runtime
 from noisy_student.pseudo_labels import prediction
 from noisy_student.pseudo_labels import records
 from noisy_student.pseudo_labels import selection
-from noisy_student.pipeline import stage_inputs
+from noisy_student.serving import export
 from noisy_student.training import loop as train_lib
-from noisy_student.data import image_scan
-from noisy_student.data import streams
-from noisy_student.data import preprocess
-from noisy_student.data import sources
+from noisy_student.utils import storage
 
 STAGE_CONFIG = stage_inputs.STAGE_CONFIG
 INPUTS_FILE = stage_inputs.INPUTS_FILE

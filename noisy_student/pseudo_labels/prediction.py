@@ -34,12 +34,11 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
-from noisy_student.pseudo_labels import inference_runtime
-from noisy_student.model import loading
-from noisy_student.pseudo_labels import writer
-from noisy_student.pseudo_labels import records
 from noisy_student.data import preprocess as preprocess_lib
-
+from noisy_student.model import loading
+from noisy_student.pseudo_labels import inference_runtime
+from noisy_student.pseudo_labels import records
+from noisy_student.pseudo_labels import writer
 
 # Images per prediction file (block), the one default of ns-predict,
 # noisy-student and PredictConfig: 4096 keeps an ImageNet-scale unlabeled set

@@ -73,9 +73,9 @@ import re
 import numpy as np
 import tensorflow as tf
 
-from noisy_student.utils import storage
-from noisy_student.data import streams
 from noisy_student.data import preprocess
+from noisy_student.data import streams
+from noisy_student.utils import storage
 
 DEFAULT_NUM_BINS = 1000
 PREDICT_CONFIG = "predict_config.json"

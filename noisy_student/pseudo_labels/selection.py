@@ -50,10 +50,10 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
-from noisy_student.utils import storage
 from noisy_student.model import info as model_info
 from noisy_student.pseudo_labels import records as pl
 from noisy_student.pseudo_labels import selection_report
+from noisy_student.utils import storage
 
 LABEL_TYPES = ("soft", "hard")
 MAX_OPEN_FILES = 256

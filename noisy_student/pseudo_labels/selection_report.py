@@ -12,10 +12,10 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
-from noisy_student.utils import contact_sheet
-from noisy_student.utils import storage
 from noisy_student.pseudo_labels import records
+from noisy_student.utils import contact_sheet
 from noisy_student.utils import reports
+from noisy_student.utils import storage
 
 # Images per side (most / least confident) of a class's contact sheet, and
 # the number of classes that get one (the first ones by id): a look at

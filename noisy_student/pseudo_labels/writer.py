@@ -17,8 +17,8 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
-from noisy_student.utils import storage
 from noisy_student.pseudo_labels import records
+from noisy_student.utils import storage
 
 
 class BlockSink:

@@ -66,10 +66,10 @@ import tensorflow as tf
 # Freezes variables for TFLite; there is no public API for it.
 from tensorflow.python.framework import convert_to_constants  # pylint: disable=g-direct-tensorflow-import
 
-from noisy_student.utils import storage
+from noisy_student.data import preprocess
 from noisy_student.model import info
 from noisy_student.model import loading
-from noisy_student.data import preprocess
+from noisy_student.utils import storage
 
 SAVED_MODEL_FILE = "saved_model.pb"
 TFLITE_FILE = "model.tflite"

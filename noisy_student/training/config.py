@@ -23,9 +23,9 @@ import dataclasses
 
 from noisy_student.data import streams
 from noisy_student.model import efficientnet
-from noisy_student.utils import storage
 from noisy_student.training import optimizers
 from noisy_student.training import strategy as strategy_lib
+from noisy_student.utils import storage
 
 # Keras mixed-precision policy of each `LoopConfig.precision`.
 PRECISIONS = {"float32": "float32", "bfloat16": "mixed_bfloat16",

@@ -49,12 +49,12 @@ import keras
 import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
-from noisy_student.utils import storage
-from noisy_student.training import losses
-from noisy_student.training import strategy as strategy_lib
 from noisy_student.training import config as config_lib
+from noisy_student.training import losses
 from noisy_student.training import state as state_lib
 from noisy_student.training import step as train_step
+from noisy_student.training import strategy as strategy_lib
+from noisy_student.utils import storage
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"

@@ -33,15 +33,15 @@ from absl import logging
 import keras
 import tensorflow as tf
 
-from noisy_student.model import checkpoints
 from noisy_student.kernels import switch as kernel_switch
+from noisy_student.model import checkpoints
 from noisy_student.model import efficientnet
-from noisy_student.utils import storage
 from noisy_student.model import layers
-from noisy_student.training import losses
 from noisy_student.model import loading
+from noisy_student.training import losses
 from noisy_student.training import optimizers as optim
 from noisy_student.training import strategy as strategy_lib
+from noisy_student.utils import storage
 
 CHECKPOINT_DIR = "checkpoints"
 PREEMPTION_DIR = "preemption"

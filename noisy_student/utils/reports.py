@@ -14,12 +14,12 @@ would draw boxes), or, when no installed font has them, as class numbers
 with a note saying which file names the classes.
 """
 
+from collections.abc import Mapping
 import dataclasses
 import functools
 import io
 import math
 import textwrap
-from collections.abc import Mapping
 
 from absl import logging
 import numpy as np
@@ -129,6 +129,7 @@ def _font_with(chars):
     """(family name, weight, path) of the first installed font with glyphs
     of every one of `chars` (a frozenset), WIDE_FONTS first, or None."""
     from matplotlib import font_manager  # pylint: disable=g-import-not-at-top
+
     # Each family's upright face nearest the regular weight (CJK fonts
     # often have 500 only).
     weights = {}

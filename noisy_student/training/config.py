@@ -356,7 +356,8 @@ class TrainConfig:
 
         Args:
           **fields: Fields of ModelConfig, OptimizerConfig, LoopConfig,
-            InputConfig (each name belongs to one part) and `init_from`, `freeze_blocks`.
+            InputConfig (each name belongs to one part) and `init_from`,
+            `freeze_blocks`.
 
         Raises:
           TypeError: for a name that is no field.

@@ -25,6 +25,8 @@ import io
 import numpy as np
 import tensorflow as tf
 
+from noisy_student.data import spec_options
+
 CLASSES_HEADER = "# classes:"
 OPTIONS = ("names",)
 
@@ -39,19 +41,8 @@ def parse(spec, rest):
     Raises:
       ValueError: for an unknown option.
     """
-    parts = rest.split(",")
-    cut = len(parts)
-    while cut > 1 and "=" in parts[cut - 1]:
-        cut -= 1
-    names = None
-    for part in parts[cut:]:
-        key, _, value = part.partition("=")
-        if key not in OPTIONS:
-            raise ValueError(
-                f"Expected the option names=FILE after the list file of "
-                f"{spec}. Received: {key}={value}")
-        names = value
-    return ",".join(parts[:cut]), names
+    path, options = spec_options.split(spec, rest, OPTIONS, "the list file")
+    return path, options.get("names")
 
 
 def _read_text(path, spec, what):

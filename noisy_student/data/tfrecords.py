@@ -52,6 +52,7 @@ import tensorflow as tf
 
 from noisy_student.data import image_scan
 from noisy_student.data import preprocess
+from noisy_student.data import spec_options
 
 DEFAULT_IMAGE_KEY = "image/encoded"
 DEFAULT_LABEL_KEY = "image/class/label"
@@ -86,21 +87,8 @@ def parse(spec, rest):
     Raises:
       ValueError: for an unknown option or a non-integer first_label.
     """
-    parts = rest.split(",")
-    # A comma inside the pattern stays in it: options are the trailing
-    # "key=value" parts only.
-    cut = len(parts)
-    while cut > 1 and "=" in parts[cut - 1]:
-        cut -= 1
-    pattern = ",".join(parts[:cut])
-    options = {}
-    for part in parts[cut:]:
-        key, _, value = part.partition("=")
-        if key not in OPTIONS:
-            raise ValueError(
-                f"Expected options {', '.join(o + '=' for o in OPTIONS)} "
-                f"after the pattern of {spec}. Received: {key}={value}")
-        options[key] = value
+    pattern, options = spec_options.split(spec, rest, OPTIONS,
+                                          "the pattern")
     if "first_label" in options:
         try:
             options["first_label"] = int(options["first_label"])
